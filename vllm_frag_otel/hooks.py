@@ -1,0 +1,422 @@
+"""The thin vLLM-facing layer: wrap vLLM's v1 KV-cache classes with `wrapt`.
+
+Every wrapper calls vLLM first, unchanged, and then reports what happened to
+the pool's `KVCacheState` as block ids. Reporting is contained by `_guard`: an
+exception never reaches vLLM; it is counted, and after too many the plugin
+turns itself off with one log line and every wrapper becomes a pass-through.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Collection
+from time import monotonic, perf_counter
+from typing import Any
+
+import wrapt
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from vllm_frag_otel import telemetry
+from vllm_frag_otel.package import HOOK_POINTS, SUPPORTED_VLLM, HookPoint
+from vllm_frag_otel.state import NULL_BLOCK_ID, KVCacheState
+
+logger = logging.getLogger("vllm.frag_otel")
+
+# Instance attribute holding a BlockPool's state, or a KVCacheManager's
+# (state, per-group single-type managers). KVCacheBlock is slotted, pools are not.
+_STATE = "_vllm_frag_otel"
+
+
+class HookGuard:
+    """Contains hook errors: counts them and disables the plugin after `max_errors`."""
+
+    def __init__(self, max_errors: int = 10):
+        self.max_errors = max_errors
+        self.active = True
+        self.errors = 0
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None or not issubclass(exc_type, Exception):
+            return False
+        self.errors += 1
+        logger.debug("vllm-frag-otel hook error", exc_info=(exc_type, exc, tb))
+        if self.active and self.errors >= self.max_errors:
+            self.active = False
+            where = _innermost_frame(tb)
+            logger.warning(
+                "vllm-frag-otel: disabled after %d hook errors (last: %s: %s at %s); "
+                "vLLM is unaffected, KV-cache telemetry stops.",
+                self.errors, exc_type.__name__, exc, where,
+            )
+        return True
+
+
+def _innermost_frame(tb) -> str:
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+
+
+_guard = HookGuard()
+
+
+def guard() -> HookGuard:
+    return _guard
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    """A wrapped method's argument, by position (after self) or keyword."""
+    return args[index] if len(args) > index else kwargs[name]
+
+
+def _pool_state(pool) -> KVCacheState | None:
+    return pool.__dict__.get(_STATE) if _guard.active else None
+
+
+# -- BlockPool -------------------------------------------------------------------
+
+
+def _pool_init(wrapped, pool, args, kwargs):
+    wrapped(*args, **kwargs)
+    with _guard:
+        pool.__dict__[_STATE] = KVCacheState(pool.num_gpu_blocks, [pool.hash_block_size])
+
+
+def _get_new_blocks(wrapped, pool, args, kwargs):
+    blocks = wrapped(*args, **kwargs)
+    state = _pool_state(pool)
+    if state is not None:
+        with _guard, state.lock:
+            state.on_blocks_allocated([b.block_id for b in blocks], monotonic())
+    return blocks
+
+
+def _touch(wrapped, pool, args, kwargs):
+    wrapped(*args, **kwargs)
+    state = _pool_state(pool)
+    if state is not None:
+        with _guard, state.lock:
+            blocks = _arg(args, kwargs, 0, "blocks")
+            state.on_blocks_touched([b.block_id for b in blocks if not b.is_null])
+
+
+def _release_wrapper(param: str) -> Callable:
+    """free_blocks / unpin_blocks: blocks whose ref_cnt reaches 0 become free.
+
+    vLLM passes a one-shot `reversed(...)` iterator: it is materialised once and
+    the list handed on, so vLLM and the hook see the same blocks.
+    """
+
+    def wrapper(wrapped, pool, args, kwargs):
+        state = _pool_state(pool)
+        if state is None:
+            return wrapped(*args, **kwargs)
+        if args:
+            blocks = list(args[0])
+            args = (blocks, *args[1:])
+        else:
+            blocks = kwargs[param] = list(kwargs[param])
+        result = wrapped(*args, **kwargs)
+        with _guard, state.lock:
+            state.on_blocks_released(
+                [
+                    b.block_id
+                    for b in blocks
+                    if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool
+                ],
+                monotonic(),
+            )
+        return result
+
+    return wrapper
+
+
+def _cache_full_blocks(wrapped, pool, args, kwargs):
+    wrapped(*args, **kwargs)
+    state = _pool_state(pool)
+    if state is not None:
+        with _guard, state.lock:
+            blocks = _arg(args, kwargs, 1, "blocks")
+            first = _arg(args, kwargs, 2, "num_cached_blocks")
+            end = _arg(args, kwargs, 3, "num_full_blocks")
+            now = monotonic()
+            for block in blocks[first:end]:
+                if not block.is_null and block.block_hash is not None:
+                    state.on_block_hashed(block.block_id, now)
+
+
+def _cache_partial_block(wrapped, pool, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    state = _pool_state(pool)
+    if state is not None:
+        with _guard, state.lock:
+            block = _arg(args, kwargs, 1, "block")
+            if block.block_hash is not None:
+                state.on_block_hashed(block.block_id, monotonic())
+    return result
+
+
+def _move_block_hashes(wrapped, pool, args, kwargs):
+    wrapped(*args, **kwargs)
+    state = _pool_state(pool)
+    if state is not None:
+        with _guard, state.lock:
+            src = _arg(args, kwargs, 0, "src_block")
+            dst = _arg(args, kwargs, 1, "dst_block")
+            state.on_block_hash_moved(src.block_id, dst.block_id)
+
+
+def _evict_blocks(wrapped, pool, args, kwargs):
+    state = _pool_state(pool)
+    if state is None:
+        return wrapped(*args, **kwargs)
+    block_ids = _arg(args, kwargs, 0, "block_ids")
+    if not isinstance(block_ids, Collection):  # only iterated by vLLM; read it twice
+        block_ids = list(block_ids)
+        args, kwargs = (block_ids,), {}
+    wrapped(*args, **kwargs)
+    with _guard, state.lock:
+        now = monotonic()
+        for block_id in block_ids:
+            if block_id != NULL_BLOCK_ID and pool.blocks[block_id].block_hash is None:
+                state.on_block_unhashed(block_id, "explicit", now)
+
+
+def _reset_prefix_cache(wrapped, pool, args, kwargs):
+    done = wrapped(*args, **kwargs)
+    state = _pool_state(pool)
+    if done and state is not None:
+        with _guard, state.lock:
+            state.on_cache_reset(monotonic())
+    return done
+
+
+# -- KVCacheManager ------------------------------------------------------------
+
+
+def _manager_state(manager) -> tuple[KVCacheState, tuple] | None:
+    return manager.__dict__.get(_STATE) if _guard.active else None
+
+
+def _manager_init(wrapped, manager, args, kwargs):
+    wrapped(*args, **kwargs)
+    with _guard:
+        state = manager.block_pool.__dict__.get(_STATE)
+        if state is None:
+            return
+        groups = manager.kv_cache_config.kv_cache_groups
+        state.set_block_sizes([g.kv_cache_spec.block_size for g in groups])
+        manager.__dict__[_STATE] = (state, tuple(manager.coordinator.single_type_managers))
+        telemetry.attach(state, _engine_context.take())
+
+
+def _allocate_slots(wrapped, manager, args, kwargs):
+    start = perf_counter()
+    result = wrapped(*args, **kwargs)
+    duration = perf_counter() - start
+    tracked = _manager_state(manager)
+    if tracked is not None:
+        state, group_managers = tracked
+        with _guard, state.lock:
+            state.on_allocation(result is not None, duration)
+            request = _arg(args, kwargs, 0, "request")
+            request_id = request.request_id
+            for group, group_manager in enumerate(group_managers):
+                blocks = group_manager.req_to_blocks.get(request_id)
+                if blocks:
+                    known = state.request_block_count(request_id, group)
+                    if len(blocks) > known:
+                        state.on_request_blocks(
+                            request_id, request, group, [b.block_id for b in blocks[known:]]
+                        )
+    return result
+
+
+def _release_request(wrapped, manager, args, kwargs):
+    """free / pop_blocks_for_free: the request gives up its block table."""
+    result = wrapped(*args, **kwargs)
+    tracked = _manager_state(manager)
+    if tracked is not None:
+        state = tracked[0]
+        with _guard, state.lock:
+            state.on_request_released(_arg(args, kwargs, 0, "request").request_id)
+    return result
+
+
+def _record_prefix_cache_stats(wrapped, manager, args, kwargs):
+    """vLLM counts a lookup when it admits the request; so do we, whatever log_stats says."""
+    wrapped(*args, **kwargs)
+    tracked = _manager_state(manager)
+    if tracked is not None:
+        state = tracked[0]
+        with _guard, state.lock:
+            request = _arg(args, kwargs, 0, "request")
+            if manager.prefix_cache_lookup_enabled(request):
+                state.on_prefix_lookup(request.num_tokens, _arg(args, kwargs, 1, "num_hits"))
+
+
+# -- Scheduler -------------------------------------------------------------------
+
+
+class _EngineContext(threading.local):
+    """What the Scheduler knows about its engine, handed to the KVCacheManager it builds."""
+
+    attributes: dict[str, Any] | None = None
+
+    def take(self) -> dict[str, Any]:
+        attributes, self.attributes = self.attributes or {}, None
+        return attributes
+
+
+_engine_context = _EngineContext()
+
+
+def _engine_attributes(vllm_config) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is not None:
+        names = getattr(model_config, "served_model_name", None) or model_config.model
+        attributes["vllm.model.name"] = names[0] if isinstance(names, (list, tuple)) else str(names)
+    parallel = getattr(vllm_config, "parallel_config", None)
+    if parallel is not None:
+        attributes["vllm.data_parallel.rank"] = int(getattr(parallel, "data_parallel_rank", 0))
+    return attributes
+
+
+def _scheduler_init(wrapped, scheduler, args, kwargs):
+    with _guard:
+        _engine_context.attributes = _engine_attributes(_arg(args, kwargs, 0, "vllm_config"))
+    try:
+        wrapped(*args, **kwargs)
+    finally:
+        _engine_context.attributes = None
+
+
+def _preempt_request(wrapped, scheduler, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    tracked = _manager_state(scheduler.kv_cache_manager)
+    if tracked is not None:
+        state = tracked[0]
+        with _guard, state.lock:
+            state.on_preemption()
+    return result
+
+
+WRAPPERS: dict[str, Callable] = {
+    "BlockPool.__init__": _pool_init,
+    "BlockPool.get_new_blocks": _get_new_blocks,
+    "BlockPool.touch": _touch,
+    "BlockPool.free_blocks": _release_wrapper("ordered_blocks"),
+    "BlockPool.unpin_blocks": _release_wrapper("blocks"),
+    "BlockPool.cache_full_blocks": _cache_full_blocks,
+    "BlockPool.cache_partial_block": _cache_partial_block,
+    "BlockPool.move_block_hashes": _move_block_hashes,
+    "BlockPool.evict_blocks": _evict_blocks,
+    "BlockPool.reset_prefix_cache": _reset_prefix_cache,
+    "KVCacheManager.__init__": _manager_init,
+    "KVCacheManager.allocate_slots": _allocate_slots,
+    "KVCacheManager.free": _release_request,
+    "KVCacheManager.pop_blocks_for_free": _release_request,
+    "KVCacheManager.record_prefix_cache_stats": _record_prefix_cache_stats,
+    "Scheduler.__init__": _scheduler_init,
+    "Scheduler._preempt_request": _preempt_request,
+}
+
+
+# -- instrumentor ----------------------------------------------------------------
+
+
+def _resolve(point: HookPoint) -> tuple[type, str] | str:
+    """The class and method name for a hook point, or why it cannot be hooked."""
+    class_name, method = point.qualname.split(".")
+    try:
+        cls = getattr(importlib.import_module(point.module), class_name)
+        function = cls.__dict__[method]
+    except (ImportError, AttributeError, KeyError):
+        return f"{point.module}.{point.qualname} is missing"
+    try:
+        params = list(inspect.signature(function).parameters)[1 : 1 + len(point.params)]
+    except (TypeError, ValueError):
+        return f"{point.module}.{point.qualname} has no readable signature"
+    if tuple(params) != point.params:
+        return f"{point.module}.{point.qualname} takes {tuple(params)}, expected {point.params}"
+    return cls, method
+
+
+class KVCacheInstrumentor:
+    """Wraps and unwraps the hook points; all or nothing."""
+
+    def __init__(self) -> None:
+        self._wrapped: list[tuple[type, str]] = []
+        self._warned = False
+
+    @property
+    def is_instrumented(self) -> bool:
+        return bool(self._wrapped)
+
+    def instrument(self, max_hook_errors: int = 10) -> bool:
+        if self._wrapped:
+            return True
+        problem = self._check()
+        if isinstance(problem, str):
+            if not self._warned:
+                self._warned = True
+                logger.warning("vllm-frag-otel: not instrumenting vLLM: %s. vLLM runs untouched.", problem)
+            return False
+        _guard.max_errors = max_hook_errors
+        _guard.active = True
+        _guard.errors = 0
+        for (cls, method), point in zip(problem, HOOK_POINTS):
+            wrapt.wrap_function_wrapper(cls, method, WRAPPERS[point.qualname])
+            self._wrapped.append((cls, method))
+        return True
+
+    def uninstrument(self) -> None:
+        for cls, method in reversed(self._wrapped):
+            wrapper = cls.__dict__[method]
+            setattr(cls, method, wrapper.__wrapped__)
+        self._wrapped.clear()
+
+    @staticmethod
+    def _check() -> list[tuple[type, str]] | str:
+        try:
+            import vllm
+
+            version = Version(vllm.__version__)
+        except (ImportError, InvalidVersion, AttributeError) as exc:
+            return f"cannot read the vLLM version ({exc})"
+        if Version(version.base_version) not in SpecifierSet(SUPPORTED_VLLM):
+            return f"vLLM {vllm.__version__} is not supported (supported: {SUPPORTED_VLLM})"
+        resolved = []
+        for point in HOOK_POINTS:
+            target = _resolve(point)
+            if isinstance(target, str):
+                return f"vLLM {vllm.__version__}: {target}"
+            resolved.append(target)
+        return resolved
+
+
+instrumentor = KVCacheInstrumentor()
+
+
+def analyzer_for(obj) -> KVCacheState:
+    """The live state of the pool behind a Scheduler, KVCacheManager or BlockPool."""
+    pool = obj
+    if hasattr(pool, "kv_cache_manager"):
+        pool = pool.kv_cache_manager
+    if hasattr(pool, "block_pool"):
+        pool = pool.block_pool
+    state = getattr(pool, "__dict__", {}).get(_STATE)
+    if not isinstance(state, KVCacheState):
+        raise ValueError(
+            f"{type(obj).__name__} is not tracked by vllm-frag-otel: it was built before "
+            "the plugin was loaded, or the plugin is disabled"
+        )
+    return state

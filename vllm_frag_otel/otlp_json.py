@@ -1,0 +1,110 @@
+"""OTLP/JSON lines in a bounded, rotating directory: the embedded default.
+
+One export request per line, in the OTLP JSON encoding the Collector's file
+exporter writes (lowerCamelCase fields, enums as integers, trace and span ids
+as hex), so the files can be replayed into a Collector or read by `report`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import OTLPMetricExporterMixin
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+
+_ID_FIELDS = {"traceId", "spanId", "parentSpanId"}
+
+
+def to_otlp_json(message: Message) -> str:
+    """Encode an OTLP protobuf message as one line of OTLP JSON."""
+    return json.dumps(_hex_ids(MessageToDict(message, use_integers_for_enums=True)), separators=(",", ":"))
+
+
+def _hex_ids(value):
+    if isinstance(value, dict):
+        return {
+            k: base64.b64decode(v).hex() if k in _ID_FIELDS and isinstance(v, str) else _hex_ids(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_hex_ids(v) for v in value]
+    return value
+
+
+class RotatingJsonLines:
+    """Appends lines to `<prefix>-<pid>-<seq>.jsonl` files in `directory`.
+
+    A file is closed once it reaches `max_bytes`; the directory keeps at most
+    `max_files` of `<prefix>-*.jsonl`, oldest deleted first (across processes).
+    """
+
+    def __init__(self, directory: str, prefix: str, max_bytes: int, max_files: int):
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self._lock = threading.Lock()
+        self._file = None
+        self._seq = 0
+
+    def write(self, line: str) -> None:
+        data = (line + "\n").encode()
+        with self._lock:
+            if self._file is None or self._file.tell() + len(data) > self.max_bytes and self._file.tell():
+                self._rotate()
+            self._file.write(data)
+            self._file.flush()
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        path = self.directory / f"{self.prefix}-{os.getpid()}-{int(time.time())}-{self._seq}.jsonl"
+        self._file = open(path, "ab")
+        existing = sorted(self.directory.glob(f"{self.prefix}-*.jsonl"), key=_mtime)
+        for old in existing[: max(len(existing) - self.max_files, 0)]:
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+class OTLPJsonFileMetricExporter(MetricExporter, OTLPMetricExporterMixin):
+    """Writes metrics as OTLP/JSON lines; honours the OTLP temporality variables."""
+
+    def __init__(self, directory: str, max_bytes: int, max_files: int):
+        self._common_configuration()
+        self.lines = RotatingJsonLines(directory, "metrics", max_bytes, max_files)
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
+        try:
+            self.lines.write(to_otlp_json(encode_metrics(metrics_data)))
+        except OSError:
+            return MetricExportResult.FAILURE
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        self.lines.close()

@@ -1,0 +1,54 @@
+"""The vLLM versions this plugin instruments and the hook points it needs.
+
+One place to update when vLLM moves: `SUPPORTED_VLLM` is checked at run time
+(vLLM is not an install requirement), and every hook point's leading
+parameter names are compared with the installed vLLM before anything is
+wrapped. If one point is missing or changed, nothing is wrapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_instruments = ("vllm >= 0.32, < 0.34",)
+SUPPORTED_VLLM = ">=0.32,<0.34"
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    module: str
+    qualname: str  # "Class.method"
+    params: tuple[str, ...]  # leading parameter names, after self
+
+
+HOOK_POINTS: tuple[HookPoint, ...] = (
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.__init__", ("num_gpu_blocks", "enable_caching", "hash_block_size")),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.get_new_blocks", ("num_blocks",)),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.touch", ("blocks",)),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.free_blocks", ("ordered_blocks",)),
+    HookPoint(
+        "vllm.v1.core.block_pool",
+        "BlockPool.cache_full_blocks",
+        ("request", "blocks", "num_cached_blocks", "num_full_blocks"),
+    ),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.evict_blocks", ("block_ids",)),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.reset_prefix_cache", ()),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.cache_partial_block", ("request", "block")),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.unpin_blocks", ("blocks",)),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.move_block_hashes", ("src_block", "dst_block")),
+    HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.__init__", ("kv_cache_config",)),
+    HookPoint(
+        "vllm.v1.core.kv_cache_manager",
+        "KVCacheManager.allocate_slots",
+        ("request", "num_new_tokens"),
+    ),
+    HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.free", ("request",)),
+    HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.pop_blocks_for_free", ("request",)),
+    HookPoint(
+        "vllm.v1.core.kv_cache_manager",
+        "KVCacheManager.record_prefix_cache_stats",
+        ("request", "num_hits")
+    ),
+    HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.__init__", ("vllm_config", "kv_cache_config")),
+    HookPoint("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request", ("request",)),
+)

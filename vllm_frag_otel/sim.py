@@ -1,0 +1,175 @@
+"""Drive vLLM's real v1 scheduler and KV cache manager on the CPU.
+
+No GPU and no weights: a local model config, and a fake model runner that
+samples one random token for every request whose prefill is complete. The
+scheduler, KV cache manager and block pool are vLLM's own, unmodified.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_MODEL_DIR = str(Path(__file__).parent / "tiny_model")
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    num_blocks: int = 2048
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    enable_prefix_caching: bool = True
+    kv_events: bool = False
+    kv_metrics_sample: float | None = None
+
+
+def build_scheduler(shape: EngineShape):
+    import torch
+    from vllm.config import (
+        CacheConfig,
+        DeviceConfig,
+        KVEventsConfig,
+        ModelConfig,
+        ObservabilityConfig,
+        SchedulerConfig,
+        VllmConfig,
+    )
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    model_config = _model_config(ModelConfig, shape.max_model_len)
+    scheduler_config = SchedulerConfig(
+        max_model_len=shape.max_model_len,
+        is_encoder_decoder=False,
+        max_num_seqs=shape.max_num_seqs,
+        max_num_batched_tokens=shape.max_num_batched_tokens,
+        enable_chunked_prefill=True,
+        async_scheduling=False,
+    )
+    cache_config = CacheConfig(
+        block_size=shape.block_size, cache_dtype="auto", enable_prefix_caching=shape.enable_prefix_caching
+    )
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        scheduler_config=scheduler_config,
+        cache_config=cache_config,
+        device_config=DeviceConfig(device="cpu"),
+        kv_events_config=(
+            KVEventsConfig(enable_kv_cache_events=True, publisher="null") if shape.kv_events else None
+        ),
+        observability_config=ObservabilityConfig(
+            kv_cache_metrics=shape.kv_metrics_sample is not None,
+            kv_cache_metrics_sample=shape.kv_metrics_sample or 0.01,
+        ),
+    )
+    kv_cache_config = KVCacheConfig(
+        num_blocks=shape.num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["layer"],
+                FullAttentionSpec(block_size=shape.block_size, num_kv_heads=1, head_size=1, dtype=torch.float32),
+            )
+        ],
+    )
+    cache_config.num_gpu_blocks = shape.num_blocks
+    return Scheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=shape.block_size,
+        log_stats=True,
+    )
+
+
+_model_configs: dict[int, object] = {}
+
+
+def _model_config(model_config_cls, max_model_len: int):
+    """ModelConfig inspects the model in a subprocess: build one per length and reuse it."""
+    if max_model_len not in _model_configs:
+        _model_configs[max_model_len] = model_config_cls(
+            model=TINY_MODEL_DIR, skip_tokenizer_init=True, dtype="float32", max_model_len=max_model_len, seed=0
+        )
+    return _model_configs[max_model_len]
+
+
+_block_hasher_ready = False
+
+
+def make_requests(prompts: Iterable[tuple[list[int], int]], block_size: int, id_prefix: str = "req"):
+    """vLLM Requests from (prompt token ids, output length) pairs."""
+    global _block_hasher_ready
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    if not _block_hasher_ready:
+        init_none_hash(sha256)
+        _block_hasher_ready = True
+    hasher = get_request_block_hasher(block_size, sha256)
+    return [
+        Request(
+            request_id=f"{id_prefix}-{i}",
+            prompt_token_ids=list(tokens),
+            sampling_params=SamplingParams(ignore_eos=True, max_tokens=output_len),
+            pooling_params=None,
+            block_hasher=hasher,
+        )
+        for i, (tokens, output_len) in enumerate(prompts)
+    ]
+
+
+def fake_model_output(scheduler_output, scheduler, rng: random.Random):
+    """One sampled token per request whose prefill completed this step."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    req_ids = list(scheduler_output.num_scheduled_tokens)
+    sampled = []
+    for req_id in req_ids:
+        request = scheduler.requests[req_id]
+        done = request.num_computed_tokens >= request.num_tokens
+        sampled.append([rng.randrange(3, 32000)] if done else [])
+    return ModelRunnerOutput(
+        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
+    )
+
+
+def step(scheduler, rng: random.Random):
+    """One engine step: schedule, fake the model, update. Returns both outputs."""
+    scheduler_output = scheduler.schedule()
+    engine_outputs = scheduler.update_from_output(
+        scheduler_output, fake_model_output(scheduler_output, scheduler, rng)
+    )
+    return scheduler_output, engine_outputs
+
+
+def run_to_completion(
+    scheduler,
+    requests,
+    seed: int = 0,
+    on_step: Callable[[object, object], None] | None = None,
+    max_steps: int = 1_000_000,
+) -> int:
+    """Add all requests, step until none is left; returns the number of steps."""
+    rng = random.Random(seed)
+    for request in requests:
+        scheduler.add_request(request)
+    steps = 0
+    while scheduler.has_requests():
+        scheduler_output, engine_outputs = step(scheduler, rng)
+        steps += 1
+        if on_step is not None:
+            on_step(scheduler_output, engine_outputs)
+        if steps >= max_steps:
+            raise RuntimeError(f"scheduler did not drain within {max_steps} steps")
+    return steps

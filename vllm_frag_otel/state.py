@@ -1,0 +1,411 @@
+"""Incremental KV-cache block and request state: the pure core.
+
+Knows nothing of vLLM or OpenTelemetry. The hook layer reports events as
+block ids; every event costs O(1) per block it names. `snapshot()` does the
+heavy work at collection time, vectorised with numpy over views that share
+memory with the flat arrays the events write (bytearray / array.array item
+assignment is several times cheaper from Python than numpy item assignment).
+
+Block 0 is vLLM's null block: it is never tracked and excluded everywhere.
+Callers hold `KVCacheState.lock` around event calls; `snapshot()` takes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import numpy as np
+
+NULL_BLOCK_ID = 0
+
+# Why a cached block lost its prefix-cache entry.
+EVICTION_REASONS = ("capacity", "explicit", "reset")
+# Where a block handed to a request came from.
+BLOCK_SOURCES = ("fresh", "recycled", "prefix_hit")
+ALLOCATION_OUTCOMES = ("success", "failure")
+
+# Values buffered per histogram between two collections; beyond this they are
+# dropped and counted, so a stalled exporter cannot grow memory without bound.
+HISTOGRAM_BUFFER_LIMIT = 1 << 20
+
+
+class HasComputedTokens(Protocol):
+    """What the core reads of a request: how many of its tokens are computed."""
+
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    """Token-slot usage of one KV-cache group (each group has its own block size)."""
+
+    group: int
+    block_size: int
+    used_blocks: int
+    allocated_slots: int
+    used_slots: int
+    unused_slots: int
+    partial_blocks: int
+    internal_fragmentation: float
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentationSnapshot:
+    """The pool as a whole at one instant (null block excluded).
+
+    Gauges are instantaneous; the counters below them are cumulative since the
+    pool was created.
+    """
+
+    num_blocks: int
+    used_blocks: int
+    cached_blocks: int
+    free_blocks: int
+    free_runs: int
+    largest_free_run: int
+    mean_free_run: float
+    external_fragmentation: float
+    allocated_slots: int
+    used_slots: int
+    unused_slots: int
+    partial_blocks: int
+    internal_fragmentation: float
+    slot_utilization: float
+    tracked_requests: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    evictions: int
+    evicted_never_reused: int
+    blocks_allocated_fresh: int
+    blocks_allocated_recycled: int
+    blocks_prefix_hit: int
+    allocation_attempts: int
+    allocation_failures: int
+    preemptions: int
+    groups: tuple[GroupSnapshot, ...] = ()
+
+    @classmethod
+    def numeric_fields(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "groups"]
+
+
+class _RequestRecord:
+    """Blocks one request holds, per group, in position order, and how many
+    leading blocks of each group are already counted as full."""
+
+    __slots__ = ("source", "blocks", "full")
+
+    def __init__(self, source: HasComputedTokens, num_groups: int):
+        self.source = source
+        self.blocks: list[list[int]] = [[] for _ in range(num_groups)]
+        self.full = [0] * num_groups
+
+
+class KVCacheState:
+    """Exact, incrementally maintained state of one block pool."""
+
+    def __init__(self, num_blocks: int, block_sizes: Sequence[int]):
+        if num_blocks < 2:
+            raise ValueError("a pool needs the null block and at least one usable block")
+        self.lock = threading.Lock()
+        self.num_blocks = num_blocks  # including the null block
+        self.block_sizes = list(block_sizes)
+        n = num_blocks
+        self._free = bytearray(b"\x01") * n
+        self._free[NULL_BLOCK_ID] = 0
+        self._free_count = n - 1
+        self._hashed = bytearray(n)
+        self._group = bytearray(n)
+        self._reuse_hits = array("I", bytes(4 * n))
+        self._full_holders = array("i", bytes(4 * n))
+        self._cached_at = array("d", bytes(8 * n))
+        self._released_at = array("d", bytes(8 * n))
+        self._free_view = np.frombuffer(self._free, dtype=np.uint8)
+        self._hashed_view = np.frombuffer(self._hashed, dtype=np.uint8)
+        self._group_view = np.frombuffer(self._group, dtype=np.uint8)
+        self._cached_at_view = np.frombuffer(self._cached_at, dtype=np.float64)
+        self._released_at_view = np.frombuffer(self._released_at, dtype=np.float64)
+        self._full_blocks = [0] * len(self.block_sizes)
+        self._requests: dict[str, _RequestRecord] = {}
+
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.allocations = dict.fromkeys(ALLOCATION_OUTCOMES, 0)
+        self.preemptions = 0
+        self.block_sources = dict.fromkeys(BLOCK_SOURCES, 0)
+        # (reason, reused since cached) -> evicted blocks
+        self.evictions = {(r, reused): 0 for r in EVICTION_REASONS for reused in (False, True)}
+        self.allocation_durations: dict[str, array] = {o: array("d") for o in ALLOCATION_OUTCOMES}
+        self.block_cache_durations = array("d")
+        self.block_idle_durations = array("d")
+        self.dropped_measurements = 0
+
+    # -- configuration -------------------------------------------------------
+
+    def set_block_sizes(self, block_sizes: Sequence[int]) -> None:
+        """Name the KV-cache groups; only valid before any request is tracked."""
+        if self._requests:
+            raise RuntimeError("groups must be set before requests are tracked")
+        self.block_sizes = list(block_sizes)
+        self._full_blocks = [0] * len(self.block_sizes)
+
+    # -- block events ----------------------------------------------------------
+
+    def on_blocks_allocated(self, block_ids: Iterable[int], now: float) -> None:
+        """Blocks popped from the free list; any cached content they held is gone."""
+        free, hashed, sources = self._free, self._hashed, self.block_sources
+        count = 0
+        for b in block_ids:
+            count += 1
+            if hashed[b]:
+                self._evict(b, "capacity", now)
+                sources["recycled"] += 1
+            else:
+                sources["fresh"] += 1
+            free[b] = 0
+        self._free_count -= count
+
+    def on_blocks_touched(self, block_ids: Iterable[int]) -> None:
+        """Prefix-cache hits: cached blocks gain a holder (and leave the free list)."""
+        free, hits = self._free, self._reuse_hits
+        count = 0
+        for b in block_ids:
+            count += 1
+            hits[b] += 1
+            if free[b]:
+                free[b] = 0
+                self._free_count -= 1
+        self.block_sources["prefix_hit"] += count
+
+    def on_blocks_released(self, block_ids: Iterable[int], now: float) -> None:
+        """Blocks whose last holder let go (ref_cnt reached 0)."""
+        free, released_at = self._free, self._released_at
+        for b in block_ids:
+            if not free[b]:
+                free[b] = 1
+                released_at[b] = now
+                self._free_count += 1
+
+    def on_block_hashed(self, block_id: int, now: float) -> None:
+        if not self._hashed[block_id]:
+            self._hashed[block_id] = 1
+            self._cached_at[block_id] = now
+            self._reuse_hits[block_id] = 0
+
+    def on_block_unhashed(self, block_id: int, reason: str, now: float) -> None:
+        if self._hashed[block_id]:
+            self._evict(block_id, reason, now)
+
+    def on_block_hash_moved(self, src: int, dst: int) -> None:
+        """The prefix-cache entry of `src` now lives in `dst`; nothing was evicted."""
+        if self._hashed[src]:
+            self._hashed[src] = 0
+            self._hashed[dst] = 1
+            self._cached_at[dst] = self._cached_at[src]
+            self._reuse_hits[dst] = self._reuse_hits[src]
+
+    def on_cache_reset(self, now: float) -> None:
+        """Every prefix-cache entry was dropped at once (rare: weight updates, benchmarks)."""
+        ids = np.flatnonzero(self._hashed_view)
+        if not ids.size:
+            return
+        reused = np.frombuffer(self._reuse_hits, dtype=np.uint32)[ids] > 0
+        for flag in (False, True):
+            self.evictions[("reset", flag)] += int(np.count_nonzero(reused == flag))
+        idle = np.where(
+            self._free_view[ids] == 1, now - self._released_at_view[ids], 0.0
+        )
+        self._buffer(self.block_cache_durations, (now - self._cached_at_view[ids]).tolist())
+        self._buffer(self.block_idle_durations, idle.tolist())
+        self._hashed_view[ids] = 0
+
+    def _evict(self, b: int, reason: str, now: float) -> None:
+        self._hashed[b] = 0
+        self.evictions[(reason, self._reuse_hits[b] > 0)] += 1
+        self._buffer(self.block_cache_durations, (now - self._cached_at[b],))
+        idle = now - self._released_at[b] if self._free[b] else 0.0
+        self._buffer(self.block_idle_durations, (idle,))
+
+    # -- request events ----------------------------------------------------------
+
+    def on_request_blocks(
+        self, request_id: str, source: HasComputedTokens, group: int, new_block_ids: Iterable[int]
+    ) -> None:
+        """Blocks appended to a request's block table in one group."""
+        record = self._requests.get(request_id)
+        if record is None:
+            record = self._requests[request_id] = _RequestRecord(source, len(self.block_sizes))
+        blocks = record.blocks[group]
+        group_of = self._group
+        for b in new_block_ids:
+            blocks.append(b)
+            if b != NULL_BLOCK_ID:
+                group_of[b] = group
+
+    def request_block_count(self, request_id: str, group: int) -> int:
+        record = self._requests.get(request_id)
+        return len(record.blocks[group]) if record is not None else 0
+
+    def on_request_released(self, request_id: str) -> None:
+        """The request no longer holds its blocks (finished, aborted or preempted)."""
+        record = self._requests.pop(request_id, None)
+        if record is None:
+            return
+        holders = self._full_holders
+        for g, blocks in enumerate(record.blocks):
+            for i in range(record.full[g]):
+                b = blocks[i]
+                if b != NULL_BLOCK_ID:
+                    holders[b] -= 1
+                    if holders[b] == 0:
+                        self._full_blocks[g] -= 1
+
+    def on_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queried_tokens += queried_tokens
+        self.prefix_hit_tokens += hit_tokens
+
+    def on_allocation(self, succeeded: bool, duration_s: float) -> None:
+        outcome = "success" if succeeded else "failure"
+        self.allocations[outcome] += 1
+        self._buffer(self.allocation_durations[outcome], (duration_s,))
+
+    def on_preemption(self) -> None:
+        self.preemptions += 1
+
+    # -- collection ----------------------------------------------------------------
+
+    def _buffer(self, buf: array, values: Sequence[float]) -> None:
+        room = HISTOGRAM_BUFFER_LIMIT - len(buf)
+        if room >= len(values):
+            buf.extend(values)
+        else:
+            buf.extend(values[: max(room, 0)])
+            self.dropped_measurements += len(values) - max(room, 0)
+
+    def drain_histograms(self) -> dict[str, list[float] | dict[str, list[float]]]:
+        """Hand over the measurements buffered since the last drain."""
+        with self.lock:
+            drained = {
+                "allocation_duration": {o: buf.tolist() for o, buf in self.allocation_durations.items()},
+                "block_cache_duration": self.block_cache_durations.tolist(),
+                "block_idle_duration": self.block_idle_durations.tolist(),
+            }
+            for buf in self.allocation_durations.values():
+                del buf[:]
+            del self.block_cache_durations[:]
+            del self.block_idle_durations[:]
+        return drained
+
+    def _sync_computed_tokens(self) -> dict[int, list[int]]:
+        """Bring full-block holder counts up to each request's computed tokens.
+
+        Returns, per group, the fill of every block that is some request's
+        partially filled tail, keyed by block id (max over its holders).
+        """
+        holders, full_blocks = self._full_holders, self._full_blocks
+        partial: list[dict[int, int]] = [{} for _ in self.block_sizes]
+        for record in self._requests.values():
+            computed = record.source.num_computed_tokens
+            for g, block_size in enumerate(self.block_sizes):
+                blocks = record.blocks[g]
+                target = min(len(blocks), computed // block_size)
+                counted = record.full[g]
+                for i in range(counted, target):
+                    b = blocks[i]
+                    if b != NULL_BLOCK_ID:
+                        holders[b] += 1
+                        if holders[b] == 1:
+                            full_blocks[g] += 1
+                for i in range(target, counted):
+                    b = blocks[i]
+                    if b != NULL_BLOCK_ID:
+                        holders[b] -= 1
+                        if holders[b] == 0:
+                            full_blocks[g] -= 1
+                record.full[g] = target
+                tail = computed - target * block_size
+                if target < len(blocks) and tail > 0 and blocks[target] != NULL_BLOCK_ID:
+                    b = blocks[target]
+                    if partial[g].get(b, 0) < tail:
+                        partial[g][b] = tail
+        return partial
+
+    def snapshot(self) -> FragmentationSnapshot:
+        with self.lock:
+            partial = self._sync_computed_tokens()
+            usable = self.num_blocks - 1
+            free_blocks = self._free_count
+            used_blocks = usable - free_blocks
+            free_mask = self._free_view[1:]
+            cached_blocks = int(np.count_nonzero(free_mask & self._hashed_view[1:]))
+            edges = np.diff(free_mask.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+            starts = np.flatnonzero(edges == 1)
+            run_lengths = np.flatnonzero(edges == -1) - starts
+            free_runs = int(run_lengths.size)
+            largest = int(run_lengths.max()) if free_runs else 0
+
+            if len(self.block_sizes) == 1:
+                used_per_group = [used_blocks]
+            else:
+                used_ids = np.flatnonzero(free_mask == 0) + 1
+                used_per_group = np.bincount(
+                    self._group_view[used_ids], minlength=len(self.block_sizes)
+                ).tolist()
+            holders = self._full_holders
+            groups = []
+            for g, block_size in enumerate(self.block_sizes):
+                tails = [fill for b, fill in partial[g].items() if holders[b] == 0]
+                used_slots = self._full_blocks[g] * block_size + sum(tails)
+                allocated = used_per_group[g] * block_size
+                groups.append(
+                    GroupSnapshot(
+                        group=g,
+                        block_size=block_size,
+                        used_blocks=used_per_group[g],
+                        allocated_slots=allocated,
+                        used_slots=used_slots,
+                        unused_slots=allocated - used_slots,
+                        partial_blocks=len(tails),
+                        internal_fragmentation=_ratio(allocated - used_slots, allocated),
+                    )
+                )
+            allocated_slots = sum(gs.allocated_slots for gs in groups)
+            used_slots = sum(gs.used_slots for gs in groups)
+            evictions = sum(self.evictions.values())
+            never_reused = sum(v for (_, reused), v in self.evictions.items() if not reused)
+            return FragmentationSnapshot(
+                num_blocks=usable,
+                used_blocks=used_blocks,
+                cached_blocks=cached_blocks,
+                free_blocks=free_blocks,
+                free_runs=free_runs,
+                largest_free_run=largest,
+                mean_free_run=free_blocks / free_runs if free_runs else 0.0,
+                external_fragmentation=1.0 - largest / free_blocks if free_blocks else 0.0,
+                allocated_slots=allocated_slots,
+                used_slots=used_slots,
+                unused_slots=allocated_slots - used_slots,
+                partial_blocks=sum(gs.partial_blocks for gs in groups),
+                internal_fragmentation=_ratio(allocated_slots - used_slots, allocated_slots),
+                slot_utilization=_ratio(used_slots, usable * max(self.block_sizes)),
+                tracked_requests=len(self._requests),
+                prefix_queried_tokens=self.prefix_queried_tokens,
+                prefix_hit_tokens=self.prefix_hit_tokens,
+                evictions=evictions,
+                evicted_never_reused=never_reused,
+                blocks_allocated_fresh=self.block_sources["fresh"],
+                blocks_allocated_recycled=self.block_sources["recycled"],
+                blocks_prefix_hit=self.block_sources["prefix_hit"],
+                allocation_attempts=sum(self.allocations.values()),
+                allocation_failures=self.allocations["failure"],
+                preemptions=self.preemptions,
+                groups=tuple(groups),
+            )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0

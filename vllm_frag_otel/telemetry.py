@@ -1,0 +1,348 @@
+"""The OpenTelemetry layer: instruments over pool states, providers, exporters.
+
+Gauges and counters are observed at collection time from the pools' state, so
+the scheduler's hot path never calls into the OTel SDK. Histogram values are
+buffered by the state and recorded here, at collection, in one batch.
+
+The plugin keeps its own MeterProvider (vLLM owns the global tracer provider);
+it starts once per process, in the process that builds a KV cache manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_EXPORTER_OTLP_METRICS_ENDPOINT,
+    OTEL_EXPORTER_OTLP_METRICS_PROTOCOL,
+    OTEL_EXPORTER_OTLP_PROTOCOL,
+    OTEL_SDK_DISABLED,
+)
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+from vllm_frag_otel.config import Settings, load_settings, warn_bad_value
+from vllm_frag_otel.state import EVICTION_REASONS, FragmentationSnapshot, KVCacheState
+
+logger = logging.getLogger("vllm.frag_otel")
+
+SCOPE = "vllm_frag_otel"
+VERSION = "0.1.0"
+
+POOL = "vllm.kv_cache.pool"
+GROUP = "vllm.kv_cache.group"
+STATE = "vllm.kv_cache.block.state"
+SLOT_STATE = "vllm.kv_cache.slot.state"
+SOURCE = "vllm.kv_cache.block.source"
+REASON = "vllm.kv_cache.eviction.reason"
+REUSED = "vllm.kv_cache.block.reused"
+OUTCOME = "vllm.kv_cache.allocation.outcome"
+
+# allocate_slots takes microseconds to a few milliseconds.
+ALLOCATION_BUCKETS = (
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
+)
+# Cached blocks live from milliseconds (thrash) to hours (a hot system prompt).
+BLOCK_TIME_BUCKETS = (
+    0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0,
+)
+PROTOCOLS = ("grpc", "http/protobuf")
+
+
+@dataclass
+class _Observed:
+    attributes: dict[str, Any]
+    state: KVCacheState
+    snapshot: FragmentationSnapshot
+
+
+class KVCacheMetrics:
+    """All plugin instruments, observing every attached pool."""
+
+    def __init__(self, meter: Meter, guard=None):
+        self._pools: list[tuple[weakref.ref[KVCacheState], dict[str, Any]]] = []
+        self._latest: list[_Observed] = []
+        self._guard = guard
+        self._lock = threading.Lock()
+        gauge, counter = meter.create_observable_gauge, meter.create_observable_counter
+        # The first callback refreshes the snapshots the others read: the SDK
+        # runs callbacks in creation order within one collection.
+        gauge("vllm.kv_cache.block.count", [self._observe_block_count], "{block}",
+              "KV-cache blocks by state: used (ref_cnt > 0), cached (free, holding a reusable prefix), free (empty)")
+        self._simple_gauges = {
+            "vllm.kv_cache.block.limit": ("{block}", "Usable KV-cache blocks (null block excluded)", "num_blocks"),
+            "vllm.kv_cache.free_run.count": ("{run}", "Maximal runs of consecutive free block ids", "free_runs"),
+            "vllm.kv_cache.free_run.largest": ("{block}", "Length of the largest run of consecutive free blocks", "largest_free_run"),
+            "vllm.kv_cache.fragmentation.external": ("1", "1 - largest free run / free blocks", "external_fragmentation"),
+            "vllm.kv_cache.fragmentation.internal": ("1", "Unused token slots / allocated token slots in used blocks", "internal_fragmentation"),
+            "vllm.kv_cache.slot.utilization": ("1", "Token slots holding computed tokens / all token slots", "slot_utilization"),
+            "vllm.kv_cache.request.count": ("{request}", "Requests holding KV-cache blocks", "tracked_requests"),
+        }
+        for name, (unit, description, field) in self._simple_gauges.items():
+            gauge(name, [self._field_callback(field)], unit, description)
+        gauge("vllm.kv_cache.slot.count", [self._observe_slots], "{token}",
+              "Token slots in used blocks: used (hold a computed token) or unused, per KV-cache group")
+        gauge("vllm.kv_cache.block.partial.count", [self._observe_partial], "{block}",
+              "Used blocks that are partly filled, per KV-cache group")
+        counter("vllm.kv_cache.prefix_cache.queried", [self._counter_callback("prefix_queried_tokens")], "{token}",
+                "Prompt tokens looked up in the prefix cache at admission")
+        counter("vllm.kv_cache.prefix_cache.hit", [self._counter_callback("prefix_hit_tokens")], "{token}",
+                "Prompt tokens found in the prefix cache at admission")
+        counter("vllm.kv_cache.block.evictions", [self._observe_evictions], "{block}",
+                "Cached blocks whose prefix-cache entry was dropped, by reason and whether it was ever reused")
+        counter("vllm.kv_cache.block.allocations", [self._observe_sources], "{block}",
+                "Blocks handed to requests: fresh, recycled (evicting cached content) or prefix_hit (reused)")
+        counter("vllm.kv_cache.allocation.attempts", [self._observe_attempts], "{attempt}",
+                "allocate_slots calls by outcome (failure: not enough free blocks)")
+        counter("vllm.kv_cache.preemptions", [self._counter_callback("preemptions")], "{preemption}",
+                "Requests preempted by the scheduler for lack of KV-cache blocks")
+        counter("vllm.frag_otel.measurements.dropped", [self._observe_dropped], "{measurement}",
+                "Histogram measurements dropped because the buffer between collections was full")
+        counter("vllm.frag_otel.hook.errors", [self._observe_hook_errors], "{error}",
+                "Exceptions raised and contained inside the plugin's hooks")
+        gauge("vllm.frag_otel.active", [self._observe_active], "1",
+              "1 while the plugin's hooks are live, 0 once it disabled itself")
+        self._allocation_duration = meter.create_histogram(
+            "vllm.kv_cache.allocation.duration", "s", "Duration of KVCacheManager.allocate_slots",
+            explicit_bucket_boundaries_advisory=ALLOCATION_BUCKETS,
+        )
+        self._block_cache_duration = meter.create_histogram(
+            "vllm.kv_cache.block.cache.duration", "s",
+            "Time from a block's content being cached to its eviction (every evicted block)",
+            explicit_bucket_boundaries_advisory=BLOCK_TIME_BUCKETS,
+        )
+        self._block_idle_duration = meter.create_histogram(
+            "vllm.kv_cache.block.idle.duration", "s",
+            "Time from a cached block's last release to its eviction (every evicted block)",
+            explicit_bucket_boundaries_advisory=BLOCK_TIME_BUCKETS,
+        )
+
+    def add_pool(self, state: KVCacheState, attributes: dict[str, Any]) -> None:
+        with self._lock:
+            self._pools.append((weakref.ref(state), dict(attributes)))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pools.clear()
+            self._latest = []
+
+    # -- collection ----------------------------------------------------------------
+
+    def _tracking(self) -> bool:
+        return self._guard is None or self._guard.active
+
+    def _refresh(self) -> None:
+        latest = []
+        with self._lock:
+            self._pools = [(ref, attrs) for ref, attrs in self._pools if ref() is not None]
+            pools = [(ref(), attrs) for ref, attrs in self._pools]
+        if self._tracking():
+            for state, attrs in pools:
+                if state is None:
+                    continue
+                latest.append(_Observed(attrs, state, state.snapshot()))
+                self._record_histograms(state, attrs)
+        self._latest = latest
+
+    def _record_histograms(self, state: KVCacheState, attrs: dict[str, Any]) -> None:
+        drained = state.drain_histograms()
+        for outcome, values in drained["allocation_duration"].items():
+            point_attrs = {**attrs, OUTCOME: outcome}
+            for value in values:
+                self._allocation_duration.record(value, point_attrs)
+        for value in drained["block_cache_duration"]:
+            self._block_cache_duration.record(value, attrs)
+        for value in drained["block_idle_duration"]:
+            self._block_idle_duration.record(value, attrs)
+
+    def _observe_block_count(self, options: CallbackOptions) -> Iterable[Observation]:
+        self._refresh()
+        for o in self._latest:
+            s = o.snapshot
+            yield Observation(s.used_blocks, {**o.attributes, STATE: "used"})
+            yield Observation(s.cached_blocks, {**o.attributes, STATE: "cached"})
+            yield Observation(s.free_blocks - s.cached_blocks, {**o.attributes, STATE: "free"})
+
+    def _field_callback(self, field: str):
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(getattr(o.snapshot, field), o.attributes) for o in self._latest]
+
+        return callback
+
+    _counter_callback = _field_callback
+
+    def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
+        for o in self._latest:
+            for g in o.snapshot.groups:
+                yield Observation(g.used_slots, {**o.attributes, GROUP: g.group, SLOT_STATE: "used"})
+                yield Observation(g.unused_slots, {**o.attributes, GROUP: g.group, SLOT_STATE: "unused"})
+
+    def _observe_partial(self, options: CallbackOptions) -> Iterable[Observation]:
+        for o in self._latest:
+            for g in o.snapshot.groups:
+                yield Observation(g.partial_blocks, {**o.attributes, GROUP: g.group})
+
+    def _observe_evictions(self, options: CallbackOptions) -> Iterable[Observation]:
+        for o in self._latest:
+            for (reason, reused), count in dict(o.state.evictions).items():
+                yield Observation(count, {**o.attributes, REASON: reason, REUSED: reused})
+
+    def _observe_sources(self, options: CallbackOptions) -> Iterable[Observation]:
+        for o in self._latest:
+            for source, count in dict(o.state.block_sources).items():
+                yield Observation(count, {**o.attributes, SOURCE: source})
+
+    def _observe_attempts(self, options: CallbackOptions) -> Iterable[Observation]:
+        for o in self._latest:
+            for outcome, count in dict(o.state.allocations).items():
+                yield Observation(count, {**o.attributes, OUTCOME: outcome})
+
+    def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(o.state.dropped_measurements, o.attributes) for o in self._latest]
+
+    def _observe_hook_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._guard.errors if self._guard else 0)]
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(1 if self._tracking() else 0)]
+
+
+assert EVICTION_REASONS  # attribute values documented in the README's metric reference
+
+
+# -- exporters and the per-process runtime ----------------------------------------
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def _otlp_protocol() -> str:
+    for name in (OTEL_EXPORTER_OTLP_METRICS_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL):
+        raw = _env(name)
+        if not raw:
+            continue
+        if raw.lower() in PROTOCOLS:
+            return raw.lower()
+        warn_bad_value(name, raw, "one of " + ", ".join(PROTOCOLS), "http/protobuf")
+    return "http/protobuf"
+
+
+def build_exporter(settings: Settings) -> MetricExporter | None:
+    """The exporter `VLLM_FRAG_OTEL_EXPORTER` and the `OTEL_*` variables ask for."""
+    choice = settings.exporter
+    if choice == "auto":
+        has_endpoint = _env(OTEL_EXPORTER_OTLP_METRICS_ENDPOINT) or _env(OTEL_EXPORTER_OTLP_ENDPOINT)
+        choice = "otlp" if has_endpoint else "file"
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleMetricExporter()
+    if choice == "otlp":
+        if _otlp_protocol() == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        return OTLPMetricExporter()
+    from vllm_frag_otel.otlp_json import OTLPJsonFileMetricExporter
+
+    logger.warning(
+        "vllm-frag-otel: no OTLP endpoint configured; writing KV-cache telemetry as OTLP/JSON lines to %s "
+        "(at most %d files of %d bytes). To send it to a collector instead, set "
+        "OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://localhost:4318).",
+        settings.file_dir, settings.file_max_files, settings.file_max_bytes,
+    )
+    return OTLPJsonFileMetricExporter(settings.file_dir, settings.file_max_bytes, settings.file_max_files)
+
+
+def build_resource(engine_attributes: dict[str, Any]) -> Resource:
+    attributes: dict[str, Any] = {
+        "service.instance.id": str(uuid.uuid4()),
+        "host.name": socket.gethostname(),
+        "process.pid": os.getpid(),
+        **engine_attributes,
+    }
+    try:
+        import vllm
+
+        attributes["service.version"] = vllm.__version__
+    except ImportError:
+        pass
+    if "service.name" not in OTELResourceDetector().detect().attributes:
+        attributes["service.name"] = "vllm"
+    return Resource.create(attributes)
+
+
+class Runtime:
+    """This process's provider, reader and instruments."""
+
+    def __init__(self, settings: Settings, engine_attributes: dict[str, Any], guard) -> None:
+        self.pid = os.getpid()
+        self.provider: MeterProvider | None = None
+        self.metrics: KVCacheMetrics | None = None
+        self._pool_count = 0
+        if _env(OTEL_SDK_DISABLED).lower() == "true":
+            logger.info("vllm-frag-otel: OTEL_SDK_DISABLED=true, no telemetry is exported.")
+            return
+        exporter = build_exporter(settings)
+        if exporter is None:
+            return
+        self.provider = MeterProvider(
+            resource=build_resource(engine_attributes),
+            metric_readers=[PeriodicExportingMetricReader(exporter)],
+        )
+        self.metrics = KVCacheMetrics(self.provider.get_meter(SCOPE, VERSION), guard)
+
+    def add_pool(self, state: KVCacheState) -> None:
+        if self.metrics is not None:
+            self.metrics.add_pool(state, {POOL: str(self._pool_count)})
+        self._pool_count += 1
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> Runtime | None:
+    return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None
+
+
+def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> None:
+    """Export `state`, starting this process's telemetry on first use."""
+    global _runtime
+    from vllm_frag_otel.hooks import guard
+
+    with _runtime_lock:
+        if runtime() is None:
+            _runtime = Runtime(load_settings(), engine_attributes, guard())
+        _runtime.add_pool(state)
+
+
+def _forget_parent_runtime() -> None:
+    """A forked child must not export the parent's pools under the parent's identity."""
+    global _runtime
+    if _runtime is not None and _runtime.metrics is not None:
+        _runtime.metrics.clear()
+    _runtime = None
+
+
+os.register_at_fork(after_in_child=_forget_parent_runtime)
