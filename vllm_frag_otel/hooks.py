@@ -259,7 +259,9 @@ def _record_prefix_cache_stats(wrapped, manager, args, kwargs):
         with _guard, state.lock:
             request = _arg(args, kwargs, 0, "request")
             if manager.prefix_cache_lookup_enabled(request):
-                state.on_prefix_lookup(request.num_tokens, _arg(args, kwargs, 1, "num_hits"))
+                state.on_prefix_lookup(
+                    request.num_tokens, _arg(args, kwargs, 1, "num_hits"), request.num_preemptions > 0
+                )
 
 
 # -- Scheduler -------------------------------------------------------------------

@@ -78,6 +78,8 @@ class FragmentationSnapshot:
     tracked_requests: int
     prefix_queried_tokens: int
     prefix_hit_tokens: int
+    prefix_resumed_queried_tokens: int
+    prefix_resumed_hit_tokens: int
     evictions: int
     evicted_never_reused: int
     blocks_allocated_fresh: int
@@ -132,8 +134,8 @@ class KVCacheState:
         self._full_blocks = [0] * len(self.block_sizes)
         self._requests: dict[str, _RequestRecord] = {}
 
-        self.prefix_queried_tokens = 0
-        self.prefix_hit_tokens = 0
+        # resumed (re-admitted after preemption) -> [queried, hit] tokens
+        self.prefix_lookups = {False: [0, 0], True: [0, 0]}
         self.allocations = dict.fromkeys(ALLOCATION_OUTCOMES, 0)
         self.preemptions = 0
         self.block_sources = dict.fromkeys(BLOCK_SOURCES, 0)
@@ -264,9 +266,11 @@ class KVCacheState:
                     if holders[b] == 0:
                         self._full_blocks[g] -= 1
 
-    def on_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
-        self.prefix_queried_tokens += queried_tokens
-        self.prefix_hit_tokens += hit_tokens
+    def on_prefix_lookup(self, queried_tokens: int, hit_tokens: int, resumed: bool) -> None:
+        """A prefix-cache lookup at admission; `resumed` when re-admitted after preemption."""
+        totals = self.prefix_lookups[resumed]
+        totals[0] += queried_tokens
+        totals[1] += hit_tokens
 
     def on_allocation(self, succeeded: bool, duration_s: float) -> None:
         outcome = "success" if succeeded else "failure"
@@ -393,8 +397,10 @@ class KVCacheState:
                 internal_fragmentation=_ratio(allocated_slots - used_slots, allocated_slots),
                 slot_utilization=_ratio(used_slots, usable * max(self.block_sizes)),
                 tracked_requests=len(self._requests),
-                prefix_queried_tokens=self.prefix_queried_tokens,
-                prefix_hit_tokens=self.prefix_hit_tokens,
+                prefix_queried_tokens=self.prefix_lookups[False][0] + self.prefix_lookups[True][0],
+                prefix_hit_tokens=self.prefix_lookups[False][1] + self.prefix_lookups[True][1],
+                prefix_resumed_queried_tokens=self.prefix_lookups[True][0],
+                prefix_resumed_hit_tokens=self.prefix_lookups[True][1],
                 evictions=evictions,
                 evicted_never_reused=never_reused,
                 blocks_allocated_fresh=self.block_sources["fresh"],

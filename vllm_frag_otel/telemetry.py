@@ -52,6 +52,7 @@ SOURCE = "vllm.kv_cache.block.source"
 REASON = "vllm.kv_cache.eviction.reason"
 REUSED = "vllm.kv_cache.block.reused"
 OUTCOME = "vllm.kv_cache.allocation.outcome"
+RESUMED = "vllm.request.resumed"
 
 # allocate_slots takes microseconds to a few milliseconds.
 ALLOCATION_BUCKETS = (
@@ -99,10 +100,10 @@ class KVCacheMetrics:
               "Token slots in used blocks: used (hold a computed token) or unused, per KV-cache group")
         gauge("vllm.kv_cache.block.partial.count", [self._observe_partial], "{block}",
               "Used blocks that are partly filled, per KV-cache group")
-        counter("vllm.kv_cache.prefix_cache.queried", [self._counter_callback("prefix_queried_tokens")], "{token}",
-                "Prompt tokens looked up in the prefix cache at admission")
-        counter("vllm.kv_cache.prefix_cache.hit", [self._counter_callback("prefix_hit_tokens")], "{token}",
-                "Prompt tokens found in the prefix cache at admission")
+        counter("vllm.kv_cache.prefix_cache.queried", [self._prefix_callback(0)], "{token}",
+                "Tokens looked up in the prefix cache at admission (resumed: re-admitted after preemption)")
+        counter("vllm.kv_cache.prefix_cache.hit", [self._prefix_callback(1)], "{token}",
+                "Tokens found in the prefix cache at admission (resumed: re-admitted after preemption)")
         counter("vllm.kv_cache.block.evictions", [self._observe_evictions], "{block}",
                 "Cached blocks whose prefix-cache entry was dropped, by reason and whether it was ever reused")
         counter("vllm.kv_cache.block.allocations", [self._observe_sources], "{block}",
@@ -185,6 +186,14 @@ class KVCacheMetrics:
         return callback
 
     _counter_callback = _field_callback
+
+    def _prefix_callback(self, index: int):
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            for o in self._latest:
+                for resumed, totals in dict(o.state.prefix_lookups).items():
+                    yield Observation(totals[index], {**o.attributes, RESUMED: resumed})
+
+        return callback
 
     def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
         for o in self._latest:

@@ -1,0 +1,31 @@
+"""Shared set-up: vLLM's real plugin loader, once per test session.
+
+Telemetry export is off by default here (tests that exercise exporters set
+their own environment, usually in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["VLLM_PLUGINS"] = "frag_otel"
+os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def plugin():
+    """The plugin as vLLM loads it: through the `vllm.general_plugins` entry point."""
+    from vllm.plugins import load_general_plugins
+
+    from vllm_frag_otel.hooks import instrumentor
+
+    load_general_plugins()
+    assert instrumentor.is_instrumented, "vLLM did not load the frag_otel entry point"
+    return instrumentor

@@ -1,0 +1,39 @@
+"""Test-side helpers that are not part of the plugin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (fresh plugin state), capturing output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def scheduler_trace(scheduler_output) -> tuple:
+    """Everything a scheduler step decided, in a comparable form."""
+    new = tuple(
+        (r.req_id, tuple(tuple(ids) for ids in r.block_ids), r.num_computed_tokens)
+        for r in scheduler_output.scheduled_new_reqs
+    )
+    cached = scheduler_output.scheduled_cached_reqs
+    running = (
+        tuple(cached.req_ids),
+        tuple(tuple(tuple(ids) for ids in b) if b is not None else None for b in cached.new_block_ids),
+        tuple(cached.num_computed_tokens),
+    )
+    return (
+        new,
+        running,
+        tuple(sorted(scheduler_output.num_scheduled_tokens.items())),
+        tuple(sorted(scheduler_output.preempted_req_ids or ())),
+        tuple(sorted(scheduler_output.finished_req_ids)),
+    )
