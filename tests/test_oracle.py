@@ -144,7 +144,7 @@ def test_a_pressured_workload_exercises_every_path(plugin):
     shape = sim.EngineShape(num_blocks=120, block_size=16, max_num_seqs=16)
     scheduler = sim.build_scheduler(shape)
     analyzer = analyzer_for(scheduler)
-    specs = wl.generate("sharegpt", 60, seed=1)
+    specs = wl.generate("sharegpt", 60, seed=1, max_len=1000)
     seen = {"partial": 0, "runs": 0, "mismatch": 0}
 
     def observe(*_):

@@ -1,0 +1,125 @@
+"""Telemetry leaves the process: over OTLP gRPC and HTTP to a real receiver
+process (rotel, a Rust OpenTelemetry collector), and by default as OTLP/JSON
+lines on disk. Each run is the real `vllm-frag-otel simulate` in a fresh
+interpreter, with the plugin loaded by vLLM's entry-point mechanism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from google.protobuf import json_format
+from helpers import REPO
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from otlp_receiver import RotelReceiver, _flatten
+
+FIXED_NAMES = {
+    "vllm.kv_cache.block.count",
+    "vllm.kv_cache.block.limit",
+    "vllm.kv_cache.free_run.count",
+    "vllm.kv_cache.free_run.largest",
+    "vllm.kv_cache.fragmentation.external",
+    "vllm.kv_cache.slot.count",
+    "vllm.kv_cache.block.partial.count",
+    "vllm.kv_cache.fragmentation.internal",
+    "vllm.kv_cache.slot.utilization",
+    "vllm.kv_cache.allocation.duration",
+}
+DELTA = 1  # AggregationTemporality in OTLP
+SIMULATE = ["--num-requests", "40", "--num-blocks", "160", "--max-num-seqs", "16", "--seed", "7"]
+
+
+def _simulate(tmp_path, env_overrides: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
+    env.update({"OTEL_METRIC_EXPORT_INTERVAL": "300", **env_overrides})
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *SIMULATE, "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "KV-cache fragmentation over" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    summary["stderr"] = proc.stderr
+    summary["dir"] = out
+    return summary
+
+
+def _last(points: list[dict], name: str, **attributes) -> float:
+    """A gauge's latest value, or a counter's running total (summing delta points)."""
+    matching = [p for p in points if p["name"] == name
+                and all(p["attributes"].get(k) == v for k, v in attributes.items())]
+    assert matching, (name, attributes)
+    if matching[0].get("temporality") == DELTA:
+        return sum(p["value"] for p in matching)
+    return max(matching, key=lambda p: p["time_unix_nano"])["value"]
+
+
+def _assert_matches_final_snapshot(points: list[dict], summary: dict) -> None:
+    final = {name: s["final"] for name, s in summary["fields"].items()}
+    assert FIXED_NAMES <= {p["name"] for p in points}
+    assert _last(points, "vllm.kv_cache.block.limit") == final["num_blocks"] == 159
+    assert _last(points, "vllm.kv_cache.preemptions") == final["preemptions"] > 0
+    assert _last(points, "vllm.kv_cache.block.count", **{"vllm.kv_cache.block.state": "cached"}) == final["cached_blocks"]
+    assert _last(points, "vllm.kv_cache.fragmentation.external") == pytest.approx(final["external_fragmentation"])
+    failures = _last(points, "vllm.kv_cache.allocation.attempts", **{"vllm.kv_cache.allocation.outcome": "failure"})
+    assert failures == final["allocation_failures"] > 0
+    evictions = sum(
+        _last(points, "vllm.kv_cache.block.evictions",
+              **{"vllm.kv_cache.eviction.reason": "capacity", "vllm.kv_cache.block.reused": reused})
+        for reused in (True, False)
+    )
+    assert evictions == final["evictions"] > 0
+    histograms = [p for p in points if p["name"] == "vllm.kv_cache.allocation.duration"]
+    if histograms[0]["temporality"] == DELTA:
+        count = sum(p["count"] for p in histograms)
+    else:
+        latest = max(p["time_unix_nano"] for p in histograms)
+        count = sum(p["count"] for p in histograms if p["time_unix_nano"] == latest)
+    assert count == final["allocation_attempts"]
+    resource = points[0]["resource"]
+    assert resource["service.name"] == "vllm"
+    assert resource["vllm.model.name"].endswith("tiny_model")
+    assert resource["service.version"].startswith("0.3")
+    assert {"service.instance.id", "host.name", "process.pid"} <= set(resource)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_metrics_reach_a_real_otlp_receiver(tmp_path, protocol):
+    with RotelReceiver() as receiver:
+        endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+        summary = _simulate(tmp_path, {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            # delta: the histogram counts of all exports add up to every allocate_slots call
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta",
+        })
+        points = receiver.wait_for_metric(*FIXED_NAMES, timeout=20)
+    assert "OTLP/JSON" not in summary["stderr"]  # an endpoint is configured: no file fallback
+    assert not list((summary["dir"] / "telemetry").glob("*.jsonl"))
+    _assert_matches_final_snapshot(points, summary)
+
+
+def test_embedded_default_writes_otlp_json_lines(tmp_path):
+    summary = _simulate(tmp_path, {})  # cumulative, the OTLP default
+    assert "writing KV-cache telemetry as OTLP/JSON lines to" in summary["stderr"]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in summary["stderr"]  # says how to use a collector instead
+    files = list((summary["dir"] / "telemetry").glob("metrics-*.jsonl"))
+    assert files
+    points = []
+    for path in files:
+        for line in path.read_text().splitlines():
+            request = ExportMetricsServiceRequest()
+            json_format.Parse(line, request)  # the protobuf JSON encoding, one request per line
+            points += _flatten(request)
+    _assert_matches_final_snapshot(points, summary)
+
+
+def test_otel_sdk_disabled_exports_nothing(tmp_path):
+    summary = _simulate(tmp_path, {"OTEL_SDK_DISABLED": "true"})
+    assert not (summary["dir"] / "telemetry").exists()
+    assert summary["fields"]["used_blocks"]["max"] > 0  # the analyzer still works
