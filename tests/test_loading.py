@@ -1,0 +1,101 @@
+"""How vLLM loads the plugin, and what happens when it should not (or cannot) hook.
+
+Each case that changes vLLM or the environment runs in a fresh interpreter
+and goes through vLLM's own `load_general_plugins()`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import textwrap
+
+from helpers import run_python
+
+# Prints whether vLLM's BlockPool is wrapped after vLLM loaded its plugins.
+PROBE = textwrap.dedent(
+    """
+    import wrapt
+    {prelude}
+    from vllm.plugins import load_general_plugins
+    load_general_plugins()
+    {after}
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.sched.scheduler import Scheduler
+    wrapped = [isinstance(cls.__dict__[m], wrapt.FunctionWrapper)
+               for cls, m in ((BlockPool, "get_new_blocks"), (Scheduler, "_preempt_request"))]
+    print("WRAPPED" if all(wrapped) else "UNTOUCHED" if not any(wrapped) else "PARTIAL")
+    inner = BlockPool.__dict__["get_new_blocks"]
+    print("DOUBLE" if isinstance(getattr(inner, "__wrapped__", None), wrapt.FunctionWrapper) else "SINGLE")
+    """
+)
+
+
+def _probe(prelude: str = "", after: str = "", **env) -> tuple[str, str]:
+    proc = run_python(PROBE.format(prelude=prelude, after=after), env={"VLLM_PLUGINS": "frag_otel", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, proc.stderr
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "vllm-frag-otel" in line]
+
+
+def test_entry_point_is_declared():
+    (entry,) = [e for e in importlib.metadata.entry_points(group="vllm.general_plugins") if e.name == "frag_otel"]
+    assert entry.value == "vllm_frag_otel:register"
+
+
+def test_vllm_loads_the_plugin_once_per_process():
+    # vLLM may load plugins twice in one process: a second register() changes nothing
+    stdout, stderr = _probe(after="import vllm_frag_otel; vllm_frag_otel.register()")
+    assert "WRAPPED" in stdout and "SINGLE" in stdout
+    assert not _warnings(stderr)
+
+
+def test_vllm_plugins_allow_list_without_us_leaves_vllm_untouched():
+    stdout, _ = _probe(VLLM_PLUGINS="some_other_plugin")
+    assert "UNTOUCHED" in stdout
+
+
+def test_disabled_by_variable():
+    stdout, stderr = _probe(VLLM_FRAG_OTEL_ENABLED="false")
+    assert "UNTOUCHED" in stdout and not _warnings(stderr)
+
+
+def test_unsupported_vllm_version_warns_once_and_leaves_vllm_untouched():
+    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.31.2'")
+    assert "UNTOUCHED" in stdout
+    (warning,) = _warnings(stderr)
+    assert "vLLM 0.31.2 is not supported" in warning and ">=0.32,<0.34" in warning
+
+
+def test_missing_hook_point_warns_and_leaves_vllm_untouched():
+    stdout, stderr = _probe("from vllm.v1.core.block_pool import BlockPool; del BlockPool.move_block_hashes")
+    assert "UNTOUCHED" in stdout
+    (warning,) = _warnings(stderr)
+    assert "vllm.v1.core.block_pool.BlockPool.move_block_hashes is missing" in warning
+
+
+def test_changed_hook_signature_warns_and_leaves_vllm_untouched():
+    stdout, stderr = _probe(
+        "from vllm.v1.core.block_pool import BlockPool\n"
+        "def touch(self, block_list): pass\n"
+        "BlockPool.touch = touch"
+    )
+    assert "UNTOUCHED" in stdout
+    (warning,) = _warnings(stderr)
+    assert "BlockPool.touch takes ('block_list',), expected ('blocks',)" in warning
+
+
+def test_bad_settings_are_named_and_defaults_used():
+    stdout, stderr = _probe(
+        VLLM_FRAG_OTEL_ENABLED="maybe",
+        VLLM_FRAG_OTEL_EXPORTER="kafka",
+        VLLM_FRAG_OTEL_MAX_HOOK_ERRORS="-3",
+    )
+    assert "WRAPPED" in stdout  # ENABLED fell back to its default, true
+    warnings = "\n".join(_warnings(stderr))
+    assert "VLLM_FRAG_OTEL_ENABLED='maybe'" in warnings and "1, true, yes, on, 0, false, no, off" in warnings
+    assert "VLLM_FRAG_OTEL_EXPORTER='kafka'" in warnings and "auto, otlp, file, console, none" in warnings
+    assert "VLLM_FRAG_OTEL_MAX_HOOK_ERRORS='-3'" in warnings and "a whole number >= 1" in warnings
+    assert len(_warnings(stderr)) == 3

@@ -1,0 +1,83 @@
+"""The plugin never changes what vLLM decides, even when its own hooks fail."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+from helpers import scheduler_trace
+
+from vllm_frag_otel import analyzer_for, sim, workloads
+from vllm_frag_otel.hooks import guard
+from vllm_frag_otel.state import KVCacheState
+
+SHAPE = sim.EngineShape(num_blocks=90, block_size=16, max_num_seqs=12)
+
+
+def _trace(seed: int = 11) -> list[tuple]:
+    """Every scheduler output of one pressured workload, run to completion."""
+    scheduler = sim.build_scheduler(SHAPE)
+    specs = workloads.generate("sharegpt", 30, seed=seed, max_len=700)
+    requests = sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], SHAPE.block_size)
+    trace: list[tuple] = []
+    sim.run_to_completion(scheduler, requests, seed=seed, on_step=lambda out, _: trace.append(scheduler_trace(out)))
+    assert sum(r.num_preemptions for r in requests) > 0  # the interesting paths ran
+    return trace
+
+
+@pytest.fixture()
+def unhooked(plugin):
+    """vLLM with the plugin's wrappers removed, restored afterwards."""
+    plugin.uninstrument()
+    try:
+        yield
+    finally:
+        assert plugin.instrument()
+
+
+@pytest.fixture()
+def fresh_guard():
+    g = guard()
+    saved = (g.active, g.errors, g.max_errors)
+    g.active, g.errors = True, 0
+    yield g
+    g.active, g.errors, g.max_errors = saved
+
+
+def test_scheduler_outputs_identical_with_and_without_plugin(plugin, request):
+    with_plugin = _trace()
+    request.getfixturevalue("unhooked")
+    from vllm.v1.core.block_pool import BlockPool
+
+    assert not hasattr(BlockPool.__dict__["get_new_blocks"], "__wrapped__")
+    without_plugin = _trace()
+    assert len(with_plugin) > 100
+    assert with_plugin == without_plugin
+
+
+def test_failing_hooks_are_contained_counted_then_disable_the_plugin(
+    plugin, unhooked, fresh_guard, monkeypatch, caplog
+):
+    reference = _trace()
+    assert plugin.instrument()
+    fresh_guard.max_errors = 25
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("injected hook failure")
+
+    monkeypatch.setattr(KVCacheState, "on_blocks_allocated", broken)
+    monkeypatch.setattr(KVCacheState, "on_request_released", broken)
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        traced = _trace()
+    assert traced == reference  # vLLM decided exactly the same things
+    assert fresh_guard.errors == 25 and not fresh_guard.active
+    disabled = [r for r in caplog.records if "disabled after 25 hook errors" in r.getMessage()]
+    assert len(disabled) == 1
+    assert "injected hook failure" in disabled[0].getMessage()
+    # disabled: every hook is a pass-through, so state stops following vLLM
+    scheduler = sim.build_scheduler(SHAPE)
+    scheduler.add_request(sim.make_requests([([5] * 40, 3)], SHAPE.block_size, "probe")[0])
+    sim.step(scheduler, random.Random(0))
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() < SHAPE.num_blocks - 1
+    assert analyzer_for(scheduler).snapshot().blocks_allocated_fresh == 0

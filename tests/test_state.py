@@ -1,0 +1,139 @@
+"""The pure core alone: no vLLM, no OpenTelemetry. Hand-built block layouts
+with numbers worked out on paper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from vllm_frag_otel import state as state_module
+from vllm_frag_otel.state import KVCacheState
+
+
+@dataclass
+class Req:
+    num_computed_tokens: int
+
+
+def test_free_runs_and_external_fragmentation():
+    s = KVCacheState(11, [4])  # blocks 1..10 usable
+    s.on_blocks_allocated([1, 2, 5, 9], now=0.0)
+    snap = s.snapshot()
+    # free: 3-4, 6-8, 10 -> runs of 2, 3, 1
+    assert (snap.free_blocks, snap.used_blocks, snap.free_runs, snap.largest_free_run) == (6, 4, 3, 3)
+    assert snap.mean_free_run == pytest.approx(2.0)
+    assert snap.external_fragmentation == pytest.approx(1 - 3 / 6)
+    s.on_blocks_allocated([3, 4, 6, 7, 8, 10], now=0.0)
+    full = s.snapshot()
+    assert (full.free_blocks, full.free_runs, full.largest_free_run, full.external_fragmentation) == (0, 0, 0, 0.0)
+
+
+def test_shared_block_counts_once_with_the_most_any_holder_has():
+    s = KVCacheState(9, [4])
+    s.on_blocks_allocated([1, 2, 3], now=0.0)
+    a, b = Req(10), Req(5)  # a: 4 + 4 + 2; b shares block 1 and 2: 4 + 1
+    s.on_request_blocks("a", a, 0, [1, 2, 3])
+    s.on_blocks_touched([1, 2])
+    s.on_request_blocks("b", b, 0, [1, 2])
+    snap = s.snapshot()
+    # block 1: 4, block 2: max(4, 1) = 4, block 3: 2
+    assert (snap.allocated_slots, snap.used_slots, snap.partial_blocks) == (12, 10, 1)
+    assert snap.internal_fragmentation == pytest.approx(2 / 12)
+    assert snap.slot_utilization == pytest.approx(10 / 32)
+    s.on_request_released("a")
+    snap = s.snapshot()
+    # only b's view is left: block 1 full, block 2 holds 1; block 3 is still used (ref_cnt) but empty
+    assert (snap.used_slots, snap.partial_blocks, snap.tracked_requests) == (5, 1, 1)
+
+
+def test_computed_tokens_can_move_back():
+    """Speculative tokens rejected: num_computed_tokens decreases; full blocks stop being full."""
+    s = KVCacheState(9, [4])
+    s.on_blocks_allocated([1, 2, 3], now=0.0)
+    r = Req(12)
+    s.on_request_blocks("r", r, 0, [1, 2, 3])
+    assert s.snapshot().used_slots == 12
+    r.num_computed_tokens = 6
+    snap = s.snapshot()
+    assert (snap.used_slots, snap.partial_blocks) == (6, 1)
+
+
+def test_null_block_entries_are_skipped():
+    s = KVCacheState(9, [4])
+    s.on_blocks_allocated([3], now=0.0)
+    s.on_request_blocks("r", Req(11), 0, [0, 0, 3])  # sliding window: leading entries are the null block
+    snap = s.snapshot()
+    assert (snap.used_blocks, snap.used_slots, snap.partial_blocks) == (1, 3, 1)
+
+
+def test_groups_with_their_own_block_sizes():
+    s = KVCacheState(9, [4, 8])
+    s.on_blocks_allocated([1, 2, 3], now=0.0)
+    r = Req(6)
+    s.on_request_blocks("r", r, 0, [1, 2])  # 4 + 2 of 8 slots
+    s.on_request_blocks("r", r, 1, [3])  # 6 of 8
+    snap = s.snapshot()
+    g0, g1 = snap.groups
+    assert (g0.used_blocks, g0.allocated_slots, g0.used_slots, g0.partial_blocks) == (2, 8, 6, 1)
+    assert (g1.used_blocks, g1.allocated_slots, g1.used_slots, g1.partial_blocks) == (1, 8, 6, 1)
+    assert (snap.allocated_slots, snap.used_slots, snap.partial_blocks) == (16, 12, 2)
+
+
+def test_evictions_by_reason_reuse_and_durations():
+    s = KVCacheState(6, [4])
+    s.on_blocks_allocated([1, 2], now=0.0)
+    s.on_block_hashed(1, now=1.0)
+    s.on_block_hashed(2, now=2.0)
+    s.on_blocks_released([1, 2], now=3.0)
+    s.on_blocks_touched([2])  # block 2 reused by a prefix hit ...
+    s.on_blocks_released([2], now=4.0)
+    assert s.snapshot().cached_blocks == 2
+    # ... then both are recycled for new content: evicted for capacity at t=10
+    s.on_blocks_allocated([1, 2], now=10.0)
+    snap = s.snapshot()
+    assert (snap.evictions, snap.evicted_never_reused, snap.blocks_allocated_recycled) == (2, 1, 2)
+    assert s.evictions[("capacity", False)] == 1 and s.evictions[("capacity", True)] == 1
+    drained = s.drain_histograms()
+    assert drained["block_cache_duration"] == [9.0, 8.0]  # cached at 1 and 2
+    assert drained["block_idle_duration"] == [7.0, 6.0]  # last released at 3 and 4
+    assert s.drain_histograms()["block_cache_duration"] == []
+
+
+def test_explicit_eviction_of_a_used_block_and_reset():
+    s = KVCacheState(6, [4])
+    s.on_blocks_allocated([1, 2, 3, 4], now=0.0)
+    for b in (1, 2, 3):
+        s.on_block_hashed(b, now=1.0)
+    s.on_block_unhashed(1, "explicit", now=5.0)  # still in use: idle time is 0
+    s.on_block_hash_moved(3, 4)  # copy-on-write keeps the entry alive in block 4
+    s.on_blocks_released([1, 2, 3, 4], now=6.0)
+    assert s.snapshot().cached_blocks == 2  # blocks 2 and 4
+    s.on_cache_reset(now=8.0)
+    assert s.evictions[("explicit", False)] == 1 and s.evictions[("reset", False)] == 2
+    drained = s.drain_histograms()
+    assert drained["block_cache_duration"] == [4.0, 7.0, 7.0]
+    assert drained["block_idle_duration"] == [0.0, 2.0, 2.0]
+    assert s.snapshot().cached_blocks == 0
+
+
+def test_histogram_buffer_is_bounded_and_drops_are_counted(monkeypatch):
+    monkeypatch.setattr(state_module, "HISTOGRAM_BUFFER_LIMIT", 3)
+    s = KVCacheState(4, [4])
+    for _ in range(5):
+        s.on_allocation(True, 1e-5)
+    assert len(s.drain_histograms()["allocation_duration"]["success"]) == 3
+    assert s.dropped_measurements == 2
+    assert s.snapshot().allocation_attempts == 5  # counters never drop
+
+
+def test_counters():
+    s = KVCacheState(4, [4])
+    s.on_prefix_lookup(100, 32, resumed=False)
+    s.on_prefix_lookup(50, 48, resumed=True)
+    s.on_allocation(False, 1e-5)
+    s.on_preemption()
+    snap = s.snapshot()
+    assert (snap.prefix_queried_tokens, snap.prefix_hit_tokens) == (150, 80)
+    assert (snap.prefix_resumed_queried_tokens, snap.prefix_resumed_hit_tokens) == (50, 48)
+    assert (snap.allocation_attempts, snap.allocation_failures, snap.preemptions) == (1, 1, 1)
