@@ -75,7 +75,7 @@ def render(stats: dict[str, dict[str, float]], steps: int, block_size: int) -> s
         " (internal: the tail block of each request);",
         f"    {_pct(stats['external_fragmentation']['mean'])} external fragmentation on average"
         " (paged attention needs no contiguous runs, so this costs nothing by itself);",
-        f"    {int(failures)} failed allocations caused {int(final['preemptions'])} preemptions"
-        " (the real cost of a full cache: recomputation).",
+        f"    {int(failures)} allocations failed for lack of free blocks and {int(final['preemptions'])}"
+        " requests were preempted: the real cost of a full cache is recomputation.",
     ]
     return "\n".join(lines)
