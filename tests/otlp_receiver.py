@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -293,6 +294,29 @@ class RotelReceiver:
         for req in self.requests():
             out.extend(_flatten(req))
         return out
+
+    def received_spans(self) -> list[dict]:
+        """One dict per span: name, hex trace/span/parent ids, attributes, resource."""
+        with self.sink.lock:
+            bodies = [body for path, body in self.sink.other if path.rstrip("/").endswith("/v1/traces")]
+        spans = []
+        for body in bodies:
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for rs in request.resource_spans:
+                resource = _attrs(rs.resource.attributes)
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        spans.append({
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_span_id": span.parent_span_id.hex(),
+                            "attributes": _attrs(span.attributes),
+                            "events": [e.name for e in span.events],
+                            "resource": resource,
+                        })
+        return spans
 
     def wait_for(self, predicate: Callable[[list[dict]], bool], timeout: float = 5.0) -> list[dict]:
         """Block until predicate(received_metrics()) is true; returns the data points."""

@@ -99,9 +99,21 @@ def test_metrics_reach_a_real_otlp_receiver(tmp_path, protocol):
             "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta",
         })
         points = receiver.wait_for_metric(*FIXED_NAMES, timeout=20)
+        spans = receiver.received_spans()
     assert "OTLP/JSON" not in summary["stderr"]  # an endpoint is configured: no file fallback
     assert not list((summary["dir"] / "telemetry").glob("*.jsonl"))
     _assert_matches_final_snapshot(points, summary)
+    _assert_one_span_per_request(spans)
+
+
+def _assert_one_span_per_request(spans: list[dict]) -> None:
+    requests = int(SIMULATE[SIMULATE.index("--num-requests") + 1])
+    assert len(spans) == requests
+    assert {s["name"] for s in spans} == {"vllm.kv_cache.request"}
+    assert len({s["attributes"]["vllm.request.id"] for s in spans}) == requests
+    assert all(len(s["trace_id"]) == 32 and int(s["trace_id"], 16) for s in spans)
+    assert sum(s["attributes"]["vllm.request.preemptions"] for s in spans) > 0
+    assert spans[0]["resource"]["service.name"] == "vllm"
 
 
 def test_embedded_default_writes_otlp_json_lines(tmp_path):
@@ -117,6 +129,22 @@ def test_embedded_default_writes_otlp_json_lines(tmp_path):
             json_format.Parse(line, request)  # the protobuf JSON encoding, one request per line
             points += _flatten(request)
     _assert_matches_final_snapshot(points, summary)
+    spans = []
+    for path in (summary["dir"] / "telemetry").glob("traces-*.jsonl"):
+        for line in path.read_text().splitlines():
+            for resource_spans in json.loads(line)["resourceSpans"]:
+                resource = {a["key"]: next(iter(a["value"].values())) for a in resource_spans["resource"]["attributes"]}
+                for scope_spans in resource_spans["scopeSpans"]:
+                    for span in scope_spans["spans"]:
+                        attributes = {a["key"]: _json_value(a["value"]) for a in span["attributes"]}
+                        spans.append({"name": span["name"], "trace_id": span["traceId"],  # hex, as OTLP/JSON wants
+                                      "attributes": attributes, "resource": resource})
+    _assert_one_span_per_request(spans)
+
+
+def _json_value(value: dict):
+    (kind, raw), = value.items()
+    return int(raw) if kind == "intValue" else raw
 
 
 def test_otel_sdk_disabled_exports_nothing(tmp_path):

@@ -87,8 +87,8 @@ def simulate(args) -> int:
         steps = sim.run_to_completion(scheduler, requests, seed=args.seed, on_step=on_step)
     elapsed = time.perf_counter() - started
     telemetry = runtime()
-    if telemetry is not None and telemetry.provider is not None:
-        telemetry.provider.force_flush()
+    if telemetry is not None:
+        telemetry.force_flush()
     stats = field_statistics(snapshots)
     print(render(stats, steps, args.block_size))
     print(f"\n  {len(requests)} requests in {elapsed:.1f} s of simulated scheduling")

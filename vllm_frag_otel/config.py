@@ -34,9 +34,10 @@ class Settings:
     file_max_bytes: int = 16 * 1024 * 1024
     file_max_files: int = 8
     max_hook_errors: int = 10
+    spans: bool = True
+    max_open_spans: int = 16384
 
 
-# variable name -> (Settings field, parser, accepted values as told to the user)
 def _parse_bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -70,6 +71,7 @@ def _parse_dir(raw: str) -> str:
     return str(Path(value).expanduser())
 
 
+# variable name -> (Settings field, parser, accepted values as told to the user)
 VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "VLLM_FRAG_OTEL_ENABLED": ("enabled", _parse_bool, "one of " + ", ".join(_TRUE + _FALSE)),
     "VLLM_FRAG_OTEL_EXPORTER": ("exporter", _parse_choice(EXPORTERS), "one of " + ", ".join(EXPORTERS)),
@@ -77,6 +79,8 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "VLLM_FRAG_OTEL_FILE_MAX_BYTES": ("file_max_bytes", _parse_positive_int, "a whole number of bytes >= 1"),
     "VLLM_FRAG_OTEL_FILE_MAX_FILES": ("file_max_files", _parse_positive_int, "a whole number >= 1"),
     "VLLM_FRAG_OTEL_MAX_HOOK_ERRORS": ("max_hook_errors", _parse_positive_int, "a whole number >= 1"),
+    "VLLM_FRAG_OTEL_SPANS": ("spans", _parse_bool, "one of " + ", ".join(_TRUE + _FALSE)),
+    "VLLM_FRAG_OTEL_MAX_OPEN_SPANS": ("max_open_spans", _parse_positive_int, "a whole number >= 1"),
 }
 
 _reported: set[tuple[str, str]] = set()

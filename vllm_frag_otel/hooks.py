@@ -13,6 +13,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from time import monotonic, perf_counter
 from typing import Any
 
@@ -23,6 +24,7 @@ from packaging.version import InvalidVersion, Version
 from vllm_frag_otel import telemetry
 from vllm_frag_otel.package import HOOK_POINTS, SUPPORTED_VLLM, HookPoint
 from vllm_frag_otel.state import NULL_BLOCK_ID, KVCacheState
+from vllm_frag_otel.stories import RequestStories
 
 logger = logging.getLogger("vllm.frag_otel")
 
@@ -201,7 +203,17 @@ def _reset_prefix_cache(wrapped, pool, args, kwargs):
 # -- KVCacheManager ------------------------------------------------------------
 
 
-def _manager_state(manager) -> tuple[KVCacheState, tuple] | None:
+@dataclass(frozen=True, slots=True)
+class _ManagerHooks:
+    """What a KVCacheManager's wrappers need: its pool's state, its per-group
+    managers (whose block tables are read), and the request stories (spans on)."""
+
+    state: KVCacheState
+    group_managers: tuple
+    stories: RequestStories | None
+
+
+def _manager_hooks(manager) -> _ManagerHooks | None:
     return manager.__dict__.get(_STATE) if _guard.active else None
 
 
@@ -213,55 +225,78 @@ def _manager_init(wrapped, manager, args, kwargs):
             return
         groups = manager.kv_cache_config.kv_cache_groups
         state.set_block_sizes([g.kv_cache_spec.block_size for g in groups])
-        manager.__dict__[_STATE] = (state, tuple(manager.coordinator.single_type_managers))
-        telemetry.attach(state, _engine_context.take())
+        stories = telemetry.attach(state, _engine_context.take())
+        manager.__dict__[_STATE] = _ManagerHooks(state, tuple(manager.coordinator.single_type_managers), stories)
+
+
+def _story(hooks: _ManagerHooks, request):
+    if hooks.stories is None:
+        return None
+    return hooks.stories.get_or_open(
+        request.request_id, request.num_prompt_tokens, len(hooks.group_managers), request.trace_headers
+    )
+
+
+def _get_computed_blocks(wrapped, manager, args, kwargs):
+    """The scheduler's first look at a request: where its KV-cache story starts."""
+    result = wrapped(*args, **kwargs)
+    hooks = _manager_hooks(manager)
+    if hooks is not None and hooks.stories is not None:
+        with _guard, hooks.state.lock:
+            _story(hooks, _arg(args, kwargs, 0, "request"))
+    return result
 
 
 def _allocate_slots(wrapped, manager, args, kwargs):
     start = perf_counter()
     result = wrapped(*args, **kwargs)
     duration = perf_counter() - start
-    tracked = _manager_state(manager)
-    if tracked is not None:
-        state, group_managers = tracked
+    hooks = _manager_hooks(manager)
+    if hooks is not None:
+        state = hooks.state
         with _guard, state.lock:
-            state.on_allocation(result is not None, duration)
             request = _arg(args, kwargs, 0, "request")
             request_id = request.request_id
-            for group, group_manager in enumerate(group_managers):
+            for group, group_manager in enumerate(hooks.group_managers):
                 blocks = group_manager.req_to_blocks.get(request_id)
                 if blocks:
                     known = state.request_block_count(request_id, group)
                     if len(blocks) > known:
-                        state.on_request_blocks(
-                            request_id, request, group, [b.block_id for b in blocks[known:]]
-                        )
+                        state.on_request_blocks(request_id, request, group, [b.block_id for b in blocks[known:]])
+            story = _story(hooks, request)
+            span_context = story.handle.get_span_context() if story is not None else None
+            state.on_allocation(result is not None, duration, span_context)
+            if story is not None:
+                hooks.stories.allocated(
+                    story, result is not None, state.request_blocks_held(request_id),
+                    manager.block_pool.get_num_free_blocks(),
+                )
     return result
 
 
 def _release_request(wrapped, manager, args, kwargs):
     """free / pop_blocks_for_free: the request gives up its block table."""
     result = wrapped(*args, **kwargs)
-    tracked = _manager_state(manager)
-    if tracked is not None:
-        state = tracked[0]
-        with _guard, state.lock:
-            state.on_request_released(_arg(args, kwargs, 0, "request").request_id)
+    hooks = _manager_hooks(manager)
+    if hooks is not None:
+        with _guard, hooks.state.lock:
+            hooks.state.on_request_released(_arg(args, kwargs, 0, "request").request_id)
     return result
 
 
 def _record_prefix_cache_stats(wrapped, manager, args, kwargs):
     """vLLM counts a lookup when it admits the request; so do we, whatever log_stats says."""
     wrapped(*args, **kwargs)
-    tracked = _manager_state(manager)
-    if tracked is not None:
-        state = tracked[0]
-        with _guard, state.lock:
+    hooks = _manager_hooks(manager)
+    if hooks is not None:
+        with _guard, hooks.state.lock:
             request = _arg(args, kwargs, 0, "request")
             if manager.prefix_cache_lookup_enabled(request):
-                state.on_prefix_lookup(
-                    request.num_tokens, _arg(args, kwargs, 1, "num_hits"), request.num_preemptions > 0
-                )
+                hits = _arg(args, kwargs, 1, "num_hits")
+                hooks.state.on_prefix_lookup(request.num_tokens, hits, request.num_preemptions > 0)
+                story = _story(hooks, request)
+                if story is not None:
+                    hooks.stories.admitted(story, hits)
 
 
 # -- Scheduler -------------------------------------------------------------------
@@ -302,12 +337,38 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
 
 
 def _preempt_request(wrapped, scheduler, args, kwargs):
+    hooks = _manager_hooks(scheduler.kv_cache_manager)
+    if hooks is None:
+        return wrapped(*args, **kwargs)
+    request = _arg(args, kwargs, 0, "request")
+    blocks_held = 0
+    with _guard, hooks.state.lock:
+        blocks_held = hooks.state.request_blocks_held(request.request_id)
     result = wrapped(*args, **kwargs)
-    tracked = _manager_state(scheduler.kv_cache_manager)
-    if tracked is not None:
-        state = tracked[0]
-        with _guard, state.lock:
-            state.on_preemption()
+    with _guard, hooks.state.lock:
+        hooks.state.on_preemption()
+        story = _story(hooks, request)
+        if story is not None:
+            hooks.stories.preempted(story, blocks_held)
+    return result
+
+
+def _free_request(wrapped, scheduler, args, kwargs):
+    """A finished or aborted request: its story ends (its blocks may be freed later)."""
+    hooks = _manager_hooks(scheduler.kv_cache_manager)
+    if hooks is None or hooks.stories is None:
+        return wrapped(*args, **kwargs)
+    request = _arg(args, kwargs, 0, "request")
+    slots = (0, 0)
+    with _guard, hooks.state.lock:
+        slots = hooks.state.request_slots(request.request_id)
+    result = wrapped(*args, **kwargs)
+    with _guard, hooks.state.lock:
+        status = request.status.name.lower()
+        hooks.stories.finished(
+            request.request_id, status, slots[0], slots[0] - slots[1],
+            failed=("aborted" in status or "error" in status),
+        )
     return result
 
 
@@ -323,12 +384,14 @@ WRAPPERS: dict[str, Callable] = {
     "BlockPool.evict_blocks": _evict_blocks,
     "BlockPool.reset_prefix_cache": _reset_prefix_cache,
     "KVCacheManager.__init__": _manager_init,
+    "KVCacheManager.get_computed_blocks": _get_computed_blocks,
     "KVCacheManager.allocate_slots": _allocate_slots,
     "KVCacheManager.free": _release_request,
     "KVCacheManager.pop_blocks_for_free": _release_request,
     "KVCacheManager.record_prefix_cache_stats": _record_prefix_cache_stats,
     "Scheduler.__init__": _scheduler_init,
     "Scheduler._preempt_request": _preempt_request,
+    "Scheduler._free_request": _free_request,
 }
 
 

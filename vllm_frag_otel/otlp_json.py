@@ -12,13 +12,17 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import OTLPMetricExporterMixin
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 _ID_FIELDS = {"traceId", "spanId", "parentSpanId"}
 
@@ -107,4 +111,21 @@ class OTLPJsonFileMetricExporter(MetricExporter, OTLPMetricExporterMixin):
         return True
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        self.lines.close()
+
+
+class OTLPJsonFileSpanExporter(SpanExporter):
+    """Writes spans as OTLP/JSON lines, beside the metrics."""
+
+    def __init__(self, directory: str, max_bytes: int, max_files: int):
+        self.lines = RotatingJsonLines(directory, "traces", max_bytes, max_files)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            self.lines.write(to_otlp_json(encode_spans(spans)))
+        except OSError:
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
         self.lines.close()

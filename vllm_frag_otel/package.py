@@ -42,13 +42,15 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
         "KVCacheManager.allocate_slots",
         ("request", "num_new_tokens"),
     ),
+    HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("request",)),
     HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.free", ("request",)),
     HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.pop_blocks_for_free", ("request",)),
     HookPoint(
         "vllm.v1.core.kv_cache_manager",
         "KVCacheManager.record_prefix_cache_stats",
-        ("request", "num_hits")
+        ("request", "num_hits"),
     ),
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.__init__", ("vllm_config", "kv_cache_config")),
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request", ("request",)),
+    HookPoint("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("request",)),
 )

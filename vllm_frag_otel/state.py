@@ -142,6 +142,8 @@ class KVCacheState:
         # (reason, reused since cached) -> evicted blocks
         self.evictions = {(r, reused): 0 for r in EVICTION_REASONS for reused in (False, True)}
         self.allocation_durations: dict[str, array] = {o: array("d") for o in ALLOCATION_OUTCOMES}
+        # an opaque tag per duration (the span layer's context for exemplars), or None
+        self.allocation_tags: dict[str, list] = {o: [] for o in ALLOCATION_OUTCOMES}
         self.block_cache_durations = array("d")
         self.block_idle_durations = array("d")
         self.dropped_measurements = 0
@@ -266,40 +268,70 @@ class KVCacheState:
                     if holders[b] == 0:
                         self._full_blocks[g] -= 1
 
+    def request_blocks_held(self, request_id: str) -> int:
+        record = self._requests.get(request_id)
+        if record is None:
+            return 0
+        return sum(len(blocks) - blocks.count(NULL_BLOCK_ID) for blocks in record.blocks)
+
+    def request_slots(self, request_id: str) -> tuple[int, int]:
+        """(allocated, used) token slots in this request's own blocks, not deduplicated."""
+        record = self._requests.get(request_id)
+        if record is None:
+            return 0, 0
+        computed = record.source.num_computed_tokens
+        allocated = used = 0
+        for blocks, block_size in zip(record.blocks, self.block_sizes):
+            for i, b in enumerate(blocks):
+                if b != NULL_BLOCK_ID:
+                    allocated += block_size
+                    used += min(block_size, max(0, computed - i * block_size))
+        return allocated, used
+
     def on_prefix_lookup(self, queried_tokens: int, hit_tokens: int, resumed: bool) -> None:
         """A prefix-cache lookup at admission; `resumed` when re-admitted after preemption."""
         totals = self.prefix_lookups[resumed]
         totals[0] += queried_tokens
         totals[1] += hit_tokens
 
-    def on_allocation(self, succeeded: bool, duration_s: float) -> None:
+    def on_allocation(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
         outcome = "success" if succeeded else "failure"
         self.allocations[outcome] += 1
-        self._buffer(self.allocation_durations[outcome], (duration_s,))
+        durations = self.allocation_durations[outcome]
+        if self._buffer(durations, (duration_s,)):
+            self.allocation_tags[outcome].append(tag)
 
     def on_preemption(self) -> None:
         self.preemptions += 1
 
     # -- collection ----------------------------------------------------------------
 
-    def _buffer(self, buf: array, values: Sequence[float]) -> None:
+    def _buffer(self, buf: array, values: Sequence[float]) -> bool:
+        """Buffer values for the next collection; False if any had to be dropped."""
         room = HISTOGRAM_BUFFER_LIMIT - len(buf)
         if room >= len(values):
             buf.extend(values)
-        else:
-            buf.extend(values[: max(room, 0)])
-            self.dropped_measurements += len(values) - max(room, 0)
+            return True
+        buf.extend(values[: max(room, 0)])
+        self.dropped_measurements += len(values) - max(room, 0)
+        return False
 
-    def drain_histograms(self) -> dict[str, list[float] | dict[str, list[float]]]:
-        """Hand over the measurements buffered since the last drain."""
+    def drain_histograms(self) -> dict:
+        """Hand over the measurements buffered since the last drain.
+
+        Allocation durations come as (duration, tag) pairs, by outcome.
+        """
         with self.lock:
             drained = {
-                "allocation_duration": {o: buf.tolist() for o, buf in self.allocation_durations.items()},
+                "allocation_duration": {
+                    o: list(zip(buf.tolist(), self.allocation_tags[o])) for o, buf in self.allocation_durations.items()
+                },
                 "block_cache_duration": self.block_cache_durations.tolist(),
                 "block_idle_duration": self.block_idle_durations.tolist(),
             }
-            for buf in self.allocation_durations.values():
+            for outcome, buf in self.allocation_durations.items():
                 del buf[:]
+                self.allocation_tags[outcome].clear()
             del self.block_cache_durations[:]
             del self.block_idle_durations[:]
         return drained

@@ -10,6 +10,7 @@ it starts once per process, in the process that builds a KV cache manager.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -20,14 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.environment_variables import (
-    OTEL_EXPORTER_OTLP_ENDPOINT,
-    OTEL_EXPORTER_OTLP_METRICS_ENDPOINT,
-    OTEL_EXPORTER_OTLP_METRICS_PROTOCOL,
-    OTEL_EXPORTER_OTLP_PROTOCOL,
-    OTEL_SDK_DISABLED,
-)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -35,14 +30,19 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from vllm_frag_otel import __version__
 from vllm_frag_otel.config import Settings, load_settings, warn_bad_value
-from vllm_frag_otel.state import EVICTION_REASONS, FragmentationSnapshot, KVCacheState
+from vllm_frag_otel.state import FragmentationSnapshot, KVCacheState
+from vllm_frag_otel.stories import RequestStories, RequestStory
 
 logger = logging.getLogger("vllm.frag_otel")
 
 SCOPE = "vllm_frag_otel"
-VERSION = "0.1.0"
 
 POOL = "vllm.kv_cache.pool"
 GROUP = "vllm.kv_cache.group"
@@ -70,13 +70,14 @@ class _Observed:
     attributes: dict[str, Any]
     state: KVCacheState
     snapshot: FragmentationSnapshot
+    stories: RequestStories | None
 
 
 class KVCacheMetrics:
     """All plugin instruments, observing every attached pool."""
 
     def __init__(self, meter: Meter, guard=None):
-        self._pools: list[tuple[weakref.ref[KVCacheState], dict[str, Any]]] = []
+        self._pools: list[tuple[weakref.ref[KVCacheState], dict[str, Any], RequestStories | None]] = []
         self._latest: list[_Observed] = []
         self._guard = guard
         self._lock = threading.Lock()
@@ -114,6 +115,8 @@ class KVCacheMetrics:
                 "Requests preempted by the scheduler for lack of KV-cache blocks")
         counter("vllm.frag_otel.measurements.dropped", [self._observe_dropped], "{measurement}",
                 "Histogram measurements dropped because the buffer between collections was full")
+        counter("vllm.frag_otel.requests.untraced", [self._observe_untraced], "{request}",
+                "Requests without a span because VLLM_FRAG_OTEL_MAX_OPEN_SPANS spans were already open")
         counter("vllm.frag_otel.hook.errors", [self._observe_hook_errors], "{error}",
                 "Exceptions raised and contained inside the plugin's hooks")
         gauge("vllm.frag_otel.active", [self._observe_active], "1",
@@ -133,9 +136,9 @@ class KVCacheMetrics:
             explicit_bucket_boundaries_advisory=BLOCK_TIME_BUCKETS,
         )
 
-    def add_pool(self, state: KVCacheState, attributes: dict[str, Any]) -> None:
+    def add_pool(self, state: KVCacheState, attributes: dict[str, Any], stories: RequestStories | None = None) -> None:
         with self._lock:
-            self._pools.append((weakref.ref(state), dict(attributes)))
+            self._pools.append((weakref.ref(state), dict(attributes), stories))
 
     def clear(self) -> None:
         with self._lock:
@@ -150,13 +153,13 @@ class KVCacheMetrics:
     def _refresh(self) -> None:
         latest = []
         with self._lock:
-            self._pools = [(ref, attrs) for ref, attrs in self._pools if ref() is not None]
-            pools = [(ref(), attrs) for ref, attrs in self._pools]
+            self._pools = [pool for pool in self._pools if pool[0]() is not None]
+            pools = [(ref(), attrs, stories) for ref, attrs, stories in self._pools]
         if self._tracking():
-            for state, attrs in pools:
+            for state, attrs, stories in pools:
                 if state is None:
                     continue
-                latest.append(_Observed(attrs, state, state.snapshot()))
+                latest.append(_Observed(attrs, state, state.snapshot(), stories))
                 self._record_histograms(state, attrs)
         self._latest = latest
 
@@ -164,8 +167,10 @@ class KVCacheMetrics:
         drained = state.drain_histograms()
         for outcome, values in drained["allocation_duration"].items():
             point_attrs = {**attrs, OUTCOME: outcome}
-            for value in values:
-                self._allocation_duration.record(value, point_attrs)
+            for value, span_context in values:
+                # the request's span as context: the SDK's exemplar filter decides
+                context = set_span_in_context(NonRecordingSpan(span_context)) if span_context else None
+                self._allocation_duration.record(value, point_attrs, context=context)
         for value in drained["block_cache_duration"]:
             self._block_cache_duration.record(value, attrs)
         for value in drained["block_idle_duration"]:
@@ -224,6 +229,9 @@ class KVCacheMetrics:
     def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(o.state.dropped_measurements, o.attributes) for o in self._latest]
 
+    def _observe_untraced(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(o.stories.not_followed, o.attributes) for o in self._latest if o.stories is not None]
+
     def _observe_hook_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._guard.errors if self._guard else 0)]
 
@@ -231,18 +239,75 @@ class KVCacheMetrics:
         return [Observation(1 if self._tracking() else 0)]
 
 
-assert EVICTION_REASONS  # attribute values documented in the README's metric reference
+# -- spans ------------------------------------------------------------------------
+
+SPAN_NAME = "vllm.kv_cache.request"
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def external_request_id(request_id: str) -> str:
+    """The id the client sent, as on vLLM's `llm_request` span: vLLM appends
+    "-" and 8 random characters unless VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set."""
+    if os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "").lower() in ("1", "true"):
+        return request_id
+    head, sep, tail = request_id.rpartition("-")
+    return head if sep and len(tail) == 8 else request_id
+
+
+class KVCacheSpans:
+    """A StorySink: one span per request's KV-cache lifecycle, in the caller's trace."""
+
+    def __init__(self, tracer: Tracer):
+        self._tracer = tracer
+
+    def opened(self, story: RequestStory, trace_headers) -> None:
+        parent = _PROPAGATOR.extract(trace_headers) if trace_headers else Context()
+        story.handle = self._tracer.start_span(
+            SPAN_NAME,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "gen_ai.request.id": external_request_id(story.request_id),
+                "vllm.request.id": story.request_id,
+                "gen_ai.usage.prompt_tokens": story.prompt_tokens,
+                "vllm.kv_cache.group.count": story.num_groups,
+            },
+        )
+
+    def event(self, story: RequestStory, name: str, attributes: dict[str, Any]) -> None:
+        story.handle.add_event(name, attributes)
+
+    def closed(self, story: RequestStory, failed: bool) -> None:
+        span = story.handle
+        span.set_attributes({
+            "vllm.kv_cache.prefix_cache.hit_tokens": story.hit_tokens,
+            "vllm.kv_cache.block.peak": story.peak_blocks,
+            "vllm.kv_cache.slot.allocated": story.allocated_slots,
+            "vllm.kv_cache.slot.unused": story.unused_slots,
+            "vllm.request.preemptions": story.preemptions,
+            "vllm.kv_cache.allocation.failures": story.failed_allocations,
+            "vllm.request.finish_status": story.finish_status,
+        })
+        if failed:
+            span.set_status(Status(StatusCode.ERROR, story.finish_status))
+        span.end()
 
 
 # -- exporters and the per-process runtime ----------------------------------------
+
+SIGNALS = {
+    # signal -> (file prefix, OTLP exporter module suffix, class)
+    "metrics": ("metrics", "metric_exporter", "OTLPMetricExporter"),
+    "traces": ("traces", "trace_exporter", "OTLPSpanExporter"),
+}
 
 
 def _env(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
-def _otlp_protocol() -> str:
-    for name in (OTEL_EXPORTER_OTLP_METRICS_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL):
+def _otlp_protocol(signal: str = "metrics") -> str:
+    for name in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         raw = _env(name)
         if not raw:
             continue
@@ -252,31 +317,30 @@ def _otlp_protocol() -> str:
     return "http/protobuf"
 
 
-def build_exporter(settings: Settings) -> MetricExporter | None:
+def exporter_choice(settings: Settings, signal: str) -> str:
+    """otlp, file, console or none, for one signal."""
+    if settings.exporter != "auto":
+        return settings.exporter
+    has_endpoint = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return "otlp" if has_endpoint else "file"
+
+
+def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExporter | None:
     """The exporter `VLLM_FRAG_OTEL_EXPORTER` and the `OTEL_*` variables ask for."""
-    choice = settings.exporter
-    if choice == "auto":
-        has_endpoint = _env(OTEL_EXPORTER_OTLP_METRICS_ENDPOINT) or _env(OTEL_EXPORTER_OTLP_ENDPOINT)
-        choice = "otlp" if has_endpoint else "file"
+    choice = exporter_choice(settings, signal)
+    prefix, module, cls = SIGNALS[signal]
     if choice == "none":
         return None
     if choice == "console":
-        return ConsoleMetricExporter()
+        return ConsoleMetricExporter() if signal == "metrics" else ConsoleSpanExporter()
     if choice == "otlp":
-        if _otlp_protocol() == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        return OTLPMetricExporter()
-    from vllm_frag_otel.otlp_json import OTLPJsonFileMetricExporter
+        transport = "grpc" if _otlp_protocol(signal) == "grpc" else "http"
+        exporter_module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module}")
+        return getattr(exporter_module, cls)()
+    from vllm_frag_otel.otlp_json import OTLPJsonFileMetricExporter, OTLPJsonFileSpanExporter
 
-    logger.warning(
-        "vllm-frag-otel: no OTLP endpoint configured; writing KV-cache telemetry as OTLP/JSON lines to %s "
-        "(at most %d files of %d bytes). To send it to a collector instead, set "
-        "OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://localhost:4318).",
-        settings.file_dir, settings.file_max_files, settings.file_max_bytes,
-    )
-    return OTLPJsonFileMetricExporter(settings.file_dir, settings.file_max_bytes, settings.file_max_files)
+    file_exporter = OTLPJsonFileMetricExporter if signal == "metrics" else OTLPJsonFileSpanExporter
+    return file_exporter(settings.file_dir, settings.file_max_bytes, settings.file_max_files)
 
 
 def build_resource(engine_attributes: dict[str, Any]) -> Resource:
@@ -298,33 +362,72 @@ def build_resource(engine_attributes: dict[str, Any]) -> Resource:
 
 
 class Runtime:
-    """This process's provider, reader and instruments."""
+    """This process's providers, readers and instruments.
 
-    def __init__(self, settings: Settings, engine_attributes: dict[str, Any], guard) -> None:
+    Exporters come from the settings and environment unless given (tests).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine_attributes: dict[str, Any],
+        guard,
+        metric_exporter: MetricExporter | None = None,
+        span_exporter: SpanExporter | None = None,
+    ) -> None:
         self.pid = os.getpid()
-        self.provider: MeterProvider | None = None
+        self.settings = settings
+        self.meter_provider: MeterProvider | None = None
+        self.tracer_provider: TracerProvider | None = None
         self.metrics: KVCacheMetrics | None = None
+        self.spans: KVCacheSpans | None = None
         self._pool_count = 0
-        if _env(OTEL_SDK_DISABLED).lower() == "true":
+        if _env("OTEL_SDK_DISABLED").lower() == "true":
             logger.info("vllm-frag-otel: OTEL_SDK_DISABLED=true, no telemetry is exported.")
             return
-        exporter = build_exporter(settings)
-        if exporter is None:
-            return
-        self.provider = MeterProvider(
-            resource=build_resource(engine_attributes),
-            metric_readers=[PeriodicExportingMetricReader(exporter)],
-        )
-        self.metrics = KVCacheMetrics(self.provider.get_meter(SCOPE, VERSION), guard)
+        metric_exporter = metric_exporter or build_exporter(settings, "metrics")
+        if settings.spans:
+            span_exporter = span_exporter or build_exporter(settings, "traces")
+        else:
+            span_exporter = None
+        if "file" in (exporter_choice(settings, "metrics"), exporter_choice(settings, "traces")):
+            logger.warning(
+                "vllm-frag-otel: no OTLP endpoint configured; writing KV-cache telemetry as OTLP/JSON lines "
+                "to %s (at most %d files of %d bytes each per signal). To send it to a collector instead, "
+                "set OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://localhost:4318).",
+                settings.file_dir, settings.file_max_files, settings.file_max_bytes,
+            )
+        resource = build_resource(engine_attributes)
+        if metric_exporter is not None:
+            self.meter_provider = MeterProvider(
+                resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]
+            )
+            self.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard)
+        if span_exporter is not None:
+            # the SDK's own processor metrics (queue size, spans dropped when full) go with ours
+            self.tracer_provider = TracerProvider(resource=resource)
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(span_exporter, meter_provider=self.meter_provider)
+            )
+            self.spans = KVCacheSpans(self.tracer_provider.get_tracer(SCOPE, __version__))
 
-    def add_pool(self, state: KVCacheState) -> None:
+    def add_pool(self, state: KVCacheState) -> RequestStories | None:
+        """Export `state`; the story ledger for its requests when spans are on."""
+        stories = RequestStories(self.spans, self.settings.max_open_spans) if self.spans is not None else None
         if self.metrics is not None:
-            self.metrics.add_pool(state, {POOL: str(self._pool_count)})
+            self.metrics.add_pool(state, {POOL: str(self._pool_count)}, stories)
         self._pool_count += 1
+        return stories
+
+    def force_flush(self) -> None:
+        for provider in (self.tracer_provider, self.meter_provider):
+            if provider is not None:
+                provider.force_flush()
 
     def shutdown(self) -> None:
-        if self.provider is not None:
-            self.provider.shutdown()
+        for provider in (self.tracer_provider, self.meter_provider):
+            if provider is not None:
+                provider.shutdown()
 
 
 _runtime: Runtime | None = None
@@ -335,7 +438,15 @@ def runtime() -> Runtime | None:
     return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None
 
 
-def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> None:
+def install(new_runtime: Runtime | None) -> Runtime | None:
+    """Replace this process's runtime (tests); returns the previous one."""
+    global _runtime
+    with _runtime_lock:
+        previous, _runtime = _runtime, new_runtime
+    return previous
+
+
+def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestStories | None:
     """Export `state`, starting this process's telemetry on first use."""
     global _runtime
     from vllm_frag_otel.hooks import guard
@@ -343,7 +454,7 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> None:
     with _runtime_lock:
         if runtime() is None:
             _runtime = Runtime(load_settings(), engine_attributes, guard())
-        _runtime.add_pool(state)
+        return _runtime.add_pool(state)
 
 
 def _forget_parent_runtime() -> None:

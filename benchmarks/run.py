@@ -1,0 +1,803 @@
+#!/usr/bin/env python
+"""Performance benchmark of vllm-frag-otel on vLLM's real v1 scheduler (CPU only).
+
+    python benchmarks/run.py [--quick] [--json OUT] [--parts step,collection,memory]
+                             [--rounds N] [--collect-every N] [--profile]
+
+Measures, side by side in one process:
+
+1. step time: scheduler.schedule() + scheduler.update_from_output() (the fake
+   model output in between is not timed) on a fixed seeded ShareGPT-like
+   workload, run to completion, for
+     baseline         vLLM alone (plugin uninstrumented)
+     plugin           every plugin hook on, plus a full metrics collection
+                      (KVCacheMetrics read through an InMemoryMetricReader)
+                      every --collect-every steps and once at the end of the
+                      run, all counted in the plugin's time
+     plugin_spans     as plugin, with per-request spans going to an in-memory
+                      span exporter (only if this plugin version has spans)
+     vllm_kv_metrics  vLLM's own KVCacheMetricsCollector, sample rate 1.0
+     vllm_kv_events   vLLM's own KV events (publisher "null")
+   The vLLM alternatives run without the plugin. Every round runs each variant
+   once on the SAME workload and seed (order rotated from round to round), on a
+   pool small enough to preempt and evict and one large enough not to; each
+   variant's ratio is the median over rounds of (variant time / baseline time
+   of the same round).
+2. collection cost on a synthetic but realistic block map (KVCacheState built
+   directly, no vLLM): KVCacheState.snapshot() and a full KVCacheMetrics
+   collection at 10k, 100k and 1M blocks; and the cost of one hook-style event
+   call (lock + on_blocks_allocated / on_blocks_released of 4 blocks) at each size.
+3. memory: bytes per block of KVCacheState, bytes per in-flight request.
+
+Readable table on stdout, progress on stderr, all numbers with --json OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["VLLM_PLUGINS"] = "frag_otel"
+os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import numpy as np  # noqa: E402
+
+T0 = time.perf_counter()
+BLOCK_SIZE = 16
+
+# Targets set by the issue.
+TARGET_STEP_OVERHEAD = 1.01  # <= +1% step time at full fidelity
+TARGET_COLLECTION_MS_1M = 1.0  # one collection at 1M blocks
+TARGET_BYTES_PER_BLOCK = 16
+FLAT_TOLERANCE = 1.25  # "flat": largest / smallest per-event cost across pool sizes
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    rounds: int
+    num_requests: int
+    warmup_requests: int
+    scenarios: dict  # name -> num_blocks
+    collect_every: int
+    pool_sizes: tuple
+    collection_reps: dict  # pool size -> repetitions
+    event_groups: int
+    event_reps: int
+    memory_requests: int
+
+
+FULL = Config(
+    rounds=15,
+    num_requests=200,
+    warmup_requests=40,
+    scenarios={"pressured": 1024, "roomy": 16384},
+    collect_every=1000,
+    pool_sizes=(10_000, 100_000, 1_000_000),
+    collection_reps={10_000: 60, 100_000: 40, 1_000_000: 20},
+    event_groups=500,
+    event_reps=15,
+    memory_requests=2000,
+)
+QUICK = Config(
+    rounds=3,
+    num_requests=60,
+    warmup_requests=20,
+    scenarios={"pressured": 384, "roomy": 8192},
+    collect_every=1000,
+    pool_sizes=(10_000, 100_000),
+    collection_reps={10_000: 15, 100_000: 10},
+    event_groups=300,
+    event_reps=5,
+    memory_requests=500,
+)
+
+
+# =============================================================================
+# 1. step time on vLLM's real scheduler
+# =============================================================================
+
+
+class StepBench:
+    """Runs one workload to completion under one variant, timing the scheduler."""
+
+    BASE_VARIANTS = ("baseline", "plugin", "vllm_kv_metrics", "vllm_kv_events")
+
+    def __init__(self, collect_every: int):
+        from vllm.plugins import load_general_plugins
+
+        load_general_plugins()
+        from vllm.v1.core.block_pool import BlockPool
+
+        from vllm_frag_otel import sim, telemetry, workloads
+        from vllm_frag_otel.hooks import guard, instrumentor
+
+        self.sim, self.workloads, self.telemetry = sim, workloads, telemetry
+        self.instrumentor, self.guard, self.BlockPool = instrumentor, guard, BlockPool
+        if not instrumentor.is_instrumented:
+            raise SystemExit("vLLM did not load the frag_otel plugin through its entry point")
+        self.collect_every = collect_every
+        self.variants = list(self.BASE_VARIANTS)
+        why = self._spans_unavailable()
+        if why is None:
+            self.variants.append("plugin_spans")
+        else:
+            log(f"plugin_spans variant skipped: {why}")
+
+    # -- variants ---------------------------------------------------------------
+
+    def _spans_unavailable(self) -> str | None:
+        """This plugin version's per-request spans, if it has them (feature-detected)."""
+        import inspect
+
+        try:
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: F401
+
+            from vllm_frag_otel import config
+
+            if not hasattr(self.telemetry, "install") or "spans" not in config.Settings.__dataclass_fields__:
+                return "this plugin version has no per-request spans"
+            if "span_exporter" not in inspect.signature(self.telemetry.Runtime).parameters:
+                return "telemetry.Runtime takes no span_exporter"
+        except Exception as exc:  # an API in flux: measure what exists
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _set_instrumented(self, on: bool) -> None:
+        if on:
+            if not self.instrumentor.instrument():
+                raise SystemExit("instrumentor.instrument() refused to instrument this vLLM")
+            g = self.guard()
+            g.active, g.errors = True, 0
+        else:
+            self.instrumentor.uninstrument()
+        wrapped = hasattr(self.BlockPool.__dict__["get_new_blocks"], "__wrapped__")
+        assert wrapped == on, f"BlockPool.get_new_blocks wrapped={wrapped}, expected {on}"
+
+    def _spans_runtime(self):
+        import dataclasses
+
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from vllm_frag_otel import config
+
+        settings = dataclasses.replace(config.load_settings(), spans=True)
+        exporter = InMemorySpanExporter()
+        runtime = self.telemetry.Runtime(settings, {}, self.guard(), span_exporter=exporter)
+        return runtime, exporter
+
+    # -- one run ------------------------------------------------------------------
+
+    def run(self, variant: str, num_blocks: int, specs, seed: int = 0) -> dict:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from vllm_frag_otel import analyzer_for
+        from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
+
+        sim = self.sim
+        plugin = variant.startswith("plugin")
+        # instrumentation first, then the scheduler: pools built unhooked are not tracked
+        self._set_instrumented(plugin)
+        runtime = previous_runtime = span_exporter = None
+        if variant == "plugin_spans":
+            runtime, span_exporter = self._spans_runtime()
+            previous_runtime = self.telemetry.install(runtime)
+        shape = sim.EngineShape(
+            num_blocks=num_blocks,
+            block_size=BLOCK_SIZE,
+            kv_events=variant == "vllm_kv_events",
+            kv_metrics_sample=1.0 if variant == "vllm_kv_metrics" else None,
+        )
+        try:
+            scheduler = sim.build_scheduler(shape)
+        finally:
+            if runtime is not None:
+                self.telemetry.install(previous_runtime)
+        pool = scheduler.kv_cache_manager.block_pool
+        state = None
+        if plugin:
+            state = analyzer_for(scheduler)  # raises if the pool is not tracked
+        else:
+            assert not any(
+                k.startswith("_vllm_frag_otel") for k in pool.__dict__
+            ), "an unhooked run's pool is tracked"
+        if variant == "vllm_kv_metrics":
+            assert scheduler.kv_metrics_collector is not None
+            assert scheduler.kv_metrics_collector.sample_rate == 1.0
+        else:
+            assert getattr(scheduler, "kv_metrics_collector", None) is None
+        assert pool.enable_kv_cache_events == (variant == "vllm_kv_events")
+
+        requests = sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], BLOCK_SIZE)
+        for request in requests:
+            scheduler.add_request(request)
+        reader = provider = None
+        if plugin:
+            reader = InMemoryMetricReader()
+            provider = MeterProvider(metric_readers=[reader])
+            metrics = KVCacheMetrics(provider.get_meter(SCOPE, "bench"), self.guard())
+            metrics.add_pool(state, {POOL: "0"})
+
+        rng = random.Random(seed)
+        schedule, update = scheduler.schedule, scheduler.update_from_output
+        fake_output = sim.fake_model_output
+        clock = time.perf_counter
+        collect_every = self.collect_every
+        step_s = collect_s = 0.0
+        collections = steps = 0
+        gc.collect()
+        while scheduler.has_requests():
+            t0 = clock()
+            scheduler_output = schedule()
+            t1 = clock()
+            model_output = fake_output(scheduler_output, scheduler, rng)
+            t2 = clock()
+            update(scheduler_output, model_output)
+            t3 = clock()
+            step_s += (t1 - t0) + (t3 - t2)
+            steps += 1
+            if reader is not None and steps % collect_every == 0:
+                t0 = clock()
+                reader.get_metrics_data()
+                collect_s += clock() - t0
+                collections += 1
+            if steps > 200_000:
+                raise RuntimeError("the scheduler did not drain")
+        if reader is not None:  # the histograms buffered since the last export are paid for too
+            t0 = clock()
+            reader.get_metrics_data()
+            collect_s += clock() - t0
+            collections += 1
+
+        result = {
+            "variant": variant,
+            "steps": steps,
+            "step_s": step_s,
+            "collect_s": collect_s,
+            "collections": collections,
+            "total_s": step_s + collect_s,
+            "preemptions": sum(r.num_preemptions for r in requests),
+        }
+        if plugin:
+            g = self.guard()
+            if g.errors or not g.active:
+                raise SystemExit(f"plugin hooks raised {g.errors} errors during the run (active={g.active})")
+            snap = state.snapshot()
+            result["evictions"] = snap.evictions
+            result["allocation_attempts"] = snap.allocation_attempts
+            provider.shutdown()
+        if runtime is not None:
+            runtime.shutdown()
+            result["spans"] = len(span_exporter.get_finished_spans())
+        return result
+
+    # -- the interleaved experiment ---------------------------------------------
+
+    def experiment(self, cfg: Config, rounds: int) -> dict:
+        specs = self.workloads.generate("sharegpt", cfg.num_requests, seed=0, max_len=4096)
+        warm_specs = self.workloads.generate("sharegpt", cfg.warmup_requests, seed=1, max_len=4096)
+        first = next(iter(cfg.scenarios.values()))
+        log(f"warm-up: {len(self.variants)} variants x {cfg.warmup_requests} requests")
+        for variant in self.variants:
+            self.run(variant, first, warm_specs, seed=1)
+
+        runs: dict[str, list[dict]] = {name: [] for name in cfg.scenarios}
+        k = len(self.variants)
+        for r in range(rounds):
+            scenario_order = list(cfg.scenarios.items())
+            if r % 2:
+                scenario_order.reverse()
+            for name, num_blocks in scenario_order:
+                order = self.variants[r % k :] + self.variants[: r % k]
+                results = {v: self.run(v, num_blocks, specs) for v in order}
+                steps = {res["steps"] for res in results.values()}
+                if len(steps) != 1:
+                    raise SystemExit(f"variants disagree on the number of steps: {results}")
+                runs[name].append(results)
+                base = results["baseline"]["total_s"]
+                ratios = "  ".join(f"{v}={results[v]['total_s'] / base:.3f}" for v in self.variants[1:])
+                log(f"round {r + 1}/{rounds} {name:9s} baseline {base:.3f}s  {ratios}")
+        return {name: summarize_scenario(name, cfg.scenarios[name], rs, self.variants) for name, rs in runs.items()}
+
+
+def _quantiles(values: list[float]) -> dict:
+    values = sorted(values)
+    if len(values) >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1, q3 = values[0], values[-1]
+    return {"median": statistics.median(values), "p25": q1, "p75": q3, "min": values[0], "max": values[-1]}
+
+
+def summarize_scenario(name: str, num_blocks: int, rounds: list[dict], variants: list[str]) -> dict:
+    first = rounds[0]
+    base_steps = first["baseline"]["steps"]
+    out = {
+        "num_blocks": num_blocks,
+        "steps": base_steps,
+        "rounds": len(rounds),
+        "preemptions": first["baseline"]["preemptions"],
+        "evictions": first["plugin"].get("evictions"),
+        "allocate_slots_calls": first["plugin"].get("allocation_attempts"),
+        "baseline_step_us": statistics.median(r["baseline"]["total_s"] for r in rounds) / base_steps * 1e6,
+        "variants": {},
+    }
+    for v in variants[1:]:
+        ratios = [r[v]["total_s"] / r["baseline"]["total_s"] for r in rounds]
+        extra_us = [(r[v]["total_s"] - r["baseline"]["total_s"]) / base_steps * 1e6 for r in rounds]
+        entry = {"ratio": _quantiles(ratios), "extra_us_per_step": statistics.median(extra_us)}
+        if v.startswith("plugin"):
+            hooks_only = [r[v]["step_s"] / r["baseline"]["total_s"] for r in rounds]
+            entry["hooks_only_ratio"] = statistics.median(hooks_only)
+            entry["collections_per_run"] = first[v]["collections"]
+            entry["collection_ms_mean"] = statistics.median(
+                r[v]["collect_s"] / r[v]["collections"] * 1e3 for r in rounds
+            )
+            entry["collection_share_of_step_time"] = statistics.median(
+                r[v]["collect_s"] / r["baseline"]["total_s"] for r in rounds
+            )
+            if "spans" in first[v]:
+                entry["spans"] = first[v]["spans"]
+        out["variants"][v] = entry
+    return out
+
+
+# =============================================================================
+# 2. collection and event cost on a synthetic block map
+# =============================================================================
+
+
+class FakeRequest:
+    """What KVCacheState reads of a request."""
+
+    __slots__ = ("num_computed_tokens", "capacity")
+
+    def __init__(self, num_computed_tokens: int, capacity: int):
+        self.num_computed_tokens = num_computed_tokens
+        self.capacity = capacity
+
+
+def build_block_map(num_blocks: int, num_requests: int, seed: int = 0):
+    """A KVCacheState ~70% allocated in random-length runs, some runs released
+    again (cached when hashed), ~60% of allocated blocks hashed, the rest
+    shared out as block tables of `num_requests` requests (half of them
+    sharing a 4-block system prompt) with a partly filled last block.
+
+    Returns (state, requests, never-allocated free block ids)."""
+    from vllm_frag_otel.state import KVCacheState
+
+    rng = np.random.default_rng(seed)
+    now = time.monotonic()
+    state = KVCacheState(num_blocks, [BLOCK_SIZE])
+    lengths = rng.geometric(1 / 8, size=num_blocks)
+    ends = np.cumsum(lengths)
+    ends = ends[ends < num_blocks - 1]
+    runs = np.split(np.arange(1, num_blocks), ends)
+    allocated_runs = [run for run in runs if len(run) and rng.random() < 0.7]
+    never = np.concatenate([run for run in runs if len(run)] or [np.empty(0, np.int64)])
+    allocated = np.concatenate(allocated_runs)
+    never = np.setdiff1d(never, allocated, assume_unique=True)
+    for start in range(0, len(allocated), 4096):
+        state.on_blocks_allocated(allocated[start : start + 4096].tolist(), now)
+    for b in allocated[rng.random(len(allocated)) < 0.6].tolist():
+        state.on_block_hashed(b, now)
+    release = rng.random(len(allocated_runs)) < 0.15
+    released = [run for run, rel in zip(allocated_runs, release) if rel]
+    kept = [run for run, rel in zip(allocated_runs, release) if not rel]
+    if released:
+        state.on_blocks_released(np.concatenate(released).tolist(), now)
+    used = np.concatenate(kept)
+    prefix, rest = used[:4].tolist(), used[4:]
+    requests = []
+    for i, table in enumerate(np.array_split(rest, num_requests)):
+        blocks = table.tolist()
+        if i % 2 == 0:
+            state.on_blocks_touched(prefix)
+            blocks = prefix + blocks
+        capacity = len(blocks) * BLOCK_SIZE
+        req = FakeRequest(max(0, capacity - int(rng.integers(1, 2 * BLOCK_SIZE))), capacity)
+        state.on_request_blocks(f"req-{i}", req, 0, blocks)
+        requests.append(req)
+    return state, requests, never
+
+
+def _advance(requests, tokens: int = 1) -> None:
+    """One decode step: every request computes one more token (within its table)."""
+    for req in requests:
+        if req.num_computed_tokens + tokens <= req.capacity:
+            req.num_computed_tokens += tokens
+
+
+def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dict:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
+
+    t = time.perf_counter()
+    state, requests, _ = build_block_map(num_blocks, num_requests)
+    build_s = time.perf_counter() - t
+    gc.collect()
+    clock = time.perf_counter
+    t = clock()
+    snap = state.snapshot()  # cold: counts every full block of every request once
+    first_ms = (clock() - t) * 1e3
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    KVCacheMetrics(provider.get_meter(SCOPE, "bench"), None).add_pool(state, {POOL: "0"})
+    reader.get_metrics_data()  # warm-up: the SDK sets up its instruments
+    state.drain_histograms()
+    snapshot_ms, collection_ms = [], []
+    for _ in range(reps):
+        _advance(requests)
+        t = clock()
+        state.snapshot()
+        snapshot_ms.append((clock() - t) * 1e3)
+        _advance(requests)
+        t = clock()
+        reader.get_metrics_data()
+        collection_ms.append((clock() - t) * 1e3)
+    provider.shutdown()
+    return {
+        "num_blocks": num_blocks,
+        "requests": num_requests,
+        "used": snap.used_blocks,
+        "cached": snap.cached_blocks,
+        "free": snap.free_blocks - snap.cached_blocks,
+        "free_runs": snap.free_runs,
+        "build_s": build_s,
+        "first_snapshot_ms": first_ms,
+        "snapshot_ms": statistics.median(snapshot_ms),
+        "collection_ms": statistics.median(collection_ms),
+        "collection_ms_p75": _quantiles(collection_ms)["p75"],
+    }
+
+
+def bench_events(num_blocks: int, groups: int, reps: int, group_size: int = 4) -> dict:
+    """Hook-style calls (take the lock, report `group_size` block ids) on random
+    never-used free blocks spread over the whole pool."""
+    state, _, never = build_block_map(num_blocks, 256, seed=1)
+    rng = np.random.default_rng(2)
+    groups = min(groups, len(never) // group_size)
+    picked = rng.choice(never, size=groups * group_size, replace=False).reshape(groups, group_size)
+    id_groups = [g.tolist() for g in picked]
+    lock, allocate, release = state.lock, state.on_blocks_allocated, state.on_blocks_released
+    clock = time.perf_counter
+    alloc_us, release_us = [], []
+    now = time.monotonic()
+    gc.collect()
+    for _ in range(reps):
+        rng.shuffle(id_groups)
+        t0 = clock()
+        for ids in id_groups:
+            with lock:
+                allocate(ids, now)
+        t1 = clock()
+        for ids in id_groups:
+            with lock:
+                release(ids, now)
+        t2 = clock()
+        alloc_us.append((t1 - t0) / groups * 1e6)
+        release_us.append((t2 - t1) / groups * 1e6)
+    return {
+        "blocks_per_call": group_size,
+        "on_blocks_allocated": statistics.median(alloc_us),
+        "on_blocks_released": statistics.median(release_us),
+    }
+
+
+# =============================================================================
+# 3. memory
+# =============================================================================
+
+
+def bench_memory(num_requests: int) -> dict:
+    from vllm_frag_otel import workloads
+    from vllm_frag_otel.state import KVCacheState
+
+    n = 1_000_000
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    state = KVCacheState(n, [BLOCK_SIZE])
+    traced = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    # the per-block buffers themselves: every array-like attribute with one item per block
+    arrays = {}
+    for name, value in vars(state).items():
+        if isinstance(value, (bytearray, memoryview)) or type(value).__name__ == "array":
+            if len(value) == n:
+                arrays[name] = len(value) * getattr(value, "itemsize", 1)
+        elif isinstance(value, np.ndarray) and value.base is None and len(value) == n:
+            arrays[name] = value.nbytes
+    del state
+
+    # in-flight requests: prompt blocks at admission, then one block at a time (decode),
+    # as the allocate_slots hook reports them; sizes from the ShareGPT-like workload
+    specs = workloads.generate("sharegpt", num_requests, seed=7, max_len=4096)
+    pool = 100_000
+    rng = np.random.default_rng(7)
+    calls, blocks_total = [], 0
+    for i, spec in enumerate(specs):
+        prompt_blocks = math.ceil(len(spec.prompt_tokens) / BLOCK_SIZE)
+        total = math.ceil((len(spec.prompt_tokens) + spec.output_len // 2) / BLOCK_SIZE)  # mid-generation
+        ids = rng.integers(1, pool, size=total).tolist()
+        req = FakeRequest(total * BLOCK_SIZE - 3, total * BLOCK_SIZE)
+        rid = f"cmpl-{i:08x}-0-{i:08x}"
+        chunks = [ids[:prompt_blocks]] + [[b] for b in ids[prompt_blocks:]]
+        calls.append((rid, req, chunks))
+        blocks_total += total
+    state = KVCacheState(pool, [BLOCK_SIZE])
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for rid, req, chunks in calls:
+        for chunk in chunks:
+            state.on_request_blocks(rid, req, 0, chunk)
+    state.snapshot()  # full-block holder counts are synced at collection
+    per_request = (tracemalloc.get_traced_memory()[0] - before) / num_requests
+    tracemalloc.stop()
+    return {
+        "bytes_per_block": traced / n,
+        "bytes_per_block_arrays": sum(arrays.values()) / n,
+        "per_block_arrays": {k: v // n for k, v in arrays.items()},
+        "bytes_per_request": per_request,
+        "blocks_per_request": blocks_total / num_requests,
+        "requests": num_requests,
+    }
+
+
+# =============================================================================
+# profiling (optional)
+# =============================================================================
+
+
+def profile(bench: StepBench, cfg: Config) -> str:
+    """cProfile of one plugin run and of one 1M-block collection: plugin-side functions only."""
+    import cProfile
+    import io
+    import pstats
+
+    specs = bench.workloads.generate("sharegpt", cfg.num_requests, seed=0, max_len=4096)
+    num_blocks = next(iter(cfg.scenarios.values()))
+    report = io.StringIO()
+    for label, fn in (
+        ("baseline run (profiled)", lambda: bench.run("baseline", num_blocks, specs)),
+        ("plugin run (profiled)", lambda: bench.run("plugin", num_blocks, specs)),
+    ):
+        prof = cProfile.Profile()
+        prof.enable()
+        res = fn()
+        prof.disable()
+        stats = pstats.Stats(prof, stream=report)
+        report.write(f"\n=== {label}: {res['total_s']:.3f}s timed (profiler-inflated) ===\n")
+        stats.sort_stats("tottime").print_stats(r"vllm_frag_otel|wrapt|opentelemetry", 25)
+    state, requests, _ = build_block_map(max(cfg.pool_sizes), 512)
+    state.snapshot()
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    KVCacheMetrics(provider.get_meter(SCOPE, "bench"), None).add_pool(state, {POOL: "0"})
+    reader.get_metrics_data()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(10):
+        _advance(requests)
+        reader.get_metrics_data()
+    prof.disable()
+    report.write(f"\n=== 10 collections at {max(cfg.pool_sizes)} blocks ===\n")
+    pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(25)
+    provider.shutdown()
+    return report.getvalue()
+
+
+# =============================================================================
+# report
+# =============================================================================
+
+
+def _fmt_ratio(q: dict) -> str:
+    return f"{q['median']:.4f}  [{q['p25']:.4f} .. {q['p75']:.4f}]"
+
+
+def render(result: dict) -> str:
+    lines = []
+    add = lines.append
+    cfg = result["config"]
+    add(f"vllm-frag-otel benchmark ({result['mode']}) — vLLM {result['environment']['vllm']}, "
+        f"{result['environment']['cpus']} CPUs, python {result['environment']['python']}")
+    if "scenarios" in result:
+        add("")
+        add(f"1. scheduler step time (schedule + update_from_output), sharegpt x {cfg['num_requests']} requests, "
+            f"seed 0, {cfg['rounds']} interleaved rounds; ratio = median [p25 .. p75] over rounds of variant/baseline")
+        for name, sc in result["scenarios"].items():
+            add(f"   {name}: {sc['num_blocks']} blocks, {sc['steps']} steps, {sc['preemptions']} preemptions, "
+                f"{sc['evictions']} evictions, baseline {sc['baseline_step_us']:.1f} us/step")
+            add(f"     {'variant':17s} {'ratio  [p25 .. p75]':>30s} {'+us/step':>9s}  notes")
+            for v, e in sc["variants"].items():
+                note = ""
+                if "hooks_only_ratio" in e:
+                    note = (f"hooks only {e['hooks_only_ratio']:.4f}; {e['collections_per_run']} collections/run, "
+                            f"{e['collection_ms_mean']:.2f} ms each ({e['collection_share_of_step_time'] * 100:.2f}% of step time)")
+                    if "spans" in e:
+                        note += f"; {e['spans']} spans"
+                add(f"     {v:17s} {_fmt_ratio(e['ratio']):>30s} {e['extra_us_per_step']:9.2f}  {note}")
+    if "collection" in result:
+        add("")
+        add("2. one collection on a synthetic block map (512 requests; median of repetitions)")
+        add(f"   {'blocks':>9s} {'used':>8s} {'cached':>8s} {'free runs':>9s} {'snapshot ms':>12s} "
+            f"{'collection ms':>14s} {'cold 1st snapshot ms':>21s}")
+        for c in result["collection"].values():
+            add(f"   {c['num_blocks']:9d} {c['used']:8d} {c['cached']:8d} {c['free_runs']:9d} "
+                f"{c['snapshot_ms']:12.3f} {c['collection_ms']:14.3f} {c['first_snapshot_ms']:21.1f}")
+        add("   hook-style event call (lock + state method, 4 random blocks), us per call")
+        add(f"   {'blocks':>9s} {'on_blocks_allocated':>20s} {'on_blocks_released':>19s}")
+        for size, e in result["event_us_by_pool_size"].items():
+            add(f"   {int(size):9d} {e['on_blocks_allocated']:20.3f} {e['on_blocks_released']:19.3f}")
+    if "memory" in result:
+        m = result["memory"]
+        add("")
+        add("3. memory")
+        add(f"   per block:   {m['bytes_per_block']:.2f} bytes (tracemalloc, 1M-block KVCacheState); "
+            f"per-block arrays {m['bytes_per_block_arrays']:.0f} bytes: "
+            + ", ".join(f"{k} {v}" for k, v in m["per_block_arrays"].items()))
+        add(f"   per request: {m['bytes_per_request']:.0f} bytes ({m['requests']} in-flight requests, "
+            f"{m['blocks_per_request']:.1f} blocks each on average)")
+    add("")
+    add("targets")
+    for t in result["targets"].values():
+        add(f"   [{t['status']:>12s}] {t['target']}: {t['measured']}")
+    add("")
+    add(f"wall time {result['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def evaluate_targets(result: dict) -> dict:
+    targets = {}
+
+    def put(key, target, met, measured):
+        status = "not measured" if met is None else ("met" if met else "NOT MET")
+        targets[key] = {"target": target, "status": status, "measured": measured}
+
+    if "scenarios" in result:
+        per = {n: sc["variants"] for n, sc in result["scenarios"].items()}
+        put("step_overhead", f"step-time overhead <= {(TARGET_STEP_OVERHEAD - 1) * 100:.0f}% at full fidelity",
+            all(v["plugin"]["ratio"]["median"] <= TARGET_STEP_OVERHEAD for v in per.values()),
+            ", ".join(f"{n} {v['plugin']['ratio']['median']:.4f}" for n, v in per.items()))
+        put("below_vllm_kv_metrics", "plugin overhead below vLLM's kv_cache_metrics (sample 1.0)",
+            all(v["plugin"]["ratio"]["median"] < v["vllm_kv_metrics"]["ratio"]["median"] for v in per.values()),
+            ", ".join(f"{n} {v['plugin']['ratio']['median']:.4f} vs {v['vllm_kv_metrics']['ratio']['median']:.4f}"
+                      for n, v in per.items()))
+    if "collection" in result:
+        c1m = result["collection_ms"].get("1000000")
+        put("collection_1m", f"one collection <= {TARGET_COLLECTION_MS_1M} ms at 1M blocks",
+            None if c1m is None else c1m <= TARGET_COLLECTION_MS_1M,
+            "skipped (--quick)" if c1m is None else f"{c1m:.3f} ms")
+        ev = result["event_us_by_pool_size"]
+        spreads = {}
+        for key in ("on_blocks_allocated", "on_blocks_released"):
+            values = [e[key] for e in ev.values()]
+            spreads[key] = max(values) / min(values)
+        put("event_flat", f"per-event cost flat in pool size (largest/smallest <= {FLAT_TOLERANCE})",
+            all(s <= FLAT_TOLERANCE for s in spreads.values()),
+            ", ".join(f"{k} x{s:.2f} over {', '.join(ev)} blocks" for k, s in spreads.items()))
+    if "memory" in result:
+        b = result["memory"]["bytes_per_block"]
+        put("bytes_per_block", f"<= {TARGET_BYTES_PER_BLOCK} bytes per block", b <= TARGET_BYTES_PER_BLOCK,
+            f"{b:.2f} bytes")
+    return targets
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke run (under a minute)")
+    parser.add_argument("--json", metavar="OUT", help="write all numbers as JSON to OUT")
+    parser.add_argument("--parts", default="step,collection,memory", help="comma list of step, collection, memory")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, quick 3)")
+    parser.add_argument("--collect-every", type=int, help="steps between two metrics collections (default 1000)")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of the plugin's costs")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"step", "collection", "memory"}
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    rounds = args.rounds or cfg.rounds
+    collect_every = args.collect_every or cfg.collect_every
+
+    import vllm
+
+    result: dict = {
+        "mode": "quick" if args.quick else "full",
+        "environment": {
+            "vllm": vllm.__version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+        },
+        "config": {
+            "rounds": rounds,
+            "num_requests": cfg.num_requests,
+            "workload": "sharegpt",
+            "seed": 0,
+            "scenarios": cfg.scenarios,
+            "collect_every": collect_every,
+            "block_size": BLOCK_SIZE,
+        },
+    }
+    bench = None
+    if "step" in parts or args.profile:
+        log("loading vLLM and the plugin")
+        bench = StepBench(collect_every)
+    if "step" in parts:
+        log(f"step time: {rounds} rounds x {len(cfg.scenarios)} pools x {len(bench.variants)} variants")
+        scenarios = bench.experiment(cfg, rounds)
+        result["scenarios"] = scenarios
+        worst = {
+            v: max(sc["variants"][v]["ratio"]["median"] for sc in scenarios.values())
+            for v in bench.variants[1:]
+        }
+        result["step_overhead_ratio"] = worst["plugin"]
+        result["vllm_kv_metrics_overhead_ratio"] = worst["vllm_kv_metrics"]
+        result["vllm_kv_events_overhead_ratio"] = worst["vllm_kv_events"]
+        if "plugin_spans" in worst:
+            result["step_overhead_ratio_with_spans"] = worst["plugin_spans"]
+        result["step_overhead_ratio_by_pool"] = {
+            n: sc["variants"]["plugin"]["ratio"]["median"] for n, sc in scenarios.items()
+        }
+    if "collection" in parts:
+        collection = {}
+        events = {}
+        for size in cfg.pool_sizes:
+            log(f"collection at {size} blocks ({cfg.collection_reps[size]} repetitions)")
+            collection[str(size)] = bench_collection(size, cfg.collection_reps[size])
+            log(f"event cost at {size} blocks")
+            events[str(size)] = bench_events(size, cfg.event_groups, cfg.event_reps)
+            gc.collect()
+        result["collection"] = collection
+        result["collection_ms"] = {k: v["collection_ms"] for k, v in collection.items()}
+        result["snapshot_ms"] = {k: v["snapshot_ms"] for k, v in collection.items()}
+        result["event_us_by_pool_size"] = events
+    if "memory" in parts:
+        log("memory")
+        memory = bench_memory(cfg.memory_requests)
+        result["memory"] = memory
+        result["bytes_per_block"] = memory["bytes_per_block"]
+        result["bytes_per_request"] = memory["bytes_per_request"]
+    result["wall_s"] = time.perf_counter() - T0
+    result["targets"] = evaluate_targets(result)
+    print(render(result), flush=True)
+    if args.profile:
+        log("profiling")
+        print(profile(bench, cfg), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+        log(f"wrote {args.json}")
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""One `vllm.kv_cache.request` span per request, checked against what vLLM's
+real scheduler did to each request; trace context from `traceparent`;
+exemplars on the allocation-duration histogram."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+
+import pytest
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from vllm_frag_otel import sim, telemetry, workloads
+from vllm_frag_otel.config import Settings
+from vllm_frag_otel.hooks import guard
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN_ID = "00f067aa0ba902b7"
+SHAPE = sim.EngineShape(num_blocks=110, block_size=16, max_num_seqs=12)
+SPAN_KEYS = {
+    "gen_ai.request.id", "vllm.request.id", "gen_ai.usage.prompt_tokens", "vllm.kv_cache.group.count",
+    "vllm.kv_cache.prefix_cache.hit_tokens", "vllm.kv_cache.block.peak", "vllm.kv_cache.slot.allocated",
+    "vllm.kv_cache.slot.unused", "vllm.request.preemptions", "vllm.kv_cache.allocation.failures",
+    "vllm.request.finish_status",
+}
+
+
+class CapturingMetricExporter(MetricExporter):
+    def __init__(self):
+        super().__init__()
+        self.exports = []
+
+    def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs):
+        self.exports.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        pass
+
+
+@pytest.fixture()
+def traced(plugin, monkeypatch):
+    """A runtime exporting into memory, installed for the schedulers the test builds."""
+
+    def start(**settings):
+        spans, metrics = InMemorySpanExporter(), CapturingMetricExporter()
+        runtime = telemetry.Runtime(Settings(exporter="none", **settings), {}, guard(), metrics, spans)
+        previous = telemetry.install(runtime)
+        started.append((runtime, previous))
+        return runtime, spans, metrics
+
+    started = []
+    yield start
+    for runtime, previous in started:
+        runtime.shutdown()
+        telemetry.install(previous)
+
+
+def _run(abort: str | None = None):
+    """A pressured workload; request 0 carries a traceparent; `abort` is aborted mid-run.
+
+    Returns the requests and, per request, what vLLM itself showed between steps."""
+    from vllm.v1.request import RequestStatus
+
+    scheduler = sim.build_scheduler(SHAPE)
+    specs = workloads.generate("sharegpt", 36, seed=4, max_len=900)
+    requests = sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], SHAPE.block_size)
+    requests[0].trace_headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"}
+    failures: Counter = Counter()  # failed attempts, and runs of consecutive failures
+    failure_runs: Counter = Counter()
+    last_failed: dict[str, bool] = {}
+    allocate = scheduler.kv_cache_manager.allocate_slots
+
+    def counting_allocate(request, *args, **kwargs):
+        result = allocate(request, *args, **kwargs)
+        failed = result is None
+        failures[request.request_id] += failed
+        failure_runs[request.request_id] += failed and not last_failed.get(request.request_id, False)
+        last_failed[request.request_id] = failed
+        return result
+
+    scheduler.kv_cache_manager.allocate_slots = counting_allocate
+    seen = defaultdict(dict)  # request id -> peak blocks, last slots, first-admission hits
+    for request in requests:
+        scheduler.add_request(request)
+    rng = random.Random(0)
+    step = 0
+    while scheduler.has_requests():
+        out = scheduler.schedule()
+        manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        for request_id, table in manager.req_to_blocks.items():
+            request = scheduler.requests[request_id]
+            held = [b for b in table if not b.is_null]
+            view = seen[request_id]
+            view["peak"] = max(view.get("peak", 0), len(held))
+            used = sum(min(16, max(0, request.num_computed_tokens - i * 16)) for i in range(len(table)))
+            view["slots"] = (16 * len(held), 16 * len(held) - used)
+        for new in out.scheduled_new_reqs:
+            stats = scheduler.requests[new.req_id].prefill_stats
+            if stats is not None and "hits" not in seen[new.req_id]:
+                seen[new.req_id]["hits"] = stats.num_local_cached_tokens
+        scheduler.update_from_output(out, sim.fake_model_output(out, scheduler, rng))
+        step += 1
+        if step == 150 and abort is not None:
+            scheduler.finish_requests(abort, RequestStatus.FINISHED_ABORTED)
+    return requests, seen, (failures, failure_runs)
+
+
+def test_one_span_per_request_tells_its_kv_story(traced):
+    runtime, exporter, _ = traced()
+    requests, seen, (failures, failure_runs) = _run(abort="req-5")
+    runtime.force_flush()
+    spans = {s.attributes["vllm.request.id"]: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {r.request_id for r in requests}
+    assert sum(r.num_preemptions for r in requests) > 0 and sum(failures.values()) > 0
+    for request in requests:
+        span = spans[request.request_id]
+        attrs = span.attributes
+        assert span.name == "vllm.kv_cache.request"
+        assert set(attrs) == SPAN_KEYS  # nothing else: no prompt text, no token ids
+        assert attrs["gen_ai.request.id"] == request.request_id  # no random suffix in these ids
+        assert attrs["gen_ai.usage.prompt_tokens"] == request.num_prompt_tokens
+        assert attrs["vllm.request.preemptions"] == request.num_preemptions
+        events = Counter(e.name for e in span.events)
+        assert events["preempted"] == request.num_preemptions
+        if request.request_id == "req-5":  # aborted: perhaps while preempted, never resumed
+            assert events["resumed"] in (request.num_preemptions, request.num_preemptions - 1)
+        else:
+            assert events["resumed"] == request.num_preemptions
+        assert attrs["vllm.kv_cache.allocation.failures"] == failures[request.request_id]
+        assert events["allocation_failed"] == failure_runs[request.request_id]
+        view = seen[request.request_id]
+        assert attrs["vllm.kv_cache.prefix_cache.hit_tokens"] == view["hits"]
+        assert attrs["vllm.kv_cache.block.peak"] == view["peak"]
+        assert (attrs["vllm.kv_cache.slot.allocated"], attrs["vllm.kv_cache.slot.unused"]) == view["slots"]
+        assert span.end_time >= span.start_time
+    assert any(spans[r.request_id].attributes["vllm.kv_cache.prefix_cache.hit_tokens"] > 0 for r in requests)
+    aborted = spans["req-5"]
+    assert aborted.attributes["vllm.request.finish_status"] == "finished_aborted"
+    assert aborted.status.status_code is StatusCode.ERROR
+    assert spans["req-6"].attributes["vllm.request.finish_status"] == "finished_length_capped"
+    assert spans["req-6"].status.status_code is StatusCode.UNSET
+
+
+def test_traceparent_makes_the_span_a_child_in_the_callers_trace(traced):
+    runtime, exporter, _ = traced()
+    _run()
+    runtime.force_flush()
+    spans = {s.attributes["vllm.request.id"]: s for s in exporter.get_finished_spans()}
+    child = spans["req-0"]
+    assert format(child.context.trace_id, "032x") == TRACE_ID
+    assert format(child.parent.span_id, "016x") == PARENT_SPAN_ID and child.parent.is_remote
+    others = [s for rid, s in spans.items() if rid != "req-0"]
+    assert all(s.parent is None for s in others)  # root spans, each its own trace
+    assert len({s.context.trace_id for s in others}) == len(others)
+
+
+def test_allocation_histogram_carries_exemplars_of_request_spans(traced):
+    runtime, exporter, metrics = traced()
+    _run()
+    runtime.force_flush()
+    span_ids = {(s.context.trace_id, s.context.span_id) for s in exporter.get_finished_spans()}
+    exemplars = [
+        e
+        for data in metrics.exports
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "vllm.kv_cache.allocation.duration"
+        for point in m.data.data_points
+        for e in point.exemplars
+    ]
+    assert exemplars
+    assert all((e.trace_id, e.span_id) in span_ids for e in exemplars)
+    assert len({e.span_id for e in exemplars}) > 1
+
+
+def test_sampler_and_switch_are_honoured(traced, monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    runtime, exporter, metrics = traced()
+    _run()
+    runtime.force_flush()
+    assert exporter.get_finished_spans() == ()
+    points = [p for d in metrics.exports for rm in d.resource_metrics for sm in rm.scope_metrics
+              for m in sm.metrics if m.name == "vllm.kv_cache.allocation.duration" for p in m.data.data_points]
+    assert points and not any(p.exemplars for p in points)  # not sampled: no exemplar
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER")
+    runtime, exporter, _ = traced(spans=False)
+    assert runtime.tracer_provider is None
+    _run()
+    assert exporter.get_finished_spans() == ()
+
+
+def test_open_spans_are_bounded_and_the_rest_counted(traced):
+    runtime, exporter, metrics = traced(max_open_spans=3)
+    requests, _, _ = _run()
+    runtime.force_flush()
+    traced_ids = {s.attributes["vllm.request.id"] for s in exporter.get_finished_spans()}
+    assert 3 <= len(traced_ids) < len(requests)
+    untraced = [
+        p.value for d in metrics.exports for rm in d.resource_metrics for sm in rm.scope_metrics
+        for m in sm.metrics if m.name == "vllm.frag_otel.requests.untraced" for p in m.data.data_points
+    ]
+    assert untraced and max(untraced) > 0

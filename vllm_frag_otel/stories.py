@@ -1,0 +1,90 @@
+"""Each request's KV-cache story, from first lookup to final release: pure data.
+
+The ledger records what happened to a request (hits, peak blocks, preemptions,
+failed allocations) and tells a `StorySink` (the span layer) about it as it
+happens. Memory is bounded: at most `max_open` stories at once; requests
+beyond that are not followed, and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class RequestStory:
+    request_id: str
+    prompt_tokens: int
+    num_groups: int
+    hit_tokens: int = 0  # found in the prefix cache at first admission
+    admitted: bool = False
+    peak_blocks: int = 0
+    preemptions: int = 0
+    failed_allocations: int = 0
+    failing: bool = False  # the last allocation attempt failed
+    allocated_slots: int = 0  # when it finished
+    unused_slots: int = 0
+    finish_status: str = ""
+    handle: Any = field(default=None, repr=False)  # the sink's (a span)
+
+
+class StorySink(Protocol):
+    def opened(self, story: RequestStory, trace_headers: Any) -> None: ...
+
+    def event(self, story: RequestStory, name: str, attributes: dict[str, Any]) -> None: ...
+
+    def closed(self, story: RequestStory, failed: bool) -> None: ...
+
+
+class RequestStories:
+    """Open stories by request id; callers hold the pool's lock."""
+
+    def __init__(self, sink: StorySink, max_open: int):
+        self.sink = sink
+        self.max_open = max_open
+        self.open: dict[str, RequestStory] = {}
+        self.not_followed = 0
+
+    def get_or_open(self, request_id: str, prompt_tokens: int, num_groups: int, trace_headers) -> RequestStory | None:
+        story = self.open.get(request_id)
+        if story is None:
+            if len(self.open) >= self.max_open:
+                self.not_followed += 1
+                return None
+            story = self.open[request_id] = RequestStory(request_id, prompt_tokens, num_groups)
+            self.sink.opened(story, trace_headers)
+        return story
+
+    def admitted(self, story: RequestStory, hit_tokens: int) -> None:
+        """A prefix-cache lookup at admission: the first one, or a resumption after preemption."""
+        if not story.admitted:
+            story.admitted = True
+            story.hit_tokens = hit_tokens
+        else:
+            self.sink.event(story, "resumed", {"vllm.kv_cache.prefix_cache.hit_tokens": hit_tokens})
+
+    def allocated(self, story: RequestStory, succeeded: bool, blocks_held: int, free_blocks: int) -> None:
+        """Every failure is counted; a run of failures (one per scheduler step while
+        the request waits for blocks) is one event, at its start."""
+        if succeeded:
+            story.peak_blocks = max(story.peak_blocks, blocks_held)
+            story.failing = False
+            return
+        story.failed_allocations += 1
+        if not story.failing:
+            story.failing = True
+            self.sink.event(story, "allocation_failed", {"vllm.kv_cache.block.free": free_blocks})
+
+    def preempted(self, story: RequestStory, blocks_released: int) -> None:
+        story.preemptions += 1
+        self.sink.event(story, "preempted", {"vllm.kv_cache.block.released": blocks_released})
+
+    def finished(self, request_id: str, status: str, allocated_slots: int, unused_slots: int, failed: bool) -> None:
+        story = self.open.pop(request_id, None)
+        if story is None:
+            return
+        story.finish_status = status
+        story.allocated_slots = allocated_slots
+        story.unused_slots = unused_slots
+        self.sink.closed(story, failed)
