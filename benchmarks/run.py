@@ -184,7 +184,42 @@ class StepBench:
 
     # -- one run ------------------------------------------------------------------
 
-    def run(self, variant: str, num_blocks: int, specs, seed: int = 0) -> dict:
+    def run(self, variant: str, num_blocks: int, specs, seed: int = 0, collect: bool = True, ablate=None) -> dict:
+        """One run to completion. `collect=False`: no metrics collection at all
+        (hooks only); `ablate=(cls, method)`: that one hook unwrapped (profiling)."""
+        plugin = variant.startswith("plugin")
+        # instrumentation first, then the scheduler: pools built unhooked are not tracked
+        self._set_instrumented(plugin)
+        restore = runtime = previous_runtime = span_exporter = None
+        if ablate is not None:
+            restore = ablate[0].__dict__[ablate[1]]
+            setattr(ablate[0], ablate[1], restore.__wrapped__)
+        try:
+            if variant == "plugin_spans":
+                runtime, span_exporter = self._spans_runtime()
+                previous_runtime = self.telemetry.install(runtime)
+            shape = self.sim.EngineShape(
+                num_blocks=num_blocks,
+                block_size=BLOCK_SIZE,
+                kv_events=variant == "vllm_kv_events",
+                kv_metrics_sample=1.0 if variant == "vllm_kv_metrics" else None,
+            )
+            try:
+                scheduler = self.sim.build_scheduler(shape)
+            finally:
+                if runtime is not None:
+                    self.telemetry.install(previous_runtime)
+            result = self._run(variant, scheduler, specs, seed, collect)
+        finally:
+            if restore is not None:
+                setattr(ablate[0], ablate[1], restore)
+            if runtime is not None:
+                runtime.shutdown()
+        if span_exporter is not None:
+            result["spans"] = len(span_exporter.get_finished_spans())
+        return result
+
+    def _run(self, variant: str, scheduler, specs, seed: int, collect: bool) -> dict:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -193,23 +228,6 @@ class StepBench:
 
         sim = self.sim
         plugin = variant.startswith("plugin")
-        # instrumentation first, then the scheduler: pools built unhooked are not tracked
-        self._set_instrumented(plugin)
-        runtime = previous_runtime = span_exporter = None
-        if variant == "plugin_spans":
-            runtime, span_exporter = self._spans_runtime()
-            previous_runtime = self.telemetry.install(runtime)
-        shape = sim.EngineShape(
-            num_blocks=num_blocks,
-            block_size=BLOCK_SIZE,
-            kv_events=variant == "vllm_kv_events",
-            kv_metrics_sample=1.0 if variant == "vllm_kv_metrics" else None,
-        )
-        try:
-            scheduler = sim.build_scheduler(shape)
-        finally:
-            if runtime is not None:
-                self.telemetry.install(previous_runtime)
         pool = scheduler.kv_cache_manager.block_pool
         state = None
         if plugin:
@@ -229,7 +247,7 @@ class StepBench:
         for request in requests:
             scheduler.add_request(request)
         reader = provider = None
-        if plugin:
+        if plugin and collect:
             reader = InMemoryMetricReader()
             provider = MeterProvider(metric_readers=[reader])
             metrics = KVCacheMetrics(provider.get_meter(SCOPE, "bench"), self.guard())
@@ -277,15 +295,13 @@ class StepBench:
         }
         if plugin:
             g = self.guard()
-            if g.errors or not g.active:
-                raise SystemExit(f"plugin hooks raised {g.errors} errors during the run (active={g.active})")
-            snap = state.snapshot()
-            result["evictions"] = snap.evictions
-            result["allocation_attempts"] = snap.allocation_attempts
-            provider.shutdown()
-        if runtime is not None:
-            runtime.shutdown()
-            result["spans"] = len(span_exporter.get_finished_spans())
+            result["hook_errors"] = g.errors
+            if g.errors == 0 and g.active:
+                snap = state.snapshot()
+                result["evictions"] = snap.evictions
+                result["allocation_attempts"] = snap.allocation_attempts
+            if provider is not None:
+                provider.shutdown()
         return result
 
     # -- the interleaved experiment ---------------------------------------------
@@ -307,6 +323,9 @@ class StepBench:
             for name, num_blocks in scenario_order:
                 order = self.variants[r % k :] + self.variants[: r % k]
                 results = {v: self.run(v, num_blocks, specs) for v in order}
+                for res in results.values():
+                    if res.get("hook_errors"):
+                        raise SystemExit(f"plugin hooks raised {res['hook_errors']} errors during a run: {res}")
                 steps = {res["steps"] for res in results.values()}
                 if len(steps) != 1:
                     raise SystemExit(f"variants disagree on the number of steps: {results}")
@@ -569,8 +588,14 @@ def bench_memory(num_requests: int) -> dict:
 # =============================================================================
 
 
-def profile(bench: StepBench, cfg: Config) -> str:
-    """cProfile of one plugin run and of one 1M-block collection: plugin-side functions only."""
+def profile(bench: StepBench, cfg: Config, pairs: int = 3) -> str:
+    """Where the plugin's time goes.
+
+    - hook ablation: the step time each hook costs, as the median over `pairs`
+      interleaved pairs of (all hooks) - (all hooks but that one), no collection;
+    - cProfile of one plugin run (plugin-side functions) and of 10 collections
+      at the largest pool size.
+    """
     import cProfile
     import io
     import pstats
@@ -578,24 +603,49 @@ def profile(bench: StepBench, cfg: Config) -> str:
     specs = bench.workloads.generate("sharegpt", cfg.num_requests, seed=0, max_len=4096)
     num_blocks = next(iter(cfg.scenarios.values()))
     report = io.StringIO()
-    for label, fn in (
-        ("baseline run (profiled)", lambda: bench.run("baseline", num_blocks, specs)),
-        ("plugin run (profiled)", lambda: bench.run("plugin", num_blocks, specs)),
-    ):
-        prof = cProfile.Profile()
-        prof.enable()
-        res = fn()
-        prof.disable()
-        stats = pstats.Stats(prof, stream=report)
-        report.write(f"\n=== {label}: {res['total_s']:.3f}s timed (profiler-inflated) ===\n")
-        stats.sort_stats("tottime").print_stats(r"vllm_frag_otel|wrapt|opentelemetry", 25)
-    state, requests, _ = build_block_map(max(cfg.pool_sizes), 512)
-    state.snapshot()
+    out = report.write
+
+    bench._set_instrumented(True)
+    points = [(cls, m) for cls, m in bench.instrumentor._wrapped if m != "__init__"]
+    log(f"profile: ablation of {len(points)} hooks x {pairs} pairs")
+    base = [bench.run("baseline", num_blocks, specs)["step_s"] for _ in range(pairs)]
+    rows = []
+    full_all = []
+    for cls, method in points:
+        saved, errors = [], 0
+        for _ in range(pairs):
+            full = bench.run("plugin", num_blocks, specs, collect=False)
+            ablated = bench.run("plugin", num_blocks, specs, collect=False, ablate=(cls, method))
+            errors += ablated.get("hook_errors", 0)
+            saved.append(full["step_s"] - ablated["step_s"])
+            full_all.append(full["step_s"])
+        rows.append((statistics.median(saved), f"{cls.__name__}.{method}", errors))
+    baseline_s = statistics.median(base)
+    hooks_s = statistics.median(full_all) - baseline_s
+    out(f"\n=== hook ablation ({num_blocks} blocks, {cfg.num_requests} requests, no collection) ===\n")
+    out(f"baseline {baseline_s:.3f}s, all hooks +{hooks_s:.3f}s (+{hooks_s / baseline_s * 100:.1f}%)\n")
+    out(f"{'hook':45s} {'saved s':>8s} {'% of hook cost':>15s} {'% of baseline':>14s}\n")
+    for saved, name, errors in sorted(rows, reverse=True):
+        note = f"  ({errors} contained hook errors without it)" if errors else ""
+        out(f"{name:45s} {saved:8.3f} {saved / hooks_s * 100:14.1f}% {saved / baseline_s * 100:13.1f}%{note}\n")
+
+    prof = cProfile.Profile()
+    prof.enable()
+    res = bench.run("plugin", num_blocks, specs)
+    prof.disable()
+    out(f"\n=== cProfile, plugin run with collections ({res['total_s']:.3f}s timed, profiler-inflated) ===\n")
+    pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(
+        r"vllm_frag_otel/(hooks|state|telemetry|stories)|wrapt|opentelemetry", 25
+    )
+
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
     from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
 
+    size = max(cfg.pool_sizes)
+    state, requests, _ = build_block_map(size, 512)
+    state.snapshot()
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     KVCacheMetrics(provider.get_meter(SCOPE, "bench"), None).add_pool(state, {POOL: "0"})
@@ -606,8 +656,8 @@ def profile(bench: StepBench, cfg: Config) -> str:
         _advance(requests)
         reader.get_metrics_data()
     prof.disable()
-    report.write(f"\n=== 10 collections at {max(cfg.pool_sizes)} blocks ===\n")
-    pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(25)
+    out(f"\n=== cProfile, 10 collections at {size} blocks, 512 requests ===\n")
+    pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(20)
     provider.shutdown()
     return report.getvalue()
 
