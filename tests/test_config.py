@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_frag_otel import config
@@ -83,3 +84,52 @@ def test_otlp_protocols(monkeypatch, raw):
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", raw)
     assert _otlp_protocol() == raw.lower()
+
+
+# OTEL_* variables read on the plugin's path, by the SDK or by the plugin
+OTEL_FUZZED = sorted({
+    *config.OTEL_VARIABLES,
+    "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SDK_DISABLED",
+    "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "OTEL_EXPORTER_OTLP_INSECURE",
+})
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    from otlp_receiver import RotelReceiver
+
+    with RotelReceiver() as rx:
+        yield rx
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_otel_variables_never_stop_the_plugin(receiver, protocol, data, monkeypatch):
+    from vllm_frag_otel import telemetry
+    from vllm_frag_otel.hooks import guard
+
+    name = data.draw(st.sampled_from(OTEL_FUZZED))
+    raw = data.draw(st.one_of(st.text(max_size=20), st.sampled_from(["0", "-1", "1e309", "nan", "abc", "", "5"])))
+    endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv(name, raw)
+    config._reported.clear()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vllm.frag_otel").addHandler(handler)
+    try:
+        runtime = telemetry.Runtime(Settings(exporter="otlp"), {}, guard())  # must not raise
+    finally:
+        logging.getLogger("vllm.frag_otel").removeHandler(handler)
+    runtime.shutdown()
+    if name in config.OTEL_VARIABLES:
+        parse, accepted = config.OTEL_VARIABLES[name]
+        try:
+            parse(raw)
+        except (ValueError, OverflowError):
+            assert any(name in r.getMessage() and accepted in r.getMessage() for r in records), (name, raw)
+    assert os.environ.get(name) == raw  # hidden from the SDK only while it read its configuration

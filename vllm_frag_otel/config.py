@@ -109,3 +109,70 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except (ValueError, OverflowError):
             warn_bad_value(name, raw, accepted, getattr(defaults, attr))
     return Settings(**{**defaults.__dict__, **values})
+
+
+# -- standard OTEL_* variables the OTel SDK would reject by raising ------------------
+# The SDK reads them itself; values it cannot use are reported here, naming the
+# variable, and hidden from it while the providers are built, so it uses its default.
+
+
+def _positive_number(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < float("inf"):
+        raise ValueError
+    return value
+
+
+def _count(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 0:
+        raise ValueError
+    return value
+
+
+_SIGNAL_FORMS = ("", "_METRICS", "_TRACES")
+OTEL_VARIABLES: dict[str, tuple[Callable[[str], object], str]] = {
+    **{name: (_positive_number, "a number > 0 (milliseconds)") for name in (
+        "OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT",
+    )},
+    **{f"OTEL_EXPORTER_OTLP{form}_TIMEOUT": (_positive_number, "a number > 0 (seconds)") for form in _SIGNAL_FORMS},
+    **{f"OTEL_EXPORTER_OTLP{form}_COMPRESSION": (_parse_choice(("gzip", "deflate", "none")), "one of gzip, deflate, none")
+       for form in _SIGNAL_FORMS},
+    "OTEL_BSP_MAX_QUEUE_SIZE": (_parse_positive_int, "a whole number >= 1"),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (_parse_positive_int, "a whole number >= 1"),
+    **{name: (_count, "a whole number >= 0") for name in (
+        "OTEL_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+        "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_EVENT_COUNT_LIMIT", "OTEL_SPAN_LINK_COUNT_LIMIT",
+        "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT",
+    )},
+    "OTEL_METRICS_EXEMPLAR_FILTER": (
+        _parse_choice(("trace_based", "always_on", "always_off")), "one of trace_based, always_on, always_off"
+    ),
+}
+
+
+def unusable_otel_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The OTEL_* variables set to values the SDK would raise on; each reported once."""
+    env = os.environ if environ is None else environ
+    unusable = []
+    for name, (parse, accepted) in OTEL_VARIABLES.items():
+        raw = env.get(name)
+        if raw is None:
+            continue
+        try:
+            parse(raw)
+        except (ValueError, OverflowError):
+            warn_bad_value(name, raw, accepted, "the OpenTelemetry SDK default")
+            unusable.append(name)
+    # the SDK also requires batch size <= queue size (defaults 512 and 2048)
+    usable = {name: int(env[name]) for name in ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE")
+              if name in env and name not in unusable}
+    for name in ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE"):
+        if usable.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512) <= usable.get("OTEL_BSP_MAX_QUEUE_SIZE", 2048):
+            break
+        if name in usable:
+            warn_bad_value(name, env[name], "a batch size <= the queue size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE <= "
+                           "OTEL_BSP_MAX_QUEUE_SIZE; defaults 512 and 2048)", "the OpenTelemetry SDK default")
+            unusable.append(name)
+            del usable[name]
+    return unusable

@@ -10,6 +10,7 @@ it starts once per process, in the process that builds a KV cache manager.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry.context import Context
@@ -36,7 +37,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode, 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from vllm_frag_otel import __version__
-from vllm_frag_otel.config import Settings, load_settings, warn_bad_value
+from vllm_frag_otel.config import Settings, load_settings, unusable_otel_variables, warn_bad_value
 from vllm_frag_otel.state import FragmentationSnapshot, KVCacheState
 from vllm_frag_otel.stories import RequestStories, RequestStory
 
@@ -385,6 +386,11 @@ class Runtime:
         if _env("OTEL_SDK_DISABLED").lower() == "true":
             logger.info("vllm-frag-otel: OTEL_SDK_DISABLED=true, no telemetry is exported.")
             return
+        with _hidden_from_sdk(unusable_otel_variables()):
+            self._start(engine_attributes, guard, metric_exporter, span_exporter)
+
+    def _start(self, engine_attributes, guard, metric_exporter, span_exporter) -> None:
+        settings = self.settings
         metric_exporter = metric_exporter or build_exporter(settings, "metrics")
         if settings.spans:
             span_exporter = span_exporter or build_exporter(settings, "traces")
@@ -430,6 +436,16 @@ class Runtime:
                 provider.shutdown()
 
 
+@contextlib.contextmanager
+def _hidden_from_sdk(names: list[str]):
+    """Hide unusable variables while the SDK reads its configuration (once per process)."""
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
@@ -453,7 +469,13 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestSto
 
     with _runtime_lock:
         if runtime() is None:
-            _runtime = Runtime(load_settings(), engine_attributes, guard())
+            settings = load_settings()
+            try:
+                _runtime = Runtime(settings, engine_attributes, guard())
+            except Exception as exc:  # never let telemetry set-up reach vLLM; track without exporting
+                logger.warning("vllm-frag-otel: telemetry could not start (%s: %s); nothing is exported.",
+                               type(exc).__name__, exc)
+                _runtime = Runtime(replace(settings, exporter="none", spans=False), engine_attributes, guard())
         return _runtime.add_pool(state)
 
 
