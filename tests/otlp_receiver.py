@@ -251,27 +251,40 @@ class RotelReceiver:
                   if self.debug_log else []),
                 *self.extra_args,
             ]
-            t0 = time.monotonic()
-            log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-            log.close()
-            deadline = t0 + self.startup_timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                if _port_open(self.grpc_port) and _port_open(self.http_port):
-                    self.startup_seconds = time.monotonic() - t0
-                    atexit.register(self.stop)  # don't leak rotel if a test forgets stop()
-                    return self
-                time.sleep(0.02)
+            self._cmd, self._env = cmd, env
+            if self._spawn():
+                atexit.register(self.stop)  # don't leak rotel if a test forgets stop()
+                return self
             last_err = self.log_text()[-2000:]
             self._kill()
             if "Address already in use" not in last_err:
                 break
         self.sink.shutdown()
         raise RuntimeError(f"rotel-agent did not become ready:\n{last_err}")
+
+    def _spawn(self) -> bool:
+        """Start rotel with the current command; True once both ports accept connections."""
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
+        while time.monotonic() < t0 + self.startup_timeout:
+            if self.proc.poll() is not None:
+                return False
+            if _port_open(self.grpc_port) and _port_open(self.http_port):
+                self.startup_seconds = time.monotonic() - t0
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop_agent(self) -> None:
+        """The collector goes away (the sink keeps what it already received)."""
+        self._kill()
+
+    def start_agent(self) -> None:
+        """The collector comes back on the same ports."""
+        if not self._spawn():
+            raise RuntimeError(f"rotel-agent did not come back:\n{self.log_text()[-2000:]}")
 
     def log_text(self) -> str:
         """rotel's stdout+stderr (startup line, errors, and the metric dump if debug_log=True)."""

@@ -386,7 +386,8 @@ class Runtime:
         if _env("OTEL_SDK_DISABLED").lower() == "true":
             logger.info("vllm-frag-otel: OTEL_SDK_DISABLED=true, no telemetry is exported.")
             return
-        with _hidden_from_sdk(unusable_otel_variables()):
+        # the SDK counts spans its full queue drops only with its internal metrics on
+        with _sdk_environment(unusable_otel_variables(), {"OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED": "true"}):
             self._start(engine_attributes, guard, metric_exporter, span_exporter)
 
     def _start(self, engine_attributes, guard, metric_exporter, span_exporter) -> None:
@@ -417,11 +418,14 @@ class Runtime:
             )
             self.spans = KVCacheSpans(self.tracer_provider.get_tracer(SCOPE, __version__))
 
-    def add_pool(self, state: KVCacheState) -> RequestStories | None:
-        """Export `state`; the story ledger for its requests when spans are on."""
+    def add_pool(self, state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestStories | None:
+        """Export `state`; the story ledger for its requests when spans are on.
+
+        Points carry the engine's attributes too (model, data-parallel rank): the
+        resource names only the process, and one process may run several engines."""
         stories = RequestStories(self.spans, self.settings.max_open_spans) if self.spans is not None else None
         if self.metrics is not None:
-            self.metrics.add_pool(state, {POOL: str(self._pool_count)}, stories)
+            self.metrics.add_pool(state, {**engine_attributes, POOL: str(self._pool_count)}, stories)
         self._pool_count += 1
         return stories
 
@@ -437,12 +441,17 @@ class Runtime:
 
 
 @contextlib.contextmanager
-def _hidden_from_sdk(names: list[str]):
-    """Hide unusable variables while the SDK reads its configuration (once per process)."""
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+def _sdk_environment(hidden: list[str], defaults: dict[str, str]):
+    """While the SDK reads its configuration (once per process): hide unusable
+    variables, and supply defaults for variables the user did not set."""
+    saved = {name: os.environ.pop(name) for name in hidden if name in os.environ}
+    added = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in added})
     try:
         yield
     finally:
+        for name in added:
+            os.environ.pop(name, None)
         os.environ.update(saved)
 
 
@@ -476,7 +485,7 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestSto
                 logger.warning("vllm-frag-otel: telemetry could not start (%s: %s); nothing is exported.",
                                type(exc).__name__, exc)
                 _runtime = Runtime(replace(settings, exporter="none", spans=False), engine_attributes, guard())
-        return _runtime.add_pool(state)
+        return _runtime.add_pool(state, engine_attributes)
 
 
 def _forget_parent_runtime() -> None:

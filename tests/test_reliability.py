@@ -1,0 +1,256 @@
+"""Faults never hurt vLLM and lose nothing silently: collectors that refuse,
+black-hole or restart; several engines in one process; fork and spawn."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+from otlp_receiver import RotelReceiver
+
+from vllm_frag_otel import analyzer_for, sim, telemetry, workloads
+from vllm_frag_otel.config import Settings
+from vllm_frag_otel.hooks import guard
+
+SHAPE = sim.EngineShape(num_blocks=120, block_size=16, max_num_seqs=16)
+
+
+class BlackHole:
+    """A TCP server that accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def runtime_for(plugin, monkeypatch):
+    """Install a runtime exporting over OTLP gRPC to `endpoint` every 100 ms."""
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    started = []
+
+    def start(endpoint: str, timeout_s: float = 1.0, metric_exporter=None):
+        runtime = telemetry.Runtime(
+            Settings(exporter="none"), {}, guard(),
+            metric_exporter or GrpcMetricExporter(endpoint=endpoint, insecure=True, timeout=timeout_s),
+            GrpcSpanExporter(endpoint=endpoint, insecure=True, timeout=timeout_s),
+        )
+        started.append((runtime, telemetry.install(runtime)))
+        return runtime
+
+    yield start
+    for runtime, previous in started:
+        runtime.shutdown()
+        telemetry.install(previous)
+
+
+def _step_times(steps: int = 250, seed: int = 3) -> list[float]:
+    """Wall time of each scheduler step (schedule + update) on a pressured workload."""
+    scheduler = sim.build_scheduler(SHAPE)
+    specs = workloads.generate("sharegpt", 60, seed=seed, max_len=900)
+    for request in sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], SHAPE.block_size):
+        scheduler.add_request(request)
+    rng = random.Random(seed)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sim.step(scheduler, rng)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@pytest.mark.parametrize("fault", ["refused", "black_hole"])
+def test_an_unusable_collector_costs_the_scheduler_nothing(runtime_for, fault):
+    healthy_receiver = RotelReceiver().start()
+    try:
+        runtime_for(healthy_receiver.grpc_endpoint)
+        healthy = _step_times()
+    finally:
+        healthy_receiver.stop()
+    hole = BlackHole()
+    try:
+        endpoint = f"http://127.0.0.1:{hole.port if fault == 'black_hole' else _closed_port()}"
+        runtime = runtime_for(endpoint, timeout_s=1.0)
+        faulty = _step_times()
+        # no step ever waited for an export (each export blocks for up to its 1 s timeout)
+        assert max(faulty) < 0.5, max(faulty)
+        ratio = statistics.median(faulty) / statistics.median(healthy)
+        print(f"\n{fault}: median step {statistics.median(faulty) * 1e3:.3f} ms vs healthy "
+              f"{statistics.median(healthy) * 1e3:.3f} ms, ratio {ratio:.2f}")
+        assert ratio < 1.5
+        # shutdown is bounded by the export timeout, not by the dead collector
+        start = time.perf_counter()
+        runtime.shutdown()
+        assert time.perf_counter() - start < 5.0
+    finally:
+        hole.close()
+
+
+def test_export_resumes_after_the_collector_restarts(runtime_for):
+    receiver = RotelReceiver().start()
+    try:
+        runtime = runtime_for(receiver.grpc_endpoint, timeout_s=0.5)
+        scheduler = sim.build_scheduler(SHAPE)
+        specs = workloads.generate("alpaca", 200, seed=5)
+        for request in sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], SHAPE.block_size):
+            scheduler.add_request(request)
+        rng = random.Random(0)
+        for _ in range(50):
+            sim.step(scheduler, rng)
+        receiver.wait_for_metric("vllm.kv_cache.block.count", timeout=10)
+        receiver.stop_agent()
+        for _ in range(100):  # the scheduler keeps going while the collector is down
+            sim.step(scheduler, rng)
+            time.sleep(0.005)
+        receiver.clear()
+        receiver.start_agent()
+        while scheduler.has_requests():
+            sim.step(scheduler, rng)
+        final = analyzer_for(scheduler).snapshot()
+        runtime.force_flush()
+
+        def caught_up(points):
+            attempts = [p["value"] for p in points if p["name"] == "vllm.kv_cache.allocation.attempts"]
+            return sum(attempts) >= final.allocation_attempts  # cumulative: the full count arrived
+
+        receiver.wait_for(caught_up, timeout=15)
+        spans = receiver.received_spans()
+        assert spans and all(s["name"] == "vllm.kv_cache.request" for s in spans)
+    finally:
+        receiver.stop()
+
+
+def test_spans_queue_is_bounded_and_drops_are_counted(runtime_for, monkeypatch):
+    from test_spans import CapturingMetricExporter
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    hole = BlackHole()
+    metrics = CapturingMetricExporter()
+    try:
+        runtime = runtime_for(f"http://127.0.0.1:{hole.port}", timeout_s=5.0, metric_exporter=metrics)
+        scheduler = sim.build_scheduler(SHAPE)
+        specs = workloads.generate("alpaca", 150, seed=6)
+        sim.run_to_completion(
+            scheduler, sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], SHAPE.block_size)
+        )
+        runtime.meter_provider.force_flush()
+    finally:
+        hole.close()
+    # the SDK's own span-processor metrics go through the plugin's meter provider
+    dropped = [
+        p.value
+        for d in metrics.exports for rm in d.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+        if m.name == "otel.sdk.processor.span.processed"
+        for p in m.data.data_points if p.attributes.get("error.type") == "queue_full"
+    ]
+    assert dropped and max(dropped) > 100  # 150 spans into a queue of 8 that never drains
+
+
+def test_two_engines_in_one_process_are_told_apart(runtime_for):
+    from test_spans import CapturingMetricExporter
+
+    exporter = CapturingMetricExporter()
+    runtime = telemetry.Runtime(Settings(exporter="none", spans=False), {}, guard(), exporter)
+    previous = telemetry.install(runtime)
+    try:
+        schedulers = [sim.build_scheduler(SHAPE), sim.build_scheduler(sim.EngineShape(num_blocks=64))]
+        runtime.force_flush()
+    finally:
+        runtime.shutdown()
+        telemetry.install(previous)
+    limits = {
+        p.attributes["vllm.kv_cache.pool"]: p.value
+        for d in exporter.exports for rm in d.resource_metrics for sm in rm.scope_metrics
+        for m in sm.metrics if m.name == "vllm.kv_cache.block.limit" for p in m.data.data_points
+    }
+    assert limits == {"0": SHAPE.num_blocks - 1, "1": 63}
+    assert len(schedulers) == 2
+
+
+def _child(out_dir: str, queue) -> None:
+    """Runs in a forked or spawned process: build an engine, step it, flush."""
+    os.environ["VLLM_FRAG_OTEL_FILE_DIR"] = out_dir
+    os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "file"
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what vLLM does at the top of EngineCore.__init__
+    from vllm_frag_otel import sim as child_sim
+    from vllm_frag_otel import telemetry as child_telemetry
+
+    scheduler = child_sim.build_scheduler(child_sim.EngineShape(num_blocks=77))
+    requests = child_sim.make_requests([([7] * 50, 5)], 16, "child")
+    child_sim.run_to_completion(scheduler, requests)
+    child_telemetry.runtime().force_flush()
+    queue.put(os.getpid())
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_exporters_start_in_forked_and_spawned_children(plugin, tmp_path, method, monkeypatch):
+    # the parent already exports (its own runtime and pool), as vLLM's front end might
+    parent_dir = tmp_path / "parent"
+    child_dir = tmp_path / "child"
+    monkeypatch.setenv("VLLM_FRAG_OTEL_EXPORTER", "file")
+    monkeypatch.setenv("VLLM_FRAG_OTEL_FILE_DIR", str(parent_dir))
+    previous = telemetry.install(None)
+    try:
+        sim.build_scheduler(SHAPE)
+        parent_runtime = telemetry.runtime()
+        assert parent_runtime is not None and parent_runtime.meter_provider is not None
+        context = multiprocessing.get_context(method)
+        queue = context.Queue()
+        process = context.Process(target=_child, args=(str(child_dir), queue))
+        process.start()
+        child_pid = queue.get(timeout=240)
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    finally:
+        parent_runtime.shutdown()
+        telemetry.install(previous)
+    lines = [json.loads(line) for path in child_dir.glob("metrics-*.jsonl") for line in path.read_text().splitlines()]
+    assert lines
+    pids, limits = set(), set()
+    for line in lines:
+        for rm in line["resourceMetrics"]:
+            resource = {a["key"]: a["value"] for a in rm["resource"]["attributes"]}
+            pids.add(int(resource["process.pid"]["intValue"]))
+            for sm in rm["scopeMetrics"]:
+                for m in sm["metrics"]:
+                    if m["name"] == "vllm.kv_cache.block.limit":
+                        limits |= {p["asInt"] for p in m["gauge"]["dataPoints"]}
+    assert pids == {child_pid} and child_pid != os.getpid()
+    assert limits == {"76"}  # only the child's own pool, not a copy of the parent's
+    assert list(Path(parent_dir).glob("metrics-*.jsonl"))  # the parent's exporter still works
