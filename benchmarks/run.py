@@ -25,11 +25,15 @@ Measures, side by side in one process:
    of the same round).
 2. collection cost on a synthetic but realistic block map (KVCacheState built
    directly, no vLLM): KVCacheState.snapshot() and a full KVCacheMetrics
-   collection at 10k, 100k and 1M blocks; and the cost of one hook-style event
-   call (lock + on_blocks_allocated / on_blocks_released of 4 blocks) at each size.
+   collection at 10k, 100k and 1M blocks (512 requests, one decode token
+   between two collections, no histogram values buffered); the cost per
+   buffered histogram value recorded at collection; and the cost of one
+   hook-style event call (lock + on_blocks_allocated / on_blocks_released of
+   4 blocks) at each size.
 3. memory: bytes per block of KVCacheState, bytes per in-flight request.
 
 Readable table on stdout, progress on stderr, all numbers with --json OUT.
+--profile adds a hook-group ablation and cProfile listings (not in --json).
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ FULL = Config(
     pool_sizes=(10_000, 100_000, 1_000_000),
     collection_reps={10_000: 60, 100_000: 40, 1_000_000: 20},
     event_groups=500,
-    event_reps=15,
+    event_reps=41,
     memory_requests=2000,
 )
 QUICK = Config(
@@ -101,10 +105,10 @@ QUICK = Config(
     warmup_requests=20,
     scenarios={"pressured": 384, "roomy": 8192},
     collect_every=1000,
-    pool_sizes=(10_000, 100_000),
-    collection_reps={10_000: 15, 100_000: 10},
-    event_groups=300,
-    event_reps=5,
+    pool_sizes=(10_000, 100_000, 1_000_000),
+    collection_reps={10_000: 15, 100_000: 10, 1_000_000: 5},
+    event_groups=500,
+    event_reps=41,
     memory_requests=500,
 )
 
@@ -186,14 +190,15 @@ class StepBench:
 
     def run(self, variant: str, num_blocks: int, specs, seed: int = 0, collect: bool = True, ablate=None) -> dict:
         """One run to completion. `collect=False`: no metrics collection at all
-        (hooks only); `ablate=(cls, method)`: that one hook unwrapped (profiling)."""
+        (hooks only); `ablate=[(cls, method), ...]`: those hooks unwrapped (profiling)."""
         plugin = variant.startswith("plugin")
         # instrumentation first, then the scheduler: pools built unhooked are not tracked
         self._set_instrumented(plugin)
         restore = runtime = previous_runtime = span_exporter = None
-        if ablate is not None:
-            restore = ablate[0].__dict__[ablate[1]]
-            setattr(ablate[0], ablate[1], restore.__wrapped__)
+        if ablate:
+            restore = [(cls, m, cls.__dict__[m]) for cls, m in ablate]
+            for cls, m, wrapper in restore:
+                setattr(cls, m, wrapper.__wrapped__)
         try:
             if variant == "plugin_spans":
                 runtime, span_exporter = self._spans_runtime()
@@ -211,8 +216,8 @@ class StepBench:
                     self.telemetry.install(previous_runtime)
             result = self._run(variant, scheduler, specs, seed, collect)
         finally:
-            if restore is not None:
-                setattr(ablate[0], ablate[1], restore)
+            for cls, m, wrapper in restore or ():
+                setattr(cls, m, wrapper)
             if runtime is not None:
                 runtime.shutdown()
         if span_exporter is not None:
@@ -489,6 +494,41 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
     }
 
 
+def bench_histograms(num_values: int = 20_000, reps: int = 5) -> dict:
+    """Cost of the histogram part of a collection: every buffered value (one per
+    allocate_slots call, two per evicted block) is recorded into the OTel SDK
+    one by one at collection. Measured as (collection with `num_values`
+    allocation durations buffered - collection with none) / num_values."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
+
+    state, requests, _ = build_block_map(10_000, 64)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    KVCacheMetrics(provider.get_meter(SCOPE, "bench"), None).add_pool(state, {POOL: "0"})
+    reader.get_metrics_data()
+    rng = np.random.default_rng(3)
+    durations = (rng.lognormal(np.log(2e-5), 1.0, num_values)).tolist()
+    clock = time.perf_counter
+    empty, full = [], []
+    for _ in range(reps):
+        t = clock()
+        reader.get_metrics_data()
+        empty.append(clock() - t)
+        for i, d in enumerate(durations):
+            state.on_allocation(i % 50 != 0, d)
+        t = clock()
+        reader.get_metrics_data()
+        full.append(clock() - t)
+    provider.shutdown()
+    return {
+        "values": num_values,
+        "us_per_value": (statistics.median(full) - statistics.median(empty)) / num_values * 1e6,
+    }
+
+
 def bench_events(num_blocks: int, groups: int, reps: int, group_size: int = 4) -> dict:
     """Hook-style calls (take the lock, report `group_size` block ids) on random
     never-used free blocks spread over the whole pool."""
@@ -588,11 +628,27 @@ def bench_memory(num_requests: int) -> dict:
 # =============================================================================
 
 
-def profile(bench: StepBench, cfg: Config, pairs: int = 3) -> str:
+HOOK_GROUPS = {
+    "allocate_slots": ("KVCacheManager.allocate_slots",),
+    "block alloc/free/touch": (
+        "BlockPool.get_new_blocks", "BlockPool.touch", "BlockPool.free_blocks", "BlockPool.unpin_blocks",
+    ),
+    "prefix-cache hash/evict": (
+        "BlockPool.cache_full_blocks", "BlockPool.cache_partial_block", "BlockPool.move_block_hashes",
+        "BlockPool.evict_blocks", "BlockPool.reset_prefix_cache",
+    ),
+    "request lifecycle": (
+        "KVCacheManager.free", "KVCacheManager.pop_blocks_for_free", "KVCacheManager.record_prefix_cache_stats",
+        "KVCacheManager.get_computed_blocks", "Scheduler._preempt_request", "Scheduler._free_request",
+    ),
+}
+
+
+def profile(bench: StepBench, cfg: Config, pairs: int = 5) -> str:
     """Where the plugin's time goes.
 
-    - hook ablation: the step time each hook costs, as the median over `pairs`
-      interleaved pairs of (all hooks) - (all hooks but that one), no collection;
+    - hook ablation: the step time each group of hooks costs, as the median over
+      `pairs` interleaved pairs of (all hooks) - (all hooks but that group), no collection;
     - cProfile of one plugin run (plugin-side functions) and of 10 collections
       at the largest pool size.
     """
@@ -606,28 +662,37 @@ def profile(bench: StepBench, cfg: Config, pairs: int = 3) -> str:
     out = report.write
 
     bench._set_instrumented(True)
-    points = [(cls, m) for cls, m in bench.instrumentor._wrapped if m != "__init__"]
-    log(f"profile: ablation of {len(points)} hooks x {pairs} pairs")
-    base = [bench.run("baseline", num_blocks, specs)["step_s"] for _ in range(pairs)]
-    rows = []
-    full_all = []
-    for cls, method in points:
-        saved, errors = [], 0
-        for _ in range(pairs):
+    groups: dict[str, list] = {name: [] for name in HOOK_GROUPS}
+    groups["other"] = []
+    for cls, method in bench.instrumentor._wrapped:
+        if method == "__init__":
+            continue  # without them nothing is tracked
+        qualname = f"{cls.__name__}.{method}"
+        name = next((g for g, members in HOOK_GROUPS.items() if qualname in members), "other")
+        groups[name].append((cls, method))
+    groups = {g: pts for g, pts in groups.items() if pts}
+    log(f"profile: ablation of {len(groups)} hook groups x {pairs} pairs")
+    base, full_all, saved = [], [], {g: [] for g in groups}
+    errors = dict.fromkeys(groups, 0)
+    for _ in range(pairs):
+        base.append(bench.run("baseline", num_blocks, specs)["step_s"])
+        for g, pts in groups.items():
             full = bench.run("plugin", num_blocks, specs, collect=False)
-            ablated = bench.run("plugin", num_blocks, specs, collect=False, ablate=(cls, method))
-            errors += ablated.get("hook_errors", 0)
-            saved.append(full["step_s"] - ablated["step_s"])
+            ablated = bench.run("plugin", num_blocks, specs, collect=False, ablate=pts)
+            errors[g] += ablated.get("hook_errors", 0)
+            saved[g].append(full["step_s"] - ablated["step_s"])
             full_all.append(full["step_s"])
-        rows.append((statistics.median(saved), f"{cls.__name__}.{method}", errors))
     baseline_s = statistics.median(base)
     hooks_s = statistics.median(full_all) - baseline_s
-    out(f"\n=== hook ablation ({num_blocks} blocks, {cfg.num_requests} requests, no collection) ===\n")
+    out(f"\n=== hook ablation ({num_blocks} blocks, {cfg.num_requests} requests, no collection, "
+        f"median of {pairs} interleaved pairs) ===\n")
     out(f"baseline {baseline_s:.3f}s, all hooks +{hooks_s:.3f}s (+{hooks_s / baseline_s * 100:.1f}%)\n")
-    out(f"{'hook':45s} {'saved s':>8s} {'% of hook cost':>15s} {'% of baseline':>14s}\n")
-    for saved, name, errors in sorted(rows, reverse=True):
-        note = f"  ({errors} contained hook errors without it)" if errors else ""
-        out(f"{name:45s} {saved:8.3f} {saved / hooks_s * 100:14.1f}% {saved / baseline_s * 100:13.1f}%{note}\n")
+    out(f"{'hooks removed':28s} {'saved s':>8s} {'of hook cost':>13s} {'of baseline':>12s}  members\n")
+    for g, pts in groups.items():
+        s = statistics.median(saved[g])
+        note = f" ({errors[g]} contained hook errors without them)" if errors[g] else ""
+        members = ", ".join(f"{c.__name__}.{m}" for c, m in pts)
+        out(f"{g:28s} {s:8.3f} {s / hooks_s * 100:12.1f}% {s / baseline_s * 100:11.1f}%  {members}{note}\n")
 
     prof = cProfile.Profile()
     prof.enable()
@@ -688,8 +753,9 @@ def render(result: dict) -> str:
             for v, e in sc["variants"].items():
                 note = ""
                 if "hooks_only_ratio" in e:
+                    share = e["collection_share_of_step_time"] * 100
                     note = (f"hooks only {e['hooks_only_ratio']:.4f}; {e['collections_per_run']} collections/run, "
-                            f"{e['collection_ms_mean']:.2f} ms each ({e['collection_share_of_step_time'] * 100:.2f}% of step time)")
+                            f"{e['collection_ms_mean']:.2f} ms each (+{share:.2f}% of baseline time)")
                     if "spans" in e:
                         note += f"; {e['spans']} spans"
                 add(f"     {v:17s} {_fmt_ratio(e['ratio']):>30s} {e['extra_us_per_step']:9.2f}  {note}")
@@ -701,6 +767,8 @@ def render(result: dict) -> str:
         for c in result["collection"].values():
             add(f"   {c['num_blocks']:9d} {c['used']:8d} {c['cached']:8d} {c['free_runs']:9d} "
                 f"{c['snapshot_ms']:12.3f} {c['collection_ms']:14.3f} {c['first_snapshot_ms']:21.1f}")
+        add(f"   histogram values buffered by the hooks are recorded one by one at collection: "
+            f"{result['histogram_record_us_per_value']:.2f} us per value")
         add("   hook-style event call (lock + state method, 4 random blocks), us per call")
         add(f"   {'blocks':>9s} {'on_blocks_allocated':>20s} {'on_blocks_released':>19s}")
         for size, e in result["event_us_by_pool_size"].items():
@@ -829,6 +897,8 @@ def main(argv=None) -> int:
         result["collection_ms"] = {k: v["collection_ms"] for k, v in collection.items()}
         result["snapshot_ms"] = {k: v["snapshot_ms"] for k, v in collection.items()}
         result["event_us_by_pool_size"] = events
+        log("histogram recording cost")
+        result["histogram_record_us_per_value"] = bench_histograms()["us_per_value"]
     if "memory" in parts:
         log("memory")
         memory = bench_memory(cfg.memory_requests)
