@@ -5,12 +5,14 @@ from __future__ import annotations
 import random
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
+from test_spans import CapturingMetricExporter
 
 from vllm_frag_otel import analyzer_for, sim, workloads
 from vllm_frag_otel.hooks import guard
-from vllm_frag_otel.telemetry import ALLOCATION_BUCKETS, SCOPE, KVCacheMetrics
+from vllm_frag_otel.state import ALLOCATION_BUCKETS
+from vllm_frag_otel.telemetry import SCOPE, HistogramExporter, KVCacheMetrics
 
 GAUGE_FIELDS = {
     "vllm.kv_cache.block.limit": "num_blocks",
@@ -24,8 +26,23 @@ GAUGE_FIELDS = {
 }
 
 
-def _points(reader) -> dict[str, list]:
-    data = reader.get_metrics_data()
+class Pipeline:
+    """The plugin's instruments behind a real SDK reader and the histogram exporter."""
+
+    def __init__(self, analyzer, attributes, delta: bool = False):
+        self.captured = CapturingMetricExporter({Histogram: AggregationTemporality.DELTA} if delta else None)
+        exporter = HistogramExporter(self.captured)
+        assert exporter.delta == delta
+        self.provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, 10**9)])
+        exporter.metrics = KVCacheMetrics(self.provider.get_meter(SCOPE, "test"), guard())
+        exporter.metrics.add_pool(analyzer, attributes)
+
+    def collect(self) -> dict[str, tuple]:
+        self.provider.force_flush()
+        return _points(self.captured.exports[-1])
+
+
+def _points(data) -> dict[str, list]:
     (resource_metrics,) = data.resource_metrics
     (scope_metrics,) = [s for s in resource_metrics.scope_metrics if s.scope.name == SCOPE]
     return {m.name: (m, list(m.data.data_points)) for m in scope_metrics.metrics}
@@ -52,20 +69,14 @@ def pressured_run(plugin):
 
 def test_metrics_equal_the_snapshot(pressured_run):
     analyzer = analyzer_for(pressured_run)
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    metrics = KVCacheMetrics(provider.get_meter(SCOPE, "test"), guard())
-    metrics.add_pool(analyzer, {"vllm.kv_cache.pool": "0"})
-    pending = {k: list(v) for k, v in analyzer.drain_histograms()["allocation_duration"].items()}
-    # the drained values are gone: the next collection records only newer ones
+    pipeline = Pipeline(analyzer, {"vllm.kv_cache.pool": "0"})
+    analyzer.fold_histograms(0)
+    before = {o: (h.count, h.counts.copy()) for o, h in analyzer.allocation_duration.items()}
+    analyzer.on_allocation(True, 3e-6)  # a known measurement, recorded via the histogram buffer
     snapshot = analyzer.snapshot()
     assert snapshot.used_blocks > 0 and snapshot.preemptions > 0 and snapshot.evictions > 0
     assert snapshot.partial_blocks > 0
-    sim.step(pressured_run, random.Random(1))  # new measurements after the drain
-    fresh = {k: len(v) for k, v in analyzer.drain_histograms()["allocation_duration"].items()}
-    analyzer.on_allocation(True, 3e-6)  # a known measurement, recorded via the histogram buffer
-    snapshot = analyzer.snapshot()
-    points = _points(reader)
+    points = pipeline.collect()
 
     _, block_points = points["vllm.kv_cache.block.count"]
     assert _value(block_points, **{"vllm.kv_cache.block.state": "used"}) == snapshot.used_blocks
@@ -96,45 +107,51 @@ def test_metrics_equal_the_snapshot(pressured_run):
     assert _value(sources, **{"vllm.kv_cache.block.source": "recycled"}) == snapshot.blocks_allocated_recycled
     assert _value(sources, **{"vllm.kv_cache.block.source": "prefix_hit"}) == snapshot.blocks_prefix_hit
 
-    # the histogram holds exactly what was buffered since the last drain: one known value
+    # cumulative histograms: every allocate_slots call, plus the one known value
     metric, duration_points = points["vllm.kv_cache.allocation.duration"]
     assert metric.unit == "s"
-    (point,) = duration_points
-    assert point.attributes["vllm.kv_cache.allocation.outcome"] == "success"
-    assert point.count == 1 and point.sum == pytest.approx(3e-6)
-    assert tuple(point.explicit_bounds) == ALLOCATION_BUCKETS
-    assert point.bucket_counts[ALLOCATION_BUCKETS.index(5e-6)] == 1  # 2.5us < 3us <= 5us
-    assert sum(pending.values(), []) and sum(fresh.values()) > 0
+    success = _point(duration_points, "success")
+    failure = _point(duration_points, "failure")
+    assert success.count + failure.count == snapshot.allocation_attempts
+    assert failure.count == snapshot.allocation_failures
+    assert tuple(success.explicit_bounds) == ALLOCATION_BUCKETS
+    known = ALLOCATION_BUCKETS.index(5e-6)  # 2.5us < 3us <= 5us
+    assert success.bucket_counts[known] == before["success"][1][known] + 1
+    assert sum(success.bucket_counts) == success.count == before["success"][0] + 1
 
     # a second collection with more steps in between: the cumulative counters follow
     sim.step(pressured_run, random.Random(2))
     later = analyzer.snapshot()
-    _, attempts = _points(reader)["vllm.kv_cache.allocation.attempts"]
+    points = pipeline.collect()
+    _, attempts = points["vllm.kv_cache.allocation.attempts"]
     assert sum(p.value for p in attempts) == later.allocation_attempts
-    provider.shutdown()
+    _, duration_points = points["vllm.kv_cache.allocation.duration"]
+    assert sum(p.count for p in duration_points) == later.allocation_attempts
+    pipeline.provider.shutdown()
+
+
+def _point(points, outcome):
+    (point,) = [p for p in points if p.attributes["vllm.kv_cache.allocation.outcome"] == outcome]
+    return point
 
 
 def test_histograms_get_every_eviction(pressured_run):
+    """Delta temporality: each export holds exactly what happened since the previous one."""
     analyzer = analyzer_for(pressured_run)
-    analyzer.drain_histograms()
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    metrics = KVCacheMetrics(provider.get_meter(SCOPE, "test"), guard())
-    metrics.add_pool(analyzer, {})
+    pipeline = Pipeline(analyzer, {}, delta=True)
     before = analyzer.snapshot()
+    pipeline.collect()  # everything up to `before`
     rng = random.Random(5)
-    attempts_seen = 0
     while pressured_run.has_requests():
         sim.step(pressured_run, rng)
     after = analyzer.snapshot()
-    points = _points(reader)
+    points = pipeline.collect()
     evicted = after.evictions - before.evictions
     assert evicted > 0
     for name in ("vllm.kv_cache.block.cache.duration", "vllm.kv_cache.block.idle.duration"):
         _, (point,) = points[name]
-        assert point.count == evicted, name
+        assert point.count == evicted == sum(point.bucket_counts), name
         assert point.min >= 0
     _, duration_points = points["vllm.kv_cache.allocation.duration"]
-    attempts_seen = sum(p.count for p in duration_points)
-    assert attempts_seen == after.allocation_attempts - before.allocation_attempts
-    provider.shutdown()
+    assert sum(p.count for p in duration_points) == after.allocation_attempts - before.allocation_attempts
+    pipeline.provider.shutdown()

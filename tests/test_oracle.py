@@ -128,11 +128,11 @@ def test_snapshot_matches_brute_force_at_every_step(plugin, workload):
     assert snapshot.used_blocks == 0 and snapshot.free_blocks == shape.num_blocks - 1
     if not shape.enable_prefix_caching:
         assert snapshot.prefix_queried_tokens == 0 and snapshot.cached_blocks == 0
-    drained = analyzer.drain_histograms()
-    assert len(drained["allocation_duration"]["success"]) == outcomes["success"]
-    assert len(drained["allocation_duration"]["failure"]) == outcomes["failure"]
-    assert len(drained["block_cache_duration"]) == snapshot.evictions
-    assert len(drained["block_idle_duration"]) == snapshot.evictions
+    analyzer.fold_histograms(0)
+    assert analyzer.allocation_duration["success"].count == outcomes["success"]
+    assert analyzer.allocation_duration["failure"].count == outcomes["failure"]
+    assert analyzer.block_cache_duration.count == snapshot.evictions
+    assert analyzer.block_idle_duration.count == snapshot.evictions
 
 
 def test_a_pressured_workload_exercises_every_path(plugin):

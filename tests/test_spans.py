@@ -28,8 +28,8 @@ SPAN_KEYS = {
 
 
 class CapturingMetricExporter(MetricExporter):
-    def __init__(self):
-        super().__init__()
+    def __init__(self, preferred_temporality=None):
+        super().__init__(preferred_temporality=preferred_temporality)
         self.exports = []
 
     def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs):

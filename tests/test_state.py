@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 
+import numpy as np
+
 from vllm_frag_otel import state as state_module
-from vllm_frag_otel.state import KVCacheState
+from vllm_frag_otel.state import BucketHistogram, KVCacheState
 
 
 @dataclass
@@ -94,10 +96,11 @@ def test_evictions_by_reason_reuse_and_durations():
     snap = s.snapshot()
     assert (snap.evictions, snap.evicted_never_reused, snap.blocks_allocated_recycled) == (2, 1, 2)
     assert s.evictions[("capacity", False)] == 1 and s.evictions[("capacity", True)] == 1
-    drained = s.drain_histograms()
-    assert drained["block_cache_duration"] == [9.0, 8.0]  # cached at 1 and 2
-    assert drained["block_idle_duration"] == [7.0, 6.0]  # last released at 3 and 4
-    assert s.drain_histograms()["block_cache_duration"] == []
+    s.fold_histograms(0)
+    assert _values(s.block_cache_duration) == (2, 17.0, 8.0, 9.0)  # cached at 1 and 2
+    assert _values(s.block_idle_duration) == (2, 13.0, 6.0, 7.0)  # last released at 3 and 4
+    s.fold_histograms(0)
+    assert s.block_cache_duration.count == 2  # cumulative: folding nothing new adds nothing
 
 
 def test_explicit_eviction_of_a_used_block_and_reset():
@@ -111,9 +114,9 @@ def test_explicit_eviction_of_a_used_block_and_reset():
     assert s.snapshot().cached_blocks == 2  # blocks 2 and 4
     s.on_cache_reset(now=8.0)
     assert s.evictions[("explicit", False)] == 1 and s.evictions[("reset", False)] == 2
-    drained = s.drain_histograms()
-    assert drained["block_cache_duration"] == [4.0, 7.0, 7.0]
-    assert drained["block_idle_duration"] == [0.0, 2.0, 2.0]
+    s.fold_histograms(0)
+    assert _values(s.block_cache_duration) == (3, 18.0, 4.0, 7.0)
+    assert _values(s.block_idle_duration) == (3, 4.0, 0.0, 2.0)
     assert s.snapshot().cached_blocks == 0
 
 
@@ -122,9 +125,27 @@ def test_histogram_buffer_is_bounded_and_drops_are_counted(monkeypatch):
     s = KVCacheState(4, [4])
     for _ in range(5):
         s.on_allocation(True, 1e-5)
-    assert len(s.drain_histograms()["allocation_duration"]["success"]) == 3
+    s.fold_histograms(0)
+    assert s.allocation_duration["success"].count == 3
     assert s.dropped_measurements == 2
     assert s.snapshot().allocation_attempts == 5  # counters never drop
+
+
+def _values(histogram) -> tuple:
+    return histogram.count, histogram.sum, histogram.min, histogram.max
+
+
+def test_histogram_buckets_follow_the_otel_rule_and_keep_the_newest_tagged_exemplar():
+    h = BucketHistogram((1.0, 2.0, 4.0))
+    h.fold(np.array([0.5, 1.0, 1.5, 2.0, 3.0, 9.0]), ["a", None, "b", "c", None, None], time_ns=7)
+    # buckets: (-inf, 1], (1, 2], (2, 4], (4, inf)
+    assert h.counts.tolist() == [2, 2, 1, 1]
+    assert _values(h) == (6, 17.0, 0.5, 9.0)
+    assert h.exemplars == {0: (0.5, "a", 7), 1: (2.0, "c", 7)}  # newest tagged value per bucket
+    h.fold(np.array([1.2]), ["d"], time_ns=8)
+    assert h.exemplars[1] == (1.2, "d", 8) and h.counts.tolist() == [2, 3, 1, 1]
+    assert h.take_window_extremes() == (0.5, 9.0)
+    assert h.take_window_extremes() == (float("inf"), float("-inf"))
 
 
 def test_counters():

@@ -265,7 +265,9 @@ def _allocate_slots(wrapped, manager, args, kwargs):
                         state.on_request_blocks(request_id, request, group, [b.block_id for b in blocks[known:]])
             story = _story(hooks, request)
             span_context = story.handle.get_span_context() if story is not None else None
-            state.on_allocation(result is not None, duration, span_context)
+            # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based)
+            sampled = span_context if span_context is not None and span_context.trace_flags.sampled else None
+            state.on_allocation(result is not None, duration, sampled)
             if story is not None:
                 hooks.stories.allocated(
                     story, result is not None, state.request_blocks_held(request_id),

@@ -29,8 +29,65 @@ BLOCK_SOURCES = ("fresh", "recycled", "prefix_hit")
 ALLOCATION_OUTCOMES = ("success", "failure")
 
 # Values buffered per histogram between two collections; beyond this they are
-# dropped and counted, so a stalled exporter cannot grow memory without bound.
+# dropped and counted, so a stalled collection cannot grow memory without bound.
 HISTOGRAM_BUFFER_LIMIT = 1 << 20
+
+# Explicit bucket bounds in seconds. allocate_slots takes microseconds to a few
+# milliseconds; cached blocks live from milliseconds (thrash) to hours (a hot
+# system prompt).
+ALLOCATION_BUCKETS = (
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
+)
+BLOCK_TIME_BUCKETS = (
+    0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0,
+)
+
+
+class BucketHistogram:
+    """A cumulative explicit-bucket histogram, folded in batches with numpy.
+
+    Bucket i holds values in (bounds[i-1], bounds[i]], the OpenTelemetry rule.
+    Per bucket it also keeps the last value that came with a tag (the span
+    context of the request measured), for exemplars.
+    """
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self._bounds = np.asarray(bounds, dtype=np.float64)
+        self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)
+        self.count = 0
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+        # extremes since the last take_window_extremes(), for delta temporality
+        self._window = (float("inf"), float("-inf"))
+        # bucket -> (value, tag, fold time in ns)
+        self.exemplars: dict[int, tuple[float, object, int]] = {}
+
+    def fold(self, values: np.ndarray, tags: Sequence | None, time_ns: int) -> None:
+        if not values.size:
+            return
+        buckets = np.searchsorted(self._bounds, values, side="left")
+        self.counts += np.bincount(buckets, minlength=self.counts.size)
+        self.count += int(values.size)
+        self.sum += float(values.sum())
+        low, high = float(values.min()), float(values.max())
+        self.min, self.max = min(self.min, low), max(self.max, high)
+        self._window = (min(self._window[0], low), max(self._window[1], high))
+        if tags:
+            unfilled = set(range(self.counts.size))
+            for i in range(len(tags) - 1, -1, -1):  # newest first; stops once every bucket has one
+                tag = tags[i]
+                if tag is not None and int(buckets[i]) in unfilled:
+                    unfilled.discard(int(buckets[i]))
+                    self.exemplars[int(buckets[i])] = (float(values[i]), tag, time_ns)
+                    if not unfilled:
+                        break
+
+    def take_window_extremes(self) -> tuple[float, float]:
+        """Min and max of the values folded since the last call."""
+        window, self._window = self._window, (float("inf"), float("-inf"))
+        return window
 
 
 class HasComputedTokens(Protocol):
@@ -141,12 +198,18 @@ class KVCacheState:
         self.block_sources = dict.fromkeys(BLOCK_SOURCES, 0)
         # (reason, reused since cached) -> evicted blocks
         self.evictions = {(r, reused): 0 for r in EVICTION_REASONS for reused in (False, True)}
-        self.allocation_durations: dict[str, array] = {o: array("d") for o in ALLOCATION_OUTCOMES}
-        # an opaque tag per duration (the span layer's context for exemplars), or None
-        self.allocation_tags: dict[str, list] = {o: [] for o in ALLOCATION_OUTCOMES}
-        self.block_cache_durations = array("d")
-        self.block_idle_durations = array("d")
+        # raw measurements since the last fold (the hot path only appends) ...
+        self._allocation_durations: dict[str, array] = {o: array("d") for o in ALLOCATION_OUTCOMES}
+        # ... with an opaque tag per duration (the span layer's context for exemplars), or None
+        self._allocation_tags: dict[str, list] = {o: [] for o in ALLOCATION_OUTCOMES}
+        self._block_cache_durations = array("d")
+        self._block_idle_durations = array("d")
         self.dropped_measurements = 0
+        # ... folded at collection time into cumulative histograms
+        self._fold_lock = threading.Lock()
+        self.allocation_duration = {o: BucketHistogram(ALLOCATION_BUCKETS) for o in ALLOCATION_OUTCOMES}
+        self.block_cache_duration = BucketHistogram(BLOCK_TIME_BUCKETS)
+        self.block_idle_duration = BucketHistogram(BLOCK_TIME_BUCKETS)
 
     # -- configuration -------------------------------------------------------
 
@@ -223,16 +286,16 @@ class KVCacheState:
         idle = np.where(
             self._free_view[ids] == 1, now - self._released_at_view[ids], 0.0
         )
-        self._buffer(self.block_cache_durations, (now - self._cached_at_view[ids]).tolist())
-        self._buffer(self.block_idle_durations, idle.tolist())
+        self._buffer(self._block_cache_durations, (now - self._cached_at_view[ids]).tolist())
+        self._buffer(self._block_idle_durations, idle.tolist())
         self._hashed_view[ids] = 0
 
     def _evict(self, b: int, reason: str, now: float) -> None:
         self._hashed[b] = 0
         self.evictions[(reason, self._reuse_hits[b] > 0)] += 1
-        self._buffer(self.block_cache_durations, (now - self._cached_at[b],))
+        self._buffer(self._block_cache_durations, (now - self._cached_at[b],))
         idle = now - self._released_at[b] if self._free[b] else 0.0
-        self._buffer(self.block_idle_durations, (idle,))
+        self._buffer(self._block_idle_durations, (idle,))
 
     # -- request events ----------------------------------------------------------
 
@@ -297,9 +360,8 @@ class KVCacheState:
     def on_allocation(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
         outcome = "success" if succeeded else "failure"
         self.allocations[outcome] += 1
-        durations = self.allocation_durations[outcome]
-        if self._buffer(durations, (duration_s,)):
-            self.allocation_tags[outcome].append(tag)
+        if self._buffer(self._allocation_durations[outcome], (duration_s,)):
+            self._allocation_tags[outcome].append(tag)
 
     def on_preemption(self) -> None:
         self.preemptions += 1
@@ -316,25 +378,23 @@ class KVCacheState:
         self.dropped_measurements += len(values) - max(room, 0)
         return False
 
-    def drain_histograms(self) -> dict:
-        """Hand over the measurements buffered since the last drain.
+    def fold_histograms(self, time_ns: int) -> None:
+        """Fold the measurements buffered since the last call into the histograms.
 
-        Allocation durations come as (duration, tag) pairs, by outcome.
+        The buffers are swapped out under the pool lock (O(1)); the numpy work
+        runs outside it, so the scheduler is never held up by it.
         """
-        with self.lock:
-            drained = {
-                "allocation_duration": {
-                    o: list(zip(buf.tolist(), self.allocation_tags[o])) for o, buf in self.allocation_durations.items()
-                },
-                "block_cache_duration": self.block_cache_durations.tolist(),
-                "block_idle_duration": self.block_idle_durations.tolist(),
-            }
-            for outcome, buf in self.allocation_durations.items():
-                del buf[:]
-                self.allocation_tags[outcome].clear()
-            del self.block_cache_durations[:]
-            del self.block_idle_durations[:]
-        return drained
+        with self._fold_lock:
+            with self.lock:
+                allocations = {o: (buf, self._allocation_tags[o]) for o, buf in self._allocation_durations.items()}
+                cache, idle = self._block_cache_durations, self._block_idle_durations
+                self._allocation_durations = {o: array("d") for o in ALLOCATION_OUTCOMES}
+                self._allocation_tags = {o: [] for o in ALLOCATION_OUTCOMES}
+                self._block_cache_durations, self._block_idle_durations = array("d"), array("d")
+            for outcome, (durations, tags) in allocations.items():
+                self.allocation_duration[outcome].fold(np.frombuffer(durations, dtype=np.float64), tags, time_ns)
+            self.block_cache_duration.fold(np.frombuffer(cache, dtype=np.float64), None, time_ns)
+            self.block_idle_duration.fold(np.frombuffer(idle, dtype=np.float64), None, time_ns)
 
     def _sync_computed_tokens(self) -> dict[int, list[int]]:
         """Bring full-block holder counts up to each request's computed tokens.

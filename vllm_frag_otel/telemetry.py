@@ -2,7 +2,8 @@
 
 Gauges and counters are observed at collection time from the pools' state, so
 the scheduler's hot path never calls into the OTel SDK. Histogram values are
-buffered by the state and recorded here, at collection, in one batch.
+buffered by the state, folded into bucket counts with numpy at collection, and
+added to each export as ready-made OTLP histogram points (`HistogramExporter`).
 
 The plugin keeps its own MeterProvider (vLLM owns the global tracer provider);
 it starts once per process, in the process that builds a KV cache manager.
@@ -20,25 +21,38 @@ import uuid
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from time import time_ns
 from typing import Any
+
+import numpy as np
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
     ConsoleMetricExporter,
+    HistogramDataPoint,
+    Metric,
     MetricExporter,
+    MetricExportResult,
+    MetricsData,
     PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
 )
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from vllm_frag_otel import __version__
 from vllm_frag_otel.config import Settings, load_settings, unusable_otel_variables, warn_bad_value
-from vllm_frag_otel.state import FragmentationSnapshot, KVCacheState
+from vllm_frag_otel.state import BucketHistogram, FragmentationSnapshot, KVCacheState
 from vllm_frag_otel.stories import RequestStories, RequestStory
 
 logger = logging.getLogger("vllm.frag_otel")
@@ -55,14 +69,6 @@ REUSED = "vllm.kv_cache.block.reused"
 OUTCOME = "vllm.kv_cache.allocation.outcome"
 RESUMED = "vllm.request.resumed"
 
-# allocate_slots takes microseconds to a few milliseconds.
-ALLOCATION_BUCKETS = (
-    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
-)
-# Cached blocks live from milliseconds (thrash) to hours (a hot system prompt).
-BLOCK_TIME_BUCKETS = (
-    0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0,
-)
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -122,20 +128,6 @@ class KVCacheMetrics:
                 "Exceptions raised and contained inside the plugin's hooks")
         gauge("vllm.frag_otel.active", [self._observe_active], "1",
               "1 while the plugin's hooks are live, 0 once it disabled itself")
-        self._allocation_duration = meter.create_histogram(
-            "vllm.kv_cache.allocation.duration", "s", "Duration of KVCacheManager.allocate_slots",
-            explicit_bucket_boundaries_advisory=ALLOCATION_BUCKETS,
-        )
-        self._block_cache_duration = meter.create_histogram(
-            "vllm.kv_cache.block.cache.duration", "s",
-            "Time from a block's content being cached to its eviction (every evicted block)",
-            explicit_bucket_boundaries_advisory=BLOCK_TIME_BUCKETS,
-        )
-        self._block_idle_duration = meter.create_histogram(
-            "vllm.kv_cache.block.idle.duration", "s",
-            "Time from a cached block's last release to its eviction (every evicted block)",
-            explicit_bucket_boundaries_advisory=BLOCK_TIME_BUCKETS,
-        )
 
     def add_pool(self, state: KVCacheState, attributes: dict[str, Any], stories: RequestStories | None = None) -> None:
         with self._lock:
@@ -161,21 +153,18 @@ class KVCacheMetrics:
                 if state is None:
                     continue
                 latest.append(_Observed(attrs, state, state.snapshot(), stories))
-                self._record_histograms(state, attrs)
+                state.fold_histograms(time_ns())
         self._latest = latest
 
-    def _record_histograms(self, state: KVCacheState, attrs: dict[str, Any]) -> None:
-        drained = state.drain_histograms()
-        for outcome, values in drained["allocation_duration"].items():
-            point_attrs = {**attrs, OUTCOME: outcome}
-            for value, span_context in values:
-                # the request's span as context: the SDK's exemplar filter decides
-                context = set_span_in_context(NonRecordingSpan(span_context)) if span_context else None
-                self._allocation_duration.record(value, point_attrs, context=context)
-        for value in drained["block_cache_duration"]:
-            self._block_cache_duration.record(value, attrs)
-        for value in drained["block_idle_duration"]:
-            self._block_idle_duration.record(value, attrs)
+    def histogram_points(self) -> list[tuple[str, dict[str, Any], BucketHistogram]]:
+        """(metric name, point attributes, histogram) of every pool, as of the last collection."""
+        points = []
+        for o in self._latest:
+            for outcome, histogram in o.state.allocation_duration.items():
+                points.append(("vllm.kv_cache.allocation.duration", {**o.attributes, OUTCOME: outcome}, histogram))
+            points.append(("vllm.kv_cache.block.cache.duration", o.attributes, o.state.block_cache_duration))
+            points.append(("vllm.kv_cache.block.idle.duration", o.attributes, o.state.block_idle_duration))
+        return points
 
     def _observe_block_count(self, options: CallbackOptions) -> Iterable[Observation]:
         self._refresh()
@@ -238,6 +227,103 @@ class KVCacheMetrics:
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(1 if self._tracking() else 0)]
+
+
+# -- histograms ---------------------------------------------------------------------
+
+HISTOGRAM_DESCRIPTIONS = {
+    "vllm.kv_cache.allocation.duration": "Duration of KVCacheManager.allocate_slots",
+    "vllm.kv_cache.block.cache.duration": "Time from a block's content being cached to its eviction (every evicted block)",
+    "vllm.kv_cache.block.idle.duration": "Time from a cached block's last release to its eviction (every evicted block)",
+}
+
+
+class HistogramExporter(MetricExporter):
+    """Adds the plugin's histograms to every export, then hands it to `inner`.
+
+    Recording each value through the SDK costs microseconds, and allocate_slots
+    runs once per request per step. The state buffers raw values on the hot path
+    and folds them into bucket counts with numpy at collection; this turns them
+    into OTLP histogram points (cumulative or delta, as `inner` prefers), with
+    exemplars from the measured requests' sampled spans.
+    """
+
+    def __init__(self, inner: MetricExporter, exemplars: bool = True):
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,  # noqa: SLF001 - keep the inner choice
+            preferred_aggregation=inner._preferred_aggregation,  # noqa: SLF001
+        )
+        self.inner = inner
+        self.metrics: KVCacheMetrics | None = None
+        self.exemplars = exemplars
+        self._start_ns = time_ns()
+        self._last_ns = self._start_ns
+        self._exported: dict[tuple, tuple[np.ndarray, int, float]] = {}
+
+    @property
+    def delta(self) -> bool:
+        return (self._preferred_temporality or {}).get(SdkHistogram) is AggregationTemporality.DELTA
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
+        if self.metrics is not None:
+            metrics_data = self._with_histograms(metrics_data)
+        return self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def _with_histograms(self, metrics_data: MetricsData) -> MetricsData:
+        now = time_ns()
+        by_name: dict[str, list[HistogramDataPoint]] = {}
+        for name, attributes, histogram in self.metrics.histogram_points():
+            by_name.setdefault(name, []).append(self._point(name, attributes, histogram, now))
+        self._last_ns = now
+        temporality = AggregationTemporality.DELTA if self.delta else AggregationTemporality.CUMULATIVE
+        extra = [
+            Metric(name, HISTOGRAM_DESCRIPTIONS[name], "s", HistogramData(points, temporality))
+            for name, points in by_name.items()
+        ]
+        resource_metrics = []
+        for rm in metrics_data.resource_metrics:
+            scopes = [
+                ScopeMetrics(sm.scope, [*sm.metrics, *extra], sm.schema_url) if sm.scope.name == SCOPE else sm
+                for sm in rm.scope_metrics
+            ]
+            resource_metrics.append(ResourceMetrics(rm.resource, scopes, rm.schema_url))
+        return MetricsData(resource_metrics)
+
+    def _point(self, name: str, attributes: dict[str, Any], histogram: BucketHistogram, now: int) -> HistogramDataPoint:
+        counts, count, total = histogram.counts.copy(), histogram.count, histogram.sum
+        low, high = histogram.min, histogram.max
+        start = self._start_ns
+        if self.delta:
+            key = (name, tuple(sorted(attributes.items())))
+            previous = self._exported.get(key)
+            self._exported[key] = (counts, count, total)
+            if previous is not None:
+                counts, count, total = counts - previous[0], count - previous[1], total - previous[2]
+            low, high = histogram.take_window_extremes()
+            start = self._last_ns
+        exemplars = [
+            Exemplar({}, value, at, span_context.span_id, span_context.trace_id)
+            for value, span_context, at in histogram.exemplars.values()
+            if self.exemplars and (not self.delta or at > self._last_ns)
+        ]
+        return HistogramDataPoint(
+            attributes=attributes,
+            start_time_unix_nano=start,
+            time_unix_nano=now,
+            count=int(count),
+            sum=float(total),
+            bucket_counts=[int(c) for c in counts],
+            explicit_bounds=list(histogram.bounds),
+            min=low if count else 0.0,
+            max=high if count else 0.0,
+            exemplars=exemplars,
+        )
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 # -- spans ------------------------------------------------------------------------
@@ -406,10 +492,13 @@ class Runtime:
             )
         resource = build_resource(engine_attributes)
         if metric_exporter is not None:
-            self.meter_provider = MeterProvider(
-                resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]
+            exporter = HistogramExporter(
+                metric_exporter, exemplars=_env("OTEL_METRICS_EXEMPLAR_FILTER").lower() != "always_off"
             )
-            self.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard)
+            self.meter_provider = MeterProvider(
+                resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)]
+            )
+            self.metrics = exporter.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard)
         if span_exporter is not None:
             # the SDK's own processor metrics (queue size, spans dropped when full) go with ours
             self.tracer_provider = TracerProvider(resource=resource)
