@@ -14,18 +14,17 @@ from helpers import run_python
 # Prints whether vLLM's BlockPool is wrapped after vLLM loaded its plugins.
 PROBE = textwrap.dedent(
     """
-    import wrapt
     {prelude}
     from vllm.plugins import load_general_plugins
     load_general_plugins()
     {after}
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.sched.scheduler import Scheduler
-    wrapped = [isinstance(cls.__dict__[m], wrapt.FunctionWrapper)
+    wrapped = [hasattr(cls.__dict__[m], "__vllm_frag_otel_hook__")
                for cls, m in ((BlockPool, "get_new_blocks"), (Scheduler, "_preempt_request"))]
     print("WRAPPED" if all(wrapped) else "UNTOUCHED" if not any(wrapped) else "PARTIAL")
     inner = BlockPool.__dict__["get_new_blocks"]
-    print("DOUBLE" if isinstance(getattr(inner, "__wrapped__", None), wrapt.FunctionWrapper) else "SINGLE")
+    print("DOUBLE" if hasattr(getattr(inner, "__wrapped__", None), "__vllm_frag_otel_hook__") else "SINGLE")
     """
 )
 

@@ -1,4 +1,4 @@
-"""The thin vLLM-facing layer: wrap vLLM's v1 KV-cache classes with `wrapt`.
+"""The thin vLLM-facing layer: wrap methods of vLLM's v1 KV-cache classes.
 
 Every wrapper calls vLLM first, unchanged, and then reports what happened to
 the pool's `KVCacheState` as block ids. Reporting is contained by `_guard`: an
@@ -8,6 +8,7 @@ turns itself off with one log line and every wrapper becomes a pass-through.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from time import monotonic, perf_counter
 from typing import Any
 
-import wrapt
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
@@ -400,6 +400,21 @@ WRAPPERS: dict[str, Callable] = {
 # -- instrumentor ----------------------------------------------------------------
 
 
+def _hooked(cls: type, original: Callable, wrapper: Callable) -> Callable:
+    """`original` calling through `wrapper(bound original, self, args, kwargs)`.
+
+    The wrapt calling convention, with a plain function: on this hot path a
+    wrapt FunctionWrapper cost 0.55 us per call against 0.24 us (measured).
+    """
+
+    @functools.wraps(original)
+    def hooked(self, *args, **kwargs):
+        return wrapper(original.__get__(self, cls), self, args, kwargs)
+
+    hooked.__vllm_frag_otel_hook__ = True
+    return hooked
+
+
 def _resolve(point: HookPoint) -> tuple[type, str] | str:
     """The class and method name for a hook point, or why it cannot be hooked."""
     class_name, method = point.qualname.split(".")
@@ -441,14 +456,13 @@ class KVCacheInstrumentor:
         _guard.active = True
         _guard.errors = 0
         for (cls, method), point in zip(problem, HOOK_POINTS):
-            wrapt.wrap_function_wrapper(cls, method, WRAPPERS[point.qualname])
+            setattr(cls, method, _hooked(cls, cls.__dict__[method], WRAPPERS[point.qualname]))
             self._wrapped.append((cls, method))
         return True
 
     def uninstrument(self) -> None:
         for cls, method in reversed(self._wrapped):
-            wrapper = cls.__dict__[method]
-            setattr(cls, method, wrapper.__wrapped__)
+            setattr(cls, method, cls.__dict__[method].__wrapped__)
         self._wrapped.clear()
 
     @staticmethod

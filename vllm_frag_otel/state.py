@@ -174,20 +174,24 @@ class KVCacheState:
         self.num_blocks = num_blocks  # including the null block
         self.block_sizes = list(block_sizes)
         n = num_blocks
-        self._free = bytearray(b"\x01") * n
-        self._free[NULL_BLOCK_ID] = 0
+        # 16 bytes per block: numpy arrays for the vectorised collection work,
+        # memoryviews over the same memory for the per-event item access.
+        self._free_view = np.ones(n, dtype=np.uint8)
+        self._free_view[NULL_BLOCK_ID] = 0
         self._free_count = n - 1
-        self._hashed = bytearray(n)
-        self._group = bytearray(n)
-        self._reuse_hits = array("I", bytes(4 * n))
-        self._full_holders = array("i", bytes(4 * n))
-        self._cached_at = array("d", bytes(8 * n))
-        self._released_at = array("d", bytes(8 * n))
-        self._free_view = np.frombuffer(self._free, dtype=np.uint8)
-        self._hashed_view = np.frombuffer(self._hashed, dtype=np.uint8)
-        self._group_view = np.frombuffer(self._group, dtype=np.uint8)
-        self._cached_at_view = np.frombuffer(self._cached_at, dtype=np.float64)
-        self._released_at_view = np.frombuffer(self._released_at, dtype=np.float64)
+        self._hashed_view = np.zeros(n, dtype=np.uint8)
+        self._group_view = np.zeros(n, dtype=np.uint8)
+        self._reused_view = np.zeros(n, dtype=np.uint8)  # hit since it was cached
+        self._full_holders_view = np.zeros(n, dtype=np.int32)
+        # milliseconds of the monotonic clock, modulo 2**32: durations up to 49 days
+        self._cached_at_view = np.zeros(n, dtype=np.uint32)
+        self._released_at_view = np.zeros(n, dtype=np.uint32)
+        self._free, self._hashed, self._group, self._reused, self._full_holders, self._cached_at, self._released_at = (
+            memoryview(a) for a in (
+                self._free_view, self._hashed_view, self._group_view, self._reused_view,
+                self._full_holders_view, self._cached_at_view, self._released_at_view,
+            )
+        )
         self._full_blocks = [0] * len(self.block_sizes)
         self._requests: dict[str, _RequestRecord] = {}
 
@@ -238,11 +242,11 @@ class KVCacheState:
 
     def on_blocks_touched(self, block_ids: Iterable[int]) -> None:
         """Prefix-cache hits: cached blocks gain a holder (and leave the free list)."""
-        free, hits = self._free, self._reuse_hits
+        free, reused = self._free, self._reused
         count = 0
         for b in block_ids:
             count += 1
-            hits[b] += 1
+            reused[b] = 1
             if free[b]:
                 free[b] = 0
                 self._free_count -= 1
@@ -251,17 +255,18 @@ class KVCacheState:
     def on_blocks_released(self, block_ids: Iterable[int], now: float) -> None:
         """Blocks whose last holder let go (ref_cnt reached 0)."""
         free, released_at = self._free, self._released_at
+        now_ms = _ms(now)
         for b in block_ids:
             if not free[b]:
                 free[b] = 1
-                released_at[b] = now
+                released_at[b] = now_ms
                 self._free_count += 1
 
     def on_block_hashed(self, block_id: int, now: float) -> None:
         if not self._hashed[block_id]:
             self._hashed[block_id] = 1
-            self._cached_at[block_id] = now
-            self._reuse_hits[block_id] = 0
+            self._cached_at[block_id] = _ms(now)
+            self._reused[block_id] = 0
 
     def on_block_unhashed(self, block_id: int, reason: str, now: float) -> None:
         if self._hashed[block_id]:
@@ -273,28 +278,28 @@ class KVCacheState:
             self._hashed[src] = 0
             self._hashed[dst] = 1
             self._cached_at[dst] = self._cached_at[src]
-            self._reuse_hits[dst] = self._reuse_hits[src]
+            self._reused[dst] = self._reused[src]
 
     def on_cache_reset(self, now: float) -> None:
         """Every prefix-cache entry was dropped at once (rare: weight updates, benchmarks)."""
         ids = np.flatnonzero(self._hashed_view)
         if not ids.size:
             return
-        reused = np.frombuffer(self._reuse_hits, dtype=np.uint32)[ids] > 0
+        reused = self._reused_view[ids] > 0
         for flag in (False, True):
             self.evictions[("reset", flag)] += int(np.count_nonzero(reused == flag))
-        idle = np.where(
-            self._free_view[ids] == 1, now - self._released_at_view[ids], 0.0
-        )
-        self._buffer(self._block_cache_durations, (now - self._cached_at_view[ids]).tolist())
+        now_ms = np.uint32(_ms(now))
+        idle = np.where(self._free_view[ids] == 1, (now_ms - self._released_at_view[ids]) / 1000.0, 0.0)
+        self._buffer(self._block_cache_durations, ((now_ms - self._cached_at_view[ids]) / 1000.0).tolist())
         self._buffer(self._block_idle_durations, idle.tolist())
         self._hashed_view[ids] = 0
 
     def _evict(self, b: int, reason: str, now: float) -> None:
         self._hashed[b] = 0
-        self.evictions[(reason, self._reuse_hits[b] > 0)] += 1
-        self._buffer(self._block_cache_durations, (now - self._cached_at[b],))
-        idle = now - self._released_at[b] if self._free[b] else 0.0
+        self.evictions[(reason, self._reused[b] > 0)] += 1
+        now_ms = _ms(now)
+        self._buffer(self._block_cache_durations, (((now_ms - self._cached_at[b]) & _MS_MASK) / 1000.0,))
+        idle = ((now_ms - self._released_at[b]) & _MS_MASK) / 1000.0 if self._free[b] else 0.0
         self._buffer(self._block_idle_durations, (idle,))
 
     # -- request events ----------------------------------------------------------
@@ -438,9 +443,11 @@ class KVCacheState:
             used_blocks = usable - free_blocks
             free_mask = self._free_view[1:]
             cached_blocks = int(np.count_nonzero(free_mask & self._hashed_view[1:]))
-            edges = np.diff(free_mask.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-            starts = np.flatnonzero(edges == 1)
-            run_lengths = np.flatnonzero(edges == -1) - starts
+            # run edges: where the free flag changes, the mask padded with used on both ends
+            padded = np.zeros(free_mask.size + 2, dtype=np.uint8)
+            padded[1:-1] = free_mask
+            edges = np.flatnonzero(padded[1:] != padded[:-1])
+            run_lengths = edges[1::2] - edges[::2]
             free_runs = int(run_lengths.size)
             largest = int(run_lengths.max()) if free_runs else 0
 
@@ -503,6 +510,14 @@ class KVCacheState:
                 preemptions=self.preemptions,
                 groups=tuple(groups),
             )
+
+
+_MS_MASK = 0xFFFFFFFF
+
+
+def _ms(seconds: float) -> int:
+    """A monotonic time in seconds as uint32 milliseconds (wrapping; differences stay right)."""
+    return int(seconds * 1000.0) & _MS_MASK
 
 
 def _ratio(numerator: float, denominator: float) -> float:
