@@ -11,9 +11,13 @@ Measures, side by side in one process:
    workload, run to completion, for
      baseline         vLLM alone (plugin uninstrumented)
      plugin           every plugin hook on, plus a full metrics collection
-                      (KVCacheMetrics read through an InMemoryMetricReader)
                       every --collect-every steps and once at the end of the
-                      run, all counted in the plugin's time
+                      run, all counted in the plugin's time. One collection is
+                      what the plugin's exporter runs: MeterProvider.force_flush()
+                      on a PeriodicExportingMetricReader(HistogramExporter(a
+                      MetricExporter that discards)): KVCacheMetrics callbacks
+                      (snapshot + numpy fold of the buffered histogram values)
+                      and the OTLP histogram points built at export
      plugin_spans     as plugin, with per-request spans going to an in-memory
                       span exporter (only if this plugin version has spans)
      vllm_kv_metrics  vLLM's own KVCacheMetricsCollector, sample rate 1.0
@@ -25,15 +29,19 @@ Measures, side by side in one process:
    of the same round).
 2. collection cost on a synthetic but realistic block map (KVCacheState built
    directly, no vLLM): KVCacheState.snapshot() and a full KVCacheMetrics
-   collection at 10k, 100k and 1M blocks (512 requests, one decode token
-   between two collections, no histogram values buffered); the cost per
-   buffered histogram value recorded at collection; and the cost of one
+   collection (as above) at 10k, 100k and 1M blocks (512 requests, one decode
+   token between two collections, no histogram values buffered); the cost per
+   buffered histogram value of a collection (folded with numpy) and of
+   buffering it on the hot path; and the cost of one
    hook-style event call (lock + on_blocks_allocated / on_blocks_released of
    4 blocks) at each size.
-3. memory: bytes per block of KVCacheState, bytes per in-flight request.
+3. memory: bytes per block of KVCacheState (its per-block numpy arrays),
+   bytes per in-flight request.
 
 Readable table on stdout, progress on stderr, all numbers with --json OUT.
---profile adds a hook-group ablation and cProfile listings (not in --json).
+--profile adds, on the first (pressured) pool, the plugin's self time per
+hook (us per call, % of baseline step time), a hook-group ablation and cProfile
+listings (not in --json).
 """
 
 from __future__ import annotations
@@ -114,6 +122,92 @@ QUICK = Config(
 
 
 # =============================================================================
+# one collection, as the plugin's exporter runs it
+# =============================================================================
+
+
+HISTOGRAM_METRICS = (
+    "vllm.kv_cache.allocation.duration",
+    "vllm.kv_cache.block.cache.duration",
+    "vllm.kv_cache.block.idle.duration",
+)
+
+
+def _discarding_exporter():
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+
+    class DiscardingMetricExporter(MetricExporter):
+        """Takes every export and drops it (keeps the last, to check its content)."""
+
+        def __init__(self):
+            super().__init__()
+            self.exports = 0
+            self.last = None
+
+        def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs):
+            self.exports += 1
+            self.last = metrics_data
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+            pass
+
+    return DiscardingMetricExporter()
+
+
+class Collector:
+    """The plugin's metrics pipeline over one pool, exporting to nowhere.
+
+    `collect()` is one collection: MeterProvider.force_flush() on a
+    PeriodicExportingMetricReader(HistogramExporter(discarding exporter)) that
+    never fires on its own: the KVCacheMetrics callbacks (snapshot, then the
+    numpy fold of the histogram values buffered since the last one), the SDK's
+    gauge and counter points, the OTLP histogram points HistogramExporter adds,
+    handed to an exporter that drops them.
+    """
+
+    def __init__(self, state, guard=None):
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        from vllm_frag_otel.telemetry import POOL, SCOPE, HistogramExporter, KVCacheMetrics
+
+        self.sink = _discarding_exporter()
+        exporter = HistogramExporter(self.sink)
+        self.provider = MeterProvider(
+            metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=10**9)]
+        )
+        exporter.metrics = KVCacheMetrics(self.provider.get_meter(SCOPE, "bench"), guard)
+        exporter.metrics.add_pool(state, {POOL: "0"})
+        self.collect = self.provider.force_flush
+
+    def exported_metric_names(self) -> set:
+        """Metric names of the plugin's scope in the last export (the harness checks them)."""
+        from vllm_frag_otel.telemetry import SCOPE
+
+        if self.sink.last is None:
+            return set()
+        return {
+            m.name
+            for rm in self.sink.last.resource_metrics
+            for sm in rm.scope_metrics
+            if sm.scope.name == SCOPE
+            for m in sm.metrics
+        }
+
+    def check(self) -> None:
+        missing = set(HISTOGRAM_METRICS) - self.exported_metric_names()
+        if missing:
+            raise SystemExit(f"a collection exported no {', '.join(sorted(missing))} (exports: {self.sink.exports})")
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+# =============================================================================
 # 1. step time on vLLM's real scheduler
 # =============================================================================
 
@@ -171,8 +265,8 @@ class StepBench:
             g.active, g.errors = True, 0
         else:
             self.instrumentor.uninstrument()
-        wrapped = hasattr(self.BlockPool.__dict__["get_new_blocks"], "__wrapped__")
-        assert wrapped == on, f"BlockPool.get_new_blocks wrapped={wrapped}, expected {on}"
+        hooked = getattr(self.BlockPool.__dict__["get_new_blocks"], "__vllm_frag_otel_hook__", False)
+        assert hooked == on, f"BlockPool.get_new_blocks hooked={hooked}, expected {on}"
 
     def _spans_runtime(self):
         import dataclasses
@@ -197,8 +291,9 @@ class StepBench:
         restore = runtime = previous_runtime = span_exporter = None
         if ablate:
             restore = [(cls, m, cls.__dict__[m]) for cls, m in ablate]
-            for cls, m, wrapper in restore:
-                setattr(cls, m, wrapper.__wrapped__)
+            for cls, m, hook in restore:
+                assert getattr(hook, "__vllm_frag_otel_hook__", False), f"{cls.__name__}.{m} is not a plugin hook"
+                setattr(cls, m, hook.__wrapped__)
         try:
             if variant == "plugin_spans":
                 runtime, span_exporter = self._spans_runtime()
@@ -216,8 +311,8 @@ class StepBench:
                     self.telemetry.install(previous_runtime)
             result = self._run(variant, scheduler, specs, seed, collect)
         finally:
-            for cls, m, wrapper in restore or ():
-                setattr(cls, m, wrapper)
+            for cls, m, hook in restore or ():
+                setattr(cls, m, hook)
             if runtime is not None:
                 runtime.shutdown()
         if span_exporter is not None:
@@ -225,11 +320,7 @@ class StepBench:
         return result
 
     def _run(self, variant: str, scheduler, specs, seed: int, collect: bool) -> dict:
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
         from vllm_frag_otel import analyzer_for
-        from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
 
         sim = self.sim
         plugin = variant.startswith("plugin")
@@ -251,12 +342,10 @@ class StepBench:
         requests = sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], BLOCK_SIZE)
         for request in requests:
             scheduler.add_request(request)
-        reader = provider = None
+        collector = collect_once = None
         if plugin and collect:
-            reader = InMemoryMetricReader()
-            provider = MeterProvider(metric_readers=[reader])
-            metrics = KVCacheMetrics(provider.get_meter(SCOPE, "bench"), self.guard())
-            metrics.add_pool(state, {POOL: "0"})
+            collector = Collector(state, self.guard())
+            collect_once = collector.collect
 
         rng = random.Random(seed)
         schedule, update = scheduler.schedule, scheduler.update_from_output
@@ -276,16 +365,16 @@ class StepBench:
             t3 = clock()
             step_s += (t1 - t0) + (t3 - t2)
             steps += 1
-            if reader is not None and steps % collect_every == 0:
+            if collect_once is not None and steps % collect_every == 0:
                 t0 = clock()
-                reader.get_metrics_data()
+                collect_once()
                 collect_s += clock() - t0
                 collections += 1
             if steps > 200_000:
                 raise RuntimeError("the scheduler did not drain")
-        if reader is not None:  # the histograms buffered since the last export are paid for too
+        if collect_once is not None:  # the histograms buffered since the last export are paid for too
             t0 = clock()
-            reader.get_metrics_data()
+            collect_once()
             collect_s += clock() - t0
             collections += 1
 
@@ -305,8 +394,12 @@ class StepBench:
                 snap = state.snapshot()
                 result["evictions"] = snap.evictions
                 result["allocation_attempts"] = snap.allocation_attempts
-            if provider is not None:
-                provider.shutdown()
+            if collector is not None:
+                try:
+                    if g.errors == 0 and g.active:
+                        collector.check()
+                finally:
+                    collector.shutdown()
         return result
 
     # -- the interleaved experiment ---------------------------------------------
@@ -450,11 +543,6 @@ def _advance(requests, tokens: int = 1) -> None:
 
 
 def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dict:
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
-
     t = time.perf_counter()
     state, requests, _ = build_block_map(num_blocks, num_requests)
     build_s = time.perf_counter() - t
@@ -463,11 +551,9 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
     t = clock()
     snap = state.snapshot()  # cold: counts every full block of every request once
     first_ms = (clock() - t) * 1e3
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    KVCacheMetrics(provider.get_meter(SCOPE, "bench"), None).add_pool(state, {POOL: "0"})
-    reader.get_metrics_data()  # warm-up: the SDK sets up its instruments
-    state.drain_histograms()
+    collector = Collector(state)
+    collector.collect()  # warm-up: the SDK sets up its instruments; folds anything buffered
+    collector.check()
     snapshot_ms, collection_ms = [], []
     for _ in range(reps):
         _advance(requests)
@@ -476,9 +562,9 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         snapshot_ms.append((clock() - t) * 1e3)
         _advance(requests)
         t = clock()
-        reader.get_metrics_data()
+        collector.collect()
         collection_ms.append((clock() - t) * 1e3)
-    provider.shutdown()
+    collector.shutdown()
     return {
         "num_blocks": num_blocks,
         "requests": num_requests,
@@ -494,38 +580,56 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
     }
 
 
-def bench_histograms(num_values: int = 20_000, reps: int = 5) -> dict:
-    """Cost of the histogram part of a collection: every buffered value (one per
-    allocate_slots call, two per evicted block) is recorded into the OTel SDK
-    one by one at collection. Measured as (collection with `num_values`
-    allocation durations buffered - collection with none) / num_values."""
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+def bench_histograms(num_values: int = 200_000, reps: int = 7) -> dict:
+    """Cost of the histogram values buffered between two collections.
 
-    from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
-
-    state, requests, _ = build_block_map(10_000, 64)
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    KVCacheMetrics(provider.get_meter(SCOPE, "bench"), None).add_pool(state, {POOL: "0"})
-    reader.get_metrics_data()
+    At collection (the part that grows with them): (one collection with
+    `num_values` allocate_slots durations buffered through
+    `state.on_allocation(True, d, None)`, as the hook does with spans off -
+    the same collection with none buffered) / num_values; every buffered value
+    (one per allocate_slots call, two per evicted block) is folded with numpy
+    into bucket counts. `fold_us_per_value` is `fold_histograms` alone, outside
+    a collection. On the hot path: `buffer_us_per_value`, one on_allocation call
+    (the Python loop calling it included; no lock)."""
+    state, _, _ = build_block_map(10_000, 64)
+    collector = Collector(state)
+    collector.collect()
+    collector.check()
     rng = np.random.default_rng(3)
-    durations = (rng.lognormal(np.log(2e-5), 1.0, num_values)).tolist()
+    durations = rng.lognormal(np.log(2e-5), 1.0, num_values).tolist()
+    on_allocation = state.on_allocation
     clock = time.perf_counter
-    empty, full = [], []
+    empty, full, buffer, fold = [], [], [], []
+    gc.collect()
     for _ in range(reps):
         t = clock()
-        reader.get_metrics_data()
+        collector.collect()
         empty.append(clock() - t)
-        for i, d in enumerate(durations):
-            state.on_allocation(i % 50 != 0, d)
         t = clock()
-        reader.get_metrics_data()
+        for d in durations:
+            on_allocation(True, d, None)
+        buffer.append(clock() - t)
+        t = clock()
+        collector.collect()
         full.append(clock() - t)
-    provider.shutdown()
+        for d in durations:
+            on_allocation(True, d, None)
+        t = clock()
+        state.fold_histograms(time.time_ns())
+        fold.append(clock() - t)
+    folded = state.allocation_duration["success"].count
+    collector.collect()
+    collector.shutdown()
+    assert folded == 2 * reps * num_values, f"{folded} values folded, {2 * reps * num_values} buffered"
+    assert state.dropped_measurements == 0
+    empty_s, full_s = statistics.median(empty), statistics.median(full)
     return {
         "values": num_values,
-        "us_per_value": (statistics.median(full) - statistics.median(empty)) / num_values * 1e6,
+        "collection_empty_ms": empty_s * 1e3,
+        "collection_full_ms": full_s * 1e3,
+        "us_per_value": (full_s - empty_s) / num_values * 1e6,
+        "fold_us_per_value": statistics.median(fold) / num_values * 1e6,
+        "buffer_us_per_value": statistics.median(buffer) / num_values * 1e6,
     }
 
 
@@ -572,21 +676,43 @@ def bench_memory(num_requests: int) -> dict:
     from vllm_frag_otel.state import KVCacheState
 
     n = 1_000_000
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    state = KVCacheState(n, [BLOCK_SIZE])
-    traced = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    # the per-block buffers themselves: every array-like attribute with one item per block
-    arrays = {}
-    for name, value in vars(state).items():
-        if isinstance(value, (bytearray, memoryview)) or type(value).__name__ == "array":
+
+    def traced_state(num_blocks: int):
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        state = KVCacheState(num_blocks, [BLOCK_SIZE])
+        traced = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        return state, traced
+
+    # the same at half the size: the slope is the per-block part, the rest is fixed
+    half = n // 2
+    traced_half = traced_state(half)[1]
+    state, traced = traced_state(n)
+    marginal = (traced - traced_half) / (n - half)
+    # the per-block buffers themselves: every attribute owning one item per block
+    # (numpy arrays, bytearray, array.array); memoryviews over one of those
+    # share its memory and are listed apart, not counted again
+    attributes = vars(state)
+    arrays, dtypes, views = {}, {}, {}
+    for name, value in attributes.items():
+        if isinstance(value, np.ndarray):
+            if value.base is None and value.shape == (n,):
+                arrays[name], dtypes[name] = value.nbytes, str(value.dtype)
+        elif isinstance(value, memoryview):
+            if len(value) != n:
+                continue
+            owner = next((k for k, v in attributes.items() if v is value.obj), None)
+            if owner is not None and not isinstance(attributes[owner], memoryview):
+                views[name] = owner
+            else:
+                arrays[name], dtypes[name] = value.nbytes, f"memoryview {value.format}"
+        elif isinstance(value, bytearray) or type(value).__name__ == "array":
             if len(value) == n:
                 arrays[name] = len(value) * getattr(value, "itemsize", 1)
-        elif isinstance(value, np.ndarray) and value.base is None and len(value) == n:
-            arrays[name] = value.nbytes
-    del state
+                dtypes[name] = type(value).__name__ + (f" {value.typecode}" if hasattr(value, "typecode") else "")
+    del state, attributes
 
     # in-flight requests: prompt blocks at admission, then one block at a time (decode),
     # as the allocate_slots hook reports them; sizes from the ShareGPT-like workload
@@ -615,8 +741,12 @@ def bench_memory(num_requests: int) -> dict:
     tracemalloc.stop()
     return {
         "bytes_per_block": traced / n,
+        "bytes_per_block_marginal": marginal,
+        "fixed_bytes": traced - marginal * n,
         "bytes_per_block_arrays": sum(arrays.values()) / n,
         "per_block_arrays": {k: v // n for k, v in arrays.items()},
+        "per_block_array_types": dtypes,
+        "memoryviews": views,
         "bytes_per_request": per_request,
         "blocks_per_request": blocks_total / num_requests,
         "requests": num_requests,
@@ -644,22 +774,172 @@ HOOK_GROUPS = {
 }
 
 
-def profile(bench: StepBench, cfg: Config, pairs: int = 5) -> str:
-    """Where the plugin's time goes.
+class _Dummy:
+    def method(self, x):
+        return x
 
+
+def _dispatch_calibration(n: int = 200_000) -> dict:
+    """us per call of the plugin's hook dispatch with a pass-through wrapper, and
+    the bias the self-time instrumentation below adds to each measured call."""
+    from vllm_frag_otel import hooks
+
+    clock = time.perf_counter
+    original = _Dummy.__dict__["method"]
+
+    def passthrough(wrapped, instance, args, kwargs):
+        return wrapped(*args, **kwargs)
+
+    def loop() -> float:
+        obj, best = _Dummy(), float("inf")
+        for _ in range(5):
+            t = clock()
+            for i in range(n):
+                obj.method(i)
+            best = min(best, clock() - t)
+        return best / n * 1e6
+
+    try:
+        direct = loop()
+        _Dummy.method = hooks._hooked(_Dummy, original, passthrough)
+        hooked = loop()
+        timed_self = float("inf")
+        obj = _Dummy()
+        for _ in range(5):
+            acc = [0, 0.0, 0.0]
+            _Dummy.method = _timed_hook(_Dummy, original, passthrough, acc)
+            for i in range(n):
+                obj.method(i)
+            timed_self = min(timed_self, (acc[1] - acc[2]) / acc[0] * 1e6)
+    finally:
+        _Dummy.method = original
+    dispatch = hooked - direct
+    return {"direct_us": direct, "dispatch_us": dispatch, "bias_us": timed_self - dispatch}
+
+
+def _timed_hook(cls, original, wrapper, acc):
+    """The plugin's hook (hooks._hooked) of `original` through `wrapper`, timed:
+    acc = [calls, s in the hook, s in vLLM's original under it]."""
+    from vllm_frag_otel import hooks
+
+    clock = time.perf_counter
+
+    def timed_original(self, *args, **kwargs):
+        t = clock()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            acc[2] += clock() - t
+
+    timed_original.__name__ = getattr(original, "__name__", "original")
+    inner = hooks._hooked(cls, timed_original, wrapper)
+
+    def outer(self, *args, **kwargs):
+        t = clock()
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            acc[1] += clock() - t
+            acc[0] += 1
+
+    outer.__vllm_frag_otel_hook__ = True
+    outer.__wrapped__ = original
+    return outer
+
+
+def hook_self_times(bench: StepBench, num_blocks: int, specs, runs: int) -> dict:
+    """The plugin's own time in each hook (the hook minus the vLLM method it wraps,
+    nested hooks excluded), summed over `runs` hooks-only runs, against baselines
+    interleaved with them."""
+    from vllm_frag_otel import hooks
+
+    calibration = _dispatch_calibration()
+    stats: dict[str, list] = {}
+    baseline_s = plugin_s = 0.0
+    steps = 0
+    try:
+        for _ in range(runs):
+            baseline_s += bench.run("baseline", num_blocks, specs)["step_s"]  # uninstruments
+            bench._set_instrumented(True)
+            for cls, method in bench.instrumentor._wrapped:
+                if method == "__init__":
+                    continue
+                qualname = f"{cls.__name__}.{method}"
+                acc = stats.setdefault(qualname, [0, 0.0, 0.0])
+                hook = cls.__dict__[method]
+                setattr(cls, method, _timed_hook(cls, hook.__wrapped__, hooks.WRAPPERS[qualname], acc))
+            res = bench.run("plugin", num_blocks, specs, collect=False)  # instrument() is a no-op now
+            if res.get("hook_errors"):
+                raise SystemExit(f"plugin hooks raised {res['hook_errors']} errors under the profiler")
+            plugin_s += res["step_s"]
+            steps += res["steps"]
+    finally:
+        # puts back vLLM's originals (the timed hooks' __wrapped__); the next
+        # instrument() builds the plugin's hooks afresh
+        bench.instrumentor.uninstrument()
+        bench._set_instrumented(False)
+    bias = calibration["bias_us"] * 1e-6
+    per_hook = {}
+    for qualname, (calls, hook_s, vllm_s) in stats.items():
+        if not calls:
+            continue
+        own = max(hook_s - vllm_s - calls * bias, 0.0)
+        per_hook[qualname] = {
+            "calls_per_step": calls / steps,
+            "us_per_call": own / calls * 1e6,
+            "vllm_us_per_call": vllm_s / calls * 1e6,
+            "us_per_step": own / steps * 1e6,
+            "pct_of_baseline": own / baseline_s * 100,
+        }
+    if not per_hook:
+        raise SystemExit("the timed hooks saw no call")
+    return {
+        "runs": runs,
+        "steps_per_run": steps // runs,
+        "baseline_s": baseline_s / runs,
+        "plugin_timed_s": plugin_s / runs,
+        "calibration": calibration,
+        "hooks": dict(sorted(per_hook.items(), key=lambda kv: -kv[1]["pct_of_baseline"])),
+    }
+
+
+def profile(bench: StepBench, cfg: Config, pairs: int = 5, self_time_runs: int = 3) -> str:
+    """Where the plugin's time goes, on the first (pressured) pool.
+
+    - self time per hook: each hook's own time (minus the vLLM method under it),
+      us per call, calls per step and % of baseline step time;
     - hook ablation: the step time each group of hooks costs, as the median over
       `pairs` interleaved pairs of (all hooks) - (all hooks but that group), no collection;
-    - cProfile of one plugin run (plugin-side functions) and of 10 collections
-      at the largest pool size.
+    - cProfile of one plugin run (plugin-side functions), of 10 collections at
+      the largest pool size, and the histogram fold with and without tags.
     """
     import cProfile
     import io
     import pstats
 
     specs = bench.workloads.generate("sharegpt", cfg.num_requests, seed=0, max_len=4096)
-    num_blocks = next(iter(cfg.scenarios.values()))
+    scenario, num_blocks = next(iter(cfg.scenarios.items()))
     report = io.StringIO()
     out = report.write
+
+    log(f"profile: self time per hook ({self_time_runs} runs, {scenario} pool)")
+    st = hook_self_times(bench, num_blocks, specs, self_time_runs)
+    cal = st["calibration"]
+    total_pct = sum(h["pct_of_baseline"] for h in st["hooks"].values())
+    total_us = sum(h["us_per_step"] for h in st["hooks"].values())
+    out(f"\n=== plugin self time per hook ({scenario}: {num_blocks} blocks, {cfg.num_requests} requests, "
+        f"{st['steps_per_run']} steps, no collection; sum of {st['runs']} runs) ===\n")
+    out(f"baseline {st['baseline_s']:.3f}s/run ({st['baseline_s'] / st['steps_per_run'] * 1e6:.1f} us/step); "
+        f"self time = hook - the vLLM method under it - {cal['bias_us']:.3f} us/call timer bias; "
+        f"it includes the dispatch layer ({cal['dispatch_us']:.3f} us/call with a pass-through wrapper)\n")
+    out(f"{'hook':42s} {'calls/step':>10s} {'us/call':>8s} {'us/step':>8s} {'% base':>7s} {'vLLM us/call':>13s}\n")
+    for q, h in st["hooks"].items():
+        out(f"{q:42s} {h['calls_per_step']:10.2f} {h['us_per_call']:8.3f} {h['us_per_step']:8.2f} "
+            f"{h['pct_of_baseline']:6.2f}% {h['vllm_us_per_call']:13.2f}\n")
+    calls = sum(h["calls_per_step"] for h in st["hooks"].values())
+    out(f"{'all hooks':42s} {calls:10.2f} {'':8s} {total_us:8.2f} {total_pct:6.2f}%   "
+        f"(of which dispatch {calls * cal['dispatch_us']:.2f} us/step, "
+        f"{calls * cal['dispatch_us'] / (st['baseline_s'] / st['steps_per_run'] * 1e6) * 100:.2f}%)\n")
 
     bench._set_instrumented(True)
     groups: dict[str, list] = {name: [] for name in HOOK_GROUPS}
@@ -692,38 +972,52 @@ def profile(bench: StepBench, cfg: Config, pairs: int = 5) -> str:
         s = statistics.median(saved[g])
         note = f" ({errors[g]} contained hook errors without them)" if errors[g] else ""
         members = ", ".join(f"{c.__name__}.{m}" for c, m in pts)
-        out(f"{g:28s} {s:8.3f} {s / hooks_s * 100:12.1f}% {s / baseline_s * 100:11.1f}%  {members}{note}\n")
+        share = f"{s / hooks_s * 100:12.1f}%" if hooks_s > 0 else f"{'n/a':>13s}"
+        out(f"{g:28s} {s:8.3f} {share} {s / baseline_s * 100:11.1f}%  {members}{note}\n")
 
+    log("profile: cProfile")
     prof = cProfile.Profile()
     prof.enable()
     res = bench.run("plugin", num_blocks, specs)
     prof.disable()
     out(f"\n=== cProfile, plugin run with collections ({res['total_s']:.3f}s timed, profiler-inflated) ===\n")
     pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(
-        r"vllm_frag_otel/(hooks|state|telemetry|stories)|wrapt|opentelemetry", 25
+        r"vllm_frag_otel/(hooks|state|telemetry|stories)|opentelemetry", 25
     )
-
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    from vllm_frag_otel.telemetry import POOL, SCOPE, KVCacheMetrics
 
     size = max(cfg.pool_sizes)
     state, requests, _ = build_block_map(size, 512)
     state.snapshot()
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    KVCacheMetrics(provider.get_meter(SCOPE, "bench"), None).add_pool(state, {POOL: "0"})
-    reader.get_metrics_data()
+    collector = Collector(state)
+    collector.collect()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(10):
         _advance(requests)
-        reader.get_metrics_data()
+        collector.collect()
     prof.disable()
+    collector.shutdown()
     out(f"\n=== cProfile, 10 collections at {size} blocks, 512 requests ===\n")
     pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(20)
-    provider.shutdown()
+
+    # the fold: values buffered with a tag each (None with spans off) vs no tags at all
+    from vllm_frag_otel.state import ALLOCATION_BUCKETS, BucketHistogram
+
+    n = 200_000
+    values = np.random.default_rng(5).lognormal(np.log(2e-5), 1.0, n)
+    none_tags = [None] * n
+    timings = {}
+    for label, tags in (("tags=None", None), (f"tags=[None]*{n}", none_tags)):
+        best = float("inf")
+        for _ in range(5):
+            h = BucketHistogram(ALLOCATION_BUCKETS)
+            t = time.perf_counter()
+            h.fold(values, tags, 0)
+            best = min(best, time.perf_counter() - t)
+        timings[label] = best
+    out(f"\n=== BucketHistogram.fold of {n} values (best of 5) ===\n")
+    for label, t in timings.items():
+        out(f"{label:24s} {t * 1e3:8.2f} ms  {t / n * 1e6:.4f} us/value\n")
     return report.getvalue()
 
 
@@ -767,8 +1061,11 @@ def render(result: dict) -> str:
         for c in result["collection"].values():
             add(f"   {c['num_blocks']:9d} {c['used']:8d} {c['cached']:8d} {c['free_runs']:9d} "
                 f"{c['snapshot_ms']:12.3f} {c['collection_ms']:14.3f} {c['first_snapshot_ms']:21.1f}")
-        add(f"   histogram values buffered by the hooks are recorded one by one at collection: "
-            f"{result['histogram_record_us_per_value']:.2f} us per value")
+        h = result["histogram"]
+        add(f"   per buffered histogram value: {h['us_per_value']:.4f} us of collection "
+            f"(fold_histograms alone {h['fold_us_per_value']:.4f} us; collection with {h['values']} values "
+            f"{h['collection_full_ms']:.2f} ms vs {h['collection_empty_ms']:.2f} ms empty, 10k blocks); "
+            f"{h['buffer_us_per_value']:.3f} us to buffer it on the hot path")
         add("   hook-style event call (lock + state method, 4 random blocks), us per call")
         add(f"   {'blocks':>9s} {'on_blocks_allocated':>20s} {'on_blocks_released':>19s}")
         for size, e in result["event_us_by_pool_size"].items():
@@ -777,9 +1074,14 @@ def render(result: dict) -> str:
         m = result["memory"]
         add("")
         add("3. memory")
-        add(f"   per block:   {m['bytes_per_block']:.2f} bytes (tracemalloc, 1M-block KVCacheState); "
-            f"per-block arrays {m['bytes_per_block_arrays']:.0f} bytes: "
-            + ", ".join(f"{k} {v}" for k, v in m["per_block_arrays"].items()))
+        add(f"   per block:   {m['bytes_per_block']:.2f} bytes (tracemalloc, 1M-block KVCacheState: "
+            f"{m['bytes_per_block_marginal']:.2f} per block + {m['fixed_bytes'] / 1e3:.1f} kB fixed); "
+            f"per-block arrays {m['bytes_per_block_arrays']:.0f} bytes:")
+        add("     " + ", ".join(f"{k} {m['per_block_array_types'].get(k, '')} {v}"
+                                for k, v in m["per_block_arrays"].items()))
+        if m.get("memoryviews"):
+            add("     + memoryviews sharing their memory (not counted again): "
+                + ", ".join(f"{k}->{v}" for k, v in m["memoryviews"].items()))
         add(f"   per request: {m['bytes_per_request']:.0f} bytes ({m['requests']} in-flight requests, "
             f"{m['blocks_per_request']:.1f} blocks each on average)")
     add("")
@@ -822,8 +1124,10 @@ def evaluate_targets(result: dict) -> dict:
             ", ".join(f"{k} x{s:.2f} over {', '.join(ev)} blocks" for k, s in spreads.items()))
     if "memory" in result:
         b = result["memory"]["bytes_per_block"]
+        m = result["memory"]
         put("bytes_per_block", f"<= {TARGET_BYTES_PER_BLOCK} bytes per block", b <= TARGET_BYTES_PER_BLOCK,
-            f"{b:.2f} bytes")
+            f"{b:.2f} bytes at 1M blocks ({m['bytes_per_block_marginal']:.2f} per block + "
+            f"{m['fixed_bytes'] / 1e3:.1f} kB fixed)")
     return targets
 
 
@@ -897,8 +1201,9 @@ def main(argv=None) -> int:
         result["collection_ms"] = {k: v["collection_ms"] for k, v in collection.items()}
         result["snapshot_ms"] = {k: v["snapshot_ms"] for k, v in collection.items()}
         result["event_us_by_pool_size"] = events
-        log("histogram recording cost")
-        result["histogram_record_us_per_value"] = bench_histograms()["us_per_value"]
+        log("cost per buffered histogram value")
+        result["histogram"] = bench_histograms()
+        result["histogram_record_us_per_value"] = result["histogram"]["us_per_value"]
     if "memory" in parts:
         log("memory")
         memory = bench_memory(cfg.memory_requests)
