@@ -151,3 +151,46 @@ def test_otel_sdk_disabled_exports_nothing(tmp_path):
     summary = _simulate(tmp_path, {"OTEL_SDK_DISABLED": "true"})
     assert not (summary["dir"] / "telemetry").exists()
     assert summary["fields"]["used_blocks"]["max"] > 0  # the analyzer still works
+
+
+@pytest.fixture(scope="module")
+def tls_receiver(tmp_path_factory):
+    """A TLS-only OTLP receiver process with a self-signed certificate for 127.0.0.1."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key, out = directory / "cert.pem", directory / "key.pem", directory / "received.jsonl"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "tls_receiver.py"), str(cert), str(key), str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    ready = process.stdout.readline().split()
+    assert ready and ready[0] == "READY", ready
+    yield {"cert": cert, "out": out, "grpc": int(ready[1]), "http/protobuf": int(ready[2])}
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _received(out) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_tls_and_auth_headers_through_the_standard_variables(tmp_path, tls_receiver, protocol):
+    endpoint = f"https://127.0.0.1:{tls_receiver[protocol]}"
+    transport = "grpc" if protocol == "grpc" else "http"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+           "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cret"}
+    # not trusting the self-signed certificate: nothing is delivered, and vLLM's run still completes
+    before = len(_received(tls_receiver["out"]))
+    _simulate(tmp_path / "untrusted", {**env, "OTEL_EXPORTER_OTLP_TIMEOUT": "2"})
+    assert len(_received(tls_receiver["out"])) == before
+    # trusting it through OTEL_EXPORTER_OTLP_CERTIFICATE: metrics and spans arrive with the header
+    _simulate(tmp_path / "trusted", {**env, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tls_receiver["cert"])})
+    records = [r for r in _received(tls_receiver["out"])[before:] if r["transport"] == transport]
+    assert {r["signal"] for r in records} == {"metrics", "traces"}
+    assert {r["authorization"] for r in records} == {"Bearer s3cret"}
+    assert sum(r["items"] for r in records if r["signal"] == "traces") == int(SIMULATE[1])

@@ -47,17 +47,21 @@ class HookGuard:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None or not issubclass(exc_type, Exception):
             return False
+        self.failed(exc)
+        return True
+
+    def failed(self, exc: Exception) -> None:
+        """Count a contained error; the hottest hooks call this from try/except
+        (cheaper than entering this context manager on every call)."""
         self.errors += 1
-        logger.debug("vllm-frag-otel hook error", exc_info=(exc_type, exc, tb))
+        logger.debug("vllm-frag-otel hook error", exc_info=exc)
         if self.active and self.errors >= self.max_errors:
             self.active = False
-            where = _innermost_frame(tb)
             logger.warning(
                 "vllm-frag-otel: disabled after %d hook errors (last: %s: %s at %s); "
                 "vLLM is unaffected, KV-cache telemetry stops.",
-                self.errors, exc_type.__name__, exc, where,
+                self.errors, type(exc).__name__, exc, _innermost_frame(exc.__traceback__),
             )
-        return True
 
 
 def _innermost_frame(tb) -> str:
@@ -86,13 +90,13 @@ def _pool_state(pool) -> KVCacheState | None:
 
 
 def _pool_init(wrapped, pool, args, kwargs):
-    wrapped(*args, **kwargs)
+    wrapped(pool, *args, **kwargs)
     with _guard:
         pool.__dict__[_STATE] = KVCacheState(pool.num_gpu_blocks, [pool.hash_block_size])
 
 
 def _get_new_blocks(wrapped, pool, args, kwargs):
-    blocks = wrapped(*args, **kwargs)
+    blocks = wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if state is not None:
         with _guard, state.lock:
@@ -101,7 +105,7 @@ def _get_new_blocks(wrapped, pool, args, kwargs):
 
 
 def _touch(wrapped, pool, args, kwargs):
-    wrapped(*args, **kwargs)
+    wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if state is not None:
         with _guard, state.lock:
@@ -119,13 +123,13 @@ def _release_wrapper(param: str) -> Callable:
     def wrapper(wrapped, pool, args, kwargs):
         state = _pool_state(pool)
         if state is None:
-            return wrapped(*args, **kwargs)
+            return wrapped(pool, *args, **kwargs)
         if args:
             blocks = list(args[0])
             args = (blocks, *args[1:])
         else:
             blocks = kwargs[param] = list(kwargs[param])
-        result = wrapped(*args, **kwargs)
+        result = wrapped(pool, *args, **kwargs)
         with _guard, state.lock:
             state.on_blocks_released(
                 [
@@ -141,7 +145,7 @@ def _release_wrapper(param: str) -> Callable:
 
 
 def _cache_full_blocks(wrapped, pool, args, kwargs):
-    wrapped(*args, **kwargs)
+    wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if state is not None:
         with _guard, state.lock:
@@ -155,7 +159,7 @@ def _cache_full_blocks(wrapped, pool, args, kwargs):
 
 
 def _cache_partial_block(wrapped, pool, args, kwargs):
-    result = wrapped(*args, **kwargs)
+    result = wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if state is not None:
         with _guard, state.lock:
@@ -166,7 +170,7 @@ def _cache_partial_block(wrapped, pool, args, kwargs):
 
 
 def _move_block_hashes(wrapped, pool, args, kwargs):
-    wrapped(*args, **kwargs)
+    wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if state is not None:
         with _guard, state.lock:
@@ -178,12 +182,12 @@ def _move_block_hashes(wrapped, pool, args, kwargs):
 def _evict_blocks(wrapped, pool, args, kwargs):
     state = _pool_state(pool)
     if state is None:
-        return wrapped(*args, **kwargs)
+        return wrapped(pool, *args, **kwargs)
     block_ids = _arg(args, kwargs, 0, "block_ids")
     if not isinstance(block_ids, Collection):  # only iterated by vLLM; read it twice
         block_ids = list(block_ids)
         args, kwargs = (block_ids,), {}
-    wrapped(*args, **kwargs)
+    wrapped(pool, *args, **kwargs)
     with _guard, state.lock:
         now = monotonic()
         for block_id in block_ids:
@@ -192,7 +196,7 @@ def _evict_blocks(wrapped, pool, args, kwargs):
 
 
 def _reset_prefix_cache(wrapped, pool, args, kwargs):
-    done = wrapped(*args, **kwargs)
+    done = wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if done and state is not None:
         with _guard, state.lock:
@@ -218,7 +222,7 @@ def _manager_hooks(manager) -> _ManagerHooks | None:
 
 
 def _manager_init(wrapped, manager, args, kwargs):
-    wrapped(*args, **kwargs)
+    wrapped(manager, *args, **kwargs)
     with _guard:
         state = manager.block_pool.__dict__.get(_STATE)
         if state is None:
@@ -239,7 +243,7 @@ def _story(hooks: _ManagerHooks, request):
 
 def _get_computed_blocks(wrapped, manager, args, kwargs):
     """The scheduler's first look at a request: where its KV-cache story starts."""
-    result = wrapped(*args, **kwargs)
+    result = wrapped(manager, *args, **kwargs)
     hooks = _manager_hooks(manager)
     if hooks is not None and hooks.stories is not None:
         with _guard, hooks.state.lock:
@@ -248,21 +252,30 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
 
 
 def _allocate_slots(wrapped, manager, args, kwargs):
+    """Called for every running request on every step: kept lean on purpose."""
     start = perf_counter()
-    result = wrapped(*args, **kwargs)
+    result = wrapped(manager, *args, **kwargs)
     duration = perf_counter() - start
-    hooks = _manager_hooks(manager)
-    if hooks is not None:
+    hooks = manager.__dict__.get(_STATE)
+    if hooks is None or not _guard.active:
+        return result
+    try:
+        request = args[0] if args else kwargs["request"]
         state = hooks.state
-        with _guard, state.lock:
-            request = _arg(args, kwargs, 0, "request")
-            request_id = request.request_id
-            for group, group_manager in enumerate(hooks.group_managers):
-                blocks = group_manager.req_to_blocks.get(request_id)
-                if blocks:
-                    known = state.request_block_count(request_id, group)
-                    if len(blocks) > known:
-                        state.on_request_blocks(request_id, request, group, [b.block_id for b in blocks[known:]])
+        with state.lock:
+            if result is not None:  # a failed allocation changed no block table
+                request_id = request.request_id
+                for group, group_manager in enumerate(hooks.group_managers):
+                    blocks = group_manager.req_to_blocks.get(request_id)
+                    if blocks:
+                        known = state.request_block_count(request_id, group)
+                        if len(blocks) > known:
+                            state.on_request_blocks(
+                                request_id, request, group, [b.block_id for b in blocks[known:]]
+                            )
+            if hooks.stories is None:
+                state.on_allocation(result is not None, duration)
+                return result
             story = _story(hooks, request)
             span_context = story.handle.get_span_context() if story is not None else None
             # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based)
@@ -270,15 +283,17 @@ def _allocate_slots(wrapped, manager, args, kwargs):
             state.on_allocation(result is not None, duration, sampled)
             if story is not None:
                 hooks.stories.allocated(
-                    story, result is not None, state.request_blocks_held(request_id),
+                    story, result is not None, state.request_blocks_held(request.request_id),
                     manager.block_pool.get_num_free_blocks(),
                 )
+    except Exception as exc:
+        _guard.failed(exc)
     return result
 
 
 def _release_request(wrapped, manager, args, kwargs):
     """free / pop_blocks_for_free: the request gives up its block table."""
-    result = wrapped(*args, **kwargs)
+    result = wrapped(manager, *args, **kwargs)
     hooks = _manager_hooks(manager)
     if hooks is not None:
         with _guard, hooks.state.lock:
@@ -288,7 +303,7 @@ def _release_request(wrapped, manager, args, kwargs):
 
 def _record_prefix_cache_stats(wrapped, manager, args, kwargs):
     """vLLM counts a lookup when it admits the request; so do we, whatever log_stats says."""
-    wrapped(*args, **kwargs)
+    wrapped(manager, *args, **kwargs)
     hooks = _manager_hooks(manager)
     if hooks is not None:
         with _guard, hooks.state.lock:
@@ -333,7 +348,7 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
     with _guard:
         _engine_context.attributes = _engine_attributes(_arg(args, kwargs, 0, "vllm_config"))
     try:
-        wrapped(*args, **kwargs)
+        wrapped(scheduler, *args, **kwargs)
     finally:
         _engine_context.attributes = None
 
@@ -341,12 +356,12 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
 def _preempt_request(wrapped, scheduler, args, kwargs):
     hooks = _manager_hooks(scheduler.kv_cache_manager)
     if hooks is None:
-        return wrapped(*args, **kwargs)
+        return wrapped(scheduler, *args, **kwargs)
     request = _arg(args, kwargs, 0, "request")
     blocks_held = 0
     with _guard, hooks.state.lock:
         blocks_held = hooks.state.request_blocks_held(request.request_id)
-    result = wrapped(*args, **kwargs)
+    result = wrapped(scheduler, *args, **kwargs)
     with _guard, hooks.state.lock:
         hooks.state.on_preemption()
         story = _story(hooks, request)
@@ -359,12 +374,12 @@ def _free_request(wrapped, scheduler, args, kwargs):
     """A finished or aborted request: its story ends (its blocks may be freed later)."""
     hooks = _manager_hooks(scheduler.kv_cache_manager)
     if hooks is None or hooks.stories is None:
-        return wrapped(*args, **kwargs)
+        return wrapped(scheduler, *args, **kwargs)
     request = _arg(args, kwargs, 0, "request")
     slots = (0, 0)
     with _guard, hooks.state.lock:
         slots = hooks.state.request_slots(request.request_id)
-    result = wrapped(*args, **kwargs)
+    result = wrapped(scheduler, *args, **kwargs)
     with _guard, hooks.state.lock:
         status = request.status.name.lower()
         hooks.stories.finished(
@@ -400,16 +415,17 @@ WRAPPERS: dict[str, Callable] = {
 # -- instrumentor ----------------------------------------------------------------
 
 
-def _hooked(cls: type, original: Callable, wrapper: Callable) -> Callable:
-    """`original` calling through `wrapper(bound original, self, args, kwargs)`.
+def _hooked(original: Callable, wrapper: Callable) -> Callable:
+    """`original` calling through `wrapper(original, self, args, kwargs)`.
 
-    The wrapt calling convention, with a plain function: on this hot path a
-    wrapt FunctionWrapper cost 0.55 us per call against 0.24 us (measured).
+    wrapt's calling convention, with a plain function and the unbound original:
+    on this hot path a wrapt FunctionWrapper cost 0.55 us per call against
+    0.24 us (measured).
     """
 
     @functools.wraps(original)
     def hooked(self, *args, **kwargs):
-        return wrapper(original.__get__(self, cls), self, args, kwargs)
+        return wrapper(original, self, args, kwargs)
 
     hooked.__vllm_frag_otel_hook__ = True
     return hooked
@@ -456,7 +472,7 @@ class KVCacheInstrumentor:
         _guard.active = True
         _guard.errors = 0
         for (cls, method), point in zip(problem, HOOK_POINTS):
-            setattr(cls, method, _hooked(cls, cls.__dict__[method], WRAPPERS[point.qualname]))
+            setattr(cls, method, _hooked(cls.__dict__[method], WRAPPERS[point.qualname]))
             self._wrapped.append((cls, method))
         return True
 

@@ -74,7 +74,7 @@ class BucketHistogram:
         low, high = float(values.min()), float(values.max())
         self.min, self.max = min(self.min, low), max(self.max, high)
         self._window = (min(self._window[0], low), max(self._window[1], high))
-        if tags:
+        if tags and any(tag is not None for tag in tags):
             unfilled = set(range(self.counts.size))
             for i in range(len(tags) - 1, -1, -1):  # newest first; stops once every bucket has one
                 tag = tags[i]
@@ -365,8 +365,12 @@ class KVCacheState:
     def on_allocation(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
         outcome = "success" if succeeded else "failure"
         self.allocations[outcome] += 1
-        if self._buffer(self._allocation_durations[outcome], (duration_s,)):
+        durations = self._allocation_durations[outcome]
+        if len(durations) < HISTOGRAM_BUFFER_LIMIT:
+            durations.append(duration_s)
             self._allocation_tags[outcome].append(tag)
+        else:
+            self.dropped_measurements += 1
 
     def on_preemption(self) -> None:
         self.preemptions += 1

@@ -44,12 +44,16 @@ class RequestStories:
         self.sink = sink
         self.max_open = max_open
         self.open: dict[str, RequestStory] = {}
-        self.not_followed = 0
+        self.not_followed = 0  # requests turned away because max_open stories were open
+        self._turned_away: set[str] = set()
 
     def get_or_open(self, request_id: str, prompt_tokens: int, num_groups: int, trace_headers) -> RequestStory | None:
         story = self.open.get(request_id)
         if story is None:
+            if request_id in self._turned_away:
+                return None  # no span that would miss its beginning
             if len(self.open) >= self.max_open:
+                self._turned_away.add(request_id)
                 self.not_followed += 1
                 return None
             story = self.open[request_id] = RequestStory(request_id, prompt_tokens, num_groups)
@@ -83,6 +87,7 @@ class RequestStories:
     def finished(self, request_id: str, status: str, allocated_slots: int, unused_slots: int, failed: bool) -> None:
         story = self.open.pop(request_id, None)
         if story is None:
+            self._turned_away.discard(request_id)
             return
         story.finish_status = status
         story.allocated_slots = allocated_slots
