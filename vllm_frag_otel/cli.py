@@ -1,42 +1,165 @@
-"""`vllm-frag-otel`: run vLLM's real scheduler on a synthetic workload, with the plugin."""
+"""`vllm-frag-otel`: run vLLM's real scheduler on a workload with the plugin
+(`simulate`, once or as a what-if `--sweep`), and turn the plugin's OTLP/JSON
+files into answers (`report`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from vllm_frag_otel.workloads import workload_names
+from tqdm import tqdm
+
+from vllm_frag_otel import report as reporting
+from vllm_frag_otel import sim, workloads
+from vllm_frag_otel import sweep as what_if
+from vllm_frag_otel.config import load_settings
+from vllm_frag_otel.jsonlines import InputProblem
+from vllm_frag_otel.summary import field_statistics, render
+from vllm_frag_otel.telemetry import runtime
+
+DEFAULT_REQUESTS = 500
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _switch_list(text: str) -> list[bool]:
+    words = {"on": True, "off": False}
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if not values or any(v not in words for v in values):
+        raise argparse.ArgumentTypeError(f"expected on, off or on,off; got {text!r}")
+    return [words[v] for v in values]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-frag-otel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    sim = commands.add_parser(
+    simulation = commands.add_parser(
         "simulate",
         help="drive vLLM's real v1 scheduler and KV cache manager on the CPU and summarise fragmentation",
     )
-    sim.add_argument("--workload", choices=workload_names(), default="sharegpt")
-    sim.add_argument("--num-requests", type=int, default=500)
-    sim.add_argument("--num-blocks", type=int, default=2048, help="KV-cache blocks in the pool")
-    sim.add_argument("--block-size", type=int, default=16, help="tokens per block")
-    sim.add_argument("--max-num-seqs", type=int, default=128)
-    sim.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    sim.add_argument("--prefix-groups", type=int, default=4, help="shared system prompts (0: none)")
-    sim.add_argument("--prefix-len", type=int, default=64, help="tokens per shared system prompt")
-    sim.add_argument("--no-prefix-caching", action="store_true")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--output", type=Path, help="write telemetry files and summary.json here")
+    simulation.add_argument("--workload", choices=workloads.workload_names(), default="sharegpt")
+    simulation.add_argument("--workload-file", type=Path, metavar="PATH",
+                     help="replay your own mix instead: JSON lines with arrival_time (s), prompt_len, output_len and"
+                          " optionally prefix_group, prefix_len (requests of a group share their first prefix_len"
+                          " prompt tokens)")
+    simulation.add_argument("--num-requests", type=int,
+                     help=f"requests (default {DEFAULT_REQUESTS}; with --workload-file: the first N, default all)")
+    simulation.add_argument("--arrival-rate", type=float, metavar="R",
+                     help="Poisson arrivals at R requests per second (default: all at once, or the arrival times"
+                          " of --workload-file)")
+    simulation.add_argument("--step-seconds", type=float, default=0.02,
+                     help="simulated duration of one scheduler step, which maps arrival times onto steps and"
+                          " steps onto latency (default 0.02: about one decode step of a mid-size model on one GPU)")
+    simulation.add_argument("--num-blocks", type=int, default=2048, help="KV-cache blocks in the pool")
+    simulation.add_argument("--block-size", type=int, default=16, help="tokens per block")
+    simulation.add_argument("--max-num-seqs", type=int, default=128)
+    simulation.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    simulation.add_argument("--prefix-groups", type=int, default=4, help="shared system prompts (0: none)")
+    simulation.add_argument("--prefix-len", type=int, default=64, help="tokens per shared system prompt")
+    simulation.add_argument("--no-prefix-caching", action="store_true")
+    simulation.add_argument("--seed", type=int, default=0)
+    simulation.add_argument("--output", type=Path,
+                     help="write telemetry files and summary.json here (with --sweep: the sweep's table, CSV, JSON"
+                          " and plot; default frag-sweep)")
+    simulation.add_argument("--export-every", type=int, default=10, metavar="STEPS",
+                     help="export the plugin's metrics every STEPS scheduler steps, for time series in `report`"
+                          " (default 10; 0: only every OTEL_METRIC_EXPORT_INTERVAL ms, default 1000)")
+    sweeping = simulation.add_argument_group(
+        "what-if sweep", "run the same workload once per setting and compare (no telemetry is exported). Without"
+        " any --sweep-* list, each of block size, blocks and max sequences is halved and doubled and prefix"
+        " caching turned off, one at a time")
+    sweeping.add_argument("--sweep", action="store_true", help="compare settings instead of one run")
+    sweeping.add_argument("--sweep-block-sizes", type=_int_list, metavar="B,B", default=[],
+                         help="block sizes, each with the same KV memory (blocks scaled)")
+    sweeping.add_argument("--sweep-num-blocks", type=_int_list, metavar="N,N", default=[],
+                         help="KV memory, in blocks of --block-size")
+    sweeping.add_argument("--sweep-prefix-caching", type=_switch_list, metavar="on,off", default=[])
+    sweeping.add_argument("--sweep-max-num-seqs", type=_int_list, metavar="S,S", default=[])
+    sweeping.add_argument("--sweep-grid", action="store_true", help="every combination instead of one axis at a time")
+
+    report = commands.add_parser(
+        "report",
+        help="read the plugin's OTLP/JSON files and write a summary, CSV/JSON series, PNG charts and an HTML report",
+        description="Files, or directories searched for *.json and *.jsonl (metrics and traces lines; a"
+                    " Collector's file exporter output works too). Bad lines are reported by file and line and"
+                    " skipped.",
+    )
+    report.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                        help="default: the plugin's file directory (VLLM_FRAG_OTEL_FILE_DIR, else"
+                             " ~/.cache/vllm-frag-otel/telemetry)")
+    report.add_argument("--output", type=Path, default=Path("frag-report"), help="directory (default frag-report)")
+    report.add_argument("--no-plots", action="store_true", help="skip the PNG charts (the HTML has none then)")
     return parser
 
 
-def _positive(parser, args, *names) -> None:
-    for name in names:
+def _validate(parser: argparse.ArgumentParser, args) -> None:
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_requests is not None and args.num_requests < 1:
+        parser.error("--num-requests must be >= 1")
+    if args.num_blocks < 2 or any(n < 2 for n in args.sweep_num_blocks):
+        parser.error("--num-blocks must be >= 2 (block 0 is vLLM's null block)")
+    if args.arrival_rate is not None and not args.arrival_rate > 0:
+        parser.error("--arrival-rate must be > 0")
+    if not args.step_seconds > 0:
+        parser.error("--step-seconds must be > 0")
+    if args.export_every < 0:
+        parser.error("--export-every must be >= 0")
+    if args.workload_file is not None and not args.workload_file.is_file():
+        parser.error(f"--workload-file {args.workload_file}: no such file")
+
+
+def _specs(args, max_len: int):
+    """The workload's requests, with their arrival times; None if a trace file has none usable."""
+    if args.workload_file is not None:
+        problems: list[InputProblem] = []
+        specs = workloads.load_trace(args.workload_file, problems, seed=args.seed, max_len=max_len,
+                                     prefix_len=args.prefix_len)
+        for problem in problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        if not specs:
+            print(f"error: no usable request in {args.workload_file}", file=sys.stderr)
+            return None
+        specs = specs[: args.num_requests]
+    else:
+        specs = workloads.generate(
+            args.workload, args.num_requests or DEFAULT_REQUESTS, seed=args.seed, max_len=max_len,
+            prefix_groups=args.prefix_groups, prefix_len=args.prefix_len,
+        )
+    if args.arrival_rate is not None:
+        specs = workloads.with_poisson_arrivals(specs, args.arrival_rate, seed=args.seed)
+    return specs
+
+
+def _load_plugin() -> bool:
+    print("loading vLLM (10-20 s) ...", file=sys.stderr, flush=True)
+    from vllm.plugins import load_general_plugins
+
+    from vllm_frag_otel.hooks import instrumentor
+
+    load_general_plugins()
+    if not instrumentor.is_instrumented:
+        print("error: vLLM did not load the frag_otel plugin. Is VLLM_PLUGINS set without frag_otel, or"
+              " VLLM_FRAG_OTEL_ENABLED=false?", file=sys.stderr)
+    return instrumentor.is_instrumented
+
+
+def _workload_name(args) -> str:
+    return str(args.workload_file) if args.workload_file is not None else args.workload
 
 
 def simulate(args) -> int:
@@ -44,76 +167,97 @@ def simulate(args) -> int:
         args.output.mkdir(parents=True, exist_ok=True)
         os.environ["VLLM_FRAG_OTEL_FILE_DIR"] = str(args.output / "telemetry")
     os.environ.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "1000")
-    print("loading vLLM (10-20 s) ...", file=sys.stderr, flush=True)
-    from tqdm import tqdm
-    from vllm.plugins import load_general_plugins
-
-    from vllm_frag_otel import analyzer_for, sim, workloads
-    from vllm_frag_otel.summary import field_statistics, render
-    from vllm_frag_otel.telemetry import runtime
-
-    load_general_plugins()
-    # vLLM refuses a model longer than its pool at start-up; so does the simulator.
-    max_model_len = min(4096, (args.num_blocks - 1) * args.block_size)
-    shape = sim.EngineShape(
-        num_blocks=args.num_blocks,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
-    scheduler = sim.build_scheduler(shape)
-    try:
-        analyzer = analyzer_for(scheduler)
-    except ValueError as exc:
-        print(f"error: {exc}. Is VLLM_PLUGINS set without frag_otel, or VLLM_FRAG_OTEL_ENABLED=false?",
-              file=sys.stderr)
+    setting = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs)
+    specs = _specs(args, setting.max_model_len)
+    if specs is None or not _load_plugin():
         return 2
-    specs = workloads.generate(
-        args.workload, args.num_requests, seed=args.seed, max_len=max_model_len,
-        prefix_groups=args.prefix_groups, prefix_len=args.prefix_len,
-    )
-    requests = sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], args.block_size)
-    snapshots = []
+
+    def export(steps: int) -> None:
+        telemetry = runtime()
+        if telemetry is not None and telemetry.meter_provider is not None and steps % args.export_every == 0:
+            telemetry.meter_provider.force_flush()
+
     started = time.perf_counter()
-    with tqdm(total=len(requests), desc="requests finished", unit="req", file=sys.stderr,
-              disable=None) as progress:
-
-        def on_step(scheduler_output, _engine_outputs) -> None:
-            snapshots.append(analyzer.snapshot())
-            progress.update(len(scheduler_output.finished_req_ids))
-
-        steps = sim.run_to_completion(scheduler, requests, seed=args.seed, on_step=on_step)
+    with tqdm(total=len(specs), desc="requests finished", unit="req", file=sys.stderr, disable=None) as progress:
+        result = sim.run_workload(setting.shape(args.max_num_batched_tokens), specs, step_seconds=args.step_seconds,
+                                  seed=args.seed, progress=progress, on_step=export if args.export_every else None)
     elapsed = time.perf_counter() - started
     telemetry = runtime()
     if telemetry is not None:
         telemetry.force_flush()
-    stats = field_statistics(snapshots)
-    print(render(stats, steps, args.block_size))
-    print(f"\n  {len(requests)} requests in {elapsed:.1f} s of simulated scheduling")
+    stats = field_statistics(result.snapshots)
+    outcome = what_if.measure(setting, result)
+    print(render(stats, result.steps, args.block_size))
+    print(f"\n  {len(specs)} requests in {elapsed:.1f} s of simulated scheduling; mean request latency"
+          f" {outcome.mean_latency_s:.3f} s at {args.step_seconds} s per step;"
+          f" {outcome.tokens_per_step:.1f} tokens scheduled per busy step")
     if args.output:
         summary = {
-            "workload": args.workload,
+            "workload": _workload_name(args),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "max_model_len": max_model_len,
-            "steps": steps,
+            "max_model_len": setting.max_model_len,
+            "steps": result.steps,
+            "run": {k: v for k, v in dataclasses.asdict(outcome).items() if k != "setting"},
             "fields": stats,
         }
         (args.output / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"  summary: {args.output / 'summary.json'}; telemetry: {args.output / 'telemetry'}")
+        print(f"  summary: {args.output / 'summary.json'}; telemetry: {args.output / 'telemetry'}"
+              f" (`vllm-frag-otel report {args.output}`)")
+    return 0
+
+
+def sweep(args) -> int:
+    # the sweep compares runs; their telemetry would only mix pools of different shapes
+    os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
+    base = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs)
+    axes = {
+        "block_sizes": args.sweep_block_sizes,
+        "num_blocks": args.sweep_num_blocks,
+        "prefix_caching": args.sweep_prefix_caching,
+        "max_num_seqs": args.sweep_max_num_seqs,
+    }
+    if not any(axes.values()):
+        axes = what_if.default_axes(base)
+    try:
+        runs = what_if.settings(base, grid=args.sweep_grid, **axes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    specs = _specs(args, min(s.max_model_len for s in runs))
+    if specs is None or not _load_plugin():
+        return 2
+    with tqdm(total=len(runs) * len(specs), unit="req", file=sys.stderr, disable=None) as progress:
+        outcomes = what_if.run(runs, specs, args.step_seconds, args.seed, args.max_num_batched_tokens, progress)
+    recommendation = what_if.recommend(outcomes)
+    text = what_if.render(outcomes, recommendation, f"{_workload_name(args)}, {len(specs)} requests")
+    print(text)
+    out = args.output or Path("frag-sweep")
+    paths = what_if.write(outcomes, text, out)
+    print(f"\n  wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def report(args) -> int:
+    paths = args.paths or [Path(load_settings().file_dir)]
+    try:
+        written = reporting.build(paths, args.output, pictures=not args.no_plots)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for problem in written.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(written.summary)
+    print(f"  wrote {len(written.paths)} files to {args.output}: open {args.output / 'report.html'}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "simulate":
-        _positive(parser, args, "num_requests", "block_size", "max_num_seqs", "max_num_batched_tokens")
-        if args.num_blocks < 2:
-            parser.error("--num-blocks must be >= 2 (block 0 is vLLM's null block)")
-        return simulate(args)
-    return 2
+    if args.command == "report":
+        return report(args)
+    _validate(parser, args)
+    return sweep(args) if args.sweep else simulate(args)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from vllm_frag_otel import workloads
+from vllm_frag_otel.state import FragmentationSnapshot
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -159,13 +165,21 @@ def run_to_completion(
     seed: int = 0,
     on_step: Callable[[object, object], None] | None = None,
     max_steps: int = 1_000_000,
+    arrival_steps: Sequence[int] | None = None,
 ) -> int:
-    """Add all requests, step until none is left; returns the number of steps."""
+    """Step until every request has arrived and finished; returns the number of steps.
+
+    Without `arrival_steps` all requests are added before the first step;
+    otherwise request i is added just before step `arrival_steps[i]` (0-based),
+    and steps with nothing to schedule still count: they are time passing.
+    """
     rng = random.Random(seed)
-    for request in requests:
-        scheduler.add_request(request)
+    order = range(len(requests))
+    pending = deque(order if arrival_steps is None else sorted(order, key=arrival_steps.__getitem__))
     steps = 0
-    while scheduler.has_requests():
+    while pending or scheduler.has_requests():
+        while pending and (arrival_steps is None or arrival_steps[pending[0]] <= steps):
+            scheduler.add_request(requests[pending.popleft()])
         scheduler_output, engine_outputs = step(scheduler, rng)
         steps += 1
         if on_step is not None:
@@ -173,3 +187,59 @@ def run_to_completion(
         if steps >= max_steps:
             raise RuntimeError(f"scheduler did not drain within {max_steps} steps")
     return steps
+
+
+@dataclass
+class RunResult:
+    """What one run of a workload measured, step by step and request by request."""
+
+    steps: int
+    snapshots: list[FragmentationSnapshot]  # after each step
+    scheduled_tokens: np.ndarray  # tokens scheduled in each step
+    latency_steps: np.ndarray  # per finished request: steps from its arrival to its last token
+    step_seconds: float
+
+
+def run_workload(
+    shape: EngineShape,
+    specs: Sequence[workloads.RequestSpec],
+    step_seconds: float = 0.02,
+    seed: int = 0,
+    progress=None,
+    on_step: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Run `specs` (arriving at their `arrival_s`, one scheduler step lasting
+    `step_seconds`) on a fresh scheduler of `shape`, with the plugin's analyzer.
+
+    `progress` (a tqdm bar, or anything with `update(n)`) counts finished
+    requests; `on_step(steps so far)` runs after every step (telemetry exports).
+    Raises ValueError when the plugin is not loaded.
+    """
+    from vllm_frag_otel import analyzer_for
+
+    scheduler = build_scheduler(shape)
+    analyzer = analyzer_for(scheduler)
+    requests = make_requests([(s.prompt_tokens, s.output_len) for s in specs], shape.block_size)
+    arrivals = workloads.arrival_steps(specs, step_seconds).tolist()
+    arrival_of = {r.request_id: a for r, a in zip(requests, arrivals)}
+    snapshots: list[FragmentationSnapshot] = []
+    scheduled: list[int] = []
+    latencies: list[int] = []
+
+    def record(scheduler_output, engine_outputs) -> None:
+        snapshots.append(analyzer.snapshot())
+        scheduled.append(scheduler_output.total_num_scheduled_tokens)
+        finished = [o.request_id for outputs in engine_outputs.values() for o in outputs.outputs
+                    if o.finish_reason is not None]
+        latencies.extend(len(snapshots) - arrival_of[r] for r in finished)
+        if progress is not None:
+            progress.update(len(finished))
+        if on_step is not None:
+            on_step(len(snapshots))
+
+    steps = run_to_completion(
+        scheduler, requests, seed=seed, on_step=record,
+        max_steps=max(arrivals, default=0) + 1_000_000, arrival_steps=arrivals,
+    )
+    return RunResult(steps, snapshots, np.array(scheduled, dtype=np.int64),
+                     np.array(latencies, dtype=np.int64), step_seconds)

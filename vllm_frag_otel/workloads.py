@@ -1,10 +1,15 @@
-"""Synthetic request mixes: pure data, no vLLM."""
+"""Request mixes: synthetic ones, or a user's own trace file; pure data, no vLLM."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from vllm_frag_otel.jsonlines import InputProblem, json_records
 
 # name -> (mean prompt tokens, mean output tokens, lognormal sigma); means from
 # the PagedAttention paper's dataset statistics.
@@ -13,12 +18,15 @@ WORKLOADS = {
     "alpaca": (19.31, 58.45, 0.6),
 }
 UNIFORM_RANGE = (16, 512)
+# Fields of one line of a workload trace file (see load_trace).
+TRACE_FIELDS = ("arrival_time", "prompt_len", "output_len", "prefix_group", "prefix_len")
 
 
 @dataclass(frozen=True)
 class RequestSpec:
     prompt_tokens: list[int]
     output_len: int
+    arrival_s: float = 0.0  # seconds after the first request
 
 
 def _lognormal(rng: np.random.Generator, mean: float, sigma: float, size: int) -> np.ndarray:
@@ -59,3 +67,84 @@ def generate(
 
 def workload_names() -> list[str]:
     return [*WORKLOADS, "uniform"]
+
+
+def load_trace(
+    path: Path,
+    problems: list[InputProblem],
+    seed: int = 0,
+    max_len: int = 4096,
+    prefix_len: int = 64,
+    vocab_size: int = 32000,
+) -> list[RequestSpec]:
+    """A production mix to replay: one JSON object per line,
+
+        {"arrival_time": 0.37, "prompt_len": 812, "output_len": 96, "prefix_group": "support-bot"}
+
+    `arrival_time` (seconds, any origin; default 0: all at once), `prompt_len`
+    and `output_len` (tokens, >= 1). Requests of one `prefix_group` share their
+    first `prefix_len` prompt tokens (the per-line field, else the argument), like
+    a system prompt. Token ids are random (seeded): only lengths and sharing matter
+    to the KV cache. Prompt plus output is capped at `max_len`, as vLLM would refuse
+    longer requests. Bad lines are reported in `problems` and skipped.
+    """
+    rng = np.random.default_rng(seed)
+    prefixes: dict[str, list[int]] = {}
+    rows: list[tuple[float, int, int, list[int]]] = []
+    for number, record in json_records(path, problems):
+        row = _trace_row(record)
+        if isinstance(row, str):
+            problems.append(InputProblem(path, number, f"{row}; line skipped"))
+            continue
+        arrival, prompt_len, output_len, group, group_prefix_len = row
+        prompt_len = min(prompt_len, max_len - 1)
+        output_len = min(output_len, max_len - prompt_len)
+        shared: list[int] = []
+        if group is not None:
+            if group not in prefixes:
+                prefixes[group] = rng.integers(3, vocab_size, size=max_len).tolist()
+            shared = prefixes[group][: min(group_prefix_len or prefix_len, prompt_len)]
+        body = rng.integers(3, vocab_size, size=prompt_len - len(shared)).tolist()
+        rows.append((arrival, output_len, number, shared + body))
+    if not rows:
+        return []
+    start = min(r[0] for r in rows)
+    rows.sort(key=lambda r: (r[0], r[2]))  # by arrival, file order within a tie
+    return [RequestSpec(tokens, output_len, arrival - start) for arrival, output_len, _, tokens in rows]
+
+
+def _trace_row(record: object) -> tuple[float, int, int, str | None, int | None] | str:
+    """The parsed fields of one trace line, or what is wrong with it."""
+    if not isinstance(record, dict):
+        return "expected a JSON object"
+    unknown = set(record) - set(TRACE_FIELDS)
+    if unknown:
+        return f"unknown field(s) {', '.join(sorted(unknown))}; accepted: {', '.join(TRACE_FIELDS)}"
+    values = []
+    for name, required, minimum in (("prompt_len", True, 1), ("output_len", True, 1), ("prefix_len", False, 1)):
+        value = record.get(name)
+        if value is None and not required:
+            values.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return f"{name} must be an integer >= {minimum}, got {value!r}"
+        values.append(value)
+    arrival = record.get("arrival_time", 0.0)
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not np.isfinite(arrival):
+        return f"arrival_time must be a number of seconds, got {arrival!r}"
+    group = record.get("prefix_group")
+    prompt_len, output_len, prefix_len = values
+    return float(arrival), prompt_len, output_len, None if group is None else str(group), prefix_len
+
+
+def with_poisson_arrivals(specs: Sequence[RequestSpec], rate: float, seed: int = 0) -> list[RequestSpec]:
+    """The same requests, in order, arriving as a Poisson process of `rate` per second
+    (the first at 0)."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=len(specs))
+    times = np.concatenate([[0.0], np.cumsum(gaps[1:])])
+    return [dataclasses.replace(spec, arrival_s=float(t)) for spec, t in zip(specs, times)]
+
+
+def arrival_steps(specs: Sequence[RequestSpec], step_seconds: float) -> np.ndarray:
+    """The scheduler step at which each request arrives, one step lasting `step_seconds`."""
+    return np.floor(np.array([s.arrival_s for s in specs], dtype=np.float64) / step_seconds).astype(np.int64)

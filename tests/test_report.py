@@ -1,0 +1,378 @@
+"""`vllm-frag-otel report` on recorded simulations: every number it shows is
+checked against what the run recorded (the raw OTLP/JSON lines, read here with
+plain json, and simulate's summary.json), not against the reporting code.
+
+Two runs of the real `vllm-frag-otel simulate` (a fresh interpreter, the plugin
+loaded by vLLM's entry point): one exporting cumulative metrics after every
+scheduler step (so the report sees every state the summary saw), one exporting
+delta metrics every few steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from vllm_frag_otel import cli, jsonlines, otlp_read, report, workloads
+
+SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
+GAUGES = ["used_blocks", "cached_blocks", "free_blocks", "free_runs", "largest_free_run", "external_fragmentation",
+          "unused_slots", "partial_blocks", "internal_fragmentation", "slot_utilization", "tracked_requests"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _simulate(out: Path, env_overrides: dict[str, str], *flags: str) -> Path:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
+    # only the step-driven exports (and the last one at exit), no timer in between
+    env.update({"OTEL_METRIC_EXPORT_INTERVAL": "600000", **env_overrides})
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *SIMULATE, *flags, "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cumulative(tmp_path_factory) -> Path:
+    return _simulate(tmp_path_factory.mktemp("cumulative"), {}, "--export-every", "1")
+
+
+@pytest.fixture(scope="module")
+def delta(tmp_path_factory) -> Path:
+    # and fewer open spans than requests: the report must say whom its per-request figures leave out
+    return _simulate(tmp_path_factory.mktemp("delta"), {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta",
+                                                        "VLLM_FRAG_OTEL_MAX_OPEN_SPANS": "4"}, "--export-every", "7")
+
+
+@pytest.fixture(scope="module")
+def built(cumulative, tmp_path_factory):
+    """The report of the cumulative run, through the command line, and what it printed."""
+    out = tmp_path_factory.mktemp("report")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["report", str(cumulative), "--output", str(out)]) == 0
+    return out, stdout.getvalue()
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+# -- the recorded data, read independently ----------------------------------------------
+
+
+def _value(v: dict):
+    (kind, raw), = v.items()
+    return {"intValue": int, "doubleValue": float}.get(kind, lambda x: x)(raw)
+
+
+def raw_points(run: Path) -> dict[tuple, list[dict]]:
+    """(metric, attributes without the pool) -> points in file order, from the raw lines."""
+    points: dict[tuple, list[dict]] = {}
+    for path in sorted((run / "telemetry").glob("metrics-*.jsonl")):
+        for line in path.read_text().splitlines():
+            for rm in json.loads(line)["resourceMetrics"]:
+                for sm in rm["scopeMetrics"]:
+                    for m in sm["metrics"]:
+                        kind = next(k for k in ("gauge", "sum", "histogram") if k in m)
+                        for dp in m[kind]["dataPoints"]:
+                            attrs = {a["key"]: _value(a["value"]) for a in dp.get("attributes", [])}
+                            attrs.pop("vllm.kv_cache.pool", None)
+                            point = {"time": int(dp["timeUnixNano"]), "kind": kind,
+                                     "delta": m[kind].get("aggregationTemporality") == 1}
+                            if kind == "histogram":
+                                # protobuf JSON leaves out zero values
+                                point.update(count=int(dp.get("count", 0)),
+                                             buckets=[int(c) for c in dp.get("bucketCounts", [])])
+                            else:
+                                point["value"] = float(dp.get("asDouble", dp.get("asInt", 0)))
+                            key = (m["name"], tuple(sorted((k, _text(v)) for k, v in attrs.items())))
+                            points.setdefault(key, []).append(point)
+    return points
+
+
+def _text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def raw_matching(run: Path, metric: str, attributes: dict[str, str] | None = None) -> list[dict]:
+    """The points of the one series of `metric` with (at least) these attributes."""
+    wanted = set((attributes or {}).items())
+    (points,) = [p for (name, attrs), p in raw_points(run).items() if name == metric and wanted <= set(attrs)]
+    return points
+
+
+def raw_series(run: Path, metric: str, attributes: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Times and values (running totals for delta sums) of the one matching series."""
+    points = raw_matching(run, metric, attributes)
+    values = np.array([p["value"] for p in points])
+    return np.array([p["time"] for p in points]), np.cumsum(values) if points[0]["delta"] else values
+
+
+def first_time(run: Path) -> int:
+    return min(p["time"] for points in raw_points(run).values() for p in points)
+
+
+def raw_spans(run: Path) -> list[dict]:
+    spans = []
+    for path in (run / "telemetry").glob("traces-*.jsonl"):
+        for line in path.read_text().splitlines():
+            for rs in json.loads(line)["resourceSpans"]:
+                for ss in rs["scopeSpans"]:
+                    for span in ss["spans"]:
+                        spans.append({a["key"]: _value(a["value"]) for a in span["attributes"]}
+                                     | {"events": span.get("events", [])})
+    return spans
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# -- the report against the recording --------------------------------------------------------
+
+
+def test_every_state_the_summary_saw_is_in_the_report(cumulative, built):
+    """Exported after every step, the report's gauges reach the same extremes as
+    simulate's per-step summary, and every total ends where the summary ended."""
+    summary = _summary(cumulative)
+    telemetry = otlp_read.read([cumulative])
+    (pool,) = telemetry.pools()
+    r = report.pool_report(telemetry, pool, 0, several=False)
+    assert r.exports >= summary["steps"]
+    for name, stats in r.stats.items():
+        assert stats["final"] == pytest.approx(summary["fields"][name]["final"]), name
+    for name in GAUGES:
+        assert r.stats[name]["max"] == pytest.approx(summary["fields"][name]["max"]), name
+    assert summary["fields"]["preemptions"]["final"] > 0 and summary["fields"]["evictions"]["final"] > 0
+
+
+def test_series_are_the_raw_points(cumulative, built):
+    telemetry = otlp_read.read([cumulative])
+    start = first_time(cumulative)
+    r = report.pool_report(telemetry, telemetry.pools()[0], start, several=False)
+    for name, metric, attributes in [
+        ("used_blocks", "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
+        ("cached_blocks", "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "cached"}),
+        ("internal_fragmentation", "vllm.kv_cache.fragmentation.internal", {}),
+        ("preemptions", "vllm.kv_cache.preemptions", {}),
+        ("allocation_failures", "vllm.kv_cache.allocation.attempts", {"vllm.kv_cache.allocation.outcome": "failure"}),
+    ]:
+        times, values = raw_series(cumulative, metric, attributes)
+        assert np.array_equal(r.quantities[name].seconds, (times - start) / 1e9), name
+        assert np.array_equal(r.quantities[name].values, values), name
+
+
+def test_delta_temporality_is_accumulated(delta, tmp_path):
+    summary = _summary(delta)
+    telemetry = otlp_read.read([delta])
+    r = report.pool_report(telemetry, telemetry.pools()[0], 0, several=False)
+    _, raw_preemptions = raw_series(delta, "vllm.kv_cache.preemptions")
+    assert np.array_equal(r.quantities["preemptions"].values, raw_preemptions)
+    for name in ("preemptions", "evictions", "evicted_never_reused", "allocation_attempts", "allocation_failures",
+                 "prefix_queried_tokens", "prefix_hit_tokens", "blocks_allocated_recycled"):
+        assert r.final[name] == summary["fields"][name]["final"] > 0, name
+    # a histogram's deltas add up to every allocate_slots call
+    assert sum(h.values[-1] for h in r.latency.values()) == summary["fields"]["allocation_attempts"]["final"]
+    _, untraced = raw_series(delta, "vllm.frag_otel.requests.untraced")
+    assert len(r.requests) == len(raw_spans(delta)) < 40 and untraced[-1] > 0
+    assert f"caveat: some requests had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS were open;" \
+           f" vllm.frag_otel.requests.untraced = {untraced[-1]:.0f})" in report.render_text(r)
+
+
+def test_csv_and_json_hold_every_series(cumulative, built):
+    out, _ = built
+    raw = raw_points(cumulative)
+    rows = _read_csv(out / "series.csv")
+    by_series: dict[tuple, list[dict]] = {}
+    for row in rows:
+        attrs = tuple(sorted(tuple(kv.split("=", 1)) for kv in row["attributes"].split(";") if kv))
+        by_series.setdefault((row["metric"], attrs), []).append(row)
+    assert set(by_series) == set(raw)  # every series, histograms included
+    for key, points in raw.items():
+        exported = by_series[key]
+        assert [int(row["time_unix_nano"]) for row in exported] == [p["time"] for p in points], key
+        expected = [p["count"] if p["kind"] == "histogram" else p["value"] for p in points]
+        assert [float(row["value"]) for row in exported] == expected, key
+    document = json.loads((out / "series.json").read_text())
+    assert len(document["series"]) == len(raw)
+    (failures,) = [s for s in document["series"] if s["metric"] == "vllm.kv_cache.allocation.duration"
+                   and s["attributes"]["vllm.kv_cache.allocation.outcome"] == "failure"]
+    raw_failures = raw_matching(cumulative, "vllm.kv_cache.allocation.duration",
+                                {"vllm.kv_cache.allocation.outcome": "failure"})
+    assert failures["buckets"][-1] == raw_failures[-1]["buckets"]
+    histogram_rows = _read_csv(out / "histograms.csv")
+    last = [r for r in histogram_rows if r["metric"] == "vllm.kv_cache.allocation.duration"
+            and "vllm.kv_cache.allocation.outcome=failure" in r["attributes"]
+            and int(r["time_unix_nano"]) == raw_failures[-1]["time"]]
+    assert [float(r["bucket_count"]) for r in last] == raw_failures[-1]["buckets"]
+    assert last[-1]["le"] == "+Inf"
+
+
+def test_requests_come_from_the_spans(cumulative, built):
+    out, _ = built
+    summary = _summary(cumulative)
+    spans = raw_spans(cumulative)
+    rows = _read_csv(out / "requests.csv")
+    assert len(rows) == len(spans) == 40
+    by_id = {row["request_id"]: row for row in rows}
+    for span in spans:
+        row = by_id[span["vllm.request.id"]]
+        assert int(row["unused_slots"]) == span["vllm.kv_cache.slot.unused"]
+        assert int(row["preemptions"]) == span["vllm.request.preemptions"]
+        released = sum(_value(a["value"]) for e in span["events"] if e["name"] == "preempted" for a in e["attributes"])
+        assert int(row["released_blocks"]) == released
+    # output lengths are derived from slots: they are the workload's
+    specs = workloads.generate("alpaca", 40, seed=3, max_len=(30 - 1) * 16)
+    assert [int(by_id[f"req-{i}"]["output_tokens"]) for i in range(40)] == [s.output_len for s in specs]
+    # the blocks each request took from the free list add up to the pool's fresh and recycled allocations
+    fields = summary["fields"]
+    taken = fields["blocks_allocated_fresh"]["final"] + fields["blocks_allocated_recycled"]["final"]
+    assert sum(int(row["new_blocks"]) for row in rows) == taken
+    classes = _read_csv(out / "request_classes.csv")
+    assert sum(int(c["requests"]) for c in classes) == 40
+    assert sum(int(c["preemptions"]) for c in classes) == fields["preemptions"]["final"]
+    assert sum(int(c["unused_slots"]) for c in classes) == sum(s["vllm.kv_cache.slot.unused"] for s in spans)
+
+
+def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
+    telemetry = otlp_read.read([cumulative])
+    start = first_time(cumulative)
+    r = report.pool_report(telemetry, telemetry.pools()[0], start, several=False)
+    charts = {c.name: c for c in report.charts(r)}
+    assert set(charts) == {"block_states", "slot_utilization", "fragmentation", "evictions", "preemptions",
+                           "allocation_latency", "request_classes"}
+    lines = {(name, line.label): line for name, c in charts.items() for line in c.panels[0].lines}
+    for (chart, label), metric, attributes in [
+        (("block_states", "used"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
+        (("block_states", "cached (evictable)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "cached"}),
+        (("block_states", "free (empty)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "free"}),
+        (("slot_utilization", "slot utilization"), "vllm.kv_cache.slot.utilization", {}),
+        (("fragmentation", "internal (unused / allocated slots)"), "vllm.kv_cache.fragmentation.internal", {}),
+        (("fragmentation", "external (1 - largest free run / free blocks)"),
+         "vllm.kv_cache.fragmentation.external", {}),
+        (("evictions", "evicted, never reused after caching"), "vllm.kv_cache.block.evictions",
+         {"vllm.kv_cache.block.reused": "false", "vllm.kv_cache.eviction.reason": "capacity"}),
+        (("preemptions", "preemptions"), "vllm.kv_cache.preemptions", {}),
+        (("preemptions", "failed allocate_slots calls"), "vllm.kv_cache.allocation.attempts",
+         {"vllm.kv_cache.allocation.outcome": "failure"}),
+    ]:
+        times, values = raw_series(cumulative, metric, attributes)
+        line = lines[(chart, label)]
+        assert np.array_equal(line.y, values), (chart, label)
+        assert np.array_equal(line.x, (times - start) / 1e9), (chart, label)
+    for outcome in ("success", "failure"):
+        expected = raw_matching(cumulative, "vllm.kv_cache.allocation.duration",
+                                {"vllm.kv_cache.allocation.outcome": outcome})[-1]
+        assert lines[("allocation_latency", outcome)].y.tolist() == expected["buckets"]
+    shares = {line.label: line.y for line in charts["request_classes"].panels[0].lines}
+    assert all(y.sum() == pytest.approx(1.0) for y in shares.values())
+
+
+def test_pngs_and_the_self_contained_html(built):
+    out, _ = built
+    pngs = sorted(out.glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(["block_states", "slot_utilization", "fragmentation", "evictions",
+                                             "preemptions", "allocation_latency", "request_classes"])
+    from PIL import Image
+
+    for png in pngs:
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, png
+        pixels = np.asarray(Image.open(png).convert("L"))
+        assert pixels.std() > 10, png  # something was drawn
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(pngs)
+    for png in pngs:
+        assert base64.b64encode(png.read_bytes()).decode() in page
+    assert "src=\"http" not in page and "href=" not in page  # nothing to fetch
+
+
+def test_the_summary_answers_the_four_questions_with_the_recorded_numbers(cumulative, built):
+    out, printed = built
+    fields = _summary(cumulative)["fields"]
+    text = (out / "summary.txt").read_text()
+    assert text.strip() in printed
+    for question in ("1. What is the fragmentation pattern?", "2. What causes it?", "3. What does it cost?",
+                     "4. How to reduce it?"):
+        assert question in text
+    final = {k: int(v["final"]) for k, v in fields.items()}
+    assert f"preemptions         {final['preemptions']}" in text
+    assert f"{final['allocation_failures']} of {final['allocation_attempts']} allocate_slots calls failed" in text
+    assert f"The pool runs out ({final['preemptions']} preemptions, {final['allocation_failures']} failed" in text
+    assert "block size 16" in text
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_lines_are_named_and_the_rest_is_reported(cumulative, tmp_path, capsys):
+    broken = tmp_path / "in"
+    broken.mkdir()
+    (source,) = (cumulative / "telemetry").glob("metrics-*.jsonl")
+    lines = source.read_text().splitlines()
+    lines[2] = "this is not json"
+    lines[4] = json.dumps({"hello": "world"})
+    damaged = broken / "metrics-damaged.jsonl"
+    damaged.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # cut mid-record
+    for traces in (cumulative / "telemetry").glob("traces-*.jsonl"):
+        shutil.copy(traces, broken)
+    missing = tmp_path / "nowhere.jsonl"
+    out = tmp_path / "report"
+    assert cli.main(["report", str(broken), str(missing), "--output", str(out), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert f"{damaged}:3: not valid JSON" in err
+    assert f"{damaged}:5: not OTLP" in err
+    assert f"{damaged}:{len(lines)}: truncated line" in err
+    assert f"{missing}: no such file or directory" in err
+    rows = [r for r in _read_csv(out / "series.csv") if r["metric"] == "vllm.kv_cache.preemptions"]
+    assert len(rows) == len(lines) - 3  # every intact line
+    assert "3 problem(s)" not in (out / "summary.txt").read_text()
+    assert "4 problem(s)" in (out / "summary.txt").read_text()
+    assert len(_read_csv(out / "requests.csv")) == 40
+
+
+def test_missing_metrics_are_named(cumulative, tmp_path, capsys):
+    (source,) = (cumulative / "telemetry").glob("metrics-*.jsonl")
+    filtered = tmp_path / "metrics-filtered.jsonl"
+    with open(filtered, "w") as fh:
+        for line in source.read_text().splitlines():
+            request = json.loads(line)
+            for rm in request["resourceMetrics"]:
+                for sm in rm["scopeMetrics"]:
+                    sm["metrics"] = [m for m in sm["metrics"] if m["name"] != "vllm.kv_cache.preemptions"]
+            fh.write(json.dumps(request) + "\n")
+    assert cli.main(["report", str(filtered), "--output", str(tmp_path / "out")]) == 1
+    assert "no vllm.kv_cache.preemptions in the input; pool skipped" in capsys.readouterr().err
+
+
+def test_no_metrics_at_all_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "notes.json").write_text(json.dumps({"hello": "world"}))
+    (tmp_path / "metrics-1.jsonl").write_text('{"resourceMetrics": [{"scopeMetrics": [')
+    assert cli.main(["report", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: no vllm.kv_cache metrics in" in err
+    assert f"{tmp_path / 'metrics-1.jsonl'}:1: truncated line" in err
+
+
+def test_a_file_of_garbage_is_summed_up_not_listed(tmp_path):
+    garbage = tmp_path / "binary.jsonl"
+    garbage.write_bytes(b"\x00\x01garbage\n" * 500 + b'{"ok": 1}\n')
+    problems: list[jsonlines.InputProblem] = []
+    assert list(jsonlines.json_records(garbage, problems)) == [(501, {"ok": 1})]
+    assert [p.line for p in problems] == [*range(1, jsonlines.NAMED_BAD_LINES + 1), 0]
+    assert str(problems[-1]) == f"{garbage}: 500 lines are not valid JSON in all (the first 10 named above); all skipped"

@@ -1,0 +1,296 @@
+"""The plugin's OTLP/JSON read back: metric points as time series, request spans as rows.
+
+Reads what the embedded file exporter writes and what a Collector's file
+exporter writes (the same encoding: one export request per line). No vLLM.
+Sums and histograms become running totals whatever their temporality (delta
+points are accumulated; a cumulative series restarted by a new start time
+continues from where it was), so every series reads the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from vllm_frag_otel.jsonlines import InputProblem, json_records
+from vllm_frag_otel.telemetry import POOL, SPAN_NAME
+
+INSTANCE = "service.instance.id"
+DELTA = 1  # AggregationTemporality.DELTA in OTLP
+FINISHED = ("finished_stopped", "finished_length_capped")  # span finish statuses of complete requests
+
+
+@dataclass(frozen=True, order=True)
+class Source:
+    """Where a series comes from: one process (`instance`) and one of its KV-cache
+    pools (`pool`; empty for process-wide series such as hook errors)."""
+
+    instance: str
+    pool: str
+
+
+@dataclass
+class Series:
+    """One metric with one attribute set from one source, in time order.
+
+    `values`: a gauge's values, a sum's running total, a histogram's running
+    count; histograms also carry running `sums` and per-bucket `buckets`
+    (points x (len(bounds) + 1)).
+    """
+
+    metric: str
+    source: Source
+    attributes: dict[str, str]
+    kind: str  # gauge, sum or histogram
+    unit: str
+    times: np.ndarray  # int64 unix ns
+    values: np.ndarray
+    sums: np.ndarray | None = None
+    bounds: np.ndarray | None = None
+    buckets: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RequestSpan:
+    """One `vllm.kv_cache.request` span: a request's KV-cache story."""
+
+    instance: str
+    request_id: str
+    prompt_tokens: int
+    output_tokens: int | None  # derived: computed tokens at the end - prompt + 1 (complete, one-group requests)
+    hit_tokens: int
+    peak_blocks: int
+    allocated_slots: int
+    unused_slots: int
+    preemptions: int
+    allocation_failures: int
+    finish_status: str
+    groups: int
+    released_blocks: int  # blocks given up at its preemptions
+    resumed_hit_tokens: int  # prefix-cache hits when re-admitted after them
+    start_ns: int
+    end_ns: int
+
+
+@dataclass
+class Telemetry:
+    files: list[Path] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)  # found in a directory, holding no OTLP
+    problems: list[InputProblem] = field(default_factory=list)
+    series: list[Series] = field(default_factory=list)
+    spans: list[RequestSpan] = field(default_factory=list)
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)  # by instance
+
+    def pools(self) -> list[Source]:
+        """The KV-cache pools seen, in the order they started exporting."""
+        first: dict[Source, int] = {}
+        for s in self.series:
+            if s.source.pool:
+                first[s.source] = min(first.get(s.source, int(s.times[0])), int(s.times[0]))
+        return sorted(first, key=lambda source: (first[source], source))
+
+
+@dataclass
+class _Points:
+    kind: str
+    unit: str
+    rows: list[tuple] = field(default_factory=list)  # (time, start, delta, value, sum, bounds, buckets)
+
+
+def input_files(paths: Iterable[Path], problems: list[InputProblem]) -> list[tuple[Path, bool]]:
+    """(file, named explicitly) for each path; directories give their *.json and *.jsonl files."""
+    found: dict[Path, tuple[Path, bool]] = {}
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()):
+                found.setdefault(child.resolve(), (child, False))
+        elif path.is_file():
+            found[path.resolve()] = (path, True)
+        else:
+            problems.append(InputProblem(path, 0, "no such file or directory"))
+    return list(found.values())
+
+
+def read(paths: Sequence[Path]) -> Telemetry:
+    """Everything usable in `paths`; what is not usable is in `problems`, by file and line."""
+    telemetry = Telemetry()
+    points: dict[tuple, _Points] = {}
+    spans: dict[tuple[str, str], RequestSpan] = {}
+    for path, explicit in input_files(paths, telemetry.problems):
+        otlp_lines = 0
+        for number, record in json_records(path, telemetry.problems):
+            where = (path, number)
+            if not isinstance(record, dict):
+                telemetry.problems.append(InputProblem(path, number, "not a JSON object; line skipped"))
+            elif "resourceMetrics" in record:
+                otlp_lines += _read_metrics(record, where, telemetry, points)
+            elif "resourceSpans" in record:
+                otlp_lines += _read_spans(record, where, telemetry, spans)
+            elif "resourceLogs" in record:
+                otlp_lines += 1  # OTLP, but nothing the report uses
+            elif otlp_lines or explicit:
+                keys = ", ".join(sorted(record)[:5])
+                telemetry.problems.append(InputProblem(
+                    path, number, f"not OTLP (no resourceMetrics or resourceSpans; keys: {keys}); line skipped"))
+        if otlp_lines:
+            telemetry.files.append(path)
+        elif not explicit:
+            telemetry.ignored.append(path)
+    telemetry.series = [_series(key, p) for key, p in points.items()]
+    telemetry.spans = sorted(spans.values(), key=lambda s: (s.instance, s.start_ns))
+    return telemetry
+
+
+def _instance(resource_attributes: dict[str, str]) -> str:
+    """The process a resource stands for: its service.instance.id, else a digest of it."""
+    if INSTANCE in resource_attributes:
+        return resource_attributes[INSTANCE]
+    return hashlib.sha1(repr(sorted(resource_attributes.items())).encode()).hexdigest()[:16]
+
+
+def _read_metrics(record: dict, where: tuple[Path, int], telemetry: Telemetry, points: dict) -> int:
+    """Walks the decoded line directly: protobuf's own JSON parser takes ten times as long."""
+    try:
+        rows = list(_metric_rows(record, telemetry))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        telemetry.problems.append(InputProblem(
+            *where, f"not an OTLP metrics request ({type(exc).__name__}: {exc}); line skipped"))
+        return 0
+    for key, kind, unit, row in rows:
+        points.setdefault(key, _Points(kind, unit)).rows.append(row)
+    return 1
+
+
+def _metric_rows(record: dict, telemetry: Telemetry):
+    """(series key, kind, unit, point row) for every data point of one export request."""
+    for resource_metrics in record["resourceMetrics"]:
+        resource = _json_attributes(resource_metrics.get("resource", {}).get("attributes", []))
+        instance = _instance(resource)
+        telemetry.resources.setdefault(instance, resource)
+        for scope_metrics in resource_metrics.get("scopeMetrics", []):
+            for metric in scope_metrics.get("metrics", []):
+                kind = next((k for k in ("gauge", "sum", "histogram") if k in metric), None)
+                if kind is None:
+                    continue  # summaries, exponential histograms: not the plugin's
+                data = metric[kind]
+                temporality = data.get("aggregationTemporality", 0)
+                delta = temporality in (DELTA, "AGGREGATION_TEMPORALITY_DELTA")
+                for point in data.get("dataPoints", []):
+                    attributes = _json_attributes(point.get("attributes", []))
+                    source = Source(instance, attributes.pop(POOL, ""))
+                    key = (metric["name"], source, tuple(sorted(attributes.items())))
+                    times = (int(point["timeUnixNano"]), int(point.get("startTimeUnixNano", 0)), delta)
+                    if kind == "histogram":
+                        # protobuf JSON leaves out zeros and empty lists
+                        bounds = tuple(float(b) for b in point.get("explicitBounds", []))
+                        count = int(point.get("count", 0))
+                        buckets = tuple(int(c) for c in point.get("bucketCounts", [])) or (0,) * (len(bounds) + 1)
+                        if len(buckets) != len(bounds) + 1:
+                            raise ValueError(f"{metric['name']}: {len(buckets)} bucket counts for {len(bounds)}"
+                                             " bounds")
+                        row = (*times, count, float(point.get("sum", 0.0)), bounds, buckets)
+                    else:
+                        value = float(point["asDouble"]) if "asDouble" in point else int(point.get("asInt", 0))
+                        row = (*times, value, 0.0, (), ())
+                    yield key, kind, metric.get("unit", ""), row
+
+
+def _series(key: tuple, points: _Points) -> Series:
+    metric, source, attributes = key
+    # in time order; the same point read twice (overlapping inputs) counts once
+    rows = sorted({row[0]: row for row in points.rows}.values(), key=lambda row: row[0])
+    times = np.array([r[0] for r in rows], dtype=np.int64)
+    starts = np.array([r[1] for r in rows], dtype=np.int64)
+    delta = rows[0][2]
+    values = np.array([r[3] for r in rows], dtype=np.float64)
+    series = Series(metric, source, dict(attributes), points.kind, points.unit, times, values)
+    if points.kind == "gauge":
+        return series
+    series.values = _running_total(values, starts, delta)
+    if points.kind == "histogram":
+        series.sums = _running_total(np.array([r[4] for r in rows], dtype=np.float64), starts, delta)
+        series.bounds = np.array(rows[-1][5], dtype=np.float64)
+        series.buckets = _running_total(np.array([r[6] for r in rows], dtype=np.float64), starts, delta)
+    return series
+
+
+def _running_total(values: np.ndarray, starts: np.ndarray, delta: bool) -> np.ndarray:
+    """Totals since the first point: accumulated deltas, or cumulative values
+    carried across restarts (a new start time)."""
+    if delta:
+        return np.cumsum(values, axis=0)
+    totals = values.copy()
+    for i in np.flatnonzero(starts[1:] != starts[:-1]) + 1:
+        totals[i:] += totals[i - 1]
+    return totals
+
+
+def _read_spans(record: dict, where: tuple[Path, int], telemetry: Telemetry, spans: dict) -> int:
+    try:
+        found = list(_request_spans(record, telemetry))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        telemetry.problems.append(InputProblem(
+            *where, f"not an OTLP traces request ({type(exc).__name__}: {exc}); line skipped"))
+        return 0
+    spans.update(found)
+    return 1
+
+
+def _request_spans(record: dict, telemetry: Telemetry):
+    """((trace id, span id), RequestSpan) for every request span of one export request."""
+    for resource_spans in record["resourceSpans"]:
+        resource = _json_attributes(resource_spans.get("resource", {}).get("attributes", []))
+        instance = _instance(resource)
+        telemetry.resources.setdefault(instance, resource)
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                if span.get("name") == SPAN_NAME:
+                    yield (span["traceId"], span["spanId"]), _request_span(instance, span)
+
+
+def _request_span(instance: str, span: dict) -> RequestSpan:
+    a = _json_attributes(span.get("attributes", []))
+    released = resumed = 0
+    for event in span.get("events", []):
+        e = _json_attributes(event.get("attributes", []))
+        if event.get("name") == "preempted":
+            released += int(e.get("vllm.kv_cache.block.released", 0))
+        elif event.get("name") == "resumed":
+            resumed += int(e.get("vllm.kv_cache.prefix_cache.hit_tokens", 0))
+    prompt = int(a["gen_ai.usage.prompt_tokens"])
+    allocated, unused = int(a.get("vllm.kv_cache.slot.allocated", 0)), int(a.get("vllm.kv_cache.slot.unused", 0))
+    groups = int(a.get("vllm.kv_cache.group.count", 1))
+    status = a.get("vllm.request.finish_status", "")
+    # a complete request's last sampled token is never computed: computed = prompt + output - 1
+    output = allocated - unused - prompt + 1 if groups == 1 and status in FINISHED else None
+    return RequestSpan(
+        instance=instance,
+        request_id=a.get("vllm.request.id", span.get("spanId", "")),
+        prompt_tokens=prompt,
+        output_tokens=output,
+        hit_tokens=int(a.get("vllm.kv_cache.prefix_cache.hit_tokens", 0)),
+        peak_blocks=int(a.get("vllm.kv_cache.block.peak", 0)),
+        allocated_slots=allocated,
+        unused_slots=unused,
+        preemptions=int(a.get("vllm.request.preemptions", 0)),
+        allocation_failures=int(a.get("vllm.kv_cache.allocation.failures", 0)),
+        finish_status=status,
+        groups=groups,
+        released_blocks=released,
+        resumed_hit_tokens=resumed,
+        start_ns=int(span.get("startTimeUnixNano", 0)),
+        end_ns=int(span.get("endTimeUnixNano", 0)),
+    )
+
+
+def _json_attributes(key_values: list[dict]) -> dict[str, str]:
+    """OTLP/JSON attributes (`{"key": k, "value": {"intValue": "3"}}`) as strings."""
+    out = {}
+    for kv in key_values:
+        value = kv.get("value") or {"stringValue": ""}
+        (kind, raw), = value.items()
+        out[kv["key"]] = ("true" if raw else "false") if kind == "boolValue" else str(raw)
+    return out

@@ -1,0 +1,82 @@
+"""Charts as data, then pictures: callers describe what to draw (`Chart`), this
+module only draws it (matplotlib, Agg backend, imported on first use), so what
+a picture shows can be checked without looking at pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Line:
+    label: str
+    x: np.ndarray  # for "stairs": the len(y) + 1 bin edges; for "bars": category positions
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class Panel:
+    ylabel: str
+    lines: tuple[Line, ...]
+    style: str = "line"  # line, stack (stacked areas), stairs (histogram), bars (grouped, by category)
+    xlabel: str = "seconds since the first point"
+    percent: bool = False  # y values are ratios, shown as %
+    log_x: bool = False
+    categories: tuple[str, ...] = ()  # bar labels, for "bars"
+
+
+@dataclass(frozen=True)
+class Chart:
+    name: str  # file stem
+    title: str
+    panels: tuple[Panel, ...]
+    columns: int = 1
+
+
+def render(chart: Chart, directory: Path, prefix: str = "") -> Path:
+    """Draw `chart` to `directory/<prefix><name>.png`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    rows = -(-len(chart.panels) // chart.columns)
+    figure = Figure(figsize=(4.5 + 4.5 * chart.columns, 2.2 + 2.3 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, chart.columns, squeeze=False).ravel()
+    for unused in axes[len(chart.panels):]:
+        unused.set_visible(False)
+    figure.suptitle(chart.title)
+    for ax, panel in zip(axes, chart.panels):
+        _draw(ax, panel)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        if panel.percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        if panel.log_x:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        if len(panel.lines) > 1 or panel.style == "stack":
+            ax.legend(fontsize="small")
+    path = directory / f"{prefix}{chart.name}.png"
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _draw(ax, panel: Panel) -> None:
+    if panel.style == "stack":
+        ax.stackplot(panel.lines[0].x, *[line.y for line in panel.lines], labels=[line.label for line in panel.lines],
+                     alpha=0.8)
+    elif panel.style == "stairs":
+        for line in panel.lines:
+            ax.stairs(line.y, line.x, label=line.label, linewidth=1.5)
+    elif panel.style == "bars":
+        width = 0.8 / len(panel.lines)
+        for i, line in enumerate(panel.lines):
+            ax.bar(line.x + (i - (len(panel.lines) - 1) / 2) * width, line.y, width, label=line.label)
+        ax.set_xticks(np.arange(len(panel.categories)), panel.categories, rotation=20, ha="right", fontsize="small")
+    else:
+        for line in panel.lines:
+            ax.plot(line.x, line.y, label=line.label, linewidth=1.2)

@@ -1,0 +1,625 @@
+"""`vllm-frag-otel report`: from the plugin's OTLP/JSON files to answers.
+
+For each KV-cache pool found: what the fragmentation pattern is, what causes
+it, what it costs and how to reduce it, in a text summary with the measured
+numbers; every time series as CSV and JSON; PNG charts; and one self-contained
+HTML page bundling them. Per-request figures come from the plugin's
+`vllm.kv_cache.request` spans when the traces files are given too. No vLLM.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vllm_frag_otel import otlp_read
+from vllm_frag_otel.jsonlines import InputProblem
+from vllm_frag_otel.otlp_read import RequestSpan, Series, Source, Telemetry
+from vllm_frag_otel.plots import Chart, Line, Panel, render as draw
+from vllm_frag_otel.summary import gauge_lines, pct, statistics, totals_lines
+from vllm_frag_otel.telemetry import OUTCOME, RESUMED, REUSED, SLOT_STATE, SOURCE, STATE
+
+# Snapshot field (as in simulate's summary.json) -> (metric, attribute filter);
+# series of the metric matching the filter are summed (over groups, reasons, ...).
+QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    "num_blocks": ("vllm.kv_cache.block.limit", {}),
+    "used_blocks": ("vllm.kv_cache.block.count", {STATE: ("used",)}),
+    "cached_blocks": ("vllm.kv_cache.block.count", {STATE: ("cached",)}),
+    "free_blocks": ("vllm.kv_cache.block.count", {STATE: ("cached", "free")}),
+    "free_runs": ("vllm.kv_cache.free_run.count", {}),
+    "largest_free_run": ("vllm.kv_cache.free_run.largest", {}),
+    "external_fragmentation": ("vllm.kv_cache.fragmentation.external", {}),
+    "allocated_slots": ("vllm.kv_cache.slot.count", {}),
+    "used_slots": ("vllm.kv_cache.slot.count", {SLOT_STATE: ("used",)}),
+    "unused_slots": ("vllm.kv_cache.slot.count", {SLOT_STATE: ("unused",)}),
+    "partial_blocks": ("vllm.kv_cache.block.partial.count", {}),
+    "internal_fragmentation": ("vllm.kv_cache.fragmentation.internal", {}),
+    "slot_utilization": ("vllm.kv_cache.slot.utilization", {}),
+    "tracked_requests": ("vllm.kv_cache.request.count", {}),
+    "prefix_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {}),
+    "prefix_hit_tokens": ("vllm.kv_cache.prefix_cache.hit", {}),
+    "prefix_resumed_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {RESUMED: ("true",)}),
+    "prefix_resumed_hit_tokens": ("vllm.kv_cache.prefix_cache.hit", {RESUMED: ("true",)}),
+    "evictions": ("vllm.kv_cache.block.evictions", {}),
+    "evicted_never_reused": ("vllm.kv_cache.block.evictions", {REUSED: ("false",)}),
+    "blocks_allocated_fresh": ("vllm.kv_cache.block.allocations", {SOURCE: ("fresh",)}),
+    "blocks_allocated_recycled": ("vllm.kv_cache.block.allocations", {SOURCE: ("recycled",)}),
+    "blocks_prefix_hit": ("vllm.kv_cache.block.allocations", {SOURCE: ("prefix_hit",)}),
+    "allocation_attempts": ("vllm.kv_cache.allocation.attempts", {}),
+    "allocation_failures": ("vllm.kv_cache.allocation.attempts", {OUTCOME: ("failure",)}),
+    "preemptions": ("vllm.kv_cache.preemptions", {}),
+}
+LATENCY_METRIC = "vllm.kv_cache.allocation.duration"
+# Request size classes (tokens): below 128, 128-511, 512-2047, 2048 and more.
+SIZE_EDGES = (128, 512, 2048)
+# Thresholds of the advice: the share of exports near a full pool, and the
+# internal fragmentation worth a smaller block size.
+NEAR_FULL = 0.95
+INTERNAL_WORTH_FIXING = 0.05
+
+
+@dataclass(frozen=True)
+class TimeSeries:
+    seconds: np.ndarray  # since the first point of all inputs
+    values: np.ndarray
+
+
+@dataclass
+class ClassRow:
+    """Requests of one size class and what they did to the KV cache."""
+
+    prompt: str
+    output: str
+    requests: int = 0
+    unused_slots: int = 0  # at their end
+    preemptions: int = 0
+    preempted_requests: int = 0
+    allocation_failures: int = 0
+    new_blocks: int = 0  # taken from the free list over their life (where evictions happen)
+
+    @property
+    def label(self) -> str:
+        return f"prompt {self.prompt} / output {self.output}"
+
+
+@dataclass
+class PoolReport:
+    source: Source
+    label: str
+    prefix: str  # for file names when there are several pools
+    exports: int
+    quantities: dict[str, TimeSeries]
+    stats: dict[str, dict[str, float]]
+    latency: dict[str, Series]  # allocate_slots duration histograms, by outcome
+    block_size: int | None
+    caveats: list[str] = field(default_factory=list)
+    requests: list[RequestSpan] = field(default_factory=list)
+    classes: list[ClassRow] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {name: s["final"] for name, s in self.stats.items()}
+
+
+# -- from series to a pool's report --------------------------------------------------
+
+
+def _matching(telemetry: Telemetry, source: Source, metric: str, where: dict[str, tuple[str, ...]]) -> list[Series]:
+    return [s for s in telemetry.series if s.source == source and s.metric == metric
+            and all(s.attributes.get(k) in allowed for k, allowed in where.items())]
+
+
+def aligned_sum(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray]:
+    """Times and the sum of several series at each of their times, each carried
+    forward from its latest point (0 before its first)."""
+    times = np.unique(np.concatenate([s.times for s in series]))
+    total = np.zeros(len(times))
+    for s in series:
+        index = np.searchsorted(s.times, times, side="right") - 1
+        total += np.where(index >= 0, s.values[np.maximum(index, 0)], 0.0)
+    return times, total
+
+
+def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bool) -> PoolReport:
+    """`start_ns`: time zero of every time axis (the first point of all inputs).
+    Raises ValueError, naming them, when metrics the report needs are missing."""
+    resource = telemetry.resources.get(source.instance, {})
+    label = (f"{resource.get('service.name', 'vllm')} pool {source.pool}, model {resource.get('vllm.model.name', '?')}"
+             f" (host {resource.get('host.name', '?')}, pid {resource.get('process.pid', '?')})")
+    raw = {}
+    for name, (metric, where) in QUANTITIES.items():
+        series = _matching(telemetry, source, metric, where)
+        if series:
+            raw[name] = aligned_sum(series)
+    missing = sorted({metric for name, (metric, _) in QUANTITIES.items() if name not in raw})
+    if missing:
+        raise ValueError(f"{label}: no {', '.join(missing)} in the input; pool skipped")
+    quantities = {name: TimeSeries((t - start_ns) / 1e9, v) for name, (t, v) in raw.items()}
+    stats = {name: statistics(q.values) for name, q in quantities.items()}
+    latency = {s.attributes.get(OUTCOME, ""): s
+               for s in _matching(telemetry, source, LATENCY_METRIC, {}) if s.bounds.size}
+    report = PoolReport(
+        source=source,
+        label=label,
+        prefix=f"{source.instance[:8]}-pool{source.pool}-" if several else "",
+        exports=len(quantities["used_blocks"].seconds),
+        quantities=quantities,
+        stats=stats,
+        latency=latency,
+        block_size=_block_size(quantities),
+        caveats=_caveats(telemetry, source),
+    )
+    # spans name their process, not their pool: they belong to a process's only pool
+    pools_of_instance = [p for p in telemetry.pools() if p.instance == source.instance]
+    if len(pools_of_instance) == 1:
+        report.requests = [r for r in telemetry.spans if r.instance == source.instance]
+        report.classes = request_classes(report.requests, report.block_size)
+    return report
+
+
+# The plugin's own counters that qualify the numbers: (metric, what a non-zero total means).
+CAVEATS = (
+    ("vllm.frag_otel.requests.untraced", "some requests had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS were open;"
+     " vllm.frag_otel.requests.untraced = {:.0f}): per-request figures leave them out"),
+    ("vllm.frag_otel.measurements.dropped", "{:.0f} histogram measurements were dropped between two exports:"
+     " allocate_slots times leave them out"),
+    ("vllm.frag_otel.hook.errors", "{:.0f} errors inside the plugin's hooks (it disables itself after"
+     " VLLM_FRAG_OTEL_MAX_HOOK_ERRORS): numbers after that stop changing"),
+)
+
+
+def _caveats(telemetry: Telemetry, source: Source) -> list[str]:
+    """What the plugin says about its own coverage of this pool (and its process)."""
+    notes = []
+    for metric, text in CAVEATS:
+        totals = [s.values[-1] for s in telemetry.series if s.metric == metric
+                  and s.source in (source, Source(source.instance, ""))]
+        if sum(totals):
+            notes.append(text.format(sum(totals)))
+    return notes
+
+
+def _block_size(quantities: dict[str, TimeSeries]) -> int | None:
+    """Token slots per used block, whenever blocks were in use."""
+    slots, used = quantities["allocated_slots"].values, quantities["used_blocks"].values
+    if len(slots) != len(used) or not np.any(used > 0):
+        return None
+    return int(round(float(np.median(slots[used > 0] / used[used > 0]))))
+
+
+def size_class(tokens: int | None) -> str:
+    if tokens is None:
+        return "?"
+    i = int(np.searchsorted(SIZE_EDGES, tokens, side="right"))
+    bounds = (0, *SIZE_EDGES)
+    return f">={SIZE_EDGES[-1]}" if i == len(SIZE_EDGES) else f"{bounds[i]}-{SIZE_EDGES[i] - 1}"
+
+
+def new_blocks(request: RequestSpan, block_size: int | None) -> int | None:
+    """Blocks a request took from the free list: what it held at each preemption
+    and at its end, less what the prefix cache gave it at each admission
+    (known for one-group models with a known block size)."""
+    if not block_size or request.groups != 1:
+        return None
+    hits = request.hit_tokens + request.resumed_hit_tokens
+    return request.released_blocks + request.allocated_slots // block_size - hits // block_size
+
+
+def request_classes(requests: Sequence[RequestSpan], block_size: int | None) -> list[ClassRow]:
+    """Rows by (prompt, output) size class, most unused slots first."""
+    rows: dict[tuple[str, str], ClassRow] = {}
+    for r in requests:
+        key = (size_class(r.prompt_tokens), size_class(r.output_tokens))
+        row = rows.setdefault(key, ClassRow(*key))
+        row.requests += 1
+        row.unused_slots += r.unused_slots
+        row.preemptions += r.preemptions
+        row.preempted_requests += r.preemptions > 0
+        row.allocation_failures += r.allocation_failures
+        row.new_blocks += new_blocks(r, block_size) or 0
+    return sorted(rows.values(), key=lambda row: (-row.unused_slots, -row.preemptions, row.label))
+
+
+def histogram_quantile(bounds: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """The q-quantile of a bucketed distribution, interpolated inside its bucket
+    (the overflow bucket answers with the last bound)."""
+    cumulative = np.cumsum(counts)
+    rank = q * cumulative[-1]
+    i = int(np.searchsorted(cumulative, rank, side="left"))
+    if i >= len(bounds):
+        return float(bounds[-1])
+    lower = bounds[i - 1] if i > 0 else 0.0
+    below = cumulative[i - 1] if i > 0 else 0.0
+    inside = counts[i]
+    return float(lower + (bounds[i] - lower) * ((rank - below) / inside if inside else 1.0))
+
+
+# -- the four answers ------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
+def _share(part: float, whole: float) -> str:
+    return pct(part / whole) if whole else "n/a"
+
+
+def render_text(report: PoolReport) -> str:
+    s, f = report.stats, report.final
+    bs = report.block_size
+    seconds = report.quantities["used_blocks"].seconds
+    lines = [
+        f"KV-cache report: {report.label}",
+        f"  {report.exports} exports over {seconds[-1] - seconds[0]:.1f} s; block size {bs or '?'};"
+        f" {int(f['num_blocks'])} usable blocks; {len(report.requests)} request spans",
+        *(f"  caveat: {note}" for note in report.caveats),
+        "",
+        "1. What is the fragmentation pattern? (statistics over the exports)",
+        *gauge_lines(s),
+        "",
+        *totals_lines(f),
+        "",
+        "2. What causes it?",
+        *_causes(report),
+        "",
+        "3. What does it cost?",
+        *_costs(report),
+        "",
+        "4. How to reduce it?",
+        *[f"  {i}. {text}" for i, text in enumerate(recommendations(report), 1)],
+    ]
+    if report.classes:
+        lines += ["", "Requests by size class (from the vllm.kv_cache.request spans)", *class_table(report)]
+    return "\n".join(lines)
+
+
+def _near_full(report: PoolReport) -> float:
+    return float(np.mean(report.quantities["used_blocks"].values >= NEAR_FULL * report.final["num_blocks"]))
+
+
+def _causes(report: PoolReport) -> list[str]:
+    s, f, bs = report.stats, report.final, report.block_size
+    lines = [
+        f"  - internal: on average {s['unused_slots']['mean']:.0f} token slots sat empty in"
+        f" {s['partial_blocks']['mean']:.1f} partly filled blocks: each running request's last block"
+        f" is filled token by token (at most {bs - 1 if bs else 'block size - 1'} empty slots per request)."
+    ]
+    top = report.classes[0] if report.classes else None
+    if top is not None and top.unused_slots:
+        total_unused = sum(c.unused_slots for c in report.classes)
+        lines.append(
+            f"    At their end, {top.label} requests held the most unused slots:"
+            f" {_share(top.unused_slots, total_unused)} of them, from {_share(top.requests, len(report.requests))}"
+            f" of the requests.")
+    lines.append(
+        f"  - external: free blocks were split into {s['free_runs']['mean']:.1f} runs on average (largest"
+        f" {s['largest_free_run']['mean']:.1f} blocks): requests release blocks in the order they finish, and"
+        " cached blocks stay where they are until evicted.")
+    near_full = _near_full(report)
+    lines.append(
+        f"  - pressure: used blocks reached {s['used_blocks']['max']:.0f} of {f['num_blocks']:.0f};"
+        f" {pct(near_full)} of the exports saw the pool at least {pct(NEAR_FULL)} used. Allocations fail,"
+        " and requests are preempted, when the pool has too few free blocks for the next step.")
+    preempted = sorted(report.classes, key=lambda c: -c.preemptions)
+    if preempted and preempted[0].preemptions:
+        total = sum(c.preemptions for c in report.classes)
+        lines.append(f"    Preempted most: {preempted[0].label} requests ({_share(preempted[0].preemptions, total)}"
+                     f" of {total} preemptions; {preempted[0].preempted_requests} of their"
+                     f" {preempted[0].requests} requests were preempted at least once).")
+    evictions, never = f["evictions"], f["evicted_never_reused"]
+    lines.append(
+        f"  - prefix cache: {_share(f['prefix_hit_tokens'], f['prefix_queried_tokens'])} of looked-up tokens"
+        f" hit; {evictions:.0f} cached blocks were evicted to make room, {_share(never, evictions)} of them never"
+        " reused after being cached (content nobody asked for again before it was dropped).")
+    return lines
+
+
+def _costs(report: PoolReport) -> list[str]:
+    s, f, bs = report.stats, report.final, report.block_size
+    pool_slots = f["num_blocks"] * bs if bs else 0
+    lines = [
+        f"  - memory: {s['unused_slots']['mean']:.0f} token slots allocated but empty on average"
+        f" ({_share(s['unused_slots']['mean'], pool_slots)} of the pool), {s['unused_slots']['max']:.0f} at most.",
+    ]
+    preemptions = int(f["preemptions"])
+    if report.requests and bs:
+        released = sum(r.released_blocks for r in report.requests)
+        recovered = sum(r.resumed_hit_tokens for r in report.requests)
+        lines.append(
+            f"  - recomputation: {preemptions} preemptions released {released} blocks (up to {released * bs} tokens"
+            f" of KV cache to compute again); {recovered} tokens of it came back from the prefix cache on"
+            " re-admission.")
+    else:
+        lines.append(f"  - recomputation: {preemptions} preemptions (each request's KV cache is computed again).")
+    attempts, failures = f["allocation_attempts"], f["allocation_failures"]
+    lines.append(f"  - waiting: {failures:.0f} of {attempts:.0f} allocate_slots calls failed"
+                 f" ({_share(failures, attempts)}); each is a request that waits at least one more step.")
+    for outcome, h in sorted(report.latency.items(), key=lambda kv: kv[0] != "success"):
+        count = h.values[-1]
+        if not count:
+            continue
+        counts = h.buckets[-1]
+        lines.append(
+            f"  - allocate_slots time ({outcome or 'all'}): mean {_duration(h.sums[-1] / count)},"
+            f" p50 {_duration(histogram_quantile(h.bounds, counts, 0.5))},"
+            f" p99 {_duration(histogram_quantile(h.bounds, counts, 0.99))}, {h.sums[-1]:.3f} s in all"
+            f" over {count:.0f} calls.")
+    return lines
+
+
+def recommendations(report: PoolReport) -> list[str]:
+    """Advice that follows from the numbers, each with the numbers it follows from."""
+    s, f, bs = report.stats, report.final, report.block_size
+    advice = []
+    attempts, failures, preemptions = f["allocation_attempts"], f["allocation_failures"], f["preemptions"]
+    if preemptions or failures:
+        advice.append(
+            f"The pool runs out ({preemptions:.0f} preemptions, {failures:.0f} failed allocations,"
+            f" {_share(failures, attempts)} of calls): give the KV cache more blocks (a higher"
+            " --gpu-memory-utilization, more GPUs) or admit fewer requests at once (a lower --max-num-seqs; up to"
+            f" {s['tracked_requests']['max']:.0f} requests held blocks at once here).")
+    internal = s["internal_fragmentation"]["mean"]
+    if internal >= INTERNAL_WORTH_FIXING and bs and bs > 1:
+        advice.append(
+            f"Internal fragmentation averages {pct(internal)}: a smaller --block-size (e.g. {bs // 2}, if the"
+            f" attention backend supports it) about halves the empty tail slots, some"
+            f" {s['unused_slots']['mean'] / 2:.0f} token slots ({s['unused_slots']['mean'] / 2 / (bs // 2):.0f}"
+            f" blocks of {bs // 2}) back on average.")
+    else:
+        advice.append(f"Internal fragmentation averages {pct(internal)} (below {pct(INTERNAL_WORTH_FIXING)}):"
+                      " the block size is not what limits this pool.")
+    hit_rate = f["prefix_hit_tokens"] / f["prefix_queried_tokens"] if f["prefix_queried_tokens"] else 0.0
+    reused_evicted = f["evictions"] - f["evicted_never_reused"]
+    if reused_evicted and hit_rate:
+        advice.append(
+            f"{reused_evicted:.0f} evicted blocks had already served prefix-cache hits ({pct(hit_rate)} of"
+            " looked-up tokens hit): with more free blocks, shared prefixes stay cached longer.")
+    elif not hit_rate:
+        advice.append("The prefix cache found nothing to reuse: requests share no prefixes (a common system"
+                      " prompt, or routing requests with the same prefix to the same replica, would change that).")
+    advice.append(
+        f"External fragmentation ({pct(s['external_fragmentation']['mean'])} on average) needs no action: paged"
+        " attention never needs contiguous blocks.")
+    advice.append("To measure a change before making it, replay this mix: `vllm-frag-otel simulate --sweep"
+                  " --workload-file TRACE.jsonl` (see --help).")
+    return advice
+
+
+def class_table(report: PoolReport) -> list[str]:
+    rows = report.classes
+    totals = {
+        "requests": sum(r.requests for r in rows),
+        "unused": sum(r.unused_slots for r in rows),
+        "preemptions": sum(r.preemptions for r in rows),
+        "failures": sum(r.allocation_failures for r in rows),
+        "new": sum(r.new_blocks for r in rows),
+    }
+    recycled_share = _recycled_share(report)
+    lines = [f"  {'prompt / output tokens':<24}{'requests':>14}{'unused slots':>18}{'preemptions':>16}"
+             f"{'failed allocs':>16}{'new blocks':>16}{'est. evictions':>16}"]
+    for r in rows:
+        cells = [
+            f"{r.requests} ({_share(r.requests, totals['requests'])})",
+            f"{r.unused_slots} ({_share(r.unused_slots, totals['unused'])})",
+            f"{r.preemptions} ({_share(r.preemptions, totals['preemptions'])})",
+            f"{r.allocation_failures} ({_share(r.allocation_failures, totals['failures'])})",
+            f"{r.new_blocks} ({_share(r.new_blocks, totals['new'])})",
+            f"{r.new_blocks * recycled_share:.0f}",
+        ]
+        lines.append(f"  {r.prompt + ' / ' + r.output:<24}" + "".join(
+            f"{c:>{w}}" for c, w in zip(cells, (14, 18, 16, 16, 16, 16))))
+    lines.append("  unused slots: at each request's end. new blocks: taken from the free list over its life;"
+                 " est. evictions = new blocks x the pool's share of recycled allocations"
+                 f" ({pct(recycled_share)}): vLLM does not say which request's allocation evicted a block.")
+    return lines
+
+
+def _recycled_share(report: PoolReport) -> float:
+    f = report.final
+    taken = f["blocks_allocated_fresh"] + f["blocks_allocated_recycled"]
+    return f["blocks_allocated_recycled"] / taken if taken else 0.0
+
+
+# -- charts --------------------------------------------------------------------------------
+
+
+def charts(report: PoolReport) -> list[Chart]:
+    q = report.quantities
+    x = q["used_blocks"].seconds
+
+    def line(label: str, name: str) -> Line:
+        return Line(label, q[name].seconds, q[name].values)
+
+    result = [
+        Chart("block_states", "KV-cache blocks by state", (Panel("blocks", (
+            Line("used", x, q["used_blocks"].values),
+            Line("cached (evictable)", x, q["cached_blocks"].values),
+            Line("free (empty)", x, q["free_blocks"].values - q["cached_blocks"].values),
+        ), style="stack"),)),
+        Chart("slot_utilization", "Token slots holding a computed token, of all slots",
+              (Panel("slot utilization", (line("slot utilization", "slot_utilization"),), percent=True),)),
+        Chart("fragmentation", "Fragmentation ratios", (Panel("ratio", (
+            line("internal (unused / allocated slots)", "internal_fragmentation"),
+            line("external (1 - largest free run / free blocks)", "external_fragmentation"),
+        ), percent=True),)),
+        Chart("evictions", "Prefix-cache evictions (running totals)", (Panel("blocks", (
+            line("evicted", "evictions"),
+            line("evicted, never reused after caching", "evicted_never_reused"),
+        )),)),
+        Chart("preemptions", "Preemptions and failed allocations (running totals)", (Panel("count", (
+            line("preemptions", "preemptions"),
+            line("failed allocate_slots calls", "allocation_failures"),
+        )),)),
+    ]
+    latency = [_latency_line(outcome, h) for outcome, h in sorted(report.latency.items()) if h.values[-1]]
+    if latency:
+        result.append(Chart("allocation_latency", "allocate_slots duration (all calls)", (Panel(
+            "calls", tuple(latency), style="stairs", xlabel="seconds (bucket bounds; open-ended buckets drawn one"
+            " decade wide)", log_x=True),)))
+    if report.classes:
+        rows = report.classes
+        positions = np.arange(len(rows), dtype=np.float64)
+        recycled_share = _recycled_share(report)
+
+        def share(values: list[float]) -> np.ndarray:
+            array = np.array(values, dtype=np.float64)
+            return array / array.sum() if array.sum() else array
+
+        result.append(Chart("request_classes", "Share of each request size class (prompt / output tokens)", (Panel(
+            "share", (
+                Line("requests", positions, share([r.requests for r in rows])),
+                Line("unused slots at end", positions, share([r.unused_slots for r in rows])),
+                Line("preemptions", positions, share([r.preemptions for r in rows])),
+                Line("est. evictions", positions, share([r.new_blocks * recycled_share for r in rows])),
+            ), style="bars", xlabel="", percent=True, categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),)))
+    return result
+
+
+def _latency_line(outcome: str, h: Series) -> Line:
+    edges = np.concatenate([[h.bounds[0] / 10], h.bounds, [h.bounds[-1] * 10]])
+    return Line(outcome or "all", edges, h.buckets[-1])
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Written:
+    summary: str
+    paths: list[Path]
+    reports: list[PoolReport]
+    problems: list[InputProblem]
+
+
+def _attribute_text(attributes: dict[str, str]) -> str:
+    return ";".join(f"{k}={v}" for k, v in sorted(attributes.items()))
+
+
+def write_series(telemetry: Telemetry, start_ns: int, out: Path) -> list[Path]:
+    """Every series: series.csv (gauges, sums, histogram counts), histograms.csv
+    (running bucket counts), series.json (all of it)."""
+    records = []
+    with open(out / "series.csv", "w", newline="") as numbers, open(out / "histograms.csv", "w", newline="") as hist:
+        series_csv, histogram_csv = csv.writer(numbers), csv.writer(hist)
+        series_csv.writerow(["instance", "pool", "metric", "attributes", "kind", "unit", "time_unix_nano", "seconds",
+                             "value"])
+        histogram_csv.writerow(["instance", "pool", "metric", "attributes", "unit", "time_unix_nano", "seconds",
+                                "count", "sum", "le", "bucket_count"])
+        for s in telemetry.series:
+            head = [s.source.instance, s.source.pool, s.metric, _attribute_text(s.attributes)]
+            seconds = (s.times - start_ns) / 1e9
+            for i, (t, v) in enumerate(zip(s.times.tolist(), s.values.tolist())):
+                series_csv.writerow([*head, s.kind, s.unit, t, f"{seconds[i]:.6f}", v])
+                if s.kind == "histogram":
+                    les = [*s.bounds.tolist(), "+Inf"]
+                    for le, count in zip(les, s.buckets[i].tolist()):
+                        histogram_csv.writerow([*head, s.unit, t, f"{seconds[i]:.6f}", v, s.sums[i], le, count])
+            record = {"instance": s.source.instance, "pool": s.source.pool, "metric": s.metric,
+                      "attributes": s.attributes, "kind": s.kind, "unit": s.unit,
+                      "time_unix_nano": s.times.tolist(), "values": s.values.tolist()}
+            if s.kind == "histogram":
+                record.update(sums=s.sums.tolist(), bounds=s.bounds.tolist(), buckets=s.buckets.tolist())
+            records.append(record)
+    document = {
+        "note": "sums and histograms are running totals since the first point, whatever the source temporality",
+        "files": [str(p) for p in telemetry.files],
+        "resources": telemetry.resources,
+        "series": records,
+    }
+    (out / "series.json").write_text(json.dumps(document))
+    return [out / "series.csv", out / "histograms.csv", out / "series.json"]
+
+
+def write_requests(reports: Sequence[PoolReport], out: Path) -> list[Path]:
+    rows = [(r, request) for r in reports for request in r.requests]
+    if not rows:
+        return []
+    names = [f for f in RequestSpan.__dataclass_fields__]
+    with open(out / "requests.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*names, "prompt_class", "output_class", "new_blocks"])
+        for report, request in rows:
+            taken = new_blocks(request, report.block_size)
+            writer.writerow([*asdict(request).values(), size_class(request.prompt_tokens),
+                             size_class(request.output_tokens), "" if taken is None else taken])
+    with open(out / "request_classes.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["instance", "pool", "prompt_class", "output_class", "requests", "unused_slots", "preemptions",
+                         "preempted_requests", "allocation_failures", "new_blocks", "est_evictions"])
+        for report in reports:
+            for c in report.classes:
+                writer.writerow([report.source.instance, report.source.pool, c.prompt, c.output, c.requests,
+                                 c.unused_slots, c.preemptions, c.preempted_requests, c.allocation_failures,
+                                 c.new_blocks, round(c.new_blocks * _recycled_share(report), 1)])
+    return [out / "requests.csv", out / "request_classes.csv"]
+
+
+def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
+    """Read `paths`, write everything into `out`; raises ValueError when no pool's
+    metrics were found (the problems are in the message)."""
+    telemetry = otlp_read.read(paths)
+    pools = telemetry.pools()
+    if not pools:
+        found = f"{len(telemetry.files)} OTLP file(s)" if telemetry.files else "no OTLP files"
+        problems = "".join(f"\n  {p}" for p in telemetry.problems)
+        raise ValueError(f"no vllm.kv_cache metrics in {', '.join(map(str, paths))} ({found}){problems}")
+    out.mkdir(parents=True, exist_ok=True)
+    start = min(int(s.times[0]) for s in telemetry.series)
+    reports, skipped = [], []
+    for source in pools:
+        try:
+            reports.append(pool_report(telemetry, source, start, len(pools) > 1))
+        except ValueError as exc:
+            skipped.append(str(exc))
+    if not reports:
+        raise ValueError("\n  ".join(["no pool with every metric the report needs", *skipped]))
+    inputs = "\n".join([
+        f"input: {len(telemetry.files)} OTLP file(s), {len(telemetry.ignored)} ignored (no OTLP),"
+        f" {len(telemetry.problems)} problem(s)",
+        *(f"  read {path}" for path in telemetry.files),
+        *(f"  {problem}" for problem in telemetry.problems),
+        *(f"  {why}" for why in skipped),
+    ])
+    texts = [render_text(r) for r in reports]
+    summary = "\n\n".join([*texts, inputs]) + "\n"
+    written = [out / "summary.txt"]
+    written[0].write_text(summary)
+    written += write_series(telemetry, start, out)
+    written += write_requests(reports, out)
+    images: dict[str, list[Path]] = {}
+    if pictures:
+        for r in reports:
+            images[r.prefix] = [draw(chart, out, r.prefix) for chart in charts(r)]
+            written += images[r.prefix]
+    written.append(write_html(reports, texts, images, inputs, out / "report.html"))
+    return Written(summary, written, reports, telemetry.problems)
+
+
+def write_html(reports: Sequence[PoolReport], texts: Sequence[str], images: dict[str, list[Path]], inputs: str,
+               path: Path) -> Path:
+    """One page, no external references: each pool's summary and charts (inlined), then the input."""
+    parts = []
+    for r, text in zip(reports, texts):
+        parts.append(f"<h2>{html.escape(r.label)}</h2><pre>{html.escape(text)}</pre>")
+        for image in images.get(r.prefix, []):
+            data = base64.b64encode(image.read_bytes()).decode()
+            parts.append(f'<figure><img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(image.name)}</figcaption></figure>")
+    path.write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vllm-frag-otel report</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:13px}"
+        "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#666;font-size:12px}"
+        "</style></head><body><h1>KV-cache report</h1>"
+        + "".join(parts)
+        + f"<h2>Input</h2><pre>{html.escape(inputs)}</pre></body></html>\n"
+    )
+    return path
