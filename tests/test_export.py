@@ -32,12 +32,12 @@ DELTA = 1  # AggregationTemporality in OTLP
 SIMULATE = ["--num-requests", "40", "--num-blocks", "160", "--max-num-seqs", "16", "--seed", "7"]
 
 
-def _simulate(tmp_path, env_overrides: dict[str, str]) -> dict:
+def _simulate(tmp_path, env_overrides: dict[str, str], *extra_args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
     env.update({"OTEL_METRIC_EXPORT_INTERVAL": "300", **env_overrides})
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *SIMULATE, "--output", str(out)],
+        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *SIMULATE, *extra_args, "--output", str(out)],
         env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -186,7 +186,8 @@ def test_tls_and_auth_headers_through_the_standard_variables(tmp_path, tls_recei
            "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cret"}
     # not trusting the self-signed certificate: nothing is delivered, and vLLM's run still completes
     before = len(_received(tls_receiver["out"]))
-    _simulate(tmp_path / "untrusted", {**env, "OTEL_EXPORTER_OTLP_TIMEOUT": "2"})
+    # (only the periodic exports: simulate's forced per-step exports would each wait out the timeout)
+    _simulate(tmp_path / "untrusted", {**env, "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}, "--export-every", "0")
     assert len(_received(tls_receiver["out"])) == before
     # trusting it through OTEL_EXPORTER_OTLP_CERTIFICATE: metrics and spans arrive with the header
     _simulate(tmp_path / "trusted", {**env, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tls_receiver["cert"])})
