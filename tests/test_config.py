@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -11,6 +12,20 @@ from hypothesis import strategies as st
 
 from vllm_frag_otel import config
 from vllm_frag_otel.config import VARIABLES, Settings, load_settings
+
+
+@contextlib.contextmanager
+def _plugin_warnings():
+    """The log records the plugin emits meanwhile (hypothesis tests cannot use caplog)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("vllm.frag_otel")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_defaults():
@@ -36,14 +51,8 @@ def test_good_values():
 @given(name=st.sampled_from(sorted(VARIABLES)), raw=st.text(max_size=30))
 def test_any_value_never_raises_and_bad_ones_are_named(name, raw):
     config._reported.clear()
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("vllm.frag_otel").addHandler(handler)
-    try:
+    with _plugin_warnings() as records:
         settings = load_settings({name: raw})
-    finally:
-        logging.getLogger("vllm.frag_otel").removeHandler(handler)
     attr, _, accepted = VARIABLES[name]
     value = getattr(settings, attr)
     if records:
@@ -117,14 +126,8 @@ def test_fuzzed_otel_variables_never_stop_the_plugin(receiver, protocol, data, m
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
     monkeypatch.setenv(name, raw)
     config._reported.clear()
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("vllm.frag_otel").addHandler(handler)
-    try:
+    with _plugin_warnings() as records:
         runtime = telemetry.Runtime(Settings(exporter="otlp"), {}, guard())  # must not raise
-    finally:
-        logging.getLogger("vllm.frag_otel").removeHandler(handler)
     runtime.shutdown()
     if name in config.OTEL_VARIABLES:
         parse, accepted = config.OTEL_VARIABLES[name]
