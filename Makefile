@@ -1,5 +1,5 @@
 # The two commands of the README.
-.PHONY: test simulate setup
+.PHONY: test simulate setup e2e test-rules stack-up stack-down
 
 setup:
 	bash scripts/setup-venv.sh
@@ -11,3 +11,18 @@ test: setup
 # Run vLLM's real scheduler on a ShareGPT-like workload with the plugin and print the summary.
 simulate: setup
 	.venv/bin/vllm-frag-otel simulate --workload sharegpt --output sim-out
+
+# Only the end-to-end proof: real vLLM (CPU build) -> Collector -> VictoriaMetrics + Phoenix (first run ~7 min).
+e2e: setup
+	.venv/bin/python -m pytest tests/e2e
+
+# promtool unit tests of the alert rules.
+test-rules:
+	bash scripts/stack.sh test-rules
+
+# A local Collector + VictoriaMetrics + Phoenix on loopback (no Docker needed), and its stop.
+stack-up:
+	bash scripts/stack.sh setup && bash scripts/stack.sh start
+
+stack-down:
+	bash scripts/stack.sh stop

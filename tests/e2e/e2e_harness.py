@@ -1,0 +1,387 @@
+"""The end-to-end harness: real processes on loopback, built from package registries.
+
+    vLLM 0.32 (CPU build, own venv, real inference) + vllm-frag-otel (entry point)
+        │  OTLP/HTTP: plugin metrics + spans, vLLM's llm_request spans
+        ▼
+    OpenTelemetry Collector (core, built from Debian's Go sources) running collector-config.yaml
+        ├── otlphttp ──▶ VictoriaMetrics (PromQL) ◀── vmalert (deploy/prometheus/rules)
+        └── otlp ──────▶ Arize Phoenix (trace store with a REST API)
+
+Everything listens on 127.0.0.1 on free ports; every process is started here, in its own
+process group, and stopped by its id. Binaries and venvs are cached under .cache/ (see
+scripts/stack.sh and scripts/setup-vllm-cpu.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".cache"
+STACK_DIR = Path(os.environ.get("STACK_DIR", CACHE / "otel-stack"))
+VLLM_VENV = Path(os.environ.get("VLLM_CPU_VENV", CACHE / "vllm-cpu-venv"))
+E2E_DIR = CACHE / "e2e"
+
+OTELCOL = STACK_DIR / "otelcol" / "otelcol"
+VICTORIA_METRICS = STACK_DIR / "vm" / "usr" / "bin" / "victoria-metrics"
+VMALERT = STACK_DIR / "vm" / "usr" / "bin" / "vmalert"
+PHOENIX_PYTHON = STACK_DIR / "phoenix" / "bin" / "python"
+PROMTOOL = STACK_DIR / "promtool" / "usr" / "bin" / "promtool"
+AMTOOL = STACK_DIR / "promtool" / "usr" / "bin" / "amtool"
+COMPOSE = STACK_DIR / "compose" / "usr" / "libexec" / "docker" / "cli-plugins" / "docker-compose"
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
+
+# The workload: a KV cache of 63 usable blocks of 32 tokens, 16 sequences at once, each
+# needing up to 9 blocks (one of 4 shared 96-token system prompts for 3 requests in 4, a unique
+# 16-80-token question, 96 generated tokens): prefix-cache hits, evictions of blocks never
+# reused, failed allocations and preemptions.
+BLOCK_SIZE = 32
+KV_CACHE_BYTES = 2 * 1024 * 1024  # 64 blocks of 32 tokens for the tiny model (bf16)
+MAX_NUM_SEQS = 16
+NUM_REQUESTS = 96
+CONCURRENCY = 16
+PREFIX_GROUPS = 4
+PREFIX_LEN = 96
+MAX_TOKENS = 96
+EXPORT_INTERVAL_MS = 3000
+MODEL_NAME = "tiny-llama-e2e"
+
+COLLECTOR_CONFIG = REPO / "collector-config.yaml"
+RULES = REPO / "deploy" / "prometheus" / "rules" / "vllm-kv-cache.rules.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vllm-kv-cache.json"
+
+
+# -- timings ----------------------------------------------------------------------------
+
+class Timings:
+    """Wall time of each stage, printed at the end of the session and kept in .cache/e2e/."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.notes: dict[str, str] = {}
+        self.facts: dict[str, Any] = {}
+        self.test_bodies = 0.0  # seconds spent in test functions (set by conftest)
+        self.span = (float("inf"), 0.0)  # first start, last stop of this directory's tests (epoch s)
+        self.in_tests = ("absence detection after engine stop",)  # stages timed inside test functions
+        self.t0 = time.monotonic()
+
+    def record(self, name: str, seconds: float, note: str = "") -> None:
+        self.stages[name] = round(seconds, 1)
+        if note:
+            self.notes[name] = note
+
+    def stage(self, name: str):
+        timings = self
+
+        class _Stage:
+            def __enter__(self):
+                self.start = time.monotonic()
+                return self
+
+            def __exit__(self, *exc):
+                timings.record(name, time.monotonic() - self.start)
+
+        return _Stage()
+
+    def total(self) -> float:
+        """Wall time from the first set-up to the last teardown of the e2e tests."""
+        return self.span[1] - self.span[0] if self.span[1] else time.monotonic() - self.t0
+
+    def _assertions(self) -> None:
+        if self.test_bodies:
+            inner = sum(self.stages.get(name, 0.0) for name in self.in_tests)
+            self.record("assertions (test bodies)", max(self.test_bodies - inner, 0.0))
+
+    def save(self) -> Path:
+        self._assertions()
+        E2E_DIR.mkdir(parents=True, exist_ok=True)
+        path = E2E_DIR / "timings.json"
+        data = {"stages_s": self.stages, "notes": self.notes, "total_s": round(self.total(), 1),
+                "workload": self.facts}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    def lines(self) -> list[str]:
+        out = [f"  {name:<34} {seconds:>7.1f} s  {self.notes.get(name, '')}".rstrip()
+               for name, seconds in self.stages.items()]
+        out.append(f"  {'tests/e2e wall time':<34} {self.total():>7.1f} s")
+        if self.facts:
+            out.append("  workload: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in self.facts.items()))
+        return out
+
+
+TIMINGS = Timings()
+
+
+# -- set-up -----------------------------------------------------------------------------
+
+def _run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              cwd=REPO, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def _locked(fn: Callable[[], None]) -> None:
+    """One set-up at a time per checkout (a second session waits, then finds it cached)."""
+    import fcntl
+
+    E2E_DIR.mkdir(parents=True, exist_ok=True)
+    with open(E2E_DIR / "setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fn()
+
+
+def setup_all(log_dir: Path) -> None:
+    """Build/fetch every component, concurrently (each step is cached and idempotent)."""
+    _locked(lambda: _setup_all(log_dir))
+
+
+def setup_tools() -> None:
+    """promtool, amtool and docker-compose only (Debian packages, seconds)."""
+    def run() -> None:
+        was_cached = PROMTOOL.exists() and AMTOOL.exists() and COMPOSE.exists()
+        start = time.monotonic()
+        _run_logged(["bash", "scripts/stack.sh", "setup", "promtool", "compose"],
+                    E2E_DIR / "logs" / "setup" / "tools.log", 600)
+        TIMINGS.record("setup: promtool, amtool, docker-compose", time.monotonic() - start,
+                       "(cached)" if was_cached else "(cold)")
+
+    _locked(run)
+
+
+def _setup_all(log_dir: Path) -> None:
+    steps: dict[str, tuple[list[str], float, Callable[[], bool]]] = {
+        # name: (command, timeout, "already cached?")
+        "setup: otelcol (Go build)": (["bash", "scripts/stack.sh", "setup", "otelcol"], 1800, OTELCOL.exists),
+        "setup: VictoriaMetrics": (["bash", "scripts/stack.sh", "setup", "vm"], 600, VICTORIA_METRICS.exists),
+        "setup: Phoenix venv": (["bash", "scripts/stack.sh", "setup", "phoenix"], 1500,
+                                lambda: (STACK_DIR / "phoenix" / ".installed").exists()),
+        "setup: vllm-cpu venv": (["bash", "scripts/setup-vllm-cpu.sh"], 1800,
+                                 lambda: (VLLM_VENV / ".installed").exists()),
+    }
+
+    def run(name: str) -> None:
+        cmd, timeout, cached = steps[name]
+        was_cached = cached()
+        start = time.monotonic()
+        _run_logged(cmd, log_dir / (re.sub(r"\W+", "-", name).strip("-") + ".log"), timeout)
+        TIMINGS.record(name, time.monotonic() - start, "(cached)" if was_cached else "(cold)")
+
+    with ThreadPoolExecutor(len(steps)) as pool:
+        futures = [pool.submit(run, name) for name in steps]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise RuntimeError("\n\n".join(str(e) for e in errors))
+
+
+# -- processes --------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+class Proc:
+    """A process started here, in its own process group, so that it and its children
+    (vLLM's EngineCore and workers) are stopped together and nothing else is touched."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(log, "w")
+        self._stopped = False
+        self.popen = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, cwd=cwd or REPO, start_new_session=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.popen.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        else:
+            # the leader exited; children it left in its group still go
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        self._out.close()
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5,
+               proc: Proc | None = None) -> Any:
+    """Poll `check` until it returns something truthy; fail with the process log if it dies."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive:
+            raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}) while waiting for {what}:\n{proc.tail()}")
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, ValueError, KeyError, urllib.error.URLError) as exc:
+            last_error = exc
+        time.sleep(interval)
+    detail = f" (last error: {last_error})" if last_error else ""
+    tail = f"\n{proc.name} log:\n{proc.tail()}" if proc is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{detail}{tail}")
+
+
+# -- HTTP -------------------------------------------------------------------------------
+
+def http_json(url: str, params: dict[str, Any] | list[tuple[str, str]] | None = None, data: Any = None,
+              headers: dict[str, str] | None = None, timeout: float = 30) -> Any:
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    body = None
+    hdrs = dict(headers or {})
+    if data is not None:
+        body = json.dumps(data).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(url, data=body, headers=hdrs)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def http_ok(url: str) -> bool:
+    with suppress(OSError, urllib.error.URLError):
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return 200 <= resp.status < 300
+    return False
+
+
+class PromQL:
+    """PromQL over HTTP (VictoriaMetrics here; the same API as Prometheus)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        try:
+            answer = http_json(self.base + "/api/v1/query", params)
+        except urllib.error.HTTPError as exc:  # a parse error is a 4xx with a JSON body
+            raise AssertionError(f"query failed ({exc.code}): {exc.read().decode(errors='replace')}\n  {expr}") from None
+        assert answer["status"] == "success", (expr, answer)
+        return answer["data"]["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        try:
+            answer = http_json(self.base + "/api/v1/query_range", params)
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"query failed ({exc.code}): {exc.read().decode(errors='replace')}\n  {expr}") from None
+        assert answer["status"] == "success", (expr, answer)
+        return answer["data"]["result"]
+
+    def metric_names(self) -> set[str]:
+        return set(http_json(self.base + "/api/v1/label/__name__/values")["data"])
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        return http_json(self.base + f"/api/v1/label/{label}/values", [("match[]", match)])["data"]
+
+
+# -- dashboard and rules ------------------------------------------------------------------
+
+def dashboard_panels(dashboard: dict) -> list[dict]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))  # collapsed rows
+    return out
+
+
+def dashboard_queries(dashboard: dict) -> list[tuple[str, str, bool]]:
+    """(panel title, expr, instant?) for every query of every panel."""
+    return [(p["title"], t["expr"], bool(t.get("instant")) and not t.get("range"))
+            for p in dashboard_panels(dashboard) for t in p.get("targets", []) if t.get("expr")]
+
+
+def substitute_grafana_variables(expr: str, rate_interval: str, time_range: str) -> str:
+    """What Grafana sends for the dashboard's variables with "All" selected."""
+    expr = expr.replace("$__rate_interval", rate_interval).replace("$__range", time_range)
+    expr = expr.replace("$__interval", rate_interval)
+    expr = re.sub(r"\$\{?(model|instance)\}?", ".*", expr)
+    assert "$" not in expr, f"unsubstituted variable in {expr}"
+    return expr
+
+
+def load_rules() -> list[dict]:
+    import yaml
+
+    doc = yaml.safe_load(RULES.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+_COMPARISON = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*(bool\s+)?-?[0-9.]+(e-?[0-9]+)?\s*$")
+
+
+def split_top_level(expr: str) -> list[str]:
+    """Split an alert expression at its top-level `and` / `unless` / `or` (with their
+    on(...)/ignoring(...) modifiers) and strip a trailing comparison with a number from
+    each operand: what remains are the signals the alert thresholds."""
+    parts, depth, start, i = [], 0, 0, 0
+    text = " ".join(expr.split())
+    while i < len(text):
+        c = text[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == '"':
+            i = text.index('"', i + 1)
+        elif depth == 0:
+            m = re.match(r" (and|unless|or)( (on|ignoring) ?\([^)]*\))? ", text[i:])
+            if m:
+                parts.append(text[start:i])
+                i += m.end()
+                start = i
+                continue
+        i += 1
+    parts.append(text[start:])
+    return [_COMPARISON.sub("", p).strip() for p in parts]

@@ -1,0 +1,314 @@
+"""End to end, with real processes on loopback: a real vLLM engine doing real inference on the
+CPU with the plugin loaded by its entry point and vLLM's own tracing on; a real OpenTelemetry
+Collector running collector-config.yaml; VictoriaMetrics answering PromQL; vmalert evaluating
+the shipped alert rules; Phoenix storing the spans.
+
+What is proved: every PromQL expression of the dashboard and of the rule file parses (Prometheus'
+own parser, promtool) and returns data; the rules evaluate without error and the alerts that
+the workload should raise are raised, the others not; the plugin's request span and vLLM's
+llm_request span of a request sent with a traceparent header are in the same trace; allocation
+latency exemplars point at those traces; the collector accepted its configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+
+import pytest
+
+import e2e_harness as h
+from e2e_harness import MAX_TOKENS, MODEL_NAME, NUM_REQUESTS
+
+pytestmark = pytest.mark.e2e
+
+# What Grafana would put for $__rate_interval (4 x the 3 s export interval, rounded up) and for
+# $__range (a range covering the whole run) in the checks.
+RATE_INTERVAL = "30s"
+TIME_RANGE = "10m"
+STEP = 5
+
+
+def _values(result: list[dict]) -> list[float]:
+    return [float(r["value"][1]) for r in result]
+
+
+def _total(q: h.PromQL, expr: str) -> float:
+    result = q.query(expr)
+    return sum(_values(result)) if result else 0.0
+
+
+# -- the engine and the plugin ------------------------------------------------------------
+
+def test_plugin_loaded_and_healthy(stack, arrived):
+    log = arrived.server.log_text()
+    assert "vllm-frag-otel: not instrumenting" not in log, [l for l in log.splitlines() if "vllm-frag-otel" in l]
+    assert "disabled after" not in log
+    q = stack.promql
+    active = q.query("vllm_frag_otel_active_ratio")
+    assert active and _values(active) == [1.0] * len(active), active
+    assert _total(q, "vllm_frag_otel_hook_errors_total") == 0
+    (series,) = q.query("vllm_kv_cache_block_limit")
+    labels = series["metric"]
+    # the resource attributes that tell replicas, ranks and models apart arrive as labels
+    assert labels["vllm_model_name"] == MODEL_NAME
+    assert labels["vllm_data_parallel_rank"] == "0"
+    assert labels["service_name"] == "vllm"
+    assert labels["service_instance_id"] and labels["host_name"]
+    assert float(series["value"][1]) == 63  # 64 blocks, minus vLLM's null block
+
+
+def test_workload_exercised_the_cache(stack, arrived):
+    """The run is only a proof if the interesting paths happened."""
+    q = stack.promql
+    facts = {
+        "requests": len(arrived.requests),
+        "preemptions": _total(q, "vllm_kv_cache_preemptions_total"),
+        "failed allocations": _total(q, 'vllm_kv_cache_allocation_attempts_total{vllm_kv_cache_allocation_outcome="failure"}'),
+        "allocations": _total(q, "vllm_kv_cache_allocation_attempts_total"),
+        "prefix-hit tokens": _total(q, "vllm_kv_cache_prefix_cache_hit_total"),
+        "looked-up tokens": _total(q, "vllm_kv_cache_prefix_cache_queried_total"),
+        "evictions": _total(q, "vllm_kv_cache_block_evictions_total"),
+        "evicted never reused": _total(q, 'vllm_kv_cache_block_evictions_total{vllm_kv_cache_block_reused="false"}'),
+        "series per engine": _total(q, 'count({__name__=~"vllm_.+|otel_.+", service_instance_id!=""})'),
+    }
+    h.TIMINGS.facts.update(facts)
+    assert len(arrived.requests) == NUM_REQUESTS
+    assert all(r.response["usage"]["completion_tokens"] == MAX_TOKENS for r in arrived.requests)
+    assert _total(q, "vllm_kv_cache_preemptions_total") > 0
+    assert _total(q, 'vllm_kv_cache_allocation_attempts_total{vllm_kv_cache_allocation_outcome="failure"}') > 0
+    assert _total(q, 'vllm_kv_cache_prefix_cache_hit_total{vllm_request_resumed="false"}') > 0
+    assert _total(q, "vllm_kv_cache_block_evictions_total") > 0
+    assert _total(q, 'vllm_kv_cache_block_allocations_total{vllm_kv_cache_block_source="prefix_hit"}') > 0
+
+
+# -- the collector -------------------------------------------------------------------------
+
+def test_collector_accepted_the_config(stack, arrived):
+    proc = subprocess.run([str(h.OTELCOL), "validate", f"--config={h.COLLECTOR_CONFIG}"],
+                          env={**stack.collector_env(), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = stack.procs["otelcol"].log_text()
+    assert "Everything is ready. Begin running and processing data." in log
+    errors = [line for line in log.splitlines() if re.match(r"^\S+\s+(error|fatal|panic)\s", line)]
+    assert not errors, "\n".join(errors[:20])
+    # defaults hold when nothing is overridden (deploy/compose.yaml relies on them)
+    proc = subprocess.run([str(h.OTELCOL), "validate", f"--config={h.COLLECTOR_CONFIG}"],
+                          env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- metric names, the dashboard, the rules ------------------------------------------------
+
+def _referenced_metrics(exprs: list[str], label_names: set[str]) -> set[str]:
+    tokens = set()
+    for expr in exprs:
+        expr = re.sub(r'"[^"]*"', '""', expr)
+        tokens |= set(re.findall(r"\b((?:vllm|otel)_[a-z0-9_:]+)", expr))
+    recorded = {r["record"] for r in h.load_rules() if "record" in r}
+    return tokens - label_names - recorded
+
+
+def test_metric_names_match_what_arrives(stack, arrived):
+    q = stack.promql
+    names = q.metric_names()
+    label_names = set(h.http_json(q.base + "/api/v1/labels")["data"])
+    dashboard = json.loads(h.DASHBOARD.read_text())
+    exprs = [e for _, e, _ in h.dashboard_queries(dashboard)] + [r["expr"] for r in h.load_rules()]
+    missing = sorted(_referenced_metrics(exprs, label_names) - names)
+    assert not missing, f"referenced but never arrived: {missing}\narrived: {sorted(names)}"
+    expected = {
+        "vllm_kv_cache_block_count", "vllm_kv_cache_block_limit", "vllm_kv_cache_free_run_count",
+        "vllm_kv_cache_free_run_largest", "vllm_kv_cache_fragmentation_external_ratio",
+        "vllm_kv_cache_slot_count", "vllm_kv_cache_block_partial_count",
+        "vllm_kv_cache_fragmentation_internal_ratio", "vllm_kv_cache_slot_utilization_ratio",
+        "vllm_kv_cache_request_count", "vllm_kv_cache_prefix_cache_queried_total",
+        "vllm_kv_cache_prefix_cache_hit_total", "vllm_kv_cache_block_evictions_total",
+        "vllm_kv_cache_block_allocations_total", "vllm_kv_cache_allocation_attempts_total",
+        "vllm_kv_cache_preemptions_total", "vllm_kv_cache_allocation_duration_seconds_bucket",
+        "vllm_kv_cache_block_cache_duration_seconds_bucket", "vllm_kv_cache_block_idle_duration_seconds_bucket",
+        "vllm_frag_otel_active_ratio", "vllm_frag_otel_hook_errors_total",
+        "vllm_frag_otel_measurements_dropped_total", "vllm_frag_otel_requests_untraced_total",
+    }
+    assert expected <= names, sorted(expected - names)
+
+
+def _promtool_parses(exprs: dict[str, str], tmp_path) -> None:
+    """Prometheus' own PromQL parser (promtool 2.42) on each expression."""
+    import yaml
+
+    rules = {"groups": [{"name": "parse-check", "rules": [
+        {"record": f"check:{i}", "expr": expr} for i, expr in enumerate(exprs.values())]}]}
+    path = tmp_path / "parse-check.rules.yml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    proc = subprocess.run([str(h.PROMTOOL), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_queries_parse_and_return_data(stack, arrived, tmp_path):
+    """As Grafana asks: range queries over the run for graphs, instant queries for stats."""
+    dashboard = json.loads(h.DASHBOARD.read_text())
+    queries = h.dashboard_queries(dashboard)
+    assert len(queries) >= 30
+    exprs = {f"{title} #{i}": h.substitute_grafana_variables(expr, RATE_INTERVAL, TIME_RANGE)
+             for i, (title, expr, _) in enumerate(queries)}
+    _promtool_parses(exprs, tmp_path)
+    q = stack.promql
+    start, end = arrived.started - 10, time.time()
+    empty = {}
+    for (name, expr), (_, _, instant) in zip(exprs.items(), queries):
+        if instant:
+            values = _values(q.query(expr))
+        else:
+            values = [float(v) for series in q.query_range(expr, start, end, STEP) for _, v in series["values"]]
+        if not values or all(math.isnan(v) for v in values):
+            empty[name] = expr
+    assert not empty, "queries without data:\n" + "\n".join(f"  {k}: {v}" for k, v in empty.items())
+    # the variables: label_values(metric, label)
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"]["query"])
+        assert m, var["query"]
+        match = h.substitute_grafana_variables(m.group(1), RATE_INTERVAL, TIME_RANGE)
+        assert q.label_values(m.group(2), match), f"variable {var['name']} has no values"
+
+
+def _vmalert_rules(stack) -> list[dict]:
+    groups = h.http_json(stack.vmalert + "/api/v1/rules")["data"]["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_rules_parse_evaluate_and_return_data(stack, arrived, tmp_path):
+    rules = h.load_rules()
+    _promtool_parses({r.get("record") or r["alert"]: r["expr"] for r in rules}, tmp_path)
+    q = stack.promql
+    records = [r["record"] for r in rules if "record" in r]
+
+    # vmalert evaluates every rule of the file on data from after the workload; recorded series
+    # land in VictoriaMetrics
+    def evaluated_after_workload():
+        vm_rules = _vmalert_rules(stack)
+        if len(vm_rules) != len(rules):
+            return False
+        for rule in vm_rules:
+            detail = h.http_json(stack.vmalert + "/api/v1/rule", {"group_id": rule["group_id"], "rule_id": rule["id"]})
+            updates = detail.get("updates") or []
+            if not updates or _rfc3339(updates[0]["at"]) < arrived.finished + 1:
+                return False
+        return all(q.query(name) for name in records)
+
+    h.wait_until("vmalert to evaluate every rule on data from after the workload, and the recorded series",
+                 evaluated_after_workload, 150, interval=2, proc=stack.procs["vmalert"])
+    unhealthy = [(r["name"], r.get("lastError")) for r in _vmalert_rules(stack)
+                 if r["health"] != "ok" or r.get("lastError")]
+    assert not unhealthy, unhealthy
+
+    # each threshold's signal returns data
+    empty = []
+    for rule in rules:
+        parts = [rule["expr"]] if "record" in rule else h.split_top_level(rule["expr"])
+        for part in parts:
+            if not q.query(part):
+                empty.append((rule.get("record") or rule["alert"], part))
+    assert not empty, "rule signals without data:\n" + "\n".join(f"  {n}: {e}" for n, e in empty)
+
+
+def _rfc3339(stamp: str) -> float:
+    from datetime import datetime
+
+    stamp = re.sub(r"(\.\d{6})\d*", r"\1", stamp).replace("Z", "+00:00")
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def test_alerts_fire_as_the_workload_says(stack, arrived):
+    """Preempting sequences from a 63-block cache, and evicting blocks no request comes back
+    for, is what VLLMKVCachePreemptions and VLLMKVCacheThrash are for; a healthy plugin on a
+    reporting engine must not raise the plugin alerts."""
+    expected = ("VLLMKVCachePreemptions", "VLLMKVCacheThrash")
+
+    def active_alerts():
+        alerts = {a["name"]: a["state"] for a in h.http_json(stack.vmalert + "/api/v1/alerts")["data"]["alerts"]}
+        return alerts if all(name in alerts for name in expected) else None
+
+    alerts = h.wait_until(f"{' and '.join(expected)} to be pending or firing in vmalert", active_alerts,
+                          120, interval=2, proc=stack.procs["vmalert"])
+    for name in expected:
+        assert alerts[name] in ("pending", "firing"), alerts
+    for quiet in ("VLLMFragOtelHookErrors", "VLLMFragOtelDisabled", "VLLMFragOtelTelemetryAbsent"):
+        assert quiet not in alerts, alerts
+
+
+# -- traces --------------------------------------------------------------------------------
+
+def _phoenix_spans(stack) -> list[dict]:
+    spans, cursor = [], None
+    while True:
+        params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        page = h.http_json(stack.phoenix + "/v1/projects/default/spans", params)
+        spans += page["data"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return spans
+
+
+def _spans_by_trace(stack) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for span in _phoenix_spans(stack):
+        out.setdefault(span["context"]["trace_id"], {})[span["name"]] = span
+    return out
+
+
+def test_plugin_span_and_vllm_span_share_the_trace(stack, arrived):
+    sent = {r.trace_id: r for r in arrived.requests}
+
+    def all_joined():
+        traces = _spans_by_trace(stack)
+        return traces if all({"llm_request", "vllm.kv_cache.request"} <= traces.get(t, {}).keys() for t in sent) else None
+
+    traces = h.wait_until("both spans of every request in Phoenix", all_joined, 120, interval=2)
+    for trace_id, request in sent.items():
+        vllm_span, kv_span = traces[trace_id]["llm_request"], traces[trace_id]["vllm.kv_cache.request"]
+        # both are children of the client's span (the traceparent header)
+        assert vllm_span["parent_id"] == request.parent_span_id
+        assert kv_span["parent_id"] == request.parent_span_id
+        assert kv_span["attributes"]["gen_ai.request.id"] == vllm_span["attributes"]["gen_ai.request.id"]
+        assert kv_span["attributes"]["gen_ai.usage.prompt_tokens"] == request.prompt_tokens
+        assert kv_span["attributes"]["vllm.request.finish_status"] == "finished_length_capped"
+    kv = [traces[t]["vllm.kv_cache.request"]["attributes"] for t in sent]
+    assert any(a["vllm.request.preemptions"] > 0 for a in kv), "no span tells of a preemption"
+    assert any(a["vllm.kv_cache.prefix_cache.hit_tokens"] > 0 for a in kv), "no span tells of a prefix hit"
+
+
+def test_allocation_exemplars_point_at_request_traces(stack, arrived):
+    """Exemplars on vllm.kv_cache.allocation.duration reach the collector (which forwards them to
+    the PromQL back-end) carrying the trace id of a request sent with a traceparent header."""
+    sent = {r.trace_id for r in arrived.requests}
+    log = stack.procs["otelcol"].log_text()
+    found = set()
+    for block in log.split("Descriptor:")[1:]:
+        if "-> Name: vllm.kv_cache.allocation.duration" not in block:
+            continue
+        found |= set(re.findall(r"-> Trace ID: ([0-9a-f]{32})", block))
+    assert found, "no exemplar with a trace id on vllm.kv_cache.allocation.duration in the collector's debug output"
+    assert found <= sent, sorted(found - sent)[:5]
+
+
+# -- last: the engine goes away ------------------------------------------------------------
+
+def test_absence_of_a_reporting_engine_is_noticed(stack, arrived):
+    """Stop vLLM: the absence alert's expression must name the replica that stopped reporting."""
+    rule = next(r for r in h.load_rules() if r.get("alert") == "VLLMFragOtelTelemetryAbsent")
+    q = stack.promql
+    assert not q.query(rule["expr"]), "absence reported while the engine runs"
+    with h.TIMINGS.stage("absence detection after engine stop"):
+        arrived.server.stop()
+        result = h.wait_until("VLLMFragOtelTelemetryAbsent's expression to name the stopped replica",
+                              lambda: q.query(rule["expr"]), 420, interval=5)
+    (series,) = result
+    assert series["metric"]["vllm_model_name"] == MODEL_NAME
+    assert series["metric"]["vllm_data_parallel_rank"] == "0"
