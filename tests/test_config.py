@@ -148,6 +148,13 @@ def test_grpc_scheme_endpoint_means_grpc(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317")
     assert _otlp_protocol("traces") == "grpc"
     assert _otlp_protocol("metrics") == "http/protobuf"
+    from vllm_frag_otel.config import Settings
+    from vllm_frag_otel.telemetry import build_exporter
+
+    exporter = build_exporter(Settings(), "traces")
+    assert type(exporter).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc")
+    assert exporter._insecure  # plaintext, like vLLM's own span exporter for grpc://
+    exporter.shutdown()
 
 
 def test_operator_resource_attributes_win(monkeypatch):

@@ -428,6 +428,9 @@ def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExpo
     if choice == "otlp":
         transport = "grpc" if _otlp_protocol(signal) == "grpc" else "http"
         exporter_module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module}")
+        endpoint = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if endpoint.lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
+            return getattr(exporter_module, cls)(insecure=True)  # plaintext, as vLLM's own exporter
         return getattr(exporter_module, cls)()
     from vllm_frag_otel.otlp_json import OTLPJsonFileMetricExporter, OTLPJsonFileSpanExporter
 
