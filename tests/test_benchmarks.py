@@ -1,0 +1,26 @@
+"""The benchmark harness keeps working (a --quick smoke run; performance itself
+is measured by `python benchmarks/run.py`, never by timed tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def test_quick_benchmark_runs_and_reports_every_headline(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FRAG_OTEL_")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("step_overhead_ratio", "vllm_kv_metrics_overhead_ratio", "collection_ms", "bytes_per_block"):
+        assert key in result, key
+    assert result["step_overhead_ratio"] > 0.5 and result["bytes_per_block"] >= 16
+    assert result["collection_ms"] and all(v > 0 for v in result["collection_ms"].values())
