@@ -169,7 +169,7 @@ def tls_receiver(tmp_path_factory):
     )
     ready = process.stdout.readline().split()
     assert ready and ready[0] == "READY", ready
-    yield {"cert": cert, "out": out, "grpc": int(ready[1]), "http/protobuf": int(ready[2])}
+    yield {"cert": cert, "out": out, "grpc": int(ready[1])}
     process.terminate()
     process.wait(timeout=10)
 
@@ -178,7 +178,7 @@ def _received(out) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize("protocol", ["grpc"])
 def test_tls_and_auth_headers_through_the_standard_variables(tmp_path, tls_receiver, protocol):
     endpoint = f"https://127.0.0.1:{tls_receiver[protocol]}"
     transport = "grpc" if protocol == "grpc" else "http"

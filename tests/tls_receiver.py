@@ -1,16 +1,14 @@
 """An OTLP receiver that only speaks TLS and records each request's headers.
 
 Run as a process: `python tls_receiver.py CERT KEY OUT.jsonl`. It serves OTLP
-gRPC (metrics and traces services) and OTLP/HTTP on two loopback ports, prints
-`READY <grpc port> <http port>`, and appends one JSON line per request received:
+gRPC (metrics and traces services) on a loopback port, prints `READY <port>`,
+and appends one JSON line per request received:
 {"transport", "signal", "authorization", "items"}.
 """
 
 from __future__ import annotations
 
-import http.server
 import json
-import ssl
 import sys
 import threading
 from concurrent import futures
@@ -58,28 +56,7 @@ def serve(cert: str, key: str, out: str) -> None:
     grpc_port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
     server.start()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            signal = "metrics" if self.path.endswith("/v1/metrics") else "traces"
-            request = (metrics_service_pb2.ExportMetricsServiceRequest() if signal == "metrics"
-                       else trace_service_pb2.ExportTraceServiceRequest())
-            request.ParseFromString(body)
-            _record(out, "http", signal, self.headers.get("authorization"), _count(request))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    print(f"READY {grpc_port} {httpd.server_address[1]}", flush=True)
+    print(f"READY {grpc_port}", flush=True)
     server.wait_for_termination()
 
 

@@ -236,7 +236,7 @@ def test_alerts_fire_as_the_workload_says(stack, arrived):
         return alerts if all(name in alerts for name in expected) else None
 
     alerts = h.wait_until(f"{' and '.join(expected)} to be pending or firing in vmalert", active_alerts,
-                          120, interval=2, proc=stack.procs["vmalert"])
+                          300, interval=2, proc=stack.procs["vmalert"])
     for name in expected:
         assert alerts[name] in ("pending", "firing"), alerts
     for quiet in ("VLLMFragOtelHookErrors", "VLLMFragOtelDisabled", "VLLMFragOtelTelemetryAbsent"):
