@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import threading
@@ -181,15 +180,12 @@ class RotelReceiver:
     """Starts rotel-agent on two free loopback ports, forwarding everything to an in-process sink."""
 
     def __init__(self, batch_timeout: str | None = None, startup_timeout: float = 10.0,
-                 log_path: str | None = None, debug_log: bool = False,
-                 extra_args: list[str] | None = None):
+                 log_path: str | None = None):
         # batch_timeout=None -> --disable-batching: every client export is forwarded at once, 1:1
         # (sink sees the same request boundaries). Otherwise e.g. "10ms" (rotel default is 200ms,
         # which means up to ~400 ms until data reaches the sink).
         self.batch_timeout = batch_timeout
-        self.debug_log = debug_log  # also dump every metric, human-readable, into the rotel log
         self.startup_timeout = startup_timeout
-        self.extra_args = extra_args or []
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.sink: _Sink | None = None
@@ -247,9 +243,6 @@ class RotelReceiver:
                 "--otlp-exporter-retry-max-elapsed-time", "5s",
                 *(["--disable-batching"] if self.batch_timeout is None
                   else ["--batch-timeout", self.batch_timeout]),
-                *(["--debug-log", "metrics", "--debug-log-verbosity", "detailed"]
-                  if self.debug_log else []),
-                *self.extra_args,
             ]
             self._cmd, self._env = cmd, env
             if self._spawn():
@@ -287,7 +280,7 @@ class RotelReceiver:
             raise RuntimeError(f"rotel-agent did not come back:\n{self.log_text()[-2000:]}")
 
     def log_text(self) -> str:
-        """rotel's stdout+stderr (startup line, errors, and the metric dump if debug_log=True)."""
+        """rotel's stdout+stderr (startup line and errors)."""
         if self._final_log is not None:
             return self._final_log
         try:

@@ -383,9 +383,9 @@ class KVCacheSpans:
 # -- exporters and the per-process runtime ----------------------------------------
 
 SIGNALS = {
-    # signal -> (file prefix, OTLP exporter module suffix, class)
-    "metrics": ("metrics", "metric_exporter", "OTLPMetricExporter"),
-    "traces": ("traces", "trace_exporter", "OTLPSpanExporter"),
+    # signal -> (OTLP exporter module suffix, class)
+    "metrics": ("metric_exporter", "OTLPMetricExporter"),
+    "traces": ("trace_exporter", "OTLPSpanExporter"),
 }
 
 
@@ -420,7 +420,7 @@ def exporter_choice(settings: Settings, signal: str) -> str:
 def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExporter | None:
     """The exporter `VLLM_FRAG_OTEL_EXPORTER` and the `OTEL_*` variables ask for."""
     choice = exporter_choice(settings, signal)
-    prefix, module, cls = SIGNALS[signal]
+    module, cls = SIGNALS[signal]
     if choice == "none":
         return None
     if choice == "console":
