@@ -1,4 +1,5 @@
-"""The plugin's OTLP/JSON read back: metric points as time series, request spans as rows.
+"""The plugin's OTLP/JSON read back: metric points as time series, request spans as
+rows, block-layout log records as `layout.BlockMap`s.
 
 Reads what the embedded file exporter writes and what a Collector's file
 exporter writes (the same encoding: one export request per line). No vLLM.
@@ -9,6 +10,8 @@ continues from where it was), so every series reads the same way.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from vllm_frag_otel.jsonlines import InputProblem, json_records
+from vllm_frag_otel.layout import EVENT_NAME as BLOCK_MAP_EVENT
+from vllm_frag_otel.layout import BlockMap
 from vllm_frag_otel.telemetry import POOL, SPAN_NAME
 
 INSTANCE = "service.instance.id"
@@ -60,7 +65,9 @@ class RequestSpan:
     instance: str
     request_id: str
     prompt_tokens: int
-    output_tokens: int | None  # derived: computed tokens at the end - prompt + 1 (complete, one-group requests)
+    # gen_ai.usage.completion_tokens; without it derived: computed tokens at the end - prompt + 1
+    # (complete, one-group requests), else None
+    output_tokens: int | None
     hit_tokens: int
     peak_blocks: int
     allocated_slots: int
@@ -73,6 +80,8 @@ class RequestSpan:
     resumed_hit_tokens: int  # prefix-cache hits when re-admitted after them
     start_ns: int
     end_ns: int
+    # cached (prefix-cache) blocks its own allocations evicted; None: the span does not say
+    evicted_blocks: int | None = None
 
 
 @dataclass
@@ -83,9 +92,11 @@ class Telemetry:
     series: list[Series] = field(default_factory=list)
     spans: list[RequestSpan] = field(default_factory=list)
     resources: dict[str, dict[str, str]] = field(default_factory=dict)  # by instance
+    block_maps: dict[Source, list[BlockMap]] = field(default_factory=dict)  # in reading order
 
     def pools(self) -> list[Source]:
-        """The KV-cache pools seen, in the order they started exporting."""
+        """The KV-cache pools seen, in the order they started exporting metrics (a pool
+        with block maps but no metric points is not one)."""
         first: dict[Source, int] = {}
         for s in self.series:
             if s.source.pool:
@@ -130,11 +141,12 @@ def read(paths: Sequence[Path]) -> Telemetry:
             elif "resourceSpans" in record:
                 otlp_lines += _read_spans(record, where, telemetry, spans)
             elif "resourceLogs" in record:
-                otlp_lines += 1  # OTLP, but nothing the report uses
+                otlp_lines += _read_logs(record, where, telemetry)
             elif otlp_lines or explicit:
                 keys = ", ".join(sorted(record)[:5])
                 telemetry.problems.append(InputProblem(
-                    path, number, f"not OTLP (no resourceMetrics or resourceSpans; keys: {keys}); line skipped"))
+                    path, number,
+                    f"not OTLP (no resourceMetrics, resourceSpans or resourceLogs; keys: {keys}); line skipped"))
         if otlp_lines:
             telemetry.files.append(path)
         elif not explicit:
@@ -261,11 +273,16 @@ def _request_span(instance: str, span: dict) -> RequestSpan:
         elif event.get("name") == "resumed":
             resumed += int(e.get("vllm.kv_cache.prefix_cache.hit_tokens", 0))
     prompt = int(a["gen_ai.usage.prompt_tokens"])
+    completion = a.get("gen_ai.usage.completion_tokens")
+    evicted = a.get("vllm.kv_cache.block.evicted")
     allocated, unused = int(a.get("vllm.kv_cache.slot.allocated", 0)), int(a.get("vllm.kv_cache.slot.unused", 0))
     groups = int(a.get("vllm.kv_cache.group.count", 1))
     status = a.get("vllm.request.finish_status", "")
     # a complete request's last sampled token is never computed: computed = prompt + output - 1
-    output = allocated - unused - prompt + 1 if groups == 1 and status in FINISHED else None
+    if completion is not None:
+        output = int(completion)
+    else:
+        output = allocated - unused - prompt + 1 if groups == 1 and status in FINISHED else None
     return RequestSpan(
         instance=instance,
         request_id=a.get("vllm.request.id", span.get("spanId", "")),
@@ -283,7 +300,56 @@ def _request_span(instance: str, span: dict) -> RequestSpan:
         resumed_hit_tokens=resumed,
         start_ns=int(span.get("startTimeUnixNano", 0)),
         end_ns=int(span.get("endTimeUnixNano", 0)),
+        evicted_blocks=None if evicted is None else int(evicted),
     )
+
+
+def _read_logs(record: dict, where: tuple[Path, int], telemetry: Telemetry) -> int:
+    """The block maps of one logs export request. A malformed record is named and
+    skipped; the line's other records are still read. Other log records are not
+    the report's and are passed over silently."""
+    try:
+        found = []
+        for resource_logs in record["resourceLogs"]:
+            resource = _json_attributes(resource_logs.get("resource", {}).get("attributes", []))
+            instance = _instance(resource)
+            telemetry.resources.setdefault(instance, resource)
+            for scope_logs in resource_logs.get("scopeLogs", []):
+                found += [(instance, log) for log in scope_logs.get("logRecords", [])]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        telemetry.problems.append(InputProblem(
+            *where, f"not an OTLP logs request ({type(exc).__name__}: {exc}); line skipped"))
+        return 0
+    for index, (instance, log) in enumerate(found, 1):
+        try:
+            attributes = _json_attributes(log.get("attributes", []))
+            if log.get("eventName", attributes.get("event.name")) != BLOCK_MAP_EVENT:
+                continue
+            source, block_map = _block_map(instance, log, attributes)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            telemetry.problems.append(InputProblem(
+                *where, f"block map (log record {index} of the line) skipped: {what}"))
+            continue
+        telemetry.block_maps.setdefault(source, []).append(block_map)
+    return 1
+
+
+def _block_map(instance: str, log: dict, attributes: dict[str, str]) -> tuple[Source, BlockMap]:
+    """Raises ValueError saying what is wrong with a block-map log record."""
+    if POOL not in attributes:
+        raise ValueError(f"no {POOL} attribute")
+    time = int(log.get("timeUnixNano") or log.get("observedTimeUnixNano") or 0)
+    if time <= 0:
+        raise ValueError("no timeUnixNano")
+    body = log.get("body")
+    if not isinstance(body, dict) or "bytesValue" not in body:
+        raise ValueError(f"body is not bytes (bytesValue), but {sorted(body) if isinstance(body, dict) else body!r}")
+    try:
+        payload = base64.b64decode(body["bytesValue"], validate=True)
+    except (binascii.Error, TypeError) as exc:
+        raise ValueError(f"bytesValue is not base64 ({exc})") from None
+    return Source(instance, attributes[POOL]), BlockMap.decode(payload, attributes, time)
 
 
 def _json_attributes(key_values: list[dict]) -> dict[str, str]:

@@ -21,11 +21,17 @@ class Line:
 class Panel:
     ylabel: str
     lines: tuple[Line, ...]
-    style: str = "line"  # line, stack (stacked areas), stairs (histogram), bars (grouped, by category)
+    style: str = "line"  # line, stack (stacked areas), stairs (histogram), bars (grouped, by category), image
     xlabel: str = "seconds since the first point"
     percent: bool = False  # y values are ratios, shown as %
     log_x: bool = False
     categories: tuple[str, ...] = ()  # bar labels, for "bars"
+    # for "image": (rows, columns, 3) RGB in 0-1, or (rows, columns) values drawn with a colour scale;
+    # row 0 at the bottom, stretched over `extent` (left, right, bottom, top) in data coordinates
+    image: np.ndarray | None = None
+    extent: tuple[float, float, float, float] | None = None
+    swatches: tuple[tuple[str, tuple[float, float, float]], ...] = ()  # legend: label, RGB colour
+    colorbar: str = ""  # label of the colour scale of a (rows, columns) image
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class Chart:
     title: str
     panels: tuple[Panel, ...]
     columns: int = 1
+    row_height: float = 2.3  # inches per row of panels
 
 
 def render(chart: Chart, directory: Path, prefix: str = "") -> Path:
@@ -43,7 +50,7 @@ def render(chart: Chart, directory: Path, prefix: str = "") -> Path:
     from matplotlib.ticker import PercentFormatter
 
     rows = -(-len(chart.panels) // chart.columns)
-    figure = Figure(figsize=(4.5 + 4.5 * chart.columns, 2.2 + 2.3 * rows), layout="constrained")
+    figure = Figure(figsize=(4.5 + 4.5 * chart.columns, 2.2 + chart.row_height * rows), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, chart.columns, squeeze=False).ravel()
     for unused in axes[len(chart.panels):]:
@@ -57,6 +64,8 @@ def render(chart: Chart, directory: Path, prefix: str = "") -> Path:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         if panel.log_x:
             ax.set_xscale("log")
+        if panel.style == "image":
+            continue  # no grid over a picture; its legend is drawn with it
         ax.grid(alpha=0.3)
         if len(panel.lines) > 1 or panel.style == "stack":
             ax.legend(fontsize="small")
@@ -66,7 +75,9 @@ def render(chart: Chart, directory: Path, prefix: str = "") -> Path:
 
 
 def _draw(ax, panel: Panel) -> None:
-    if panel.style == "stack":
+    if panel.style == "image":
+        _draw_image(ax, panel)
+    elif panel.style == "stack":
         ax.stackplot(panel.lines[0].x, *[line.y for line in panel.lines], labels=[line.label for line in panel.lines],
                      alpha=0.8)
     elif panel.style == "stairs":
@@ -80,3 +91,15 @@ def _draw(ax, panel: Panel) -> None:
     else:
         for line in panel.lines:
             ax.plot(line.x, line.y, label=line.label, linewidth=1.2)
+
+
+def _draw_image(ax, panel: Panel) -> None:
+    from matplotlib.patches import Patch
+
+    picture = ax.imshow(panel.image, origin="lower", aspect="auto", interpolation="nearest", extent=panel.extent,
+                        cmap="magma_r" if panel.image.ndim == 2 else None)
+    if panel.image.ndim == 2:
+        ax.figure.colorbar(picture, ax=ax, label=panel.colorbar)
+    if panel.swatches:
+        ax.legend(handles=[Patch(facecolor=colour, edgecolor="0.5", label=label) for label, colour in panel.swatches],
+                  fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
