@@ -4,7 +4,9 @@ For each KV-cache pool found: what the fragmentation pattern is, what causes
 it, what it costs and how to reduce it, in a text summary with the measured
 numbers; every time series as CSV and JSON; PNG charts; and one self-contained
 HTML page bundling them. Per-request figures come from the plugin's
-`vllm.kv_cache.request` spans when the traces files are given too. No vLLM.
+`vllm.kv_cache.request` spans when the traces files are given too; the block
+layout (a heat map of every block's state over time, and where it churns) from
+its `vllm.kv_cache.block_map` log records when the logs files are. No vLLM.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_frag_otel import otlp_read
+from vllm_frag_otel import layout, otlp_read
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.otlp_read import RequestSpan, Series, Source, Telemetry
 from vllm_frag_otel.plots import Chart, Line, Panel, render as draw
@@ -63,6 +65,12 @@ SIZE_EDGES = (128, 512, 2048)
 # internal fragmentation worth a smaller block size.
 NEAR_FULL = 0.95
 INTERNAL_WORTH_FIXING = 0.05
+# Block-layout hotspots: churn summed over this many equal block-id regions and
+# time windows; how many of each (and of the longest-lived holes) are shown.
+LAYOUT_REGIONS = 32
+LAYOUT_WINDOWS = 20
+TOP_HOTSPOTS = 3
+TOP_HOLES = 5
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class ClassRow:
     preempted_requests: int = 0
     allocation_failures: int = 0
     new_blocks: int = 0  # taken from the free list over their life (where evictions happen)
+    measured_evictions: int | None = None  # cached blocks their allocations evicted, when every span says
 
     @property
     def label(self) -> str:
@@ -102,6 +111,8 @@ class PoolReport:
     caveats: list[str] = field(default_factory=list)
     requests: list[RequestSpan] = field(default_factory=list)
     classes: list[ClassRow] = field(default_factory=list)
+    start_ns: int = 0  # time zero of every time axis
+    block_layout: layout.Layout | None = None  # from the pool's block maps
 
     @property
     def final(self) -> dict[str, float]:
@@ -155,7 +166,11 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
         latency=latency,
         block_size=_block_size(quantities),
         caveats=_caveats(telemetry, source),
+        start_ns=start_ns,
     )
+    stacked = layout.stack(telemetry.block_maps.get(source, []))
+    if stacked is not None and stacked.num_blocks:
+        report.block_layout = stacked
     # spans name their process, not their pool: they belong to a process's only pool
     pools_of_instance = [p for p in telemetry.pools() if p.instance == source.instance]
     if len(pools_of_instance) == 1:
@@ -213,7 +228,9 @@ def new_blocks(request: RequestSpan, block_size: int | None) -> int | None:
 
 
 def request_classes(requests: Sequence[RequestSpan], block_size: int | None) -> list[ClassRow]:
-    """Rows by (prompt, output) size class, most unused slots first."""
+    """Rows by (prompt, output) size class, most unused slots first. Evictions
+    are measured when every span says how many blocks its allocations evicted."""
+    measured = bool(requests) and all(r.evicted_blocks is not None for r in requests)
     rows: dict[tuple[str, str], ClassRow] = {}
     for r in requests:
         key = (size_class(r.prompt_tokens), size_class(r.output_tokens))
@@ -224,6 +241,8 @@ def request_classes(requests: Sequence[RequestSpan], block_size: int | None) -> 
         row.preempted_requests += r.preemptions > 0
         row.allocation_failures += r.allocation_failures
         row.new_blocks += new_blocks(r, block_size) or 0
+        if measured:
+            row.measured_evictions = (row.measured_evictions or 0) + r.evicted_blocks
     return sorted(rows.values(), key=lambda row: (-row.unused_slots, -row.preemptions, row.label))
 
 
@@ -278,6 +297,8 @@ def render_text(report: PoolReport) -> str:
     ]
     if report.classes:
         lines += ["", "Requests by size class (from the vllm.kv_cache.request spans)", *class_table(report)]
+    if report.block_layout is not None:
+        lines += ["", *layout_lines(report)]
     return "\n".join(lines)
 
 
@@ -319,6 +340,15 @@ def _causes(report: PoolReport) -> list[str]:
         f"  - prefix cache: {_share(f['prefix_hit_tokens'], f['prefix_queried_tokens'])} of looked-up tokens"
         f" hit; {evictions:.0f} cached blocks were evicted to make room, {_share(never, evictions)} of them never"
         " reused after being cached (content nobody asked for again before it was dropped).")
+    by_class = [(class_evictions(report, c), c) for c in report.classes]
+    total = sum(e for e, _ in by_class)
+    if total > 0:
+        top_evictions, top_class = max(by_class, key=lambda pair: pair[0])
+        how = ("measured per request: vllm.kv_cache.block.evicted" if evictions_measured(report)
+               else "estimated: new blocks x the pool's share of recycled allocations")
+        lines.append(f"    Caused most evictions: {top_class.label} requests ({_share(top_evictions, total)} of"
+                     f" {total:.0f} evictions, {how}; from {_share(top_class.requests, len(report.requests))}"
+                     " of the requests).")
     return lines
 
 
@@ -403,8 +433,9 @@ def class_table(report: PoolReport) -> list[str]:
         "new": sum(r.new_blocks for r in rows),
     }
     recycled_share = _recycled_share(report)
+    measured = evictions_measured(report)
     lines = [f"  {'prompt / output tokens':<24}{'requests':>14}{'unused slots':>18}{'preemptions':>16}"
-             f"{'failed allocs':>16}{'new blocks':>16}{'est. evictions':>16}"]
+             f"{'failed allocs':>16}{'new blocks':>16}{'evictions' if measured else 'est. evictions':>16}"]
     for r in rows:
         cells = [
             f"{r.requests} ({_share(r.requests, totals['requests'])})",
@@ -412,20 +443,107 @@ def class_table(report: PoolReport) -> list[str]:
             f"{r.preemptions} ({_share(r.preemptions, totals['preemptions'])})",
             f"{r.allocation_failures} ({_share(r.allocation_failures, totals['failures'])})",
             f"{r.new_blocks} ({_share(r.new_blocks, totals['new'])})",
-            f"{r.new_blocks * recycled_share:.0f}",
+            f"{class_evictions(report, r):.0f}",
         ]
         lines.append(f"  {r.prompt + ' / ' + r.output:<24}" + "".join(
             f"{c:>{w}}" for c, w in zip(cells, (14, 18, 16, 16, 16, 16))))
-    lines.append("  unused slots: at each request's end. new blocks: taken from the free list over its life;"
-                 " est. evictions = new blocks x the pool's share of recycled allocations"
-                 f" ({pct(recycled_share)}): vLLM does not say which request's allocation evicted a block.")
+    if measured:
+        lines.append("  unused slots: at each request's end. new blocks: taken from the free list over its life;"
+                     " evictions: cached blocks its own allocations evicted (vllm.kv_cache.block.evicted).")
+    else:
+        lines.append("  unused slots: at each request's end. new blocks: taken from the free list over its life;"
+                     " est. evictions = new blocks x the pool's share of recycled allocations"
+                     f" ({pct(recycled_share)}): the spans do not say which request's allocation evicted a block.")
     return lines
+
+
+def evictions_measured(report: PoolReport) -> bool:
+    """Every class's evictions are measured (every span of the pool carries vllm.kv_cache.block.evicted)."""
+    return bool(report.classes) and all(c.measured_evictions is not None for c in report.classes)
+
+
+def class_evictions(report: PoolReport, row: ClassRow) -> float:
+    """Evictions the class's allocations caused: measured when every span says, else
+    estimated (new blocks x the pool's share of recycled allocations)."""
+    if evictions_measured(report):
+        return float(row.measured_evictions)
+    return row.new_blocks * _recycled_share(report)
 
 
 def _recycled_share(report: PoolReport) -> float:
     f = report.final
     taken = f["blocks_allocated_fresh"] + f["blocks_allocated_recycled"]
     return f["blocks_allocated_recycled"] / taken if taken else 0.0
+
+
+# -- block layout ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hotspots:
+    regions: list[layout.Region]
+    windows: list[layout.Window]
+    holes: list[layout.Hole]
+
+
+def hotspots(report: PoolReport) -> Hotspots:
+    """The pool's hottest block regions and time windows and its longest-lived holes
+    (times in seconds since the report's start)."""
+    lay = report.block_layout
+    return Hotspots(
+        regions=layout.hot_regions(lay, LAYOUT_REGIONS, TOP_HOTSPOTS),
+        windows=layout.hot_windows(lay, report.start_ns, LAYOUT_WINDOWS, TOP_HOTSPOTS),
+        holes=layout.long_lived_holes(lay, report.start_ns, TOP_HOLES),
+    )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _blocks(first: int, last: int) -> str:
+    return f"block {first}" if first == last else f"blocks {first}-{last}"
+
+
+def layout_lines(report: PoolReport) -> list[str]:
+    """The block-layout section of the summary."""
+    lay = report.block_layout
+    seconds = (lay.times - report.start_ns) / 1e9
+    maps = len(lay.times)
+    every = f", every ~{float(np.median(np.diff(seconds))):.3g} s" if maps > 1 else ""
+    shares = lay.counts.sum(axis=2).mean(axis=0) / lay.num_blocks
+    found = hotspots(report)
+    lines = [
+        f"Block layout ({_plural(maps, 'map')}{every}, {lay.num_blocks} blocks,"
+        f" {_plural(lay.cells, 'cell')} of {_plural(lay.bin_size, 'block')}; from {seconds[0]:.3f} s"
+        f" to {seconds[-1]:.3f} s)",
+        "  blocks by state, averaged over the maps: "
+        + ", ".join(f"{name} {pct(float(share))}" for name, share in zip(layout.BLOCK_STATES, shares)),
+        f"  hottest block regions (of {min(LAYOUT_REGIONS, lay.cells)} equal ranges of block ids; state changes"
+        " between consecutive maps):",
+        *(f"    {_blocks(r.first_block, r.last_block)}: {r.changes} changes ({pct(r.share)}),"
+          f" {r.changes_per_block:.2f} per block" for r in found.regions),
+        f"  hottest time windows (of {min(LAYOUT_WINDOWS, max(maps - 1, 0))} with equal numbers of map intervals):",
+        *(f"    {w.start_s:.3f}-{w.end_s:.3f} s: {w.changes} changes ({pct(w.share)}),"
+          f" {w.changes_per_second:.1f} per second" for w in found.windows),
+    ]
+    if not found.regions:
+        lines.insert(lines.index(next(line for line in lines if line.startswith("  hottest time"))),
+                     "    none: no block changed state between two maps")
+    lines.append("  longest-lived holes (adjacent blocks left unheld, free or cached, at the same map and still"
+                 " unheld):")
+    lines += [f"    {_blocks(h.first_block, h.last_block)} ({_plural(h.blocks, 'block')}): since {h.since_s:.3f} s"
+              f" → until {h.until_s:.3f} s ({h.seconds:.3f} s)"
+              + ("; still unheld at the last map" if h.open else "") for h in found.holes]
+    if not found.holes:
+        lines.append("    none: every map had every cell at least partly held")
+    note = ("  note: changes are counted between consecutive maps, a lower bound: a block that changed and changed"
+            " back between two maps is not seen.")
+    if lay.bin_size > 1:
+        note += (f" Cells are bins of {lay.bin_size} blocks: changes that swap states between blocks of one cell"
+                 " cancel out, and a hole is a run of cells whose every block is unheld.")
+    lines.append(note)
+    return lines
 
 
 # -- charts --------------------------------------------------------------------------------
@@ -467,7 +585,6 @@ def charts(report: PoolReport) -> list[Chart]:
     if report.classes:
         rows = report.classes
         positions = np.arange(len(rows), dtype=np.float64)
-        recycled_share = _recycled_share(report)
 
         def share(values: list[float]) -> np.ndarray:
             array = np.array(values, dtype=np.float64)
@@ -478,9 +595,39 @@ def charts(report: PoolReport) -> list[Chart]:
                 Line("requests", positions, share([r.requests for r in rows])),
                 Line("unused slots at end", positions, share([r.unused_slots for r in rows])),
                 Line("preemptions", positions, share([r.preemptions for r in rows])),
-                Line("est. evictions", positions, share([r.new_blocks * recycled_share for r in rows])),
+                Line("evictions" if evictions_measured(report) else "est. evictions", positions,
+                     share([class_evictions(report, r) for r in rows])),
             ), style="bars", xlabel="", percent=True, categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),)))
+    if report.block_layout is not None:
+        result.append(layout_chart(report))
     return result
+
+
+def layout_chart(report: PoolReport) -> Chart:
+    """Top: every cell's state mix at every map (layout.image); bottom: blocks that
+    changed state per region between consecutive maps (layout.region_churn).
+    Columns are drawn evenly spaced: map t centred on its time, interval i from
+    map i to map i + 1 (exact for maps at a steady interval)."""
+    lay = report.block_layout
+    seconds = (lay.times - report.start_ns) / 1e9
+    step = float(np.median(np.diff(seconds))) if len(seconds) > 1 else 1.0
+    top = 0.5 + lay.cells * lay.bin_size
+    bins = f" (cells of {lay.bin_size} blocks)" if lay.bin_size > 1 else ""
+    panels = [Panel(
+        f"block id{bins}", (), style="image", image=layout.image(lay),
+        extent=(float(seconds[0] - step / 2), float(seconds[-1] + step / 2), 0.5, top),
+        swatches=tuple((name, tuple(float(c) for c in colour))
+                       for name, colour in zip(layout.BLOCK_STATES, layout.STATE_COLOURS)),
+    )]
+    _, per_region = layout.region_churn(lay, LAYOUT_REGIONS)
+    if per_region.size:
+        panels.append(Panel(
+            "block id (regions)", (), style="image", image=per_region.T,
+            extent=(float(seconds[0]), float(seconds[-1]), 0.5, top),
+            colorbar="blocks that changed state",
+        ))
+    return Chart("block_layout", "Block layout: every block's state over time, and where it changes",
+                 tuple(panels), row_height=3.5)
 
 
 def _latency_line(outcome: str, h: Series) -> Line:
@@ -553,13 +700,54 @@ def write_requests(reports: Sequence[PoolReport], out: Path) -> list[Path]:
     with open(out / "request_classes.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["instance", "pool", "prompt_class", "output_class", "requests", "unused_slots", "preemptions",
-                         "preempted_requests", "allocation_failures", "new_blocks", "est_evictions"])
+                         "preempted_requests", "allocation_failures", "new_blocks", "evictions",
+                         "evictions_measured"])
         for report in reports:
+            measured = evictions_measured(report)
             for c in report.classes:
                 writer.writerow([report.source.instance, report.source.pool, c.prompt, c.output, c.requests,
                                  c.unused_slots, c.preemptions, c.preempted_requests, c.allocation_failures,
-                                 c.new_blocks, round(c.new_blocks * _recycled_share(report), 1)])
+                                 c.new_blocks,
+                                 c.measured_evictions if measured else round(class_evictions(report, c), 1),
+                                 "true" if measured else "false"])
     return [out / "requests.csv", out / "request_classes.csv"]
+
+
+HOTSPOT_FIELDS = ["instance", "pool", "kind", "rank", "first_block", "last_block", "blocks", "start_s", "end_s",
+                  "changes", "share", "changes_per_block", "changes_per_second", "open"]
+
+
+def write_layouts(reports: Sequence[PoolReport], out: Path) -> list[Path]:
+    """Each pool's maps as <prefix>block_layout.npz (times_unix_nano, counts as
+    (maps, states, cells), num_blocks, bin_size, states), and every pool's
+    hotspots in hotspots.csv."""
+    with_layout = [r for r in reports if r.block_layout is not None]
+    if not with_layout:
+        return []
+    written = []
+    rows = []
+    for r in with_layout:
+        lay = r.block_layout
+        path = out / f"{r.prefix}block_layout.npz"
+        np.savez_compressed(path, times_unix_nano=lay.times, counts=lay.counts.astype(np.min_scalar_type(lay.bin_size)),
+                            num_blocks=lay.num_blocks, bin_size=lay.bin_size, states=np.array(layout.BLOCK_STATES))
+        written.append(path)
+        found = hotspots(r)
+        head = {"instance": r.source.instance, "pool": r.source.pool}
+        rows += [{**head, "kind": "region", "rank": i, "first_block": g.first_block, "last_block": g.last_block,
+                  "blocks": g.last_block - g.first_block + 1, "changes": g.changes, "share": f"{g.share:.6f}",
+                  "changes_per_block": f"{g.changes_per_block:.6f}"} for i, g in enumerate(found.regions, 1)]
+        rows += [{**head, "kind": "window", "rank": i, "start_s": f"{w.start_s:.6f}", "end_s": f"{w.end_s:.6f}",
+                  "changes": w.changes, "share": f"{w.share:.6f}", "changes_per_second": f"{w.changes_per_second:.6f}"}
+                 for i, w in enumerate(found.windows, 1)]
+        rows += [{**head, "kind": "hole", "rank": i, "first_block": h.first_block, "last_block": h.last_block,
+                  "blocks": h.blocks, "start_s": f"{h.since_s:.6f}", "end_s": f"{h.until_s:.6f}",
+                  "open": "true" if h.open else "false"} for i, h in enumerate(found.holes, 1)]
+    with open(out / "hotspots.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, HOTSPOT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return [*written, out / "hotspots.csv"]
 
 
 def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
@@ -572,7 +760,8 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
         problems = "".join(f"\n  {p}" for p in telemetry.problems)
         raise ValueError(f"no vllm.kv_cache metrics in {', '.join(map(str, paths))} ({found}){problems}")
     out.mkdir(parents=True, exist_ok=True)
-    start = min(int(s.times[0]) for s in telemetry.series)
+    start = min([int(s.times[0]) for s in telemetry.series]
+                + [m.time_unix_nano for maps in telemetry.block_maps.values() for m in maps])
     reports, skipped = [], []
     for source in pools:
         try:
@@ -594,6 +783,7 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
     written[0].write_text(summary)
     written += write_series(telemetry, start, out)
     written += write_requests(reports, out)
+    written += write_layouts(reports, out)
     images: dict[str, list[Path]] = {}
     if pictures:
         for r in reports:

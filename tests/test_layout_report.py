@@ -1,0 +1,571 @@
+"""Block-layout maps in the report, checked against the per-block states they were
+made from: every expected number here is recomputed with plain Python loops
+from the generated states (or the raw lines), never taken from `layout` or
+`report`.
+
+The metrics and spans come from one real `vllm-frag-otel simulate` run (as in
+test_report.py); the block maps are generated here, encoded with
+`BlockMap.encode` and written as the OTLP/JSON log lines the plugin writes,
+for the simulated process and pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from vllm_frag_otel import layout, otlp_read, report
+from vllm_frag_otel.layout import BLOCK_STATES, EVENT_NAME, BlockMap
+
+SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
+FREE, CACHED, FULL, PARTIAL, EMPTY = range(5)
+UNHELD = {FREE, CACHED}
+POOL_ATTR = "vllm.kv_cache.pool"
+
+# the generated pool: 100 blocks, 61 maps 10 ms apart, starting before the first metric point
+BLOCKS = 100
+MAPS = 61
+STEP_NS = 10_000_000
+CHURNING = range(0, 16)  # block ids 1-16: a new random state at every map
+ALWAYS_FREE = range(64, 80)  # block ids 65-80: free at every map
+FENCES = (63, 80)  # block ids 64 and 81: always full, so the free region is exactly one hole
+BURST = range(40, 44)  # maps where the middle of the pool is reshuffled: the hottest time
+
+
+def generate_states(seed: int = 7) -> list[list[int]]:
+    """states[t][i]: the state code of block id i + 1 at map t."""
+    rng = np.random.default_rng(seed)
+    current = [int(s) for s in rng.integers(0, 5, BLOCKS)]
+    states = []
+    for t in range(MAPS):
+        for i in range(BLOCKS):
+            if i in CHURNING:
+                current[i] = int(rng.integers(0, 5))
+            elif i in ALWAYS_FREE:
+                current[i] = FREE
+            elif i in FENCES:
+                current[i] = FULL
+            elif (t in BURST and 20 <= i < 60) or rng.random() < 0.04:
+                current[i] = int(rng.integers(0, 5))
+        states.append(list(current))
+    return states
+
+
+# -- brute force, from the per-block states -------------------------------------------------
+
+
+def cell_counts(row: list[int], bin_size: int) -> list[list[int]]:
+    """counts[state][cell] of one map."""
+    cells = -(-len(row) // bin_size)
+    counts = [[0] * cells for _ in BLOCK_STATES]
+    for i, state in enumerate(row):
+        counts[state][i // bin_size] += 1
+    return counts
+
+
+def brute_churn(states: list[list[int]], bin_size: int) -> list[list[int]]:
+    """changes[t][cell] between map t and t + 1: blocks that must have changed state
+    (per block when bin_size is 1; per cell, the states' count changes, otherwise)."""
+    changes = []
+    for before, after in zip(states, states[1:]):
+        if bin_size == 1:
+            changes.append([int(a != b) for a, b in zip(before, after)])
+            continue
+        a, b = cell_counts(before, bin_size), cell_counts(after, bin_size)
+        row = []
+        for cell in range(len(a[0])):
+            row.append(sum(max(b[s][cell] - a[s][cell], 0) for s in range(len(BLOCK_STATES))))
+        changes.append(row)
+    return changes
+
+
+def equal_edges(n: int, parts: int) -> list[int]:
+    """Where each of min(parts, n) nearly equal ranges of n items starts (and the end),
+    rounding half to even as numpy does."""
+    parts = min(parts, n)
+    return sorted({round(i * n / parts) for i in range(parts + 1)})
+
+
+def brute_regions(states, bin_size: int, regions: int = 32) -> list[dict]:
+    """Every region's changes, hottest first (then lowest block id), zero-change ones left out."""
+    changes = brute_churn(states, bin_size)
+    cells = len(changes[0])
+    edges = equal_edges(cells, regions)
+    total = sum(sum(row) for row in changes)
+    found = []
+    for lo, hi in zip(edges, edges[1:]):
+        n = sum(row[c] for row in changes for c in range(lo, hi))
+        first, last = 1 + lo * bin_size, min(len(states[0]), hi * bin_size)
+        found.append({"first": first, "last": last, "changes": n, "share": n / total,
+                      "per_block": n / (last - first + 1)})
+    return [r for r in sorted(found, key=lambda r: (-r["changes"], r["first"])) if r["changes"]]
+
+
+def brute_windows(states, bin_size: int, seconds: list[float], windows: int = 20) -> list[dict]:
+    changes = [sum(row) for row in brute_churn(states, bin_size)]
+    edges = equal_edges(len(changes), windows)
+    total = sum(changes)
+    found = []
+    for lo, hi in zip(edges, edges[1:]):
+        n = sum(changes[lo:hi])
+        found.append({"start": seconds[lo], "end": seconds[hi], "changes": n, "share": n / total,
+                      "per_second": n / (seconds[hi] - seconds[lo])})
+    return [w for w in sorted(found, key=lambda w: (-w["changes"], w["start"])) if w["changes"]]
+
+
+def brute_holes(states, bin_size: int, seconds: list[float]) -> list[dict]:
+    """All holes, longest-lived first, then widest (in cells), then lowest block id.
+
+    A cell is unheld when all its blocks are free or cached; its streak starts at
+    the map it became unheld; a hole is a maximal run of adjacent unheld cells with
+    the same streak start, living until the last map the same run is seen."""
+    n = len(states[0])
+    cells = -(-n // bin_size)
+    since: list[int | None] = [None] * cells
+    last_seen: dict[tuple[int, int, int], int] = {}
+    previous = [False] * cells
+    for t, row in enumerate(states):
+        unheld = [all(row[i] in UNHELD for i in range(c * bin_size, min(n, (c + 1) * bin_size)))
+                  for c in range(cells)]
+        for c in range(cells):
+            if not unheld[c]:
+                since[c] = None
+            elif not previous[c]:
+                since[c] = t
+        previous = unheld
+        c = 0
+        while c < cells:
+            if since[c] is None:
+                c += 1
+                continue
+            d = c
+            while d + 1 < cells and since[d + 1] == since[c]:
+                d += 1
+            last_seen[(c, d, since[c])] = t
+            c = d + 1
+    holes = []
+    for (first, last, start), until in last_seen.items():
+        holes.append({"first": 1 + first * bin_size, "last": min(n, (last + 1) * bin_size), "width": last - first,
+                      "since": seconds[start], "until": seconds[until], "open": until == len(states) - 1})
+    return sorted(holes, key=lambda h: (-(h["until"] - h["since"]), -h["width"], h["first"]))
+
+
+# -- the input files ------------------------------------------------------------------------
+
+
+def _simulate(out: Path) -> Path:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
+    env.update({"OTEL_METRIC_EXPORT_INTERVAL": "600000"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *SIMULATE, "--export-every", "3", "--output",
+         str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _raw_metric_times(path: Path) -> tuple[str, str, list[int]]:
+    """(service.instance.id, pool, every data point's time) of a metrics file, read with plain json."""
+    instance, pools, times = None, set(), []
+    for line in path.read_text().splitlines():
+        for rm in json.loads(line)["resourceMetrics"]:
+            attrs = {a["key"]: a["value"] for a in rm["resource"]["attributes"]}
+            instance = attrs["service.instance.id"]["stringValue"]
+            for sm in rm["scopeMetrics"]:
+                for m in sm["metrics"]:
+                    kind = next(k for k in ("gauge", "sum", "histogram") if k in m)
+                    for dp in m[kind]["dataPoints"]:
+                        times.append(int(dp["timeUnixNano"]))
+                        pools |= {a["value"]["stringValue"] for a in dp.get("attributes", []) if a["key"] == POOL_ATTR}
+    (pool,) = pools
+    return instance, pool, times
+
+
+def log_record(time_ns: int, pool: str, payload: bytes, attributes: dict, event: str = EVENT_NAME) -> dict:
+    def value(v):
+        return {"intValue": str(v)} if isinstance(v, int) else {"stringValue": str(v)}
+
+    attrs = {**attributes, POOL_ATTR: pool, "vllm.model.name": "tiny"}
+    return {"timeUnixNano": str(time_ns), "observedTimeUnixNano": str(time_ns + 1000),
+            "body": {"bytesValue": base64.b64encode(payload).decode()},
+            "attributes": [{"key": k, "value": value(v)} for k, v in attrs.items()], "eventName": event}
+
+
+def logs_line(instance: str, records: list[dict]) -> str:
+    return json.dumps({"resourceLogs": [{
+        "resource": {"attributes": [{"key": "service.instance.id", "value": {"stringValue": instance}},
+                                    {"key": "service.name", "value": {"stringValue": "vllm"}}]},
+        "scopeLogs": [{"scope": {"name": "vllm_frag_otel", "version": "0.1.0"}, "logRecords": records}],
+    }]}, separators=(",", ":"))
+
+
+def encoded(states_row: list[int], time_ns: int, max_cells: int = 4096) -> tuple[bytes, dict]:
+    return BlockMap.from_states(np.array(states_row, dtype=np.uint8), time_ns, max_cells).encode()
+
+
+class Run:
+    """The inputs and the report built from them."""
+
+    def __init__(self, base: Path):
+        sim = _simulate(base / "sim")
+        self.inputs = base / "in"
+        self.inputs.mkdir()
+        (metrics,) = (sim / "telemetry").glob("metrics-*.jsonl")
+        (traces,) = (sim / "telemetry").glob("traces-*.jsonl")
+        (self.inputs / metrics.name).write_text(metrics.read_text())
+        self.instance, self.pool, metric_times = _raw_metric_times(metrics)
+        self.first_map_ns = min(metric_times) - 50_000_000  # the maps start before the metrics
+        self.start_ns = min(min(metric_times), self.first_map_ns)
+        self.times = [self.first_map_ns + t * STEP_NS for t in range(MAPS)]
+        self.seconds = [(t - self.start_ns) / 1e9 for t in self.times]
+        self.states = generate_states()
+        self.evicted, self.completion = self._write_traces(traces)
+        self.logs = self.inputs / "logs-1.jsonl"
+        self.bad_lines = self._write_logs()
+        self.out = base / "report"
+        self.written = report.build([self.inputs], self.out)
+        self.text = (self.out / "summary.txt").read_text()
+
+    def _write_traces(self, traces: Path) -> tuple[dict[str, int], dict[str, int]]:
+        """The recorded spans, each with a (random) measured eviction count and completion tokens."""
+        rng = np.random.default_rng(11)
+        evicted, completion = {}, {}
+        lines = []
+        for line in traces.read_text().splitlines():
+            request = json.loads(line)
+            for rs in request["resourceSpans"]:
+                for ss in rs["scopeSpans"]:
+                    for span in ss["spans"]:
+                        rid = next(a["value"]["stringValue"] for a in span["attributes"]
+                                   if a["key"] == "vllm.request.id")
+                        evicted[rid] = int(rng.integers(0, 20))
+                        completion[rid] = int(rng.integers(1, 3000))
+                        span["attributes"] += [
+                            {"key": "vllm.kv_cache.block.evicted", "value": {"intValue": str(evicted[rid])}},
+                            {"key": "gen_ai.usage.completion_tokens", "value": {"intValue": str(completion[rid])}},
+                        ]
+            lines.append(json.dumps(request))
+        (self.inputs / traces.name).write_text("\n".join(lines) + "\n")
+        return evicted, completion
+
+    def _write_logs(self) -> dict[str, int]:
+        """Good maps one per line, with bad ones in between; returns the bad lines' numbers."""
+        lines, bad = [], {}
+        for t, (time_ns, row) in enumerate(zip(self.times, self.states)):
+            payload, attrs = encoded(row, time_ns)
+            if t == 3:
+                # a corrupt payload (not base64) at a time of its own
+                record = log_record(time_ns + 1, self.pool, payload, attrs)
+                record["body"]["bytesValue"] = "not*base64!"
+                lines.append(logs_line(self.instance, [record]))
+                bad["corrupt"] = len(lines)
+            if t == 5:
+                # the wrong number of cells for its blocks
+                lines.append(logs_line(self.instance, [log_record(time_ns + 1, self.pool, payload,
+                                                                  {**attrs, layout.A_CELLS: BLOCKS - 1})]))
+                bad["cells"] = len(lines)
+            if t == 7:
+                # another event: not the report's, no problem
+                lines.append(logs_line(self.instance, [log_record(time_ns + 1, self.pool, b"hello", {},
+                                                                  event="vllm.something.else")]))
+                bad["other"] = len(lines)
+            if t == 9:
+                # a truncated payload beside a good map in the same line: the good one still counts
+                broken = log_record(time_ns + 2, self.pool, payload[: len(payload) // 2], attrs)
+                lines.append(logs_line(self.instance, [broken, log_record(time_ns, self.pool, payload, attrs)]))
+                bad["truncated"] = len(lines)
+                continue
+            lines.append(logs_line(self.instance, [log_record(time_ns, self.pool, payload, attrs)]))
+        # a pool with maps but no metrics is not reported
+        payload, attrs = encoded(self.states[0], self.times[-1])
+        lines.append(logs_line(self.instance, [log_record(self.times[-1], "7", payload, attrs)]))
+        self.logs.write_text("\n".join(lines) + "\n")
+        return bad
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    return Run(tmp_path_factory.mktemp("layout"))
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# -- reading the maps ---------------------------------------------------------------------------
+
+
+def test_decoded_maps_are_the_generated_states(run):
+    telemetry = otlp_read.read([run.inputs])
+    maps = telemetry.block_maps[otlp_read.Source(run.instance, run.pool)]
+    assert len(maps) == MAPS  # every good map, the bad ones left out
+    by_time = {m.time_unix_nano: m for m in maps}
+    assert sorted(by_time) == run.times
+    for time_ns, row in zip(run.times, run.states):
+        m = by_time[time_ns]
+        assert (m.num_blocks, m.bin_size, m.cells) == (BLOCKS, 1, BLOCKS)
+        assert m.counts.tolist() == cell_counts(row, 1)
+    # the pool without metrics was read, and is not a pool of the report
+    assert len(telemetry.block_maps[otlp_read.Source(run.instance, "7")]) == 1
+    assert telemetry.pools() == [otlp_read.Source(run.instance, run.pool)]
+    assert [r.source.pool for r in run.written.reports] == [run.pool]
+
+
+def test_bad_records_are_named_by_file_and_line_and_the_rest_is_read(run):
+    problems = [str(p) for p in run.written.problems]
+    assert len(problems) == 3, problems
+    corrupt, cells, truncated = (f"{run.logs}:{run.bad_lines[k]}: block map" for k in ("corrupt", "cells", "truncated"))
+    assert any(p.startswith(corrupt) and "not base64" in p for p in problems), problems
+    assert any(p.startswith(cells) and f"{BLOCKS} blocks, bin 1, {BLOCKS - 1} cells" in p for p in problems), problems
+    assert any(p.startswith(truncated) and "record 1 " in p and "unreadable" in p for p in problems), problems
+    assert not any(f"{run.logs}:{run.bad_lines['other']}:" in p for p in problems)
+    assert "3 problem(s)" in run.text
+    assert f"Block layout ({MAPS} maps" in run.text
+
+
+def test_a_foreign_logs_line_is_no_problem_and_not_a_map(tmp_path):
+    path = tmp_path / "logs.jsonl"
+    path.write_text(logs_line("x", [log_record(5, "0", b"hello", {}, event="other.event")]) + "\n"
+                    + json.dumps({"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": {"stringValue": "hi"}}]}]}]})
+                    + "\n")
+    telemetry = otlp_read.read([path])
+    assert telemetry.problems == [] and telemetry.block_maps == {} and telemetry.files == [path]
+
+
+def test_not_otlp_names_resource_logs(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"hello": 1}) + "\n")
+    (problem,) = otlp_read.read([path]).problems
+    assert "no resourceMetrics, resourceSpans or resourceLogs" in problem.message
+
+
+# -- the summary -------------------------------------------------------------------------------------
+
+
+def _section(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Block layout ("))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
+    return lines[start:end]
+
+
+def test_the_summary_names_the_churning_region_and_the_free_hole(run):
+    section = _section(run.text)
+    assert section[0] == (f"Block layout ({MAPS} maps, every ~0.01 s, {BLOCKS} blocks, {BLOCKS} cells of 1 block;"
+                          f" from {run.seconds[0]:.3f} s to {run.seconds[-1]:.3f} s)")
+    assert run.seconds[0] == 0.0  # the maps began before the metrics: they set time zero
+    # state shares over time
+    totals = Counter(s for row in run.states for s in row)
+    shares = ", ".join(f"{name} {100 * totals[code] / (MAPS * BLOCKS):.1f}%" for code, name in enumerate(BLOCK_STATES))
+    assert f"  blocks by state, averaged over the maps: {shares}" in section
+    # hottest region: inside the churning blocks, as counted block by block
+    regions = brute_regions(run.states, 1)
+    top = regions[0]
+    assert top["last"] <= CHURNING[-1] + 1
+    listed = [line.strip() for line in section if line.startswith("    blocks") and "changes" in line]
+    assert listed[:3] == [f"blocks {r['first']}-{r['last']}: {r['changes']} changes ({100 * r['share']:.1f}%),"
+                          f" {r['per_block']:.2f} per block" for r in regions[:3]]
+    # hottest windows
+    windows = brute_windows(run.states, 1, run.seconds)
+    assert windows[0]["start"] <= run.seconds[BURST[0]] < windows[0]["end"]  # the burst
+    assert [line.strip() for line in section if line.strip()[:1].isdigit()] == [
+        f"{w['start']:.3f}-{w['end']:.3f} s: {w['changes']} changes ({100 * w['share']:.1f}%),"
+        f" {w['per_second']:.1f} per second" for w in windows[:3]]
+    # the always-free blocks: unheld from the first map to the last
+    holes = brute_holes(run.states, 1, run.seconds)
+    hole = holes[0]
+    assert (hole["first"], hole["last"], hole["open"]) == (ALWAYS_FREE[0] + 1, ALWAYS_FREE[-1] + 1, True)
+    assert (hole["since"], hole["until"]) == (run.seconds[0], run.seconds[-1])
+    listed = [line.strip() for line in section if " → until " in line]
+    expected = [f"{'block' if h['first'] == h['last'] else 'blocks'}"
+                f" {h['first'] if h['first'] == h['last'] else str(h['first']) + '-' + str(h['last'])}"
+                f" ({h['last'] - h['first'] + 1} block{'s' if h['last'] > h['first'] else ''}):"
+                f" since {h['since']:.3f} s → until {h['until']:.3f} s ({h['until'] - h['since']:.3f} s)"
+                + ("; still unheld at the last map" if h["open"] else "") for h in holes[:5]]
+    assert listed == expected
+    assert listed[0] == f"blocks 65-80 (16 blocks): since 0.000 s → until {run.seconds[-1]:.3f} s" \
+                        f" ({run.seconds[-1]:.3f} s); still unheld at the last map"
+    assert any("lower bound" in line for line in section)
+    assert not any("bins of" in line for line in section)  # one block per cell here
+
+
+# -- the chart and the files ----------------------------------------------------------------------------
+
+
+def test_block_layout_chart_shows_the_states_and_the_churn(run):
+    telemetry = otlp_read.read([run.inputs])
+    (r,) = [report.pool_report(telemetry, source, run.start_ns, several=False) for source in telemetry.pools()]
+    (chart,) = [c for c in report.charts(r) if c.name == "block_layout"]
+    heat, churn = chart.panels
+    assert heat.style == churn.style == "image"
+    # every block's colour at every map is its state's colour
+    expected = np.array([[layout.STATE_COLOURS[run.states[t][b]] for t in range(MAPS)] for b in range(BLOCKS)])
+    assert heat.image.shape == (BLOCKS, MAPS, 3)
+    assert np.allclose(heat.image, expected)
+    assert [label for label, _ in heat.swatches] == list(BLOCK_STATES)
+    step = STEP_NS / 1e9
+    assert heat.extent == pytest.approx((run.seconds[0] - step / 2, run.seconds[-1] + step / 2, 0.5, BLOCKS + 0.5))
+    # churn per region (of 32) per interval
+    changes = brute_churn(run.states, 1)
+    edges = equal_edges(BLOCKS, 32)
+    expected_churn = [[sum(changes[t][lo:hi]) for t in range(MAPS - 1)] for lo, hi in zip(edges, edges[1:])]
+    assert churn.image.tolist() == expected_churn
+    assert churn.extent == pytest.approx((run.seconds[0], run.seconds[-1], 0.5, BLOCKS + 0.5))
+    png = run.out / "block_layout.png"
+    assert png in run.written.paths and png.read_bytes().startswith(b"\x89PNG")
+    page = (run.out / "report.html").read_text()
+    assert base64.b64encode(png.read_bytes()).decode() in page
+
+
+def test_block_layout_npz_round_trips(run):
+    path = run.out / "block_layout.npz"
+    assert path in run.written.paths
+    with np.load(path) as data:
+        assert data["times_unix_nano"].tolist() == run.times
+        assert data["counts"].tolist() == [cell_counts(row, 1) for row in run.states]
+        assert int(data["num_blocks"]) == BLOCKS and int(data["bin_size"]) == 1
+        assert data["states"].tolist() == list(BLOCK_STATES)
+
+
+def test_hotspots_csv(run):
+    path = run.out / "hotspots.csv"
+    assert path in run.written.paths
+    rows = _read_csv(path)
+    assert {(r["instance"], r["pool"]) for r in rows} == {(run.instance, run.pool)}
+    regions = [r for r in rows if r["kind"] == "region"]
+    windows = [r for r in rows if r["kind"] == "window"]
+    holes = [r for r in rows if r["kind"] == "hole"]
+    assert len(regions) + len(windows) + len(holes) == len(rows)
+    assert [(int(r["first_block"]), int(r["last_block"]), int(r["changes"])) for r in regions] == [
+        (r["first"], r["last"], r["changes"]) for r in brute_regions(run.states, 1)[:3]]
+    assert [float(r["changes_per_block"]) for r in regions] == pytest.approx(
+        [r["per_block"] for r in brute_regions(run.states, 1)[:3]])
+    expected_windows = brute_windows(run.states, 1, run.seconds)[:3]
+    assert [int(w["changes"]) for w in windows] == [w["changes"] for w in expected_windows]
+    assert [float(w["start_s"]) for w in windows] == pytest.approx([w["start"] for w in expected_windows], abs=1e-6)
+    assert [float(w["end_s"]) for w in windows] == pytest.approx([w["end"] for w in expected_windows], abs=1e-6)
+    expected_holes = brute_holes(run.states, 1, run.seconds)[:5]
+    assert [(int(h["first_block"]), int(h["last_block"]), h["open"]) for h in holes] == [
+        (h["first"], h["last"], "true" if h["open"] else "false") for h in expected_holes]
+    assert [float(h["end_s"]) - float(h["start_s"]) for h in holes] == pytest.approx(
+        [h["until"] - h["since"] for h in expected_holes], abs=1e-5)
+
+
+# -- per-request evictions ----------------------------------------------------------------------------
+
+
+def _size_class(tokens: int) -> str:
+    for low, high in ((0, 128), (128, 512), (512, 2048)):
+        if low <= tokens < high:
+            return f"{low}-{high - 1}"
+    return ">=2048"
+
+
+def test_measured_evictions_and_completion_tokens(run):
+    requests = _read_csv(run.out / "requests.csv")
+    assert {r["request_id"]: int(r["output_tokens"]) for r in requests} == run.completion
+    assert {r["request_id"]: int(r["evicted_blocks"]) for r in requests} == run.evicted
+    expected: Counter = Counter()
+    for r in requests:
+        expected[(_size_class(int(r["prompt_tokens"])), _size_class(run.completion[r["request_id"]]))] += \
+            run.evicted[r["request_id"]]
+    classes = _read_csv(run.out / "request_classes.csv")
+    assert {(c["prompt_class"], c["output_class"]): int(c["evictions"]) for c in classes} == expected
+    assert {c["evictions_measured"] for c in classes} == {"true"}
+    header = next(line for line in run.text.splitlines() if "prompt / output tokens" in line)
+    assert header.rstrip().endswith("evictions") and "est. evictions" not in header
+    (top, most), = [max(expected.items(), key=lambda kv: kv[1])]
+    total = sum(expected.values())
+    assert f"Caused most evictions: prompt {top[0]} / output {top[1]} requests" \
+           f" ({100 * most / total:.1f}% of {total} evictions, measured per request" in run.text
+    telemetry = otlp_read.read([run.inputs])
+    (r,) = [report.pool_report(telemetry, s, run.start_ns, several=False) for s in telemetry.pools()]
+    (bars,) = [c for c in report.charts(r) if c.name == "request_classes"]
+    line = {line.label: line for line in bars.panels[0].lines}["evictions"]
+    order = [(row.prompt, row.output) for row in r.classes]
+    assert line.y.tolist() == pytest.approx([expected[k] / total for k in order])
+
+
+def test_evictions_stay_an_estimate_unless_every_span_measures_them(run, tmp_path):
+    (traces,) = run.inputs.glob("traces-*.jsonl")
+    lines = traces.read_text().splitlines()
+    request = json.loads(lines[0])
+    span = request["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    span["attributes"] = [a for a in span["attributes"] if a["key"] != "vllm.kv_cache.block.evicted"]
+    (tmp_path / traces.name).write_text("\n".join([json.dumps(request), *lines[1:]]) + "\n")
+    (metrics,) = run.inputs.glob("metrics-*.jsonl")
+    telemetry = otlp_read.read([metrics, tmp_path / traces.name])
+    assert sum(s.evicted_blocks is None for s in telemetry.spans) == 1
+    (r,) = [report.pool_report(telemetry, s, 0, several=False) for s in telemetry.pools()]
+    text = report.render_text(r)
+    header = next(line for line in text.splitlines() if "prompt / output tokens" in line)
+    assert header.rstrip().endswith("est. evictions")
+    assert "estimated: new blocks x the pool's share of recycled allocations" in text
+    assert all(c.measured_evictions is None for c in r.classes)
+    assert r.block_layout is None and "Block layout" not in text
+
+
+# -- layout's analysis against brute force ---------------------------------------------------------------
+
+
+def _random_layout(seed: int, blocks: int, maps: int, bin_size: int):
+    rng = np.random.default_rng(seed)
+    # sticky states, many unheld, so that holes form, split and last
+    states, row = [], [int(s) for s in rng.choice([FREE, CACHED, FULL], blocks)]
+    for _ in range(maps):
+        row = [int(rng.choice([FREE, FREE, CACHED, FULL, PARTIAL, EMPTY])) if rng.random() < 0.15 else s for s in row]
+        states.append(row)
+    times = [1_000_000_000 + int(t * 7_000_000 + rng.integers(0, 3_000_000)) for t in range(maps)]
+    max_cells = -(-blocks // bin_size)
+    maps_ = [BlockMap.from_states(np.array(r, dtype=np.uint8), t, max_cells) for r, t in zip(states, times)]
+    lay = layout.stack(maps_)
+    assert lay.bin_size == bin_size
+    return states, times, lay
+
+
+@pytest.mark.parametrize("bin_size", [1, 3])
+@pytest.mark.parametrize("seed", range(6))
+def test_layout_analysis_matches_brute_force(seed, bin_size):
+    blocks = 40 if bin_size == 1 else 41  # 14 cells, the last one short
+    states, times, lay = _random_layout(seed, blocks, 30, bin_size)
+    start = times[0] - 500_000_000
+    seconds = [(t - start) / 1e9 for t in times]
+    assert lay.counts.tolist() == [cell_counts(row, bin_size) for row in states]
+    # churn: exact per block with one block per cell, the count changes per cell otherwise
+    assert layout.churn(lay).tolist() == brute_churn(states, bin_size)
+    exact = [[int(a != b) for a, b in zip(x, y)] for x, y in zip(states, states[1:])]
+    for t, row in enumerate(layout.churn(lay).tolist()):
+        for cell, n in enumerate(row):
+            assert n <= sum(exact[t][cell * bin_size:(cell + 1) * bin_size])  # a lower bound
+    # hot regions, with fewer regions than cells
+    for regions in (32, 5):
+        expected = brute_regions(states, bin_size, regions)
+        found = layout.hot_regions(lay, regions, top=4)
+        assert [(r.first_block, r.last_block, r.changes) for r in found] == [
+            (r["first"], r["last"], r["changes"]) for r in expected[:4]]
+        assert [r.share for r in found] == pytest.approx([r["share"] for r in expected[:4]])
+        assert [r.changes_per_block for r in found] == pytest.approx([r["per_block"] for r in expected[:4]])
+    # hot windows
+    expected = brute_windows(states, bin_size, seconds, 7)
+    found = layout.hot_windows(lay, start, 7, top=3)
+    assert [(w.changes, w.start_s, w.end_s) for w in found] == [
+        (w["changes"], pytest.approx(w["start"]), pytest.approx(w["end"])) for w in expected[:3]]
+    # holes
+    expected = brute_holes(states, bin_size, seconds)
+    assert len(expected) > 5
+    found = layout.long_lived_holes(lay, start, top=6)
+    assert [(h.first_block, h.last_block, h.open) for h in found] == [
+        (h["first"], h["last"], h["open"]) for h in expected[:6]]
+    assert [t for h in found for t in (h.since_s, h.until_s)] == pytest.approx(
+        [t for h in expected[:6] for t in (h["since"], h["until"])])
