@@ -71,3 +71,33 @@ def brute_force(scheduler) -> dict:
         "internal_fragmentation": ((allocated - used_slots) / allocated) if allocated else 0.0,
         "slot_utilization": used_slots / capacity,
     }
+
+
+def block_states(scheduler) -> list[str]:
+    """The state of every usable block (block 1 first), by name, from the definitions:
+    unheld blocks are free or cached (a prefix-cache hash); held blocks are full
+    when some holder computed every slot, else partial when some holder computed
+    one, else empty."""
+    manager = scheduler.kv_cache_manager
+    fill: dict[int, int] = {}
+    size: dict[int, int] = {}
+    for g, group in enumerate(manager.kv_cache_config.kv_cache_groups):
+        block_size = group.kv_cache_spec.block_size
+        for req_id, table in manager.coordinator.single_type_managers[g].req_to_blocks.items():
+            computed = scheduler.requests[req_id].num_computed_tokens
+            for i, block in enumerate(table):
+                if not block.is_null:
+                    held = min(block_size, max(0, computed - i * block_size))
+                    fill[block.block_id] = max(fill.get(block.block_id, 0), held)
+                    size[block.block_id] = block_size
+    states = []
+    for block in manager.block_pool.blocks[1:]:
+        if block.ref_cnt == 0:
+            states.append("cached" if block.block_hash is not None else "free")
+        elif fill.get(block.block_id, 0) == size.get(block.block_id, -1):
+            states.append("full")
+        elif fill.get(block.block_id, 0) > 0:
+            states.append("partial")
+        else:
+            states.append("empty")
+    return states

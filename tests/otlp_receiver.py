@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from google.protobuf import json_format
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -323,6 +324,27 @@ class RotelReceiver:
                             "resource": resource,
                         })
         return spans
+
+    def received_logs(self) -> list[dict]:
+        """One dict per log record: event name, time, raw bytes body, attributes, resource."""
+        with self.sink.lock:
+            bodies = [body for path, body in self.sink.other if path.rstrip("/").endswith("/v1/logs")]
+        records = []
+        for body in bodies:
+            request = ExportLogsServiceRequest()
+            request.ParseFromString(body)
+            for rl in request.resource_logs:
+                resource = _attrs(rl.resource.attributes)
+                for sl in rl.scope_logs:
+                    for record in sl.log_records:
+                        records.append({
+                            "event_name": record.event_name,
+                            "time_unix_nano": record.time_unix_nano,
+                            "body": record.body.bytes_value,
+                            "attributes": _attrs(record.attributes),
+                            "resource": resource,
+                        })
+        return records
 
     def wait_for(self, predicate: Callable[[list[dict]], bool], timeout: float = 5.0) -> list[dict]:
         """Block until predicate(received_metrics()) is true; returns the data points."""

@@ -14,9 +14,10 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import brute_force
+from oracle import block_states, brute_force
 
 from vllm_frag_otel import analyzer_for, sim
+from vllm_frag_otel.layout import BLOCK_STATES
 
 
 
@@ -55,6 +56,13 @@ def _check(snapshot, expected: dict, where: str) -> None:
     for name, value in expected.items():
         got = getattr(snapshot, name)
         assert got == pytest.approx(value, abs=1e-12), f"{where}: {name} = {got}, brute force says {value}"
+
+
+def _check_block_states(analyzer, scheduler, where: str) -> None:
+    got = [BLOCK_STATES[code] for code in analyzer.block_states()]
+    expected = block_states(scheduler)
+    wrong = [(i + 1, g, e) for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert len(got) == len(expected) and not wrong, f"{where}: (block, plugin, brute force) {wrong[:5]}"
 
 
 def _add_prefix_stats(totals: dict, stats) -> None:
@@ -103,6 +111,7 @@ def test_snapshot_matches_brute_force_at_every_step(plugin, workload):
         scheduler_output = scheduler.schedule()
         # between schedule() and update_from_output(): computed tokens ran ahead
         _check(analyzer.snapshot(), brute_force(scheduler), f"step {step} after schedule")
+        _check_block_states(analyzer, scheduler, f"step {step} after schedule")
         engine_outputs = scheduler.update_from_output(
             scheduler_output, sim.fake_model_output(scheduler_output, scheduler, rng)
         )
@@ -111,6 +120,7 @@ def test_snapshot_matches_brute_force_at_every_step(plugin, workload):
                 _add_prefix_stats(vllm_stats, output.scheduler_stats.prefix_cache_stats)
         snapshot = analyzer.snapshot()
         _check(snapshot, brute_force(scheduler), f"step {step} after update")
+        _check_block_states(analyzer, scheduler, f"step {step} after update")
         step += 1
         assert step < 5_000, "scheduler did not drain"
 
@@ -145,12 +155,15 @@ def test_a_pressured_workload_exercises_every_path(plugin):
     scheduler = sim.build_scheduler(shape)
     analyzer = analyzer_for(scheduler)
     specs = wl.generate("sharegpt", 60, seed=1, max_len=1000)
-    seen = {"partial": 0, "runs": 0, "mismatch": 0}
+    seen = {"partial": 0, "runs": 0, "mismatch": 0, "states": set()}
 
     def observe(*_):
         snapshot = analyzer.snapshot()
         expected = brute_force(scheduler)
         seen["mismatch"] += any(getattr(snapshot, k) != pytest.approx(v) for k, v in expected.items())
+        states = [BLOCK_STATES[code] for code in analyzer.block_states()]
+        seen["mismatch"] += states != block_states(scheduler)
+        seen["states"].update(states)
         seen["partial"] = max(seen["partial"], snapshot.partial_blocks)
         seen["runs"] = max(seen["runs"], snapshot.free_runs)
 
@@ -163,3 +176,4 @@ def test_a_pressured_workload_exercises_every_path(plugin):
     assert final.evicted_never_reused > 0 and final.evictions > final.evicted_never_reused
     assert final.blocks_allocated_recycled == final.evictions  # only capacity evictions here
     assert seen["partial"] > 1 and seen["runs"] > 1
+    assert seen["states"] >= {"free", "cached", "full", "partial"}

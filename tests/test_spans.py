@@ -23,7 +23,7 @@ SPAN_KEYS = {
     "gen_ai.request.id", "vllm.request.id", "gen_ai.usage.prompt_tokens", "vllm.kv_cache.group.count",
     "vllm.kv_cache.prefix_cache.hit_tokens", "vllm.kv_cache.block.peak", "vllm.kv_cache.slot.allocated",
     "vllm.kv_cache.slot.unused", "vllm.request.preemptions", "vllm.kv_cache.allocation.failures",
-    "vllm.request.finish_status",
+    "vllm.request.finish_status", "vllm.kv_cache.block.evicted", "gen_ai.usage.completion_tokens",
 }
 
 
@@ -74,10 +74,17 @@ def _run(abort: str | None = None):
     failures: Counter = Counter()  # failed attempts, and runs of consecutive failures
     failure_runs: Counter = Counter()
     last_failed: dict[str, bool] = {}
+    evicted: Counter = Counter()  # cached blocks a request's own allocations took over
     allocate = scheduler.kv_cache_manager.allocate_slots
+    pool = scheduler.kv_cache_manager.block_pool
+    tables = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
 
     def counting_allocate(request, *args, **kwargs):
+        cached = {b.block_id: b.block_hash for b in pool.blocks[1:] if b.ref_cnt == 0 and b.block_hash is not None}
         result = allocate(request, *args, **kwargs)
+        # a prefix hit keeps its hash; a recycled block lost it (or got a new one)
+        evicted[request.request_id] += sum(
+            1 for b in tables.get(request.request_id, ()) if b.block_id in cached and b.block_hash != cached[b.block_id])
         failed = result is None
         failures[request.request_id] += failed
         failure_runs[request.request_id] += failed and not last_failed.get(request.request_id, False)
@@ -108,12 +115,12 @@ def _run(abort: str | None = None):
         step += 1
         if step == 150 and abort is not None:
             scheduler.finish_requests(abort, RequestStatus.FINISHED_ABORTED)
-    return requests, seen, (failures, failure_runs)
+    return requests, seen, (failures, failure_runs), evicted
 
 
 def test_one_span_per_request_tells_its_kv_story(traced):
     runtime, exporter, _ = traced()
-    requests, seen, (failures, failure_runs) = _run(abort="req-5")
+    requests, seen, (failures, failure_runs), evicted = _run(abort="req-5")
     runtime.force_flush()
     spans = {s.attributes["vllm.request.id"]: s for s in exporter.get_finished_spans()}
     assert set(spans) == {r.request_id for r in requests}
@@ -133,6 +140,8 @@ def test_one_span_per_request_tells_its_kv_story(traced):
         else:
             assert events["resumed"] == request.num_preemptions
         assert attrs["vllm.kv_cache.allocation.failures"] == failures[request.request_id]
+        assert attrs["vllm.kv_cache.block.evicted"] == evicted[request.request_id]
+        assert attrs["gen_ai.usage.completion_tokens"] == request.num_output_tokens
         assert events["allocation_failed"] == failure_runs[request.request_id]
         view = seen[request.request_id]
         assert attrs["vllm.kv_cache.prefix_cache.hit_tokens"] == view["hits"]
@@ -140,6 +149,9 @@ def test_one_span_per_request_tells_its_kv_story(traced):
         assert (attrs["vllm.kv_cache.slot.allocated"], attrs["vllm.kv_cache.slot.unused"]) == view["slots"]
         assert span.end_time >= span.start_time
     assert any(spans[r.request_id].attributes["vllm.kv_cache.prefix_cache.hit_tokens"] > 0 for r in requests)
+    assert sum(evicted.values()) > 0
+    finished = [r for r in requests if r.request_id != "req-5"]
+    assert all(spans[r.request_id].attributes["gen_ai.usage.completion_tokens"] == r.max_tokens for r in finished)
     aborted = spans["req-5"]
     assert aborted.attributes["vllm.request.finish_status"] == "finished_aborted"
     assert aborted.status.status_code is StatusCode.ERROR
@@ -198,7 +210,7 @@ def test_sampler_and_switch_are_honoured(traced, monkeypatch):
 
 def test_open_spans_are_bounded_and_the_rest_counted(traced):
     runtime, exporter, metrics = traced(max_open_spans=3)
-    requests, _, _ = _run()
+    requests, *_ = _run()
     runtime.force_flush()
     traced_ids = {s.attributes["vllm.request.id"] for s in exporter.get_finished_spans()}
     assert 3 <= len(traced_ids) < len(requests)

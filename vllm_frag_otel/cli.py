@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     simulation.add_argument("--export-every", type=int, default=10, metavar="STEPS",
                      help="export the plugin's metrics every STEPS scheduler steps, for time series in `report`"
                           " (default 10; 0: only every OTEL_METRIC_EXPORT_INTERVAL ms, default 1000)")
+    simulation.add_argument("--block-map-every", type=int, default=10, metavar="STEPS",
+                     help="write a block-layout map (every block's state, for the report's heat map and hotspots)"
+                          " every STEPS scheduler steps (default 10; 0: none). At most"
+                          " VLLM_FRAG_OTEL_BLOCK_MAP_MAX_CELLS cells (default 4096) per map")
     sweeping = simulation.add_argument_group(
         "what-if sweep", "run the same workload once per setting and compare (no telemetry is exported). Without"
         " any --sweep-* list, each of block size, blocks and max sequences is halved and doubled and prefix"
@@ -119,6 +123,8 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--step-seconds must be > 0")
     if args.export_every < 0:
         parser.error("--export-every must be >= 0")
+    if args.block_map_every < 0:
+        parser.error("--block-map-every must be >= 0")
     if args.workload_file is not None and not args.workload_file.is_file():
         parser.error(f"--workload-file {args.workload_file}: no such file")
 
@@ -174,13 +180,20 @@ def simulate(args) -> int:
 
     def export(steps: int) -> None:
         telemetry = runtime()
-        if telemetry is not None and telemetry.meter_provider is not None and steps % args.export_every == 0:
+        if telemetry is None:
+            return
+        if args.export_every and steps % args.export_every == 0 and telemetry.meter_provider is not None:
             telemetry.meter_provider.force_flush()
+        if args.block_map_every and steps % args.block_map_every == 0:
+            sampler = telemetry.start_block_maps()
+            if sampler is not None:
+                sampler.sample()
 
     started = time.perf_counter()
     with tqdm(total=len(specs), desc="requests finished", unit="req", file=sys.stderr, disable=None) as progress:
         result = sim.run_workload(setting.shape(args.max_num_batched_tokens), specs, step_seconds=args.step_seconds,
-                                  seed=args.seed, progress=progress, on_step=export if args.export_every else None)
+                                  seed=args.seed, progress=progress,
+                                  on_step=export if args.export_every or args.block_map_every else None)
     elapsed = time.perf_counter() - started
     telemetry = runtime()
     if telemetry is not None:

@@ -36,6 +36,8 @@ class Settings:
     max_hook_errors: int = 10
     spans: bool = True
     max_open_spans: int = 16384
+    block_map_interval: float = 0.0  # seconds between block-layout maps; 0: none
+    block_map_max_cells: int = 4096
 
 
 def _parse_bool(raw: str) -> bool:
@@ -64,6 +66,13 @@ def _parse_positive_int(raw: str) -> int:
     return value
 
 
+def _parse_seconds(raw: str) -> float:
+    value = float(raw.strip())
+    if not 0 <= value < float("inf"):
+        raise ValueError
+    return value
+
+
 def _parse_dir(raw: str) -> str:
     value = raw.strip()
     if not value or "\x00" in value:
@@ -81,6 +90,10 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "VLLM_FRAG_OTEL_MAX_HOOK_ERRORS": ("max_hook_errors", _parse_positive_int, "a whole number >= 1"),
     "VLLM_FRAG_OTEL_SPANS": ("spans", _parse_bool, "one of " + ", ".join(_TRUE + _FALSE)),
     "VLLM_FRAG_OTEL_MAX_OPEN_SPANS": ("max_open_spans", _parse_positive_int, "a whole number >= 1"),
+    "VLLM_FRAG_OTEL_BLOCK_MAP_INTERVAL": (
+        "block_map_interval", _parse_seconds, "a number of seconds >= 0 (0: no block-layout maps)"
+    ),
+    "VLLM_FRAG_OTEL_BLOCK_MAP_MAX_CELLS": ("block_map_max_cells", _parse_positive_int, "a whole number >= 1"),
 }
 
 _reported: set[tuple[str, str]] = set()

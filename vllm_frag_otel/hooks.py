@@ -253,10 +253,12 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
 
 def _allocate_slots(wrapped, manager, args, kwargs):
     """Called for every running request on every step: kept lean on purpose."""
+    hooks = manager.__dict__.get(_STATE)
+    # blocks this call takes over from the prefix cache are evictions it caused
+    recycled = hooks.state.block_sources["recycled"] if hooks is not None else 0
     start = perf_counter()
     result = wrapped(manager, *args, **kwargs)
     duration = perf_counter() - start
-    hooks = manager.__dict__.get(_STATE)
     if hooks is None or not _guard.active:
         return result
     try:
@@ -284,7 +286,7 @@ def _allocate_slots(wrapped, manager, args, kwargs):
             if story is not None:
                 hooks.stories.allocated(
                     story, result is not None, state.request_blocks_held(request.request_id),
-                    manager.block_pool.get_num_free_blocks(),
+                    manager.block_pool.get_num_free_blocks(), state.block_sources["recycled"] - recycled,
                 )
     except Exception as exc:
         _guard.failed(exc)
@@ -383,7 +385,7 @@ def _free_request(wrapped, scheduler, args, kwargs):
     with _guard, hooks.state.lock:
         status = request.status.name.lower()
         hooks.stories.finished(
-            request.request_id, status, slots[0], slots[0] - slots[1],
+            request.request_id, status, slots[0], slots[0] - slots[1], request.num_output_tokens,
             failed=("aborted" in status or "error" in status),
         )
     return result

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from vllm_frag_otel.layout import CACHED, EMPTY, FREE, FULL, PARTIAL
+
 NULL_BLOCK_ID = 0
 
 # Why a cached block lost its prefix-cache entry.
@@ -438,6 +440,25 @@ class KVCacheState:
                     if partial[g].get(b, 0) < tail:
                         partial[g][b] = tail
         return partial
+
+    def block_states(self) -> np.ndarray:
+        """The state code (`layout.BLOCK_STATES`) of every usable block, block 1 first.
+
+        Under the pool lock only the holder counts are brought up to date and
+        the per-block flags read (O(requests) plus a few vectorised passes);
+        the codes are built outside it.
+        """
+        with self.lock:
+            partial = self._sync_computed_tokens()
+            free = self._free_view[1:].copy()
+            hashed = self._hashed_view[1:].copy()
+            full = self._full_holders_view[1:] > 0
+            tails = [b for group in partial for b in group]
+        codes = np.where(free == 1, np.where(hashed == 1, CACHED, FREE), np.where(full, FULL, EMPTY)).astype(np.uint8)
+        if tails:
+            ids = np.asarray(tails, dtype=np.intp) - 1
+            codes[ids] = np.where(codes[ids] == EMPTY, PARTIAL, codes[ids])
+        return codes
 
     def snapshot(self) -> FragmentationSnapshot:
         with self.lock:

@@ -23,6 +23,8 @@ class RequestStory:
     preemptions: int = 0
     failed_allocations: int = 0
     failing: bool = False  # the last allocation attempt failed
+    evicted_blocks: int = 0  # cached blocks its own allocations took over (their prefix-cache entries dropped)
+    output_tokens: int = 0  # when it finished
     allocated_slots: int = 0  # when it finished
     unused_slots: int = 0
     finish_status: str = ""
@@ -68,9 +70,12 @@ class RequestStories:
         else:
             self.sink.event(story, "resumed", {"vllm.kv_cache.prefix_cache.hit_tokens": hit_tokens})
 
-    def allocated(self, story: RequestStory, succeeded: bool, blocks_held: int, free_blocks: int) -> None:
+    def allocated(
+        self, story: RequestStory, succeeded: bool, blocks_held: int, free_blocks: int, evicted_blocks: int = 0
+    ) -> None:
         """Every failure is counted; a run of failures (one per scheduler step while
         the request waits for blocks) is one event, at its start."""
+        story.evicted_blocks += evicted_blocks
         if succeeded:
             story.peak_blocks = max(story.peak_blocks, blocks_held)
             story.failing = False
@@ -84,12 +89,15 @@ class RequestStories:
         story.preemptions += 1
         self.sink.event(story, "preempted", {"vllm.kv_cache.block.released": blocks_released})
 
-    def finished(self, request_id: str, status: str, allocated_slots: int, unused_slots: int, failed: bool) -> None:
+    def finished(
+        self, request_id: str, status: str, allocated_slots: int, unused_slots: int, output_tokens: int, failed: bool
+    ) -> None:
         story = self.open.pop(request_id, None)
         if story is None:
             self._turned_away.discard(request_id)
             return
         story.finish_status = status
+        story.output_tokens = output_tokens
         story.allocated_slots = allocated_slots
         story.unused_slots = unused_slots
         self.sink.closed(story, failed)

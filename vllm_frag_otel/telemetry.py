@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from opentelemetry._logs import Logger, SeverityNumber
 from opentelemetry.context import Context
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter, LogRecordExporter
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
@@ -52,6 +55,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from vllm_frag_otel import __version__
 from vllm_frag_otel.config import Settings, load_settings, unusable_otel_variables, warn_bad_value
+from vllm_frag_otel.layout import EVENT_NAME, BlockMap
 from vllm_frag_otel.state import BucketHistogram, FragmentationSnapshot, KVCacheState
 from vllm_frag_otel.stories import RequestStories, RequestStory
 
@@ -373,11 +377,72 @@ class KVCacheSpans:
             "vllm.kv_cache.slot.unused": story.unused_slots,
             "vllm.request.preemptions": story.preemptions,
             "vllm.kv_cache.allocation.failures": story.failed_allocations,
+            "vllm.kv_cache.block.evicted": story.evicted_blocks,
+            "gen_ai.usage.completion_tokens": story.output_tokens,
             "vllm.request.finish_status": story.finish_status,
         })
         if failed:
             span.set_status(Status(StatusCode.ERROR, story.finish_status))
         span.end()
+
+
+# -- block-layout maps ---------------------------------------------------------------
+
+
+class BlockMapSampler:
+    """Opt-in block-layout maps: every pool's per-block states, binned to at
+    most `max_cells` cells and compressed, emitted as one log record (event
+    `vllm.kv_cache.block_map`) per pool per sample.
+
+    Sampling runs on its own thread (or when `sample()` is called, as the
+    simulator does per step), never on the scheduler's: the hot path only ever
+    waits for the pool lock while the holder counts are read.
+    """
+
+    def __init__(self, otel_logger: Logger, max_cells: int, pools, guard=None):
+        self._logger = otel_logger
+        self.max_cells = max_cells
+        self._pools = pools  # () -> [(state, attributes)]
+        self._guard = guard
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.samples = 0
+
+    def sample(self) -> int:
+        """Emit one map per live pool; returns how many."""
+        if self._guard is not None and not self._guard.active:
+            return 0
+        emitted = 0
+        for state, attributes in self._pools():
+            block_map = BlockMap.from_states(state.block_states(), time_ns(), self.max_cells)
+            payload, map_attributes = block_map.encode()
+            self._logger.emit(
+                timestamp=block_map.time_unix_nano, body=payload, attributes={**attributes, **map_attributes},
+                event_name=EVENT_NAME, severity_number=SeverityNumber.INFO,
+            )
+            emitted += 1
+        self.samples += emitted
+        return emitted
+
+    def start(self, interval_s: float) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(interval_s,), name="vllm-frag-otel-block-map", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.sample()
+            except Exception as exc:  # contained like a hook error: vLLM never sees it
+                if self._guard is None:
+                    raise
+                self._guard.failed(exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
 
 # -- exporters and the per-process runtime ----------------------------------------
@@ -386,7 +451,9 @@ SIGNALS = {
     # signal -> (OTLP exporter module suffix, class)
     "metrics": ("metric_exporter", "OTLPMetricExporter"),
     "traces": ("trace_exporter", "OTLPSpanExporter"),
+    "logs": ("_log_exporter", "OTLPLogExporter"),
 }
+CONSOLE_EXPORTERS = {"metrics": ConsoleMetricExporter, "traces": ConsoleSpanExporter, "logs": ConsoleLogRecordExporter}
 
 
 def _env(name: str) -> str:
@@ -417,14 +484,14 @@ def exporter_choice(settings: Settings, signal: str) -> str:
     return "otlp" if has_endpoint else "file"
 
 
-def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExporter | None:
+def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExporter | LogRecordExporter | None:
     """The exporter `VLLM_FRAG_OTEL_EXPORTER` and the `OTEL_*` variables ask for."""
     choice = exporter_choice(settings, signal)
     module, cls = SIGNALS[signal]
     if choice == "none":
         return None
     if choice == "console":
-        return ConsoleMetricExporter() if signal == "metrics" else ConsoleSpanExporter()
+        return CONSOLE_EXPORTERS[signal]()
     if choice == "otlp":
         transport = "grpc" if _otlp_protocol(signal) == "grpc" else "http"
         exporter_module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module}")
@@ -432,9 +499,13 @@ def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExpo
         if endpoint.lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
             return getattr(exporter_module, cls)(insecure=True)  # plaintext, as vLLM's own exporter
         return getattr(exporter_module, cls)()
-    from vllm_frag_otel.otlp_json import OTLPJsonFileMetricExporter, OTLPJsonFileSpanExporter
+    from vllm_frag_otel import otlp_json
 
-    file_exporter = OTLPJsonFileMetricExporter if signal == "metrics" else OTLPJsonFileSpanExporter
+    file_exporter = {
+        "metrics": otlp_json.OTLPJsonFileMetricExporter,
+        "traces": otlp_json.OTLPJsonFileSpanExporter,
+        "logs": otlp_json.OTLPJsonFileLogExporter,
+    }[signal]
     return file_exporter(settings.file_dir, settings.file_max_bytes, settings.file_max_files)
 
 
@@ -477,6 +548,11 @@ class Runtime:
         self.tracer_provider: TracerProvider | None = None
         self.metrics: KVCacheMetrics | None = None
         self.spans: KVCacheSpans | None = None
+        self.logger_provider: LoggerProvider | None = None
+        self.block_maps: BlockMapSampler | None = None
+        self._guard = guard
+        self._resource: Resource | None = None
+        self._pools: list[tuple[weakref.ref[KVCacheState], dict[str, Any]]] = []
         self._pool_count = 0
         if _env("OTEL_SDK_DISABLED").lower() == "true":
             logger.info("vllm-frag-otel: OTEL_SDK_DISABLED=true, no telemetry is exported.")
@@ -499,7 +575,9 @@ class Runtime:
                 "set OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://localhost:4318).",
                 settings.file_dir, settings.file_max_files, settings.file_max_bytes,
             )
-        resource = build_resource(engine_attributes)
+        resource = self._resource = build_resource(engine_attributes)
+        if settings.block_map_interval > 0 and self.start_block_maps() is not None:
+            self.block_maps.start(settings.block_map_interval)
         if metric_exporter is not None:
             exporter = HistogramExporter(
                 metric_exporter, exemplars=_env("OTEL_METRICS_EXEMPLAR_FILTER").lower() != "always_off"
@@ -516,26 +594,55 @@ class Runtime:
             )
             self.spans = KVCacheSpans(self.tracer_provider.get_tracer(SCOPE, __version__))
 
+    def start_block_maps(self) -> BlockMapSampler | None:
+        """The block-layout map sampler, built on first use; None when nothing is exported."""
+        if self.block_maps is None and self._resource is not None:
+            with _sdk_environment(unusable_otel_variables(), {}):
+                exporter = build_exporter(self.settings, "logs")
+                if exporter is None:
+                    return None
+                self.logger_provider = LoggerProvider(resource=self._resource)
+                self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+            self.block_maps = BlockMapSampler(
+                self.logger_provider.get_logger(SCOPE, __version__), self.settings.block_map_max_cells,
+                self._live_pools, self._guard,
+            )
+        return self.block_maps
+
+    def _live_pools(self) -> list[tuple[KVCacheState, dict[str, Any]]]:
+        return [(state, attributes) for ref, attributes in list(self._pools) if (state := ref()) is not None]
+
     def add_pool(self, state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestStories | None:
         """Export `state`; the story ledger for its requests when spans are on.
 
         Points carry the engine's attributes too (model, data-parallel rank): the
         resource names only the process, and one process may run several engines."""
         stories = RequestStories(self.spans, self.settings.max_open_spans) if self.spans is not None else None
+        attributes = {**engine_attributes, POOL: str(self._pool_count)}
+        self._pools = [pool for pool in self._pools if pool[0]() is not None]
+        self._pools.append((weakref.ref(state), attributes))
         if self.metrics is not None:
-            self.metrics.add_pool(state, {**engine_attributes, POOL: str(self._pool_count)}, stories)
+            self.metrics.add_pool(state, attributes, stories)
         self._pool_count += 1
         return stories
 
+    def forget_pools(self) -> None:
+        self._pools = []
+        if self.metrics is not None:
+            self.metrics.clear()
+
+    def _providers(self) -> list:
+        return [p for p in (self.tracer_provider, self.logger_provider, self.meter_provider) if p is not None]
+
     def force_flush(self) -> None:
-        for provider in (self.tracer_provider, self.meter_provider):
-            if provider is not None:
-                provider.force_flush()
+        for provider in self._providers():
+            provider.force_flush()
 
     def shutdown(self) -> None:
-        for provider in (self.tracer_provider, self.meter_provider):
-            if provider is not None:
-                provider.shutdown()
+        if self.block_maps is not None:
+            self.block_maps.stop()
+        for provider in self._providers():
+            provider.shutdown()
 
 
 @contextlib.contextmanager
@@ -589,8 +696,8 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestSto
 def _forget_parent_runtime() -> None:
     """A forked child must not export the parent's pools under the parent's identity."""
     global _runtime
-    if _runtime is not None and _runtime.metrics is not None:
-        _runtime.metrics.clear()
+    if _runtime is not None:
+        _runtime.forget_pools()
     _runtime = None
 
 
