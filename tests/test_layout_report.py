@@ -569,3 +569,53 @@ def test_layout_analysis_matches_brute_force(seed, bin_size):
         (h["first"], h["last"], h["open"]) for h in expected[:6]]
     assert [t for h in found for t in (h.since_s, h.until_s)] == pytest.approx(
         [t for h in expected[:6] for t in (h["since"], h["until"])])
+
+
+def _report_with_maps(run, tmp_path, states, times, max_cells):
+    """The simulated pool's report with these maps instead of the generated ones."""
+    (metrics,) = run.inputs.glob("metrics-*.jsonl")
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text("".join(logs_line(run.instance, [log_record(t, run.pool, *encoded(row, t, max_cells))]) + "\n"
+                            for row, t in zip(states, times)))
+    telemetry = otlp_read.read([metrics, logs])
+    assert telemetry.problems == []
+    (r,) = [report.pool_report(telemetry, s, run.start_ns, several=False) for s in telemetry.pools()]
+    return r
+
+
+def test_binned_maps_are_reported_per_cell(run, tmp_path):
+    r = _report_with_maps(run, tmp_path, run.states, run.times, max_cells=34)  # 34 cells of 3 blocks
+    section = _section(report.render_text(r))
+    assert section[0].startswith(f"Block layout ({MAPS} maps, every ~0.01 s, {BLOCKS} blocks, 34 cells of 3 blocks;")
+    regions = brute_regions(run.states, 3)
+    assert f"    blocks {regions[0]['first']}-{regions[0]['last']}: {regions[0]['changes']} changes" \
+           f" ({100 * regions[0]['share']:.1f}%)" in "\n".join(section)
+    assert regions[0]["last"] <= 18  # still the churning blocks
+    hole = brute_holes(run.states, 3, run.seconds)[0]
+    assert (hole["first"], hole["last"]) == (67, 78)  # the whole cells inside blocks 65-80
+    assert f"    blocks 67-78 (12 blocks): since 0.000 s → until {run.seconds[-1]:.3f} s" in section[
+        next(i for i, line in enumerate(section) if "longest-lived holes" in line) + 1]
+    assert "Cells are bins of 3 blocks" in section[-1]
+    (chart,) = [c for c in report.charts(r) if c.name == "block_layout"]
+    heat, churn = chart.panels
+    sizes = [3] * 33 + [1]
+    expected = [[sum(cell_counts(row, 3)[s][c] / sizes[c] * layout.STATE_COLOURS[s] for s in range(5))
+                 for row in run.states] for c in range(34)]
+    assert np.allclose(heat.image, np.array(expected))
+    changes = brute_churn(run.states, 3)
+    edges = equal_edges(34, 32)
+    assert churn.image.tolist() == [[sum(changes[t][lo:hi]) for t in range(MAPS - 1)]
+                                    for lo, hi in zip(edges, edges[1:])]
+
+
+def test_a_single_map_has_no_churn_to_show(run, tmp_path):
+    r = _report_with_maps(run, tmp_path, run.states[:1], run.times[:1], max_cells=4096)
+    section = _section(report.render_text(r))
+    assert section[0].startswith(f"Block layout (1 map, {BLOCKS} blocks")
+    assert "  one map: no state changes to count" in section
+    assert any("blocks 65-80 (16 blocks): since 0.000 s → until 0.000 s" in line for line in section)
+    (chart,) = [c for c in report.charts(r) if c.name == "block_layout"]
+    assert len(chart.panels) == 1 and chart.panels[0].image.shape == (BLOCKS, 1, 3)
+    from vllm_frag_otel.plots import render
+
+    assert render(chart, tmp_path).read_bytes().startswith(b"\x89PNG")

@@ -519,29 +519,32 @@ def layout_lines(report: PoolReport) -> list[str]:
         f" to {seconds[-1]:.3f} s)",
         "  blocks by state, averaged over the maps: "
         + ", ".join(f"{name} {pct(float(share))}" for name, share in zip(layout.BLOCK_STATES, shares)),
-        f"  hottest block regions (of {min(LAYOUT_REGIONS, lay.cells)} equal ranges of block ids; state changes"
-        " between consecutive maps):",
-        *(f"    {_blocks(r.first_block, r.last_block)}: {r.changes} changes ({pct(r.share)}),"
-          f" {r.changes_per_block:.2f} per block" for r in found.regions),
-        f"  hottest time windows (of {min(LAYOUT_WINDOWS, max(maps - 1, 0))} with equal numbers of map intervals):",
-        *(f"    {w.start_s:.3f}-{w.end_s:.3f} s: {w.changes} changes ({pct(w.share)}),"
-          f" {w.changes_per_second:.1f} per second" for w in found.windows),
     ]
-    if not found.regions:
-        lines.insert(lines.index(next(line for line in lines if line.startswith("  hottest time"))),
-                     "    none: no block changed state between two maps")
+    if maps < 2:
+        lines.append("  one map: no state changes to count")
+    elif not found.regions:
+        lines.append("  no block changed state between two maps")
+    else:
+        lines.append(f"  hottest block regions (of {min(LAYOUT_REGIONS, lay.cells)} equal ranges of block ids; state"
+                     " changes between consecutive maps):")
+        lines += [f"    {_blocks(r.first_block, r.last_block)}: {r.changes} changes ({pct(r.share)}),"
+                  f" {r.changes_per_block:.2f} per block" for r in found.regions]
+        lines.append(f"  hottest time windows (of {min(LAYOUT_WINDOWS, maps - 1)} with equal numbers of map"
+                     " intervals):")
+        lines += [f"    {w.start_s:.3f}-{w.end_s:.3f} s: {w.changes} changes ({pct(w.share)}),"
+                  f" {w.changes_per_second:.1f} per second" for w in found.windows]
     lines.append("  longest-lived holes (adjacent blocks left unheld, free or cached, at the same map and still"
                  " unheld):")
     lines += [f"    {_blocks(h.first_block, h.last_block)} ({_plural(h.blocks, 'block')}): since {h.since_s:.3f} s"
               f" → until {h.until_s:.3f} s ({h.seconds:.3f} s)"
               + ("; still unheld at the last map" if h.open else "") for h in found.holes]
     if not found.holes:
-        lines.append("    none: every map had every cell at least partly held")
+        lines.append("    none: no map had a cell with every block unheld")
     note = ("  note: changes are counted between consecutive maps, a lower bound: a block that changed and changed"
             " back between two maps is not seen.")
     if lay.bin_size > 1:
         note += (f" Cells are bins of {lay.bin_size} blocks: changes that swap states between blocks of one cell"
-                 " cancel out, and a hole is a run of cells whose every block is unheld.")
+                 " cancel out (fewer changes are seen), and a hole is a run of cells whose every block is unheld.")
     lines.append(note)
     return lines
 
