@@ -129,7 +129,9 @@ def test_fuzzed_otel_variables_never_stop_the_plugin(receiver, protocol, data, m
     monkeypatch.setenv(name, raw)
     config._reported.clear()
     with _plugin_warnings() as records:
-        runtime = telemetry.Runtime(Settings(exporter="otlp"), {}, guard())  # must not raise
+        # block maps on: the logs pipeline reads its variables too
+        runtime = telemetry.Runtime(Settings(exporter="otlp", block_map_interval=3600.0), {}, guard())  # no raise
+    assert (runtime.logger_provider is not None) != (os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true")
     runtime.shutdown()
     if name in config.OTEL_VARIABLES:
         parse, accepted = config.OTEL_VARIABLES[name]

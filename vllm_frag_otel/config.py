@@ -143,7 +143,7 @@ def _count(raw: str) -> int:
     return value
 
 
-_SIGNAL_FORMS = ("", "_METRICS", "_TRACES")
+_SIGNAL_FORMS = ("", "_METRICS", "_TRACES", "_LOGS")
 OTEL_VARIABLES: dict[str, tuple[Callable[[str], object], str]] = {
     **{name: (_positive_number, "a number > 0 (milliseconds)") for name in (
         "OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT",
@@ -151,8 +151,8 @@ OTEL_VARIABLES: dict[str, tuple[Callable[[str], object], str]] = {
     **{f"OTEL_EXPORTER_OTLP{form}_TIMEOUT": (_positive_number, "a number > 0 (seconds)") for form in _SIGNAL_FORMS},
     **{f"OTEL_EXPORTER_OTLP{form}_COMPRESSION": (_parse_choice(("gzip", "deflate", "none")), "one of gzip, deflate, none")
        for form in _SIGNAL_FORMS},
-    "OTEL_BSP_MAX_QUEUE_SIZE": (_parse_positive_int, "a whole number >= 1"),
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (_parse_positive_int, "a whole number >= 1"),
+    **{f"OTEL_{processor}_{size}": (_parse_positive_int, "a whole number >= 1")
+       for processor in ("BSP", "BLRP") for size in ("MAX_QUEUE_SIZE", "MAX_EXPORT_BATCH_SIZE")},
     **{name: (_count, "a whole number >= 0") for name in (
         "OTEL_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
         "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_EVENT_COUNT_LIMIT", "OTEL_SPAN_LINK_COUNT_LIMIT",
@@ -177,15 +177,16 @@ def unusable_otel_variables(environ: Mapping[str, str] | None = None) -> list[st
         except (ValueError, OverflowError):
             warn_bad_value(name, raw, accepted, "the OpenTelemetry SDK default")
             unusable.append(name)
-    # the SDK also requires batch size <= queue size (defaults 512 and 2048)
-    usable = {name: int(env[name]) for name in ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE")
-              if name in env and name not in unusable}
-    for name in ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE"):
-        if usable.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512) <= usable.get("OTEL_BSP_MAX_QUEUE_SIZE", 2048):
-            break
-        if name in usable:
-            warn_bad_value(name, env[name], "a batch size <= the queue size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE <= "
-                           "OTEL_BSP_MAX_QUEUE_SIZE; defaults 512 and 2048)", "the OpenTelemetry SDK default")
-            unusable.append(name)
-            del usable[name]
+    # the SDK also requires batch size <= queue size (defaults 512 and 2048), per batch processor
+    for processor in ("BSP", "BLRP"):
+        batch, queue = f"OTEL_{processor}_MAX_EXPORT_BATCH_SIZE", f"OTEL_{processor}_MAX_QUEUE_SIZE"
+        usable = {name: int(env[name]) for name in (batch, queue) if name in env and name not in unusable}
+        for name in (batch, queue):
+            if usable.get(batch, 512) <= usable.get(queue, 2048):
+                break
+            if name in usable:
+                warn_bad_value(name, env[name], f"a batch size <= the queue size ({batch} <= {queue};"
+                               " defaults 512 and 2048)", "the OpenTelemetry SDK default")
+                unusable.append(name)
+                del usable[name]
     return unusable
