@@ -67,6 +67,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import numpy as np  # noqa: E402
 
+from vllm_frag_otel.layout import BlockMap  # noqa: E402
+
 T0 = time.perf_counter()
 BLOCK_SIZE = 16
 
@@ -565,6 +567,15 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         collector.collect()
         collection_ms.append((clock() - t) * 1e3)
     collector.shutdown()
+    codes_ms, encode_ms = [], []
+    for _ in range(reps):
+        _advance(requests)
+        t = clock()
+        codes = state.block_states()
+        codes_ms.append((clock() - t) * 1e3)
+        t = clock()
+        payload, _ = BlockMap.from_states(codes, 0, 4096).encode()
+        encode_ms.append((clock() - t) * 1e3)
     return {
         "num_blocks": num_blocks,
         "requests": num_requests,
@@ -577,6 +588,9 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         "snapshot_ms": statistics.median(snapshot_ms),
         "collection_ms": statistics.median(collection_ms),
         "collection_ms_p75": _quantiles(collection_ms)["p75"],
+        "block_map_codes_ms": statistics.median(codes_ms),
+        "block_map_encode_ms": statistics.median(encode_ms),
+        "block_map_bytes": len(payload),
     }
 
 
@@ -1061,6 +1075,12 @@ def render(result: dict) -> str:
         for c in result["collection"].values():
             add(f"   {c['num_blocks']:9d} {c['used']:8d} {c['cached']:8d} {c['free_runs']:9d} "
                 f"{c['snapshot_ms']:12.3f} {c['collection_ms']:14.3f} {c['first_snapshot_ms']:21.1f}")
+        add("   one block-layout map (opt-in, on the plugin's thread): state codes (the pool lock is held for"
+            " part of it), then binning to 4096 cells and zlib")
+        add(f"   {'blocks':>9s} {'codes ms':>9s} {'bin+zlib ms':>12s} {'bytes':>8s}")
+        for c in result["collection"].values():
+            add(f"   {c['num_blocks']:9d} {c['block_map_codes_ms']:9.3f} {c['block_map_encode_ms']:12.3f}"
+                f" {c['block_map_bytes']:8d}")
         h = result["histogram"]
         add(f"   per buffered histogram value: {h['us_per_value']:.4f} us of collection "
             f"(fold_histograms alone {h['fold_us_per_value']:.4f} us; collection with {h['values']} values "
