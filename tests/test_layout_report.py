@@ -124,7 +124,8 @@ def brute_windows(states, bin_size: int, seconds: list[float], windows: int = 20
 
 
 def brute_holes(states, bin_size: int, seconds: list[float]) -> list[dict]:
-    """All holes, longest-lived first, then widest (in cells), then lowest block id.
+    """The holes by idle memory (blocks x seconds), largest first, then widest, then lowest block id,
+    leaving out those that overlap a listed hole with the same start (its shrunk remains).
 
     A cell is unheld when all its blocks are free or cached; its streak starts at
     the map it became unheld; a hole is a maximal run of adjacent unheld cells with
@@ -157,7 +158,13 @@ def brute_holes(states, bin_size: int, seconds: list[float]) -> list[dict]:
     for (first, last, start), until in last_seen.items():
         holes.append({"first": 1 + first * bin_size, "last": min(n, (last + 1) * bin_size), "width": last - first,
                       "since": seconds[start], "until": seconds[until], "open": until == len(states) - 1})
-    return sorted(holes, key=lambda h: (-(h["until"] - h["since"]), -h["width"], h["first"]))
+    ranked = sorted(holes, key=lambda h: (-(h["last"] - h["first"] + 1) * (h["until"] - h["since"]),
+                                          -(h["last"] - h["first"]), h["first"]))
+    listed = []
+    for h in ranked:
+        if all(not (o["since"] == h["since"] and o["first"] <= h["last"] and h["first"] <= o["last"]) for o in listed):
+            listed.append(h)
+    return listed
 
 
 # -- the input files ------------------------------------------------------------------------

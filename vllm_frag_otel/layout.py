@@ -262,11 +262,14 @@ def unheld_cells(layout: Layout) -> np.ndarray:
 
 
 def long_lived_holes(layout: Layout, start_ns: int, top: int = 5) -> list[Hole]:
-    """The longest-lived holes, longest first (then widest).
+    """The holes that held the most memory idle, blocks x seconds, largest first
+    (then the widest, then the lowest block id).
 
     A cell's streak starts at the map where it became unheld. A hole at map t
     is a maximal run of adjacent unheld cells whose streaks started at the same
     map s; it lives from s until the last map at which that same run exists.
+    When a hole shrinks, its surviving part is a hole of its own with the same
+    start: a hole overlapping one already listed with the same start is left out.
     """
     unheld = unheld_cells(layout)
     if not unheld.size:
@@ -294,14 +297,19 @@ def long_lived_holes(layout: Layout, start_ns: int, top: int = 5) -> list[Hole]:
     last[:-1] = np.any(rows[1:, :3] != rows[:-1, :3], axis=1)
     rows = rows[last]
     seconds = (layout.times - start_ns) / 1e9
-    duration = seconds[rows[:, 3]] - seconds[rows[:, 2]]
-    width = rows[:, 1] - rows[:, 0]
-    best = np.lexsort((rows[:, 0], -width, -duration))[:top]
-    return [
-        Hole(layout.first_block(int(r[0])), layout.last_block(int(r[1])), float(seconds[r[2]]), float(seconds[r[3]]),
-             bool(r[3] == steps - 1))
-        for r in rows[best]
-    ]
+    first = 1 + rows[:, 0] * layout.bin_size
+    last = np.minimum(layout.num_blocks, (rows[:, 1] + 1) * layout.bin_size)
+    area = (last - first + 1) * (seconds[rows[:, 3]] - seconds[rows[:, 2]])
+    chosen: list[Hole] = []
+    for i in np.lexsort((first, first - last, -area)):
+        hole = Hole(int(first[i]), int(last[i]), float(seconds[rows[i, 2]]), float(seconds[rows[i, 3]]),
+                    bool(rows[i, 3] == steps - 1))
+        if not any(c.since_s == hole.since_s and c.first_block <= hole.last_block and hole.first_block <= c.last_block
+                   for c in chosen):
+            chosen.append(hole)
+            if len(chosen) == top:
+                break
+    return chosen
 
 
 # Heat-map colours (RGB, 0-1) per state: unheld pale, held dark, waste warm.

@@ -533,8 +533,8 @@ def layout_lines(report: PoolReport) -> list[str]:
                      " intervals):")
         lines += [f"    {w.start_s:.3f}-{w.end_s:.3f} s: {w.changes} changes ({pct(w.share)}),"
                   f" {w.changes_per_second:.1f} per second" for w in found.windows]
-    lines.append("  longest-lived holes (adjacent blocks left unheld, free or cached, at the same map and still"
-                 " unheld):")
+    lines.append("  longest-lived holes, by idle memory (blocks x seconds; adjacent blocks left unheld, free or"
+                 " cached, at the same map and still unheld):")
     lines += [f"    {_blocks(h.first_block, h.last_block)} ({_plural(h.blocks, 'block')}): since {h.since_s:.3f} s"
               f" → until {h.until_s:.3f} s ({h.seconds:.3f} s)"
               + ("; still unheld at the last map" if h.open else "") for h in found.holes]
