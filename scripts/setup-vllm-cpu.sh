@@ -29,8 +29,8 @@ pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "[vllm-cpu] vllm-frag-otel (editable, no dependency resolution against vLLM's pins)"
 pip install -q --no-deps -e "$REPO"
 # the plugin's own requirements (pyproject.toml), without touching vLLM's pinned packages
-pip install -q "numpy>=1.24" "wrapt>=1.14" "tqdm>=4.60" "opentelemetry-api>=1.27" "opentelemetry-sdk>=1.27" \
-  "opentelemetry-exporter-otlp-proto-grpc>=1.27" "opentelemetry-exporter-otlp-proto-http>=1.27"
+pip install -q "numpy>=1.24" "tqdm>=4.60" "opentelemetry-api>=1.39" "opentelemetry-sdk>=1.39" \
+  "opentelemetry-exporter-otlp-proto-grpc>=1.39" "opentelemetry-exporter-otlp-proto-http>=1.39"
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import vllm, vllm_frag_otel, torch

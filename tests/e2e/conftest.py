@@ -21,9 +21,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import e2e_harness as h  # noqa: E402
+from otlp_receiver import RotelReceiver  # noqa: E402
 
 from e2e_harness import (  # noqa: E402  the workload's shape
-    BLOCK_SIZE, CONCURRENCY, EXPORT_INTERVAL_MS, KV_CACHE_BYTES, MAX_NUM_SEQS, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS,
+    BLOCK_MAP_INTERVAL_S, BLOCK_SIZE, CONCURRENCY, EXPORT_INTERVAL_MS, KV_CACHE_BYTES, MAX_NUM_SEQS, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS,
     PREFIX_GROUPS, PREFIX_LEN,
 )
 
@@ -58,6 +59,9 @@ def pytest_terminal_summary(terminalreporter):
 class Stack:
     run_dir: Path
     ports: dict[str, int]
+    # stands in for Loki (not runnable here): a real OTLP receiver process, rotel, whose
+    # received log records the tests read
+    logs_backend: RotelReceiver
     procs: dict[str, h.Proc] = field(default_factory=dict)
 
     @property
@@ -79,6 +83,7 @@ class Stack:
             "OTLP_HTTP_ENDPOINT": f"127.0.0.1:{self.ports['otlp_http']}",
             "PROMETHEUS_OTLP_ENDPOINT": f"http://127.0.0.1:{self.ports['vm']}/opentelemetry",
             "TRACES_OTLP_ENDPOINT": f"127.0.0.1:{self.ports['phoenix_grpc']}",
+            "LOGS_OTLP_ENDPOINT": self.logs_backend.http_endpoint,
             "OTELCOL_TELEMETRY_HOST": "127.0.0.1",
             "OTELCOL_TELEMETRY_PORT": str(self.ports["otelcol_telemetry"]),
             # detailed: the log shows each exemplar's trace id (checked by a test)
@@ -102,9 +107,11 @@ def stack(tmp_path_factory):
 
     ports = {name: h.free_port() for name in
              ("vm", "vmalert", "phoenix", "phoenix_grpc", "otlp_grpc", "otlp_http", "otelcol_telemetry", "vllm")}
-    s = Stack(run_dir, ports)
+    s = Stack(run_dir, ports, RotelReceiver(batch_timeout="100ms"))
     env = _clean_env()
     try:
+        with h.TIMINGS.stage("start: logs back-end (rotel)"):
+            s.logs_backend.start()
         with h.TIMINGS.stage("start: VictoriaMetrics"):
             s.procs["vm"] = h.Proc("victoria-metrics", [
                 str(h.VICTORIA_METRICS), f"-storageDataPath={run_dir / 'vm'}", f"-httpListenAddr=127.0.0.1:{ports['vm']}",
@@ -142,6 +149,7 @@ def stack(tmp_path_factory):
         for name in ("vllm", "vmalert", "otelcol", "phoenix", "vm"):
             if name in s.procs:
                 s.procs[name].stop()
+        s.logs_backend.stop()
 
 
 def _write_model(directory: Path) -> Path:
@@ -184,6 +192,8 @@ def _vllm_env(s: Stack) -> dict[str, str]:
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
         "OTEL_METRIC_EXPORT_INTERVAL": str(EXPORT_INTERVAL_MS),
         "OTEL_BSP_SCHEDULE_DELAY": "500",
+        "OTEL_BLRP_SCHEDULE_DELAY": "500",
+        "VLLM_FRAG_OTEL_BLOCK_MAP_INTERVAL": str(BLOCK_MAP_INTERVAL_S),
     }
 
 

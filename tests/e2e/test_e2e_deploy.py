@@ -109,7 +109,7 @@ def test_compose_file_is_valid(tools):
     proc = _compose("--profile", "vllm", "config", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     services = json.loads(proc.stdout)["services"]
-    assert {"otel-collector", "prometheus", "alertmanager", "tempo", "grafana", "vllm"} <= services.keys()
+    assert {"otel-collector", "prometheus", "alertmanager", "tempo", "loki", "grafana", "vllm"} <= services.keys()
     # every file the services mount is in deploy/
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -125,6 +125,8 @@ def test_compose_is_consistent_with_the_collector_config():
     assert {"4317:4317", "4318:4318"} <= set(collector["ports"])
     assert collector["environment"]["PROMETHEUS_OTLP_ENDPOINT"] == "http://prometheus:9090/api/v1/otlp"
     assert collector["environment"]["TRACES_OTLP_ENDPOINT"] == "tempo:4317"
+    assert collector["environment"]["LOGS_OTLP_ENDPOINT"] == "http://loki:3100/otlp"
+    assert "3100:3100" in compose["loki"]["ports"]
     prometheus = compose["prometheus"]["command"]
     assert "--web.enable-otlp-receiver" in prometheus and "--enable-feature=exemplar-storage" in prometheus
     tempo = yaml.safe_load((DEPLOY / "tempo" / "tempo.yaml").read_text())
@@ -143,6 +145,8 @@ def test_collector_config_uses_core_components_and_env_defaults():
     pipelines = config["service"]["pipelines"]
     assert pipelines["metrics"]["processors"][0] == "memory_limiter"
     assert pipelines["traces"]["processors"][0] == "memory_limiter"
+    assert pipelines["logs"]["processors"][0] == "memory_limiter"
+    assert any(e.startswith("otlphttp") for e in pipelines["logs"]["exporters"])
     assert any(e.startswith("otlphttp") for e in pipelines["metrics"]["exporters"])
     assert any(e.split("/")[0] == "otlp" for e in pipelines["traces"]["exporters"])
     text = h.COLLECTOR_CONFIG.read_text()
@@ -195,6 +199,7 @@ def test_grafana_provisioning():
     by_uid = {d["uid"]: d for d in sources["datasources"]}
     prometheus, tempo = by_uid["prometheus"], by_uid["tempo"]
     assert prometheus["url"] == "http://prometheus:9090" and tempo["url"] == "http://tempo:3200"
+    assert by_uid["loki"]["url"] == "http://loki:3100" and by_uid["loki"]["type"] == "loki"
     assert prometheus["jsonData"]["exemplarTraceIdDestinations"][0] == {
         "name": "trace_id", "datasourceUid": "tempo", "urlDisplayLabel": "Request trace in Tempo"}
     to_metrics = tempo["jsonData"]["tracesToMetrics"]

@@ -18,10 +18,12 @@ import re
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 import e2e_harness as h
-from e2e_harness import MAX_TOKENS, MODEL_NAME, NUM_REQUESTS
+from e2e_harness import BLOCK_MAP_INTERVAL_S, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS
+from vllm_frag_otel.layout import CACHED, EVENT_NAME, FREE, FULL, PARTIAL, BlockMap
 
 pytestmark = pytest.mark.e2e
 
@@ -285,10 +287,39 @@ def test_plugin_span_and_vllm_span_share_the_trace(stack, arrived):
         assert kv_span["parent_id"] == request.parent_span_id
         assert kv_span["attributes"]["gen_ai.request.id"] == vllm_span["attributes"]["gen_ai.request.id"]
         assert kv_span["attributes"]["gen_ai.usage.prompt_tokens"] == request.prompt_tokens
+        assert kv_span["attributes"]["gen_ai.usage.completion_tokens"] == MAX_TOKENS
         assert kv_span["attributes"]["vllm.request.finish_status"] == "finished_length_capped"
     kv = [traces[t]["vllm.kv_cache.request"]["attributes"] for t in sent]
     assert any(a["vllm.request.preemptions"] > 0 for a in kv), "no span tells of a preemption"
     assert any(a["vllm.kv_cache.prefix_cache.hit_tokens"] > 0 for a in kv), "no span tells of a prefix hit"
+    assert any(a["vllm.kv_cache.block.evicted"] > 0 for a in kv), "no span tells of an eviction it caused"
+
+
+# -- block-layout maps ------------------------------------------------------------------------
+
+def test_block_maps_reach_the_logs_back_end(stack, arrived):
+    """VLLM_FRAG_OTEL_BLOCK_MAP_INTERVAL=1 on the engine: its maps go through the collector's logs
+    pipeline to the logs back-end, one a second, each a whole, well-formed map of the pool."""
+    records = h.wait_until(
+        "block maps from after the workload at the logs back-end",
+        lambda: [r for r in stack.logs_backend.received_logs() if r["time_unix_nano"] > arrived.finished * 1e9] and
+        stack.logs_backend.received_logs(), 60, interval=1)
+    maps = sorted((BlockMap.decode(r["body"], {k: str(v) for k, v in r["attributes"].items()}, r["time_unix_nano"])
+                   for r in records if r["event_name"] == EVENT_NAME), key=lambda m: m.time_unix_nano)
+    assert {r["resource"]["service.name"] for r in records} == {"vllm"}
+    assert {r["attributes"]["vllm.model.name"] for r in records} == {MODEL_NAME}
+    (series,) = stack.promql.query("vllm_kv_cache_block_limit")  # the same engine as the metrics
+    assert {r["resource"]["service.instance.id"] for r in records} == {series["metric"]["service_instance_id"]}
+    assert all(m.num_blocks == 63 and m.bin_size == 1 for m in maps)  # 64 blocks, minus the null block
+    during = [m for m in maps if arrived.started * 1e9 <= m.time_unix_nano <= arrived.finished * 1e9]
+    seconds = arrived.finished - arrived.started
+    assert len(during) >= int(seconds / BLOCK_MAP_INTERVAL_S) - 1, (len(during), seconds)
+    gaps = np.diff([m.time_unix_nano for m in maps]) / 1e9
+    assert np.median(gaps) == pytest.approx(BLOCK_MAP_INTERVAL_S, rel=0.2)
+    held = [m.counts[[FULL, PARTIAL]].sum() for m in during]
+    assert max(held) > 32, "no map caught the pool in use"  # the workload fills it (it preempts)
+    # after the workload every block is unheld again, most holding prefix-cache content
+    assert maps[-1].counts[[FREE, CACHED]].sum() == 63 and maps[-1].counts[CACHED].sum() > 0
 
 
 def test_allocation_exemplars_point_at_request_traces(stack, arrived):
