@@ -626,3 +626,13 @@ def test_a_single_map_has_no_churn_to_show(run, tmp_path):
     from vllm_frag_otel.plots import render
 
     assert render(chart, tmp_path).read_bytes().startswith(b"\x89PNG")
+
+
+def test_many_maps_are_thinned_evenly_keeping_the_first_and_last(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "LAYOUT_MAX_MAPS", 7)
+    r = _report_with_maps(run, tmp_path, run.states, run.times, max_cells=4096)
+    kept = [round(i * (MAPS - 1) / 6) for i in range(7)]
+    assert r.block_layout.times.tolist() == [run.times[i] for i in kept]
+    assert r.block_layout.counts.tolist() == [cell_counts(run.states[i], 1) for i in kept]
+    section = _section(report.render_text(r))
+    assert section[0].startswith(f"Block layout (7 maps, every ~") and f"evenly spaced among {MAPS}" in section[0]

@@ -126,7 +126,8 @@ class Layout:
     times: np.ndarray  # (T,) int64 unix ns
     num_blocks: int
     bin_size: int
-    counts: np.ndarray  # (T, states, cells) int64
+    counts: np.ndarray  # (T, states, cells) int32
+    maps_seen: int = 0  # maps of this shape before `stack` thinned them out
 
     @property
     def cells(self) -> int:
@@ -139,20 +140,26 @@ class Layout:
         return min(self.num_blocks, (cell + 1) * self.bin_size)
 
 
-def stack(maps: Sequence[BlockMap]) -> Layout | None:
+def stack(maps: Sequence[BlockMap], max_maps: int | None = None) -> Layout | None:
     """The maps of the latest shape (a restarted engine may have resized its
-    pool), in time order, each time once; None without maps."""
+    pool), in time order, each time once; None without maps. Beyond `max_maps`,
+    evenly spaced ones are kept (the first and the last among them), so that a
+    week of maps still fits in memory."""
     if not maps:
         return None
     latest = max(maps, key=lambda m: m.time_unix_nano)
     shape = (latest.num_blocks, latest.bin_size)
     chosen = {m.time_unix_nano: m for m in maps if (m.num_blocks, m.bin_size) == shape}
     ordered = [chosen[t] for t in sorted(chosen)]
+    seen = len(ordered)
+    if max_maps is not None and seen > max_maps:
+        ordered = [ordered[i] for i in np.unique(np.linspace(0, seen - 1, max_maps).round().astype(np.int64))]
     return Layout(
         times=np.array([m.time_unix_nano for m in ordered], dtype=np.int64),
         num_blocks=shape[0],
         bin_size=shape[1],
-        counts=np.stack([m.counts.astype(np.int64) for m in ordered]),
+        counts=np.stack([m.counts.astype(np.int32) for m in ordered]),
+        maps_seen=seen,
     )
 
 
@@ -324,5 +331,5 @@ STATE_COLOURS = np.array([
 
 def image(layout: Layout) -> np.ndarray:
     """(cells, T, 3) RGB: each cell's colour is its states' colours mixed by count."""
-    shares = layout.counts / cell_sizes(layout.num_blocks, layout.bin_size)[None, None, :]
-    return np.einsum("tsc,sk->ctk", shares, STATE_COLOURS).clip(0.0, 1.0)
+    shares = (layout.counts / cell_sizes(layout.num_blocks, layout.bin_size)[None, None, :]).astype(np.float32)
+    return np.einsum("tsc,sk->ctk", shares, STATE_COLOURS.astype(np.float32)).clip(0.0, 1.0)

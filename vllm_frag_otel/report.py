@@ -71,6 +71,9 @@ LAYOUT_REGIONS = 32
 LAYOUT_WINDOWS = 20
 TOP_HOTSPOTS = 3
 TOP_HOLES = 5
+# Most maps a pool's layout is drawn and analysed from (evenly spaced beyond that): a day of
+# 4096-cell maps every 10 s would otherwise take gigabytes.
+LAYOUT_MAX_MAPS = 2000
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
         caveats=_caveats(telemetry, source),
         start_ns=start_ns,
     )
-    stacked = layout.stack(telemetry.block_maps.get(source, []))
+    stacked = layout.stack(telemetry.block_maps.get(source, []), LAYOUT_MAX_MAPS)
     if stacked is not None and stacked.num_blocks:
         report.block_layout = stacked
     # spans name their process, not their pool: they belong to a process's only pool
@@ -514,7 +517,8 @@ def layout_lines(report: PoolReport) -> list[str]:
     shares = lay.counts.sum(axis=2).mean(axis=0) / lay.num_blocks
     found = hotspots(report)
     lines = [
-        f"Block layout ({_plural(maps, 'map')}{every}, {lay.num_blocks} blocks,"
+        f"Block layout ({_plural(maps, 'map')}{every}"
+        f"{f', evenly spaced among {lay.maps_seen}' if lay.maps_seen > maps else ''}, {lay.num_blocks} blocks,"
         f" {_plural(lay.cells, 'cell')} of {_plural(lay.bin_size, 'block')}; from {seconds[0]:.3f} s"
         f" to {seconds[-1]:.3f} s)",
         "  blocks by state, averaged over the maps: "
