@@ -302,14 +302,19 @@ class RotelReceiver:
             out.extend(_flatten(req))
         return out
 
+    def _received(self, signal: str, message_type):
+        """The raw export requests of one signal (traces, logs), decoded, in arrival order."""
+        with self.sink.lock:
+            bodies = [body for path, body in self.sink.other if path.rstrip("/").endswith(f"/v1/{signal}")]
+        for body in bodies:
+            request = message_type()
+            request.ParseFromString(body)
+            yield request
+
     def received_spans(self) -> list[dict]:
         """One dict per span: name, hex trace/span/parent ids, attributes, resource."""
-        with self.sink.lock:
-            bodies = [body for path, body in self.sink.other if path.rstrip("/").endswith("/v1/traces")]
         spans = []
-        for body in bodies:
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
+        for request in self._received("traces", ExportTraceServiceRequest):
             for rs in request.resource_spans:
                 resource = _attrs(rs.resource.attributes)
                 for ss in rs.scope_spans:
@@ -327,12 +332,8 @@ class RotelReceiver:
 
     def received_logs(self) -> list[dict]:
         """One dict per log record: event name, time, raw bytes body, attributes, resource."""
-        with self.sink.lock:
-            bodies = [body for path, body in self.sink.other if path.rstrip("/").endswith("/v1/logs")]
         records = []
-        for body in bodies:
-            request = ExportLogsServiceRequest()
-            request.ParseFromString(body)
+        for request in self._received("logs", ExportLogsServiceRequest):
             for rl in request.resource_logs:
                 resource = _attrs(rl.resource.attributes)
                 for sl in rl.scope_logs:

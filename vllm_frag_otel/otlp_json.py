@@ -70,6 +70,14 @@ class RotatingJsonLines:
             self._file.write(data)
             self._file.flush()
 
+    def append(self, message: Message) -> bool:
+        """One OTLP export request as a line; False if it could not be written."""
+        try:
+            self.write(to_otlp_json(message))
+        except OSError:
+            return False
+        return True
+
     def _rotate(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -104,11 +112,8 @@ class OTLPJsonFileMetricExporter(MetricExporter, OTLPMetricExporterMixin):
         self.lines = RotatingJsonLines(directory, "metrics", max_bytes, max_files)
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
-        try:
-            self.lines.write(to_otlp_json(encode_metrics(metrics_data)))
-        except OSError:
-            return MetricExportResult.FAILURE
-        return MetricExportResult.SUCCESS
+        written = self.lines.append(encode_metrics(metrics_data))
+        return MetricExportResult.SUCCESS if written else MetricExportResult.FAILURE
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return True
@@ -124,11 +129,7 @@ class OTLPJsonFileSpanExporter(SpanExporter):
         self.lines = RotatingJsonLines(directory, "traces", max_bytes, max_files)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            self.lines.write(to_otlp_json(encode_spans(spans)))
-        except OSError:
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
+        return SpanExportResult.SUCCESS if self.lines.append(encode_spans(spans)) else SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
         self.lines.close()
@@ -141,11 +142,7 @@ class OTLPJsonFileLogExporter(LogRecordExporter):
         self.lines = RotatingJsonLines(directory, "logs", max_bytes, max_files)
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        try:
-            self.lines.write(to_otlp_json(encode_logs(batch)))
-        except OSError:
-            return LogRecordExportResult.FAILURE
-        return LogRecordExportResult.SUCCESS
+        return LogRecordExportResult.SUCCESS if self.lines.append(encode_logs(batch)) else LogRecordExportResult.FAILURE
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return True
