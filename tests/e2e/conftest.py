@@ -243,16 +243,28 @@ def workload(stack: Stack) -> Workload:
     return Workload(sent, started, finished, server)
 
 
+ARRIVAL_SERIES = (
+    "vllm_kv_cache_request_count", "vllm_kv_cache_block_count", "vllm_kv_cache_block_limit",
+    "vllm_kv_cache_preemptions_total", "vllm_kv_cache_block_evictions_total",
+    "vllm_kv_cache_allocation_attempts_total", "vllm_frag_otel_active_ratio",
+)
+
+
 @pytest.fixture(scope="session")
 def arrived(stack: Stack, workload: Workload) -> Workload:
     """The workload's telemetry has reached the back-ends (a last export after the workload)."""
     q = stack.promql
 
+    # every series the tests read first, each queryable with a point from after the workload (a
+    # cold VictoriaMetrics once answered some names of an export and not yet others)
+    selector = '{__name__=~"%s"}' % "|".join(ARRIVAL_SERIES)
+
     def exported_after_workload() -> bool:
-        latest = q.query("max(timestamp(vllm_kv_cache_request_count))")
+        names = {r["metric"]["__name__"] for r in q.query(f"count by (__name__) ({selector})")}
+        oldest = q.query(f"min(timestamp({selector}))")
         holding = q.query("sum(vllm_kv_cache_request_count)")
-        return bool(latest and holding) and float(latest[0]["value"][1]) > workload.finished + 1 \
-            and float(holding[0]["value"][1]) == 0
+        return names == set(ARRIVAL_SERIES) and bool(oldest and holding) \
+            and float(oldest[0]["value"][1]) > workload.finished + 1 and float(holding[0]["value"][1]) == 0
 
     with h.TIMINGS.stage("telemetry arrival after workload"):
         h.wait_until("an export after the workload, with no request holding blocks, in VictoriaMetrics",
