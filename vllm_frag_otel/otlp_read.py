@@ -163,51 +163,74 @@ def _instance(resource_attributes: dict[str, str]) -> str:
     return hashlib.sha1(repr(sorted(resource_attributes.items())).encode()).hexdigest()[:16]
 
 
-def _read_metrics(record: dict, where: tuple[Path, int], telemetry: Telemetry, points: dict) -> int:
-    """Walks the decoded line directly: protobuf's own JSON parser takes ten times as long."""
+def _whole(found, where: tuple[Path, int], telemetry: Telemetry, signal: str) -> list | None:
+    """All that `found` (a walk over one export request) yields; None, with the line
+    named in `telemetry.problems`, when the request is malformed anywhere."""
     try:
-        rows = list(_metric_rows(record, telemetry))
+        return list(found)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         telemetry.problems.append(InputProblem(
-            *where, f"not an OTLP metrics request ({type(exc).__name__}: {exc}); line skipped"))
+            *where, f"not an OTLP {signal} request ({type(exc).__name__}: {exc}); line skipped"))
+        return None
+
+
+def _read_metrics(record: dict, where: tuple[Path, int], telemetry: Telemetry, points: dict) -> int:
+    """Walks the decoded line directly: protobuf's own JSON parser takes ten times as long."""
+    rows = _whole(_metric_rows(record, telemetry), where, telemetry, "metrics")
+    if rows is None:
         return 0
     for key, kind, unit, row in rows:
         points.setdefault(key, _Points(kind, unit)).rows.append(row)
     return 1
 
 
-def _metric_rows(record: dict, telemetry: Telemetry):
-    """(series key, kind, unit, point row) for every data point of one export request."""
-    for resource_metrics in record["resourceMetrics"]:
-        resource = _json_attributes(resource_metrics.get("resource", {}).get("attributes", []))
+# OTLP/JSON nesting per signal: (resources, scopes, items) keys
+_NESTING = {
+    "metrics": ("resourceMetrics", "scopeMetrics", "metrics"),
+    "traces": ("resourceSpans", "scopeSpans", "spans"),
+    "logs": ("resourceLogs", "scopeLogs", "logRecords"),
+}
+
+
+def _items(record: dict, signal: str, telemetry: Telemetry):
+    """(instance, item) for every metric, span or log record of one export request;
+    each resource is noted in `telemetry.resources`."""
+    resources_key, scopes_key, items_key = _NESTING[signal]
+    for resource_entry in record[resources_key]:
+        resource = _json_attributes(resource_entry.get("resource", {}).get("attributes", []))
         instance = _instance(resource)
         telemetry.resources.setdefault(instance, resource)
-        for scope_metrics in resource_metrics.get("scopeMetrics", []):
-            for metric in scope_metrics.get("metrics", []):
-                kind = next((k for k in ("gauge", "sum", "histogram") if k in metric), None)
-                if kind is None:
-                    continue  # summaries, exponential histograms: not the plugin's
-                data = metric[kind]
-                temporality = data.get("aggregationTemporality", 0)
-                delta = temporality in (DELTA, "AGGREGATION_TEMPORALITY_DELTA")
-                for point in data.get("dataPoints", []):
-                    attributes = _json_attributes(point.get("attributes", []))
-                    source = Source(instance, attributes.pop(POOL, ""))
-                    key = (metric["name"], source, tuple(sorted(attributes.items())))
-                    times = (int(point["timeUnixNano"]), int(point.get("startTimeUnixNano", 0)), delta)
-                    if kind == "histogram":
-                        # protobuf JSON leaves out zeros and empty lists
-                        bounds = tuple(float(b) for b in point.get("explicitBounds", []))
-                        count = int(point.get("count", 0))
-                        buckets = tuple(int(c) for c in point.get("bucketCounts", [])) or (0,) * (len(bounds) + 1)
-                        if len(buckets) != len(bounds) + 1:
-                            raise ValueError(f"{metric['name']}: {len(buckets)} bucket counts for {len(bounds)}"
-                                             " bounds")
-                        row = (*times, count, float(point.get("sum", 0.0)), bounds, buckets)
-                    else:
-                        value = float(point["asDouble"]) if "asDouble" in point else int(point.get("asInt", 0))
-                        row = (*times, value, 0.0, (), ())
-                    yield key, kind, metric.get("unit", ""), row
+        for scope_entry in resource_entry.get(scopes_key, []):
+            for item in scope_entry.get(items_key, []):
+                yield instance, item
+
+
+def _metric_rows(record: dict, telemetry: Telemetry):
+    """(series key, kind, unit, point row) for every data point of one export request."""
+    for instance, metric in _items(record, "metrics", telemetry):
+        kind = next((k for k in ("gauge", "sum", "histogram") if k in metric), None)
+        if kind is None:
+            continue  # summaries, exponential histograms: not the plugin's
+        data = metric[kind]
+        temporality = data.get("aggregationTemporality", 0)
+        delta = temporality in (DELTA, "AGGREGATION_TEMPORALITY_DELTA")
+        for point in data.get("dataPoints", []):
+            attributes = _json_attributes(point.get("attributes", []))
+            source = Source(instance, attributes.pop(POOL, ""))
+            key = (metric["name"], source, tuple(sorted(attributes.items())))
+            times = (int(point["timeUnixNano"]), int(point.get("startTimeUnixNano", 0)), delta)
+            if kind == "histogram":
+                # protobuf JSON leaves out zeros and empty lists
+                bounds = tuple(float(b) for b in point.get("explicitBounds", []))
+                count = int(point.get("count", 0))
+                buckets = tuple(int(c) for c in point.get("bucketCounts", [])) or (0,) * (len(bounds) + 1)
+                if len(buckets) != len(bounds) + 1:
+                    raise ValueError(f"{metric['name']}: {len(buckets)} bucket counts for {len(bounds)} bounds")
+                row = (*times, count, float(point.get("sum", 0.0)), bounds, buckets)
+            else:
+                value = float(point["asDouble"]) if "asDouble" in point else int(point.get("asInt", 0))
+                row = (*times, value, 0.0, (), ())
+            yield key, kind, metric.get("unit", ""), row
 
 
 def _series(key: tuple, points: _Points) -> Series:
@@ -241,11 +264,8 @@ def _running_total(values: np.ndarray, starts: np.ndarray, delta: bool) -> np.nd
 
 
 def _read_spans(record: dict, where: tuple[Path, int], telemetry: Telemetry, spans: dict) -> int:
-    try:
-        found = list(_request_spans(record, telemetry))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        telemetry.problems.append(InputProblem(
-            *where, f"not an OTLP traces request ({type(exc).__name__}: {exc}); line skipped"))
+    found = _whole(_request_spans(record, telemetry), where, telemetry, "traces")
+    if found is None:
         return 0
     spans.update(found)
     return 1
@@ -253,14 +273,9 @@ def _read_spans(record: dict, where: tuple[Path, int], telemetry: Telemetry, spa
 
 def _request_spans(record: dict, telemetry: Telemetry):
     """((trace id, span id), RequestSpan) for every request span of one export request."""
-    for resource_spans in record["resourceSpans"]:
-        resource = _json_attributes(resource_spans.get("resource", {}).get("attributes", []))
-        instance = _instance(resource)
-        telemetry.resources.setdefault(instance, resource)
-        for scope_spans in resource_spans.get("scopeSpans", []):
-            for span in scope_spans.get("spans", []):
-                if span.get("name") == SPAN_NAME:
-                    yield (span["traceId"], span["spanId"]), _request_span(instance, span)
+    for instance, span in _items(record, "traces", telemetry):
+        if span.get("name") == SPAN_NAME:
+            yield (span["traceId"], span["spanId"]), _request_span(instance, span)
 
 
 def _request_span(instance: str, span: dict) -> RequestSpan:
@@ -308,17 +323,8 @@ def _read_logs(record: dict, where: tuple[Path, int], telemetry: Telemetry) -> i
     """The block maps of one logs export request. A malformed record is named and
     skipped; the line's other records are still read. Other log records are not
     the report's and are passed over silently."""
-    try:
-        found = []
-        for resource_logs in record["resourceLogs"]:
-            resource = _json_attributes(resource_logs.get("resource", {}).get("attributes", []))
-            instance = _instance(resource)
-            telemetry.resources.setdefault(instance, resource)
-            for scope_logs in resource_logs.get("scopeLogs", []):
-                found += [(instance, log) for log in scope_logs.get("logRecords", [])]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        telemetry.problems.append(InputProblem(
-            *where, f"not an OTLP logs request ({type(exc).__name__}: {exc}); line skipped"))
+    found = _whole(_items(record, "logs", telemetry), where, telemetry, "logs")
+    if found is None:
         return 0
     for index, (instance, log) in enumerate(found, 1):
         try:
