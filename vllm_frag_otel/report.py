@@ -116,6 +116,7 @@ class PoolReport:
     classes: list[ClassRow] = field(default_factory=list)
     start_ns: int = 0  # time zero of every time axis
     block_layout: layout.Layout | None = None  # from the pool's block maps
+    hotspots: Hotspots | None = None  # of the block layout
 
     @property
     def final(self) -> dict[str, float]:
@@ -174,6 +175,7 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
     stacked = layout.stack(telemetry.block_maps.get(source, []), LAYOUT_MAX_MAPS)
     if stacked is not None and stacked.num_blocks:
         report.block_layout = stacked
+        report.hotspots = hotspots(report)
     # spans name their process, not their pool: they belong to a process's only pool
     pools_of_instance = [p for p in telemetry.pools() if p.instance == source.instance]
     if len(pools_of_instance) == 1:
@@ -515,7 +517,7 @@ def layout_lines(report: PoolReport) -> list[str]:
     maps = len(lay.times)
     every = f", every ~{float(np.median(np.diff(seconds))):.3g} s" if maps > 1 else ""
     shares = lay.counts.sum(axis=2).mean(axis=0) / lay.num_blocks
-    found = hotspots(report)
+    found = report.hotspots
     lines = [
         f"Block layout ({_plural(maps, 'map')}{every}"
         f"{f', evenly spaced among {lay.maps_seen}' if lay.maps_seen > maps else ''}, {lay.num_blocks} blocks,"
@@ -739,7 +741,7 @@ def write_layouts(reports: Sequence[PoolReport], out: Path) -> list[Path]:
         np.savez_compressed(path, times_unix_nano=lay.times, counts=lay.counts.astype(np.min_scalar_type(lay.bin_size)),
                             num_blocks=lay.num_blocks, bin_size=lay.bin_size, states=np.array(layout.BLOCK_STATES))
         written.append(path)
-        found = hotspots(r)
+        found = r.hotspots
         head = {"instance": r.source.instance, "pool": r.source.pool}
         rows += [{**head, "kind": "region", "rank": i, "first_block": g.first_block, "last_block": g.last_block,
                   "blocks": g.last_block - g.first_block + 1, "changes": g.changes, "share": f"{g.share:.6f}",
