@@ -302,50 +302,49 @@ class RotelReceiver:
             out.extend(_flatten(req))
         return out
 
-    def _received(self, signal: str, message_type):
-        """The raw export requests of one signal (traces, logs), decoded, in arrival order."""
+    def _received(self, signal: str, message_type, nesting: tuple[str, str, str]):
+        """(resource attributes, item) for every span or log record of one signal, in arrival order."""
         with self.sink.lock:
             bodies = [body for path, body in self.sink.other if path.rstrip("/").endswith(f"/v1/{signal}")]
+        resources_field, scopes_field, items_field = nesting
         for body in bodies:
             request = message_type()
             request.ParseFromString(body)
-            yield request
+            for resource_entry in getattr(request, resources_field):
+                resource = _attrs(resource_entry.resource.attributes)
+                for scope_entry in getattr(resource_entry, scopes_field):
+                    for item in getattr(scope_entry, items_field):
+                        yield resource, item
 
     def received_spans(self) -> list[dict]:
         """One dict per span: name, hex trace/span/parent ids, attributes, resource."""
-        spans = []
-        for request in self._received("traces", ExportTraceServiceRequest):
-            for rs in request.resource_spans:
-                resource = _attrs(rs.resource.attributes)
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        spans.append({
-                            "name": span.name,
-                            "trace_id": span.trace_id.hex(),
-                            "span_id": span.span_id.hex(),
-                            "parent_span_id": span.parent_span_id.hex(),
-                            "attributes": _attrs(span.attributes),
-                            "events": [e.name for e in span.events],
-                            "resource": resource,
-                        })
-        return spans
+        return [
+            {
+                "name": span.name,
+                "trace_id": span.trace_id.hex(),
+                "span_id": span.span_id.hex(),
+                "parent_span_id": span.parent_span_id.hex(),
+                "attributes": _attrs(span.attributes),
+                "events": [e.name for e in span.events],
+                "resource": resource,
+            }
+            for resource, span in self._received(
+                "traces", ExportTraceServiceRequest, ("resource_spans", "scope_spans", "spans"))
+        ]
 
     def received_logs(self) -> list[dict]:
         """One dict per log record: event name, time, raw bytes body, attributes, resource."""
-        records = []
-        for request in self._received("logs", ExportLogsServiceRequest):
-            for rl in request.resource_logs:
-                resource = _attrs(rl.resource.attributes)
-                for sl in rl.scope_logs:
-                    for record in sl.log_records:
-                        records.append({
-                            "event_name": record.event_name,
-                            "time_unix_nano": record.time_unix_nano,
-                            "body": record.body.bytes_value,
-                            "attributes": _attrs(record.attributes),
-                            "resource": resource,
-                        })
-        return records
+        return [
+            {
+                "event_name": record.event_name,
+                "time_unix_nano": record.time_unix_nano,
+                "body": record.body.bytes_value,
+                "attributes": _attrs(record.attributes),
+                "resource": resource,
+            }
+            for resource, record in self._received(
+                "logs", ExportLogsServiceRequest, ("resource_logs", "scope_logs", "log_records"))
+        ]
 
     def wait_for(self, predicate: Callable[[list[dict]], bool], timeout: float = 5.0) -> list[dict]:
         """Block until predicate(received_metrics()) is true; returns the data points."""

@@ -635,4 +635,4 @@ def test_many_maps_are_thinned_evenly_keeping_the_first_and_last(run, tmp_path, 
     assert r.block_layout.times.tolist() == [run.times[i] for i in kept]
     assert r.block_layout.counts.tolist() == [cell_counts(run.states[i], 1) for i in kept]
     section = _section(report.render_text(r))
-    assert section[0].startswith(f"Block layout (7 maps, every ~") and f"evenly spaced among {MAPS}" in section[0]
+    assert section[0].startswith("Block layout (7 maps, every ~") and f"evenly spaced among {MAPS}" in section[0]
