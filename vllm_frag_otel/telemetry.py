@@ -406,7 +406,6 @@ class BlockMapSampler:
         self._guard = guard
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.samples = 0
 
     def sample(self) -> int:
         """Emit one map per live pool; returns how many."""
@@ -421,7 +420,6 @@ class BlockMapSampler:
                 event_name=EVENT_NAME, severity_number=SeverityNumber.INFO,
             )
             emitted += 1
-        self.samples += emitted
         return emitted
 
     def start(self, interval_s: float) -> None:
@@ -447,24 +445,35 @@ class BlockMapSampler:
 
 # -- exporters and the per-process runtime ----------------------------------------
 
+@dataclass(frozen=True)
+class _SignalExporters:
+    otlp_module: str  # under opentelemetry.exporter.otlp.proto.{grpc,http}
+    otlp_class: str
+    console: type
+    file_class: str  # in vllm_frag_otel.otlp_json, imported only when used
+
+
 SIGNALS = {
-    # signal -> (OTLP exporter module suffix, class)
-    "metrics": ("metric_exporter", "OTLPMetricExporter"),
-    "traces": ("trace_exporter", "OTLPSpanExporter"),
-    "logs": ("_log_exporter", "OTLPLogExporter"),
+    "metrics": _SignalExporters("metric_exporter", "OTLPMetricExporter", ConsoleMetricExporter,
+                                "OTLPJsonFileMetricExporter"),
+    "traces": _SignalExporters("trace_exporter", "OTLPSpanExporter", ConsoleSpanExporter, "OTLPJsonFileSpanExporter"),
+    "logs": _SignalExporters("_log_exporter", "OTLPLogExporter", ConsoleLogRecordExporter, "OTLPJsonFileLogExporter"),
 }
-CONSOLE_EXPORTERS = {"metrics": ConsoleMetricExporter, "traces": ConsoleSpanExporter, "logs": ConsoleLogRecordExporter}
 
 
 def _env(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
+def _endpoint(signal: str) -> str:
+    """The signal's OTLP endpoint, else the common one, else ''."""
+    return _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
 def _otlp_protocol(signal: str = "metrics") -> str:
     # vLLM's own tracing copies --otlp-traces-endpoint (e.g. grpc://collector:4317)
     # into OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: a grpc:// endpoint means gRPC, as there
-    endpoint = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if endpoint.lower().startswith("grpc://"):
+    if _endpoint(signal).lower().startswith("grpc://"):
         return "grpc"
     for name in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         raw = _env(name)
@@ -480,32 +489,26 @@ def exporter_choice(settings: Settings, signal: str) -> str:
     """otlp, file, console or none, for one signal."""
     if settings.exporter != "auto":
         return settings.exporter
-    has_endpoint = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
-    return "otlp" if has_endpoint else "file"
+    return "otlp" if _endpoint(signal) else "file"
 
 
 def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExporter | LogRecordExporter | None:
     """The exporter `VLLM_FRAG_OTEL_EXPORTER` and the `OTEL_*` variables ask for."""
     choice = exporter_choice(settings, signal)
-    module, cls = SIGNALS[signal]
+    exporters = SIGNALS[signal]
     if choice == "none":
         return None
     if choice == "console":
-        return CONSOLE_EXPORTERS[signal]()
+        return exporters.console()
     if choice == "otlp":
         transport = "grpc" if _otlp_protocol(signal) == "grpc" else "http"
-        exporter_module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module}")
-        endpoint = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if endpoint.lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
-            return getattr(exporter_module, cls)(insecure=True)  # plaintext, as vLLM's own exporter
-        return getattr(exporter_module, cls)()
+        module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{exporters.otlp_module}")
+        if _endpoint(signal).lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
+            return getattr(module, exporters.otlp_class)(insecure=True)  # plaintext, as vLLM's own exporter
+        return getattr(module, exporters.otlp_class)()
     from vllm_frag_otel import otlp_json
 
-    file_exporter = {
-        "metrics": otlp_json.OTLPJsonFileMetricExporter,
-        "traces": otlp_json.OTLPJsonFileSpanExporter,
-        "logs": otlp_json.OTLPJsonFileLogExporter,
-    }[signal]
+    file_exporter = getattr(otlp_json, exporters.file_class)
     return file_exporter(settings.file_dir, settings.file_max_bytes, settings.file_max_files)
 
 
