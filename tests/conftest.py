@@ -17,6 +17,13 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI: the same examples on every run. `HYPOTHESIS_PROFILE=explore pytest tests/test_oracle.py`
+# searches afresh, and longer.
+settings.register_profile("ci", derandomize=True, max_examples=100, print_blob=True)
+settings.register_profile("explore", max_examples=2000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

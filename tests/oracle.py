@@ -1,11 +1,52 @@
 """Brute-force recomputation of a FragmentationSnapshot from vLLM's own objects.
 
 Deliberately naive and independent of vllm_frag_otel.state: it walks every
-block of the pool and every request's block table, straight from the
-definitions in the project's contract.
+block of the pool and every request's block table in every KV-cache group,
+straight from the definitions in the README's metric reference:
+
+- a group whose manager lays tokens out by position (full, MLA, sliding window,
+  chunked local...) has token slots: entry i of a request's table holds tokens
+  [i * block_size, (i + 1) * block_size); a block's fill is the most any holder
+  has computed of it;
+- any other group (Mamba states, ...) reports held blocks only; a held state
+  block counts as fully used towards slot utilisation;
+- null entries (vLLM's retired positions) are nobody's blocks.
 """
 
 from __future__ import annotations
+
+# vLLM's per-group managers whose tables hold token slots by position.
+TOKEN_SLOT_MANAGERS = {
+    "FullAttentionManager", "SlidingWindowManager", "ChunkedLocalAttentionManager", "RSWAManager",
+    "SinkFullAttentionManager",
+}
+
+
+def _groups(scheduler):
+    """(block size, token slots?, {req_id: table}) per KV-cache group."""
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    return [(m.block_size, type(m).__name__ in TOKEN_SLOT_MANAGERS, m.req_to_blocks) for m in managers]
+
+
+def _computed(scheduler, req_id: str) -> int:
+    request = scheduler.requests.get(req_id)
+    return request.num_computed_tokens if request is not None else 0
+
+
+def _fills(scheduler) -> list[tuple[int, bool, dict[int, int]]]:
+    """Per group: (block size, token slots?, {held block id: most tokens any holder computed in it})."""
+    result = []
+    for block_size, token_slots, tables in _groups(scheduler):
+        fill: dict[int, int] = {}
+        for req_id, table in tables.items():
+            computed = _computed(scheduler, req_id)
+            for i, block in enumerate(table):
+                if block.is_null:
+                    continue
+                held = min(block_size, max(0, computed - i * block_size)) if token_slots else block_size
+                fill[block.block_id] = max(fill.get(block.block_id, 0), held)
+        result.append((block_size, token_slots, fill))
+    return result
 
 
 def brute_force(scheduler) -> dict:
@@ -26,37 +67,31 @@ def brute_force(scheduler) -> dict:
     if current:
         runs.append(current)
 
-    groups = manager.kv_cache_config.kv_cache_groups
-    group_used, group_fill = [], []
-    for g, group in enumerate(groups):
-        block_size = group.kv_cache_spec.block_size
-        fill: dict[int, int] = {}
-        for req_id, table in manager.coordinator.single_type_managers[g].req_to_blocks.items():
-            computed = scheduler.requests[req_id].num_computed_tokens
-            for i, block in enumerate(table):
-                if block.is_null:
-                    continue
-                held = min(block_size, max(0, computed - i * block_size))
-                fill[block.block_id] = max(fill.get(block.block_id, 0), held)
-        group_fill.append((block_size, fill))
-        group_used.append(fill)
-
-    allocated = used_slots = partial = 0
-    block_size_of = {}
-    for block_size, fill in group_fill:
-        for block_id in fill:
-            block_size_of[block_id] = block_size
-    for b in used:
-        block_size = block_size_of.get(b.block_id, groups[0].kv_cache_spec.block_size)
-        allocated += block_size
-        held = max((fill.get(b.block_id, 0) for _, fill in group_fill), default=0)
-        used_slots += held
-        if 0 < held < block_size:
-            partial += 1
-    num_blocks = len(blocks)
-    capacity = num_blocks * max(g.kv_cache_spec.block_size for g in groups)
+    groups = []
+    utilised = 0.0
+    for g, (block_size, token_slots, fill) in enumerate(_fills(scheduler)):
+        allocated = len(fill) * block_size if token_slots else 0
+        used_slots = sum(fill.values()) if token_slots else 0
+        utilised += sum(f / block_size for f in fill.values())
+        groups.append({
+            "group": g,
+            "block_size": block_size,
+            "token_slots": token_slots,
+            "used_blocks": len(fill),
+            "allocated_slots": allocated,
+            "used_slots": used_slots,
+            "unused_slots": allocated - used_slots,
+            "partial_blocks": sum(1 for f in fill.values() if 0 < f < block_size) if token_slots else 0,
+            "internal_fragmentation": (allocated - used_slots) / allocated if allocated else 0.0,
+        })
+    allocated = sum(g["allocated_slots"] for g in groups)
+    used_slots = sum(g["used_slots"] for g in groups)
+    holders = {
+        req_id for _, _, tables in _groups(scheduler) for req_id, table in tables.items()
+        if any(not b.is_null for b in table)
+    }
     return {
-        "num_blocks": num_blocks,
+        "num_blocks": len(blocks),
         "used_blocks": len(used),
         "cached_blocks": len(cached),
         "free_blocks": len(free),
@@ -67,31 +102,47 @@ def brute_force(scheduler) -> dict:
         "allocated_slots": allocated,
         "used_slots": used_slots,
         "unused_slots": allocated - used_slots,
-        "partial_blocks": partial,
+        "partial_blocks": sum(g["partial_blocks"] for g in groups),
         "internal_fragmentation": ((allocated - used_slots) / allocated) if allocated else 0.0,
-        "slot_utilization": used_slots / capacity,
+        "slot_utilization": utilised / len(blocks),
+        "tracked_requests": len(holders),
+        "groups": groups,
     }
+
+
+def request_blocks_held(scheduler, req_id: str) -> int:
+    return sum(
+        sum(1 for b in tables.get(req_id, ()) if not b.is_null) for _, _, tables in _groups(scheduler)
+    )
+
+
+def request_slots(scheduler, req_id: str) -> tuple[int, int]:
+    """(allocated, used) token slots of the request's own non-null entries in groups with token slots."""
+    computed = _computed(scheduler, req_id)
+    allocated = used = 0
+    for block_size, token_slots, tables in _groups(scheduler):
+        if not token_slots:
+            continue
+        for i, block in enumerate(tables.get(req_id, ())):
+            if not block.is_null:
+                allocated += block_size
+                used += min(block_size, max(0, computed - i * block_size))
+    return allocated, used
 
 
 def block_states(scheduler) -> list[str]:
     """The state of every usable block (block 1 first), by name, from the definitions:
     unheld blocks are free or cached (a prefix-cache hash); held blocks are full
-    when some holder computed every slot, else partial when some holder computed
-    one, else empty."""
-    manager = scheduler.kv_cache_manager
+    when some holder computed every slot (or it is a held state block), else
+    partial when some holder computed one, else empty."""
     fill: dict[int, int] = {}
     size: dict[int, int] = {}
-    for g, group in enumerate(manager.kv_cache_config.kv_cache_groups):
-        block_size = group.kv_cache_spec.block_size
-        for req_id, table in manager.coordinator.single_type_managers[g].req_to_blocks.items():
-            computed = scheduler.requests[req_id].num_computed_tokens
-            for i, block in enumerate(table):
-                if not block.is_null:
-                    held = min(block_size, max(0, computed - i * block_size))
-                    fill[block.block_id] = max(fill.get(block.block_id, 0), held)
-                    size[block.block_id] = block_size
+    for block_size, _, group_fill in _fills(scheduler):
+        for block_id, held in group_fill.items():
+            fill[block_id] = max(fill.get(block_id, 0), held)
+            size[block_id] = block_size
     states = []
-    for block in manager.block_pool.blocks[1:]:
+    for block in scheduler.kv_cache_manager.block_pool.blocks[1:]:
         if block.ref_cnt == 0:
             states.append("cached" if block.block_hash is not None else "free")
         elif fill.get(block.block_id, 0) == size.get(block.block_id, -1):

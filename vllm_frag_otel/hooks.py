@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import logging
+import random
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from vllm_frag_otel import telemetry
-from vllm_frag_otel.package import HOOK_POINTS, SUPPORTED_VLLM, HookPoint
-from vllm_frag_otel.state import NULL_BLOCK_ID, KVCacheState
+from vllm_frag_otel.package import BLOCK_ONLY_MANAGERS, HOOK_POINTS, SUPPORTED_VLLM, TOKEN_SLOT_MANAGERS, HookPoint
+from vllm_frag_otel.state import NULL_BLOCK_ID, GroupLayout, KVCacheState
 from vllm_frag_otel.stories import RequestStories
 
 logger = logging.getLogger("vllm.frag_otel")
@@ -138,6 +139,7 @@ def _release_wrapper(param: str) -> Callable:
                     if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool
                 ],
                 monotonic(),
+                len(blocks),
             )
         return result
 
@@ -209,11 +211,11 @@ def _reset_prefix_cache(wrapped, pool, args, kwargs):
 
 @dataclass(frozen=True, slots=True)
 class _ManagerHooks:
-    """What a KVCacheManager's wrappers need: its pool's state, its per-group
-    managers (whose block tables are read), and the request stories (spans on)."""
+    """What a KVCacheManager's wrappers need: its pool's state and the request
+    stories (spans on)."""
 
     state: KVCacheState
-    group_managers: tuple
+    num_groups: int
     stories: RequestStories | None
 
 
@@ -227,17 +229,54 @@ def _manager_init(wrapped, manager, args, kwargs):
         state = manager.block_pool.__dict__.get(_STATE)
         if state is None:
             return
-        groups = manager.kv_cache_config.kv_cache_groups
-        state.set_block_sizes([g.kv_cache_spec.block_size for g in groups])
+        group_managers = manager.coordinator.single_type_managers
+        layouts = [_group_layout(g, m, manager.block_pool) for g, m in enumerate(group_managers)]
+        tables = [m.req_to_blocks if m.block_pool is manager.block_pool else {} for m in group_managers]
+        state.attach_tables(layouts, tables)
         stories = telemetry.attach(state, _engine_context.take())
-        manager.__dict__[_STATE] = _ManagerHooks(state, tuple(manager.coordinator.single_type_managers), stories)
+        manager.__dict__[_STATE] = _ManagerHooks(state, len(layouts), stories)
+
+
+def _group_layout(group: int, group_manager, pool) -> GroupLayout:
+    """How to count one group's blocks, from the manager vLLM chose for it."""
+    kind = _spec_kind(group_manager.kv_cache_spec)
+    manager_class = type(group_manager).__name__
+    if group_manager.block_pool is not pool:
+        _warn_once(f"KV-cache group {group} ({kind}) allocates from another block pool: its blocks are not counted")
+    elif manager_class not in TOKEN_SLOT_MANAGERS | BLOCK_ONLY_MANAGERS:
+        _warn_once(f"KV-cache group {group} ({kind}) uses {manager_class}, which this version does not know: "
+                   "its held blocks are counted, its token slots are not")
+    token_slots = manager_class in TOKEN_SLOT_MANAGERS and group_manager.block_pool is pool
+    return GroupLayout(kind, group_manager.block_size, token_slots)
+
+
+def _spec_kind(spec) -> str:
+    """vLLM's name for a KV-cache spec's kind (e.g. "sliding_window"), else the spec's class."""
+    try:
+        from vllm.v1.kv_cache_interface import KVCacheSpecKind, get_kv_cache_spec_kind
+
+        kind = get_kv_cache_spec_kind(spec)
+        if kind is not KVCacheSpecKind.UNKNOWN:
+            return kind.value
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass
+    return type(spec).__name__
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("vllm-frag-otel: %s.", message)
 
 
 def _story(hooks: _ManagerHooks, request):
     if hooks.stories is None:
         return None
     return hooks.stories.get_or_open(
-        request.request_id, request.num_prompt_tokens, len(hooks.group_managers), request.trace_headers
+        request.request_id, request.num_prompt_tokens, hooks.num_groups, request.trace_headers
     )
 
 
@@ -252,54 +291,41 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
 
 
 def _allocate_slots(wrapped, manager, args, kwargs):
-    """Called for every running request on every step: kept lean on purpose."""
+    """Called for every running request on every step: kept lean on purpose.
+
+    Block tables are not copied here (collection reads vLLM's own); only the
+    outcome, its duration and, with spans, the request's story are recorded.
+    """
     hooks = manager.__dict__.get(_STATE)
-    # blocks this call takes over from the prefix cache are evictions it caused
-    recycled = hooks.state.block_sources["recycled"] if hooks is not None else 0
+    if hooks is not None:
+        # blocks this call takes over from the prefix cache are evictions it caused
+        recycled, events = hooks.state.block_sources["recycled"], hooks.state.block_events
     start = perf_counter()
     result = wrapped(manager, *args, **kwargs)
     duration = perf_counter() - start
     if hooks is None or not _guard.active:
         return result
     try:
-        request = args[0] if args else kwargs["request"]
         state = hooks.state
         with state.lock:
-            if result is not None:  # a failed allocation changed no block table
-                request_id = request.request_id
-                for group, group_manager in enumerate(hooks.group_managers):
-                    blocks = group_manager.req_to_blocks.get(request_id)
-                    if blocks:
-                        known = state.request_block_count(request_id, group)
-                        if len(blocks) > known:
-                            state.on_request_blocks(
-                                request_id, request, group, [b.block_id for b in blocks[known:]]
-                            )
             if hooks.stories is None:
                 state.on_allocation(result is not None, duration)
                 return result
+            request = args[0] if args else kwargs["request"]
             story = _story(hooks, request)
             span_context = story.handle.get_span_context() if story is not None else None
             # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based)
             sampled = span_context if span_context is not None and span_context.trace_flags.sampled else None
             state.on_allocation(result is not None, duration, sampled)
             if story is not None:
+                # the request's tables can only have changed if blocks moved through the pool
+                changed = state.block_events != events
                 hooks.stories.allocated(
-                    story, result is not None, state.request_blocks_held(request.request_id),
+                    story, result is not None, state.request_blocks_held(request.request_id) if changed else 0,
                     manager.block_pool.get_num_free_blocks(), state.block_sources["recycled"] - recycled,
                 )
     except Exception as exc:
         _guard.failed(exc)
-    return result
-
-
-def _release_request(wrapped, manager, args, kwargs):
-    """free / pop_blocks_for_free: the request gives up its block table."""
-    result = wrapped(manager, *args, **kwargs)
-    hooks = _manager_hooks(manager)
-    if hooks is not None:
-        with _guard, hooks.state.lock:
-            hooks.state.on_request_released(_arg(args, kwargs, 0, "request").request_id)
     return result
 
 
@@ -353,6 +379,49 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
         wrapped(scheduler, *args, **kwargs)
     finally:
         _engine_context.attributes = None
+    hooks = _manager_hooks(scheduler.kv_cache_manager)
+    if hooks is not None:
+        with _guard:
+            hooks.state.attach_requests(scheduler.requests)
+
+
+# Blocks whose flags the self-check compares with vLLM's, per check.
+SELF_CHECK_PROBES = 64
+_probe_rng = random.Random()
+
+
+def _schedule(wrapped, scheduler, args, kwargs):
+    """A step boundary: nothing of vLLM's is mid-change, so the self-check runs here."""
+    hooks = _manager_hooks(scheduler.kv_cache_manager)
+    if hooks is not None and hooks.state.check_due:
+        with _guard:
+            self_check(hooks.state, scheduler.kv_cache_manager.block_pool)
+    return wrapped(scheduler, *args, **kwargs)
+
+
+def self_check(state: KVCacheState, pool) -> list[str]:
+    """Compare the ledger's block flags with the pool's; on drift, log what
+    differed, count it and take every flag from the pool. Returns the differences.
+
+    Request-level numbers need no check: they are read from vLLM's own tables.
+    """
+    state.check_due = False
+    blocks = pool.blocks
+    probes = [
+        (b, blocks[b].ref_cnt == 0, blocks[b].block_hash is not None)
+        for b in _probe_rng.sample(range(1, len(blocks)), min(SELF_CHECK_PROBES, len(blocks) - 1))
+    ]
+    with state.lock:
+        found = state.drift(pool.get_num_free_blocks(), probes)
+        if found:
+            state.resync([b.ref_cnt == 0 for b in blocks], [b.block_hash is not None for b in blocks])
+    if found:
+        logger.warning(
+            "vllm-frag-otel: the ledger drifted from vLLM's block pool (%s); resynchronised from the pool "
+            "(repair %d). Please report this with your vLLM version.",
+            "; ".join(found[:3]) + (f"; {len(found) - 3} more" if len(found) > 3 else ""), state.drift_repairs,
+        )
+    return found
 
 
 def _preempt_request(wrapped, scheduler, args, kwargs):
@@ -405,10 +474,9 @@ WRAPPERS: dict[str, Callable] = {
     "KVCacheManager.__init__": _manager_init,
     "KVCacheManager.get_computed_blocks": _get_computed_blocks,
     "KVCacheManager.allocate_slots": _allocate_slots,
-    "KVCacheManager.free": _release_request,
-    "KVCacheManager.pop_blocks_for_free": _release_request,
     "KVCacheManager.record_prefix_cache_stats": _record_prefix_cache_stats,
     "Scheduler.__init__": _scheduler_init,
+    "Scheduler.schedule": _schedule,
     "Scheduler._preempt_request": _preempt_request,
     "Scheduler._free_request": _free_request,
 }

@@ -43,14 +43,36 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
         ("request", "num_new_tokens"),
     ),
     HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("request",)),
-    HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.free", ("request",)),
-    HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.pop_blocks_for_free", ("request",)),
     HookPoint(
         "vllm.v1.core.kv_cache_manager",
         "KVCacheManager.record_prefix_cache_stats",
         ("request", "num_hits"),
     ),
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.__init__", ("vllm_config", "kv_cache_config")),
+    HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ()),
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request", ("request",)),
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("request",)),
 )
+
+
+# How each per-group manager lays out a request's block table (class names of
+# vllm.v1.core.single_type_kv_cache_manager). Entry i of a token-slot table
+# holds tokens [i * block_size, (i + 1) * block_size), or is the null block
+# once vLLM retired it (sliding window, chunked local, R-SWA).
+TOKEN_SLOT_MANAGERS = frozenset({
+    "FullAttentionManager",  # full attention and MLA
+    "SlidingWindowManager",  # sliding window, sliding-window MLA
+    "ChunkedLocalAttentionManager",
+    "RSWAManager",
+    "SinkFullAttentionManager",
+})
+# Blocks that hold something other than token slots: a Mamba state page, a
+# compression ring, encoder output, a sparse host tier. Held blocks only.
+BLOCK_ONLY_MANAGERS = frozenset({
+    "MambaManager",
+    "CircularBufferManager",
+    "CrossAttentionManager",
+    "HiSparseSourceManager",
+    "HiSparseHotManager",
+    "HiSparseResidentManager",
+})

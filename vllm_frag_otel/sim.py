@@ -24,6 +24,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_MODEL_DIR = str(Path(__file__).parent / "tiny_model")
 
 
+# KV-cache layouts of model families, as comma-separated groups (see `parse_layout`).
+LAYOUTS = {
+    "full": "full",  # Llama 3, Qwen 3, Mistral: one full-attention group
+    "mla": "mla",  # DeepSeek V3/R1, Kimi K2
+    "gemma3": "full,sliding_window:1024",
+    "gpt-oss": "full,sliding_window:128",
+    "llama4": "full,chunked_local:8192",
+    "qwen3-next": "full,mamba_align",  # Mamba states with prefix caching
+    "jamba": "full,mamba",  # also Nemotron-H, Granite 4: one state block per request, no prefix caching
+}
+GROUP_KINDS = ("full", "mla", "sliding_window", "sliding_window_mla", "chunked_local", "mamba", "mamba_align")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One KV-cache group of a simulated model: its kind and, for sliding-window
+    and chunked-local attention, the window (or chunk) in tokens."""
+
+    kind: str
+    window: int = 0
+
+
+def parse_layout(layout: str) -> tuple[GroupSpec, ...]:
+    """A preset name (`LAYOUTS`) or groups such as "full,sliding_window:128,mamba".
+
+    Raises ValueError naming what is wrong.
+    """
+    description = LAYOUTS.get(layout, layout)
+    groups = []
+    for part in description.split(","):
+        kind, _, window = part.strip().partition(":")
+        if kind not in GROUP_KINDS:
+            raise ValueError(f"unknown KV-cache group kind {kind!r} in layout {layout!r} "
+                             f"(presets: {', '.join(LAYOUTS)}; group kinds: {', '.join(GROUP_KINDS)})")
+        needs_window = kind in ("sliding_window", "sliding_window_mla", "chunked_local")
+        if needs_window != bool(window) or (window and (not window.isdigit() or int(window) < 1)):
+            raise ValueError(f"{kind} in layout {layout!r} " + (
+                "needs a window in tokens, e.g. sliding_window:128" if needs_window else "takes no window"))
+        groups.append(GroupSpec(kind, int(window or 0)))
+    return tuple(groups)
+
+
 @dataclass(frozen=True)
 class EngineShape:
     num_blocks: int = 2048
@@ -34,10 +76,45 @@ class EngineShape:
     enable_prefix_caching: bool = True
     kv_events: bool = False
     kv_metrics_sample: float | None = None
+    layout: str = "full"
+
+    @property
+    def groups(self) -> tuple[GroupSpec, ...]:
+        return parse_layout(self.layout)
+
+    @property
+    def mamba_cache_mode(self) -> str:
+        kinds = {g.kind for g in self.groups}
+        return "align" if "mamba_align" in kinds else "none"
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Mamba states without "align" mode cannot be prefix-cached (vLLM refuses it)."""
+        return self.enable_prefix_caching and not any(g.kind == "mamba" for g in self.groups)
+
+
+def _group_spec(group: GroupSpec, shape: EngineShape):
+    import torch
+    from vllm.v1 import kv_cache_interface as kv
+
+    attention = {"block_size": shape.block_size, "num_kv_heads": 1, "head_size": 1, "dtype": torch.float32}
+    if group.kind == "full":
+        return kv.FullAttentionSpec(**attention)
+    if group.kind == "mla":
+        return kv.MLAAttentionSpec(**attention)
+    if group.kind == "sliding_window":
+        return kv.SlidingWindowSpec(**attention, sliding_window=group.window)
+    if group.kind == "sliding_window_mla":
+        return kv.SlidingWindowMLASpec(**attention, sliding_window=group.window)
+    if group.kind == "chunked_local":
+        return kv.ChunkedLocalAttentionSpec(**attention, attention_chunk_size=group.window)
+    mode = "align" if group.kind == "mamba_align" else "none"
+    # "none": one state block per request, as large as the model's context
+    block_size = shape.block_size if mode == "align" else shape.max_model_len
+    return kv.MambaSpec(block_size=block_size, shapes=((1,),), dtypes=(torch.float32,), mamba_cache_mode=mode)
 
 
 def build_scheduler(shape: EngineShape):
-    import torch
     from vllm.config import (
         CacheConfig,
         DeviceConfig,
@@ -48,7 +125,8 @@ def build_scheduler(shape: EngineShape):
         VllmConfig,
     )
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
     model_config = _model_config(ModelConfig, shape.max_model_len)
@@ -61,7 +139,8 @@ def build_scheduler(shape: EngineShape):
         async_scheduling=False,
     )
     cache_config = CacheConfig(
-        block_size=shape.block_size, cache_dtype="auto", enable_prefix_caching=shape.enable_prefix_caching
+        block_size=shape.block_size, cache_dtype="auto", enable_prefix_caching=shape.prefix_caching,
+        mamba_cache_mode=shape.mamba_cache_mode,
     )
     vllm_config = VllmConfig(
         model_config=model_config,
@@ -80,18 +159,17 @@ def build_scheduler(shape: EngineShape):
         num_blocks=shape.num_blocks,
         kv_cache_tensors=[],
         kv_cache_groups=[
-            KVCacheGroupSpec(
-                ["layer"],
-                FullAttentionSpec(block_size=shape.block_size, num_kv_heads=1, head_size=1, dtype=torch.float32),
-            )
+            KVCacheGroupSpec([f"layer.{i}"], _group_spec(group, shape)) for i, group in enumerate(shape.groups)
         ],
     )
     cache_config.num_gpu_blocks = shape.num_blocks
+    scheduler_block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
     return Scheduler(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=shape.block_size,
+        block_size=scheduler_block_size,
+        hash_block_size=hash_block_size,
         log_stats=True,
     )
 
@@ -219,7 +297,7 @@ def run_workload(
 
     scheduler = build_scheduler(shape)
     analyzer = analyzer_for(scheduler)
-    requests = make_requests([(s.prompt_tokens, s.output_len) for s in specs], shape.block_size)
+    requests = make_requests([(s.prompt_tokens, s.output_len) for s in specs], scheduler.hash_block_size)
     arrivals = workloads.arrival_steps(specs, step_seconds).tolist()
     arrival_of = {r.request_id: a for r, a in zip(requests, arrivals)}
     snapshots: list[FragmentationSnapshot] = []

@@ -13,8 +13,9 @@ Callers hold `KVCacheState.lock` around event calls; `snapshot()` takes it.
 from __future__ import annotations
 
 import threading
+from operator import attrgetter, countOf
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -98,12 +99,44 @@ class HasComputedTokens(Protocol):
     num_computed_tokens: int
 
 
+class HasBlockId(Protocol):
+    """What the core reads of a block-table entry; id 0 is the null block."""
+
+    block_id: int
+
+
+# Per KV-cache group: request id -> that request's block table, position order.
+# These are the allocator's own live tables, read (never written) at collection.
+BlockTables = Mapping[str, Sequence[HasBlockId]]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLayout:
+    """What the core must know of one KV-cache group to count its slots.
+
+    `token_slots`: entry i of a request's table holds tokens [i*block_size,
+    (i+1)*block_size) (full, MLA, sliding-window, chunked-local attention...).
+    Otherwise the group's blocks hold something else (a Mamba state page, a
+    ring buffer, encoder output) and only held blocks are counted.
+    """
+
+    kind: str
+    block_size: int
+    token_slots: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class GroupSnapshot:
-    """Token-slot usage of one KV-cache group (each group has its own block size)."""
+    """One KV-cache group (each group has its own block size and kind).
+
+    A group without token slots reports its held blocks only: its slot
+    fields are 0.
+    """
 
     group: int
+    kind: str
     block_size: int
+    token_slots: bool
     used_blocks: int
     allocated_slots: int
     used_slots: int
@@ -117,7 +150,7 @@ class FragmentationSnapshot:
     """The pool as a whole at one instant (null block excluded).
 
     Gauges are instantaneous; the counters below them are cumulative since the
-    pool was created.
+    pool was created. Slot fields cover the groups with token slots.
     """
 
     num_blocks: int
@@ -147,6 +180,7 @@ class FragmentationSnapshot:
     allocation_attempts: int
     allocation_failures: int
     preemptions: int
+    drift_repairs: int = 0
     groups: tuple[GroupSnapshot, ...] = ()
 
     @classmethod
@@ -154,48 +188,56 @@ class FragmentationSnapshot:
         return [f.name for f in fields(cls) if f.name != "groups"]
 
 
-class _RequestRecord:
-    """Blocks one request holds, per group, in position order, and how many
-    leading blocks of each group are already counted as full."""
+@dataclass(frozen=True, slots=True)
+class _GroupFill:
+    """One group's block tables at one instant, reduced to per-block marks."""
 
-    __slots__ = ("source", "blocks", "full")
+    held: np.ndarray  # bool per block id: in some request's table
+    full: np.ndarray  # bool: some holder computed every slot (held, for groups without token slots)
+    partial: np.ndarray  # int32: most slots any holder computed, where not full
+    holders: frozenset  # request ids with a held block in this group
 
-    def __init__(self, source: HasComputedTokens, num_groups: int):
-        self.source = source
-        self.blocks: list[list[int]] = [[] for _ in range(num_groups)]
-        self.full = [0] * num_groups
+
+_block_id = attrgetter("block_id")
 
 
 class KVCacheState:
-    """Exact, incrementally maintained state of one block pool."""
+    """Exact state of one block pool.
+
+    Block-level state (free, cached, reuse, times) is kept incrementally from
+    the pool's events. Request-level state is not copied at all: the core reads
+    the allocator's own block tables at collection time, so in-place edits
+    (sliding-window retirement to the null block, copy-on-write, Mamba state
+    relocation) can never leave it behind.
+    """
 
     def __init__(self, num_blocks: int, block_sizes: Sequence[int]):
         if num_blocks < 2:
             raise ValueError("a pool needs the null block and at least one usable block")
         self.lock = threading.Lock()
         self.num_blocks = num_blocks  # including the null block
-        self.block_sizes = list(block_sizes)
         n = num_blocks
-        # 16 bytes per block: numpy arrays for the vectorised collection work,
+        # 11 bytes per block: numpy arrays for the vectorised collection work,
         # memoryviews over the same memory for the per-event item access.
         self._free_view = np.ones(n, dtype=np.uint8)
         self._free_view[NULL_BLOCK_ID] = 0
         self._free_count = n - 1
         self._hashed_view = np.zeros(n, dtype=np.uint8)
-        self._group_view = np.zeros(n, dtype=np.uint8)
         self._reused_view = np.zeros(n, dtype=np.uint8)  # hit since it was cached
-        self._full_holders_view = np.zeros(n, dtype=np.int32)
         # milliseconds of the monotonic clock, modulo 2**32: durations up to 49 days
         self._cached_at_view = np.zeros(n, dtype=np.uint32)
         self._released_at_view = np.zeros(n, dtype=np.uint32)
-        self._free, self._hashed, self._group, self._reused, self._full_holders, self._cached_at, self._released_at = (
+        self._free, self._hashed, self._reused, self._cached_at, self._released_at = (
             memoryview(a) for a in (
-                self._free_view, self._hashed_view, self._group_view, self._reused_view,
-                self._full_holders_view, self._cached_at_view, self._released_at_view,
+                self._free_view, self._hashed_view, self._reused_view, self._cached_at_view, self._released_at_view,
             )
         )
-        self._full_blocks = [0] * len(self.block_sizes)
-        self._requests: dict[str, _RequestRecord] = {}
+        self.groups: list[GroupLayout] = [GroupLayout("full_attention", size) for size in block_sizes]
+        self._tables: list[BlockTables] = [{} for _ in self.groups]
+        self._requests: Mapping[str, HasComputedTokens] = {}
+        # blocks taken or given back through the pool: a request's tables can
+        # only have changed while this moved
+        self.block_events = 0
 
         # resumed (re-admitted after preemption) -> [queried, hit] tokens
         self.prefix_lookups = {False: [0, 0], True: [0, 0]}
@@ -204,6 +246,9 @@ class KVCacheState:
         self.block_sources = dict.fromkeys(BLOCK_SOURCES, 0)
         # (reason, reused since cached) -> evicted blocks
         self.evictions = {(r, reused): 0 for r in EVICTION_REASONS for reused in (False, True)}
+        # self-check: set at each collection, cleared by whoever compares with the allocator
+        self.check_due = False
+        self.drift_repairs = 0
         # raw measurements since the last fold (the hot path only appends) ...
         self._allocation_durations: dict[str, array] = {o: array("d") for o in ALLOCATION_OUTCOMES}
         # ... with an opaque tag per duration (the span layer's context for exemplars), or None
@@ -217,14 +262,21 @@ class KVCacheState:
         self.block_cache_duration = BucketHistogram(BLOCK_TIME_BUCKETS)
         self.block_idle_duration = BucketHistogram(BLOCK_TIME_BUCKETS)
 
+    @property
+    def block_sizes(self) -> list[int]:
+        return [g.block_size for g in self.groups]
+
     # -- configuration -------------------------------------------------------
 
-    def set_block_sizes(self, block_sizes: Sequence[int]) -> None:
-        """Name the KV-cache groups; only valid before any request is tracked."""
-        if self._requests:
-            raise RuntimeError("groups must be set before requests are tracked")
-        self.block_sizes = list(block_sizes)
-        self._full_blocks = [0] * len(self.block_sizes)
+    def attach_tables(self, groups: Sequence[GroupLayout], tables: Sequence[BlockTables]) -> None:
+        """The KV-cache groups and each group's live block tables (read, never written)."""
+        if len(groups) != len(tables):
+            raise ValueError(f"{len(groups)} groups but {len(tables)} block-table maps")
+        self.groups, self._tables = list(groups), list(tables)
+
+    def attach_requests(self, requests: Mapping[str, HasComputedTokens]) -> None:
+        """The live requests by id: how far each one has computed (tables name them by id)."""
+        self._requests = requests
 
     # -- block events ----------------------------------------------------------
 
@@ -241,6 +293,7 @@ class KVCacheState:
                 sources["fresh"] += 1
             free[b] = 0
         self._free_count -= count
+        self.block_events += count
 
     def on_blocks_touched(self, block_ids: Iterable[int]) -> None:
         """Prefix-cache hits: cached blocks gain a holder (and leave the free list)."""
@@ -253,9 +306,11 @@ class KVCacheState:
                 free[b] = 0
                 self._free_count -= 1
         self.block_sources["prefix_hit"] += count
+        self.block_events += count
 
-    def on_blocks_released(self, block_ids: Iterable[int], now: float) -> None:
-        """Blocks whose last holder let go (ref_cnt reached 0)."""
+    def on_blocks_released(self, block_ids: Iterable[int], now: float, given_back: int = 0) -> None:
+        """`block_ids`: blocks whose last holder let go (ref_cnt reached 0), of
+        `given_back` blocks handed back to the pool."""
         free, released_at = self._free, self._released_at
         now_ms = _ms(now)
         for b in block_ids:
@@ -263,6 +318,7 @@ class KVCacheState:
                 free[b] = 1
                 released_at[b] = now_ms
                 self._free_count += 1
+        self.block_events += given_back
 
     def on_block_hashed(self, block_id: int, now: float) -> None:
         if not self._hashed[block_id]:
@@ -304,58 +360,31 @@ class KVCacheState:
         idle = ((now_ms - self._released_at[b]) & _MS_MASK) / 1000.0 if self._free[b] else 0.0
         self._buffer(self._block_idle_durations, (idle,))
 
-    # -- request events ----------------------------------------------------------
-
-    def on_request_blocks(
-        self, request_id: str, source: HasComputedTokens, group: int, new_block_ids: Iterable[int]
-    ) -> None:
-        """Blocks appended to a request's block table in one group."""
-        record = self._requests.get(request_id)
-        if record is None:
-            record = self._requests[request_id] = _RequestRecord(source, len(self.block_sizes))
-        blocks = record.blocks[group]
-        group_of = self._group
-        for b in new_block_ids:
-            blocks.append(b)
-            if b != NULL_BLOCK_ID:
-                group_of[b] = group
-
-    def request_block_count(self, request_id: str, group: int) -> int:
-        record = self._requests.get(request_id)
-        return len(record.blocks[group]) if record is not None else 0
-
-    def on_request_released(self, request_id: str) -> None:
-        """The request no longer holds its blocks (finished, aborted or preempted)."""
-        record = self._requests.pop(request_id, None)
-        if record is None:
-            return
-        holders = self._full_holders
-        for g, blocks in enumerate(record.blocks):
-            for i in range(record.full[g]):
-                b = blocks[i]
-                if b != NULL_BLOCK_ID:
-                    holders[b] -= 1
-                    if holders[b] == 0:
-                        self._full_blocks[g] -= 1
+    # -- request events and per-request views ----------------------------------
 
     def request_blocks_held(self, request_id: str) -> int:
-        record = self._requests.get(request_id)
-        if record is None:
-            return 0
-        return sum(len(blocks) - blocks.count(NULL_BLOCK_ID) for blocks in record.blocks)
+        """Blocks in the request's tables now, every group, null entries left out."""
+        held = 0
+        for tables in self._tables:
+            table = tables.get(request_id)
+            if table:
+                held += len(table) - countOf(map(_block_id, table), NULL_BLOCK_ID)
+        return held
 
     def request_slots(self, request_id: str) -> tuple[int, int]:
         """(allocated, used) token slots in this request's own blocks, not deduplicated."""
-        record = self._requests.get(request_id)
-        if record is None:
-            return 0, 0
-        computed = record.source.num_computed_tokens
+        request = self._requests.get(request_id)
+        computed = request.num_computed_tokens if request is not None else 0
         allocated = used = 0
-        for blocks, block_size in zip(record.blocks, self.block_sizes):
-            for i, b in enumerate(blocks):
+        for layout, tables in zip(self.groups, self._tables):
+            table = tables.get(request_id)
+            if not table or not layout.token_slots:
+                continue
+            size = layout.block_size
+            for i, b in enumerate(map(_block_id, table)):
                 if b != NULL_BLOCK_ID:
-                    allocated += block_size
-                    used += min(block_size, max(0, computed - i * block_size))
+                    allocated += size
+                    used += min(size, max(0, computed - i * size))
         return allocated, used
 
     def on_prefix_lookup(self, queried_tokens: int, hit_tokens: int, resumed: bool) -> None:
@@ -376,6 +405,32 @@ class KVCacheState:
 
     def on_preemption(self) -> None:
         self.preemptions += 1
+
+    # -- self-check --------------------------------------------------------------
+
+    def drift(self, free_blocks: int, probes: Iterable[tuple[int, bool, bool]]) -> list[str]:
+        """Where the ledger disagrees with the allocator: its free-block count, and
+        (block id, free, cached) as the allocator sees a sample of blocks."""
+        found = []
+        if free_blocks != self._free_count:
+            found.append(f"free blocks {self._free_count}, the allocator has {free_blocks}")
+        for b, free, cached in probes:
+            if (bool(self._free[b]), bool(self._hashed[b])) != (free, cached):
+                found.append(
+                    f"block {b} free={bool(self._free[b])} cached={bool(self._hashed[b])}, "
+                    f"the allocator has free={free} cached={cached}"
+                )
+        return found
+
+    def resync(self, free: Sequence[bool], cached: Sequence[bool]) -> None:
+        """Take every block's free and cached flags from the allocator (index = block id)."""
+        free_now = np.asarray(free, dtype=np.uint8)
+        free_now[NULL_BLOCK_ID] = 0
+        self._free_view[:] = free_now
+        self._hashed_view[:] = np.asarray(cached, dtype=np.uint8)
+        self._hashed_view[NULL_BLOCK_ID] = 0
+        self._free_count = int(np.count_nonzero(free_now))
+        self.drift_repairs += 1
 
     # -- collection ----------------------------------------------------------------
 
@@ -407,134 +462,148 @@ class KVCacheState:
             self.block_cache_duration.fold(np.frombuffer(cache, dtype=np.float64), None, time_ns)
             self.block_idle_duration.fold(np.frombuffer(idle, dtype=np.float64), None, time_ns)
 
-    def _sync_computed_tokens(self) -> dict[int, list[int]]:
-        """Bring full-block holder counts up to each request's computed tokens.
+    def _group_fill(self, g: int) -> _GroupFill:
+        """Read group `g`'s live tables once and mark every block by its fill.
 
-        Returns, per group, the fill of every block that is some request's
-        partially filled tail, keyed by block id (max over its holders).
+        Per table this is a few list operations in C (each one atomic under the
+        GIL, so a concurrent scheduler step cannot break the read); the
+        per-entry arithmetic is vectorised.
         """
-        holders, full_blocks = self._full_holders, self._full_blocks
-        partial: list[dict[int, int]] = [{} for _ in self.block_sizes]
-        for record in self._requests.values():
-            computed = record.source.num_computed_tokens
-            for g, block_size in enumerate(self.block_sizes):
-                blocks = record.blocks[g]
-                target = min(len(blocks), computed // block_size)
-                counted = record.full[g]
-                for i in range(counted, target):
-                    b = blocks[i]
-                    if b != NULL_BLOCK_ID:
-                        holders[b] += 1
-                        if holders[b] == 1:
-                            full_blocks[g] += 1
-                for i in range(target, counted):
-                    b = blocks[i]
-                    if b != NULL_BLOCK_ID:
-                        holders[b] -= 1
-                        if holders[b] == 0:
-                            full_blocks[g] -= 1
-                record.full[g] = target
-                tail = computed - target * block_size
-                if target < len(blocks) and tail > 0 and blocks[target] != NULL_BLOCK_ID:
-                    b = blocks[target]
-                    if partial[g].get(b, 0) < tail:
-                        partial[g][b] = tail
-        return partial
+        layout, n = self.groups[g], self.num_blocks
+        ids: list[int] = []
+        lengths: list[int] = []
+        computed: list[int] = []
+        holders: list[str] = []
+        requests = self._requests
+        for request_id, table in list(self._tables[g].items()):
+            before = len(ids)
+            ids.extend(map(_block_id, table))
+            if len(ids) > before:
+                lengths.append(len(ids) - before)
+                holders.append(request_id)
+                request = requests.get(request_id)
+                computed.append(request.num_computed_tokens if request is not None else 0)
+        entries = np.array(ids, dtype=np.intp)
+        real = entries != NULL_BLOCK_ID
+        held = np.zeros(n, dtype=bool)
+        held[entries[real]] = True
+        partial = np.zeros(n, dtype=np.int32)
+        if not layout.token_slots:
+            full = held
+        else:
+            counts = np.array(lengths, dtype=np.intp)
+            starts = np.cumsum(counts) - counts
+            position = np.arange(entries.size) - np.repeat(starts, counts)
+            fill = np.clip(np.repeat(np.array(computed, dtype=np.int64), counts) - position * layout.block_size,
+                           0, layout.block_size)
+            full = np.zeros(n, dtype=bool)
+            full[entries[real & (fill == layout.block_size)]] = True
+            partly = real & (fill > 0) & (fill < layout.block_size)
+            np.maximum.at(partial, entries[partly], fill[partly].astype(np.int32))
+            partial[full] = 0
+        if entries.size:
+            per_table = np.add.reduceat(real, np.cumsum(lengths) - np.array(lengths))
+            holders = [r for r, count in zip(holders, per_table.tolist()) if count]
+        return _GroupFill(held, full, partial, frozenset(holders))
 
     def block_states(self) -> np.ndarray:
         """The state code (`layout.BLOCK_STATES`) of every usable block, block 1 first.
 
-        Under the pool lock only the holder counts are brought up to date and
-        the per-block flags read (O(requests) plus a few vectorised passes);
-        the codes are built outside it.
+        Held blocks are full when some holder computed every slot (a held state
+        block of a group without token slots counts as full), partial when
+        some holder computed one, else empty (not yet computed, or held outside
+        any request's table, e.g. a copy-on-write source).
         """
         with self.lock:
-            partial = self._sync_computed_tokens()
             free = self._free_view[1:].copy()
             hashed = self._hashed_view[1:].copy()
-            full = self._full_holders_view[1:] > 0
-            tails = [b for group in partial for b in group]
-        codes = np.where(free == 1, np.where(hashed == 1, CACHED, FREE), np.where(full, FULL, EMPTY)).astype(np.uint8)
-        if tails:
-            ids = np.asarray(tails, dtype=np.intp) - 1
-            codes[ids] = np.where(codes[ids] == EMPTY, PARTIAL, codes[ids])
-        return codes
+        fills = [self._group_fill(g) for g in range(len(self.groups))]
+        full = np.logical_or.reduce([f.full for f in fills])[1:] if fills else np.zeros_like(free, dtype=bool)
+        partial = np.logical_or.reduce([f.partial > 0 for f in fills])[1:] if fills else full
+        held_codes = np.where(full, FULL, np.where(partial, PARTIAL, EMPTY))
+        return np.where(free == 1, np.where(hashed == 1, CACHED, FREE), held_codes).astype(np.uint8)
 
     def snapshot(self) -> FragmentationSnapshot:
         with self.lock:
-            partial = self._sync_computed_tokens()
-            usable = self.num_blocks - 1
-            free_blocks = self._free_count
-            used_blocks = usable - free_blocks
-            free_mask = self._free_view[1:]
+            free_mask = self._free_view[1:].copy()
             cached_blocks = int(np.count_nonzero(free_mask & self._hashed_view[1:]))
-            # run edges: where the free flag changes, the mask padded with used on both ends
-            padded = np.zeros(free_mask.size + 2, dtype=np.uint8)
-            padded[1:-1] = free_mask
-            edges = np.flatnonzero(padded[1:] != padded[:-1])
-            run_lengths = edges[1::2] - edges[::2]
-            free_runs = int(run_lengths.size)
-            largest = int(run_lengths.max()) if free_runs else 0
+            self.check_due = True
+        usable = self.num_blocks - 1
+        free_blocks = int(np.count_nonzero(free_mask))
+        used_blocks = usable - free_blocks
+        # run edges: where the free flag changes, the mask padded with used on both ends
+        padded = np.zeros(free_mask.size + 2, dtype=np.uint8)
+        padded[1:-1] = free_mask
+        edges = np.flatnonzero(padded[1:] != padded[:-1])
+        run_lengths = edges[1::2] - edges[::2]
+        free_runs = int(run_lengths.size)
+        largest = int(run_lengths.max()) if free_runs else 0
 
-            if len(self.block_sizes) == 1:
-                used_per_group = [used_blocks]
+        groups = []
+        holders: set[str] = set()
+        utilised = 0.0  # blocks' worth of used slots, each block weighed by its own group's size
+        for g, layout in enumerate(self.groups):
+            fill = self._group_fill(g)
+            holders |= fill.holders
+            used_blocks_g = int(np.count_nonzero(fill.held))
+            if layout.token_slots:
+                full = int(np.count_nonzero(fill.full))
+                used_slots = full * layout.block_size + int(fill.partial.sum())
+                allocated = used_blocks_g * layout.block_size
+                partial_blocks = int(np.count_nonzero(fill.partial))
+                utilised += used_slots / layout.block_size
             else:
-                used_ids = np.flatnonzero(free_mask == 0) + 1
-                used_per_group = np.bincount(
-                    self._group_view[used_ids], minlength=len(self.block_sizes)
-                ).tolist()
-            holders = self._full_holders
-            groups = []
-            for g, block_size in enumerate(self.block_sizes):
-                tails = [fill for b, fill in partial[g].items() if holders[b] == 0]
-                used_slots = self._full_blocks[g] * block_size + sum(tails)
-                allocated = used_per_group[g] * block_size
-                groups.append(
-                    GroupSnapshot(
-                        group=g,
-                        block_size=block_size,
-                        used_blocks=used_per_group[g],
-                        allocated_slots=allocated,
-                        used_slots=used_slots,
-                        unused_slots=allocated - used_slots,
-                        partial_blocks=len(tails),
-                        internal_fragmentation=_ratio(allocated - used_slots, allocated),
-                    )
+                used_slots = allocated = partial_blocks = 0
+                utilised += used_blocks_g
+            groups.append(
+                GroupSnapshot(
+                    group=g,
+                    kind=layout.kind,
+                    block_size=layout.block_size,
+                    token_slots=layout.token_slots,
+                    used_blocks=used_blocks_g,
+                    allocated_slots=allocated,
+                    used_slots=used_slots,
+                    unused_slots=allocated - used_slots,
+                    partial_blocks=partial_blocks,
+                    internal_fragmentation=_ratio(allocated - used_slots, allocated),
                 )
-            allocated_slots = sum(gs.allocated_slots for gs in groups)
-            used_slots = sum(gs.used_slots for gs in groups)
-            evictions = sum(self.evictions.values())
-            never_reused = sum(v for (_, reused), v in self.evictions.items() if not reused)
-            return FragmentationSnapshot(
-                num_blocks=usable,
-                used_blocks=used_blocks,
-                cached_blocks=cached_blocks,
-                free_blocks=free_blocks,
-                free_runs=free_runs,
-                largest_free_run=largest,
-                mean_free_run=free_blocks / free_runs if free_runs else 0.0,
-                external_fragmentation=1.0 - largest / free_blocks if free_blocks else 0.0,
-                allocated_slots=allocated_slots,
-                used_slots=used_slots,
-                unused_slots=allocated_slots - used_slots,
-                partial_blocks=sum(gs.partial_blocks for gs in groups),
-                internal_fragmentation=_ratio(allocated_slots - used_slots, allocated_slots),
-                slot_utilization=_ratio(used_slots, usable * max(self.block_sizes)),
-                tracked_requests=len(self._requests),
-                prefix_queried_tokens=self.prefix_lookups[False][0] + self.prefix_lookups[True][0],
-                prefix_hit_tokens=self.prefix_lookups[False][1] + self.prefix_lookups[True][1],
-                prefix_resumed_queried_tokens=self.prefix_lookups[True][0],
-                prefix_resumed_hit_tokens=self.prefix_lookups[True][1],
-                evictions=evictions,
-                evicted_never_reused=never_reused,
-                blocks_allocated_fresh=self.block_sources["fresh"],
-                blocks_allocated_recycled=self.block_sources["recycled"],
-                blocks_prefix_hit=self.block_sources["prefix_hit"],
-                allocation_attempts=sum(self.allocations.values()),
-                allocation_failures=self.allocations["failure"],
-                preemptions=self.preemptions,
-                groups=tuple(groups),
             )
+        allocated_slots = sum(gs.allocated_slots for gs in groups)
+        used_slots = sum(gs.used_slots for gs in groups)
+        evictions = sum(self.evictions.values())
+        never_reused = sum(v for (_, reused), v in self.evictions.items() if not reused)
+        return FragmentationSnapshot(
+            num_blocks=usable,
+            used_blocks=used_blocks,
+            cached_blocks=cached_blocks,
+            free_blocks=free_blocks,
+            free_runs=free_runs,
+            largest_free_run=largest,
+            mean_free_run=free_blocks / free_runs if free_runs else 0.0,
+            external_fragmentation=1.0 - largest / free_blocks if free_blocks else 0.0,
+            allocated_slots=allocated_slots,
+            used_slots=used_slots,
+            unused_slots=allocated_slots - used_slots,
+            partial_blocks=sum(gs.partial_blocks for gs in groups),
+            internal_fragmentation=_ratio(allocated_slots - used_slots, allocated_slots),
+            slot_utilization=_ratio(utilised, usable),
+            tracked_requests=len(holders),
+            prefix_queried_tokens=self.prefix_lookups[False][0] + self.prefix_lookups[True][0],
+            prefix_hit_tokens=self.prefix_lookups[False][1] + self.prefix_lookups[True][1],
+            prefix_resumed_queried_tokens=self.prefix_lookups[True][0],
+            prefix_resumed_hit_tokens=self.prefix_lookups[True][1],
+            evictions=evictions,
+            evicted_never_reused=never_reused,
+            blocks_allocated_fresh=self.block_sources["fresh"],
+            blocks_allocated_recycled=self.block_sources["recycled"],
+            blocks_prefix_hit=self.block_sources["prefix_hit"],
+            allocation_attempts=sum(self.allocations.values()),
+            allocation_failures=self.allocations["failure"],
+            preemptions=self.preemptions,
+            drift_repairs=self.drift_repairs,
+            groups=tuple(groups),
+        )
 
 
 _MS_MASK = 0xFFFFFFFF
@@ -546,4 +615,6 @@ def _ms(seconds: float) -> int:
 
 
 def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else 0.0
+    """A share in [0, 1]: 0 when there is nothing to share (a table read while
+    the scheduler moves on can be a block off; a ratio never leaves its range)."""
+    return min(1.0, max(0.0, numerator / denominator)) if denominator else 0.0

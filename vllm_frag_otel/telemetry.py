@@ -65,6 +65,7 @@ SCOPE = "vllm_frag_otel"
 
 POOL = "vllm.kv_cache.pool"
 GROUP = "vllm.kv_cache.group"
+GROUP_KIND = "vllm.kv_cache.group.kind"
 STATE = "vllm.kv_cache.block.state"
 SLOT_STATE = "vllm.kv_cache.slot.state"
 SOURCE = "vllm.kv_cache.block.source"
@@ -108,10 +109,13 @@ class KVCacheMetrics:
         }
         for name, (unit, description, field) in self._simple_gauges.items():
             gauge(name, [self._field_callback(field)], unit, description)
+        gauge("vllm.kv_cache.group.block.count", [self._observe_group_blocks], "{block}",
+              "Blocks in requests' block tables, per KV-cache group (a Mamba group's are state blocks)")
         gauge("vllm.kv_cache.slot.count", [self._observe_slots], "{token}",
-              "Token slots in used blocks: used (hold a computed token) or unused, per KV-cache group")
+              "Token slots in used blocks: used (hold a computed token) or unused, per KV-cache group "
+              "with token slots")
         gauge("vllm.kv_cache.block.partial.count", [self._observe_partial], "{block}",
-              "Used blocks that are partly filled, per KV-cache group")
+              "Used blocks that are partly filled, per KV-cache group with token slots")
         counter("vllm.kv_cache.prefix_cache.queried", [self._prefix_callback(0)], "{token}",
                 "Tokens looked up in the prefix cache at admission (resumed: re-admitted after preemption)")
         counter("vllm.kv_cache.prefix_cache.hit", [self._prefix_callback(1)], "{token}",
@@ -132,6 +136,8 @@ class KVCacheMetrics:
                 "Exceptions raised and contained inside the plugin's hooks")
         gauge("vllm.frag_otel.active", [self._observe_active], "1",
               "1 while the plugin's hooks are live, 0 once it disabled itself")
+        counter("vllm.frag_otel.drift", [self._counter_callback("drift_repairs")], "{repair}",
+                "Times the self-check found the ledger's block flags differing from vLLM's pool and resynchronised")
 
     def add_pool(self, state: KVCacheState, attributes: dict[str, Any], stories: RequestStories | None = None) -> None:
         with self._lock:
@@ -194,16 +200,23 @@ class KVCacheMetrics:
 
         return callback
 
-    def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _group_points(self, token_slots_only: bool):
+        """(group snapshot, its point attributes) of every pool."""
         for o in self._latest:
             for g in o.snapshot.groups:
-                yield Observation(g.used_slots, {**o.attributes, GROUP: g.group, SLOT_STATE: "used"})
-                yield Observation(g.unused_slots, {**o.attributes, GROUP: g.group, SLOT_STATE: "unused"})
+                if g.token_slots or not token_slots_only:
+                    yield g, {**o.attributes, GROUP: g.group, GROUP_KIND: g.kind}
+
+    def _observe_group_blocks(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(g.used_blocks, attributes) for g, attributes in self._group_points(False)]
+
+    def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
+        for g, attributes in self._group_points(True):
+            yield Observation(g.used_slots, {**attributes, SLOT_STATE: "used"})
+            yield Observation(g.unused_slots, {**attributes, SLOT_STATE: "unused"})
 
     def _observe_partial(self, options: CallbackOptions) -> Iterable[Observation]:
-        for o in self._latest:
-            for g in o.snapshot.groups:
-                yield Observation(g.partial_blocks, {**o.attributes, GROUP: g.group})
+        return [Observation(g.partial_blocks, attributes) for g, attributes in self._group_points(True)]
 
     def _observe_evictions(self, options: CallbackOptions) -> Iterable[Observation]:
         for o in self._latest:
