@@ -67,7 +67,7 @@ def test_failing_hooks_are_contained_counted_then_disable_the_plugin(
         raise RuntimeError("injected hook failure")
 
     monkeypatch.setattr(KVCacheState, "on_blocks_allocated", broken)
-    monkeypatch.setattr(KVCacheState, "on_request_released", broken)
+    monkeypatch.setattr(KVCacheState, "on_blocks_released", broken)
     with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
         traced = _trace()
     assert traced == reference  # vLLM decided exactly the same things

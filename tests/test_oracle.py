@@ -29,7 +29,8 @@ def layouts(draw, block_size: int) -> str:
     chunk = block_size * draw(st.integers(min_value=1, max_value=4))
     return draw(st.sampled_from([
         "full", "mla", f"full,sliding_window:{window}", f"sliding_window_mla:{window}",
-        f"full,chunked_local:{chunk}", "full,mamba_align", "full,mamba", f"full,sliding_window:{window},mamba_align",
+        f"full,chunked_local:{chunk}", f"full,rswa:{window}", f"full,circular_buffer:{chunk}",
+        "full,mamba_align", "full,mamba", f"full,sliding_window:{window},mamba_align",
     ]))
 
 

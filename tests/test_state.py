@@ -10,12 +10,35 @@ import pytest
 import numpy as np
 
 from vllm_frag_otel import state as state_module
-from vllm_frag_otel.state import BucketHistogram, KVCacheState
+from vllm_frag_otel.state import BucketHistogram, GroupLayout, KVCacheState
 
 
 @dataclass
 class Req:
     num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block-table entry as the core reads it; id 0 is the null block."""
+
+    block_id: int
+
+
+def _tables(*ids: int) -> list[Block]:
+    return [Block(b) for b in ids]
+
+
+def _state(num_blocks: int, groups: list[GroupLayout], tables: list[dict], requests: dict) -> KVCacheState:
+    s = KVCacheState(num_blocks, [g.block_size for g in groups])
+    s.attach_tables(groups, tables)
+    s.attach_requests(requests)
+    held = {b.block_id for group in tables for table in group.values() for b in table if b.block_id}
+    s.on_blocks_allocated(sorted(held), now=0.0)
+    return s
+
+
+FULL4 = GroupLayout("full_attention", 4)
 
 
 def test_free_runs_and_external_fragmentation():
@@ -32,54 +55,80 @@ def test_free_runs_and_external_fragmentation():
 
 
 def test_shared_block_counts_once_with_the_most_any_holder_has():
-    s = KVCacheState(9, [4])
-    s.on_blocks_allocated([1, 2, 3], now=0.0)
-    a, b = Req(10), Req(5)  # a: 4 + 4 + 2; b shares block 1 and 2: 4 + 1
-    s.on_request_blocks("a", a, 0, [1, 2, 3])
-    s.on_blocks_touched([1, 2])
-    s.on_request_blocks("b", b, 0, [1, 2])
+    tables = {"a": _tables(1, 2, 3), "b": _tables(1, 2)}
+    requests = {"a": Req(10), "b": Req(5)}  # a: 4 + 4 + 2; b shares block 1 and 2: 4 + 1
+    s = _state(9, [FULL4], [tables], requests)
     snap = s.snapshot()
     # block 1: 4, block 2: max(4, 1) = 4, block 3: 2
     assert (snap.allocated_slots, snap.used_slots, snap.partial_blocks) == (12, 10, 1)
     assert snap.internal_fragmentation == pytest.approx(2 / 12)
     assert snap.slot_utilization == pytest.approx(10 / 32)
-    s.on_request_released("a")
+    assert (s.request_blocks_held("a"), s.request_slots("a"), s.request_slots("b")) == (3, (12, 10), (8, 5))
+    del tables["a"]  # a finished: vLLM popped its table; block 3 is still used (ref_cnt) until released
     snap = s.snapshot()
-    # only b's view is left: block 1 full, block 2 holds 1; block 3 is still used (ref_cnt) but empty
+    # only b's view is left: block 1 full, block 2 holds 1
     assert (snap.used_slots, snap.partial_blocks, snap.tracked_requests) == (5, 1, 1)
 
 
 def test_computed_tokens_can_move_back():
     """Speculative tokens rejected: num_computed_tokens decreases; full blocks stop being full."""
-    s = KVCacheState(9, [4])
-    s.on_blocks_allocated([1, 2, 3], now=0.0)
     r = Req(12)
-    s.on_request_blocks("r", r, 0, [1, 2, 3])
+    s = _state(9, [FULL4], [{"r": _tables(1, 2, 3)}], {"r": r})
     assert s.snapshot().used_slots == 12
     r.num_computed_tokens = 6
     snap = s.snapshot()
     assert (snap.used_slots, snap.partial_blocks) == (6, 1)
 
 
-def test_null_block_entries_are_skipped():
-    s = KVCacheState(9, [4])
-    s.on_blocks_allocated([3], now=0.0)
-    s.on_request_blocks("r", Req(11), 0, [0, 0, 3])  # sliding window: leading entries are the null block
+def test_tables_edited_in_place_are_followed():
+    """Sliding window: vLLM replaces retired entries with the null block in place;
+    Mamba "align" relocates a block within the table. Nothing is copied, so
+    nothing can go stale."""
+    table = _tables(1, 2, 3)
+    r = Req(11)
+    s = _state(9, [GroupLayout("sliding_window", 4)], [{"r": table}], {"r": r})
+    assert (s.snapshot().used_slots, s.request_blocks_held("r")) == (11, 3)
+    table[0] = table[1] = Block(0)  # retired by the window
     snap = s.snapshot()
-    assert (snap.used_blocks, snap.used_slots, snap.partial_blocks) == (1, 3, 1)
+    assert (snap.groups[0].used_blocks, snap.used_slots, snap.partial_blocks) == (1, 3, 1)
+    assert (s.request_blocks_held("r"), s.request_slots("r")) == (1, (4, 3))
+    assert snap.used_blocks == 3  # the pool still holds them until vLLM frees them
 
 
-def test_groups_with_their_own_block_sizes():
-    s = KVCacheState(9, [4, 8])
-    s.on_blocks_allocated([1, 2, 3], now=0.0)
+def test_groups_with_their_own_block_sizes_and_kinds():
     r = Req(6)
-    s.on_request_blocks("r", r, 0, [1, 2])  # 4 + 2 of 8 slots
-    s.on_request_blocks("r", r, 1, [3])  # 6 of 8
+    groups = [FULL4, GroupLayout("sliding_window", 8), GroupLayout("mamba", 16, token_slots=False)]
+    tables = [{"r": _tables(1, 2)}, {"r": _tables(3)}, {"r": _tables(0, 4, 5)}]
+    s = _state(9, groups, tables, {"r": r})
     snap = s.snapshot()
-    g0, g1 = snap.groups
-    assert (g0.used_blocks, g0.allocated_slots, g0.used_slots, g0.partial_blocks) == (2, 8, 6, 1)
-    assert (g1.used_blocks, g1.allocated_slots, g1.used_slots, g1.partial_blocks) == (1, 8, 6, 1)
+    g0, g1, g2 = snap.groups
+    assert (g0.kind, g0.used_blocks, g0.allocated_slots, g0.used_slots, g0.partial_blocks) == ("full_attention", 2, 8, 6, 1)
+    assert (g1.kind, g1.used_blocks, g1.allocated_slots, g1.used_slots, g1.partial_blocks) == ("sliding_window", 1, 8, 6, 1)
+    # a Mamba group holds state blocks, not token slots
+    assert (g2.token_slots, g2.used_blocks, g2.allocated_slots, g2.unused_slots, g2.internal_fragmentation) == (
+        False, 2, 0, 0, 0.0)
     assert (snap.allocated_slots, snap.used_slots, snap.partial_blocks) == (16, 12, 2)
+    # each block weighed by its own group: 4/4 + 2/4 + 6/8 + two state blocks, of 8 usable blocks
+    assert snap.slot_utilization == pytest.approx((1 + 0.5 + 0.75 + 2) / 8)
+    assert s.request_blocks_held("r") == 5 and s.request_slots("r") == (16, 12)
+    assert snap.tracked_requests == 1
+
+
+def test_a_drifted_ledger_is_found_and_resynchronised():
+    s = KVCacheState(6, [4])
+    s.on_blocks_allocated([1, 2], now=0.0)
+    s.on_block_hashed(1, now=0.0)
+    pool_free = [False, False, False, True, True, True]  # block 0 is the null block
+    pool_cached = [False, True, False, False, False, False]
+    probes = [(b, pool_free[b], pool_cached[b]) for b in range(1, 6)]
+    assert s.drift(3, probes) == []
+    s.on_blocks_released([2], now=1.0)  # an event vLLM never had
+    found = s.drift(3, probes)
+    assert found == ["free blocks 4, the allocator has 3",
+                     "block 2 free=True cached=False, the allocator has free=False cached=False"]
+    s.resync(pool_free, pool_cached)
+    assert s.drift(3, probes) == [] and s.snapshot().drift_repairs == 1
+    assert (s.snapshot().free_blocks, s.snapshot().used_blocks) == (3, 2)
 
 
 def test_evictions_by_reason_reuse_and_durations():

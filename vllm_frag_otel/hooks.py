@@ -13,6 +13,7 @@ import importlib
 import inspect
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -250,17 +251,27 @@ def _group_layout(group: int, group_manager, pool) -> GroupLayout:
     return GroupLayout(kind, group_manager.block_size, token_slots)
 
 
-def _spec_kind(spec) -> str:
-    """vLLM's name for a KV-cache spec's kind (e.g. "sliding_window"), else the spec's class."""
-    try:
-        from vllm.v1.kv_cache_interface import KVCacheSpecKind, get_kv_cache_spec_kind
+# Specs that vLLM's KVCacheSpecKind names; it files others under a parent's
+# kind (R-SWA under full attention), so those are named after their class.
+_KIND_NAMED_SPECS = frozenset({
+    "FullAttentionSpec", "MLAAttentionSpec", "SlidingWindowSpec", "SlidingWindowMLASpec", "ChunkedLocalAttentionSpec",
+    "SinkFullAttentionSpec", "MambaSpec", "EncoderOnlyAttentionSpec", "CrossAttentionSpec", "UniformTypeKVCacheSpecs",
+})
 
-        kind = get_kv_cache_spec_kind(spec)
-        if kind is not KVCacheSpecKind.UNKNOWN:
-            return kind.value
-    except (ImportError, AttributeError, TypeError, ValueError):
-        pass
-    return type(spec).__name__
+
+def _spec_kind(spec) -> str:
+    """vLLM's name for a KV-cache spec's kind ("sliding_window", "mamba", ...), or
+    the spec's class in the same style ("rswa", "circular_buffer")."""
+    if type(spec).__name__ in _KIND_NAMED_SPECS:
+        try:
+            from vllm.v1.kv_cache_interface import KVCacheSpecKind, get_kv_cache_spec_kind
+
+            kind = get_kv_cache_spec_kind(spec)
+            if kind is not KVCacheSpecKind.UNKNOWN:
+                return kind.value
+        except (ImportError, AttributeError, TypeError, ValueError):
+            pass
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(spec).__name__.removesuffix("Spec")).lower()
 
 
 _warned: set[str] = set()

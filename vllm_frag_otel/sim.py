@@ -34,13 +34,19 @@ LAYOUTS = {
     "qwen3-next": "full,mamba_align",  # Mamba states with prefix caching
     "jamba": "full,mamba",  # also Nemotron-H, Granite 4: one state block per request, no prefix caching
 }
-GROUP_KINDS = ("full", "mla", "sliding_window", "sliding_window_mla", "chunked_local", "mamba", "mamba_align")
+GROUP_KINDS = (
+    "full", "mla", "sliding_window", "sliding_window_mla", "chunked_local", "rswa", "circular_buffer",
+    "mamba", "mamba_align",
+)
+# kinds whose number after ":" is required: the window, chunk, R-SWA window or ring capacity in tokens
+# (vLLM 0.33 cannot build a SinkFullAttentionManager: its __init__ rejects needs_kv_cache_zeroing)
+_SIZED_KINDS = ("sliding_window", "sliding_window_mla", "chunked_local", "rswa", "circular_buffer")
 
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """One KV-cache group of a simulated model: its kind and, for sliding-window
-    and chunked-local attention, the window (or chunk) in tokens."""
+    """One KV-cache group of a simulated model: its kind and, for windowed kinds,
+    the window (chunk, ring capacity) in tokens."""
 
     kind: str
     window: int = 0
@@ -58,7 +64,7 @@ def parse_layout(layout: str) -> tuple[GroupSpec, ...]:
         if kind not in GROUP_KINDS:
             raise ValueError(f"unknown KV-cache group kind {kind!r} in layout {layout!r} "
                              f"(presets: {', '.join(LAYOUTS)}; group kinds: {', '.join(GROUP_KINDS)})")
-        needs_window = kind in ("sliding_window", "sliding_window_mla", "chunked_local")
+        needs_window = kind in _SIZED_KINDS
         if needs_window != bool(window) or (window and (not window.isdigit() or int(window) < 1)):
             raise ValueError(f"{kind} in layout {layout!r} " + (
                 "needs a window in tokens, e.g. sliding_window:128" if needs_window else "takes no window"))
@@ -108,6 +114,10 @@ def _group_spec(group: GroupSpec, shape: EngineShape):
         return kv.SlidingWindowMLASpec(**attention, sliding_window=group.window)
     if group.kind == "chunked_local":
         return kv.ChunkedLocalAttentionSpec(**attention, attention_chunk_size=group.window)
+    if group.kind == "rswa":
+        return kv.RSWASpec(**attention, rswa_window=group.window)
+    if group.kind == "circular_buffer":
+        return kv.CircularBufferSpec(**{**attention, "block_size": group.window})
     mode = "align" if group.kind == "mamba_align" else "none"
     # "none": one state block per request, as large as the model's context
     block_size = shape.block_size if mode == "align" else shape.max_model_len
