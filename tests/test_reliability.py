@@ -278,6 +278,7 @@ def test_soak_100k_requests_state_returns_to_empty_and_memory_stays_flat(plugin)
     import tracemalloc
 
     from oracle import brute_force
+    from test_oracle import _check
     from test_spans import CapturingMetricExporter
 
     total, wave = 100_000, 1_000
@@ -311,7 +312,7 @@ def test_soak_100k_requests_state_returns_to_empty_and_memory_stays_flat(plugin)
             if steps % 5_000 == 0:
                 expected = brute_force(scheduler)
                 snapshot = analyzer.snapshot()
-                assert all(getattr(snapshot, k) == pytest.approx(v) for k, v in expected.items()), steps
+                _check(snapshot, expected, f"step {steps}")
                 checks += 1
         runtime.force_flush()
         memory["after"] = _plugin_bytes(tracemalloc.take_snapshot())

@@ -93,6 +93,9 @@ def test_tables_edited_in_place_are_followed():
     assert (snap.groups[0].used_blocks, snap.used_slots, snap.partial_blocks) == (1, 3, 1)
     assert (s.request_blocks_held("r"), s.request_slots("r")) == (1, (4, 3))
     assert snap.used_blocks == 3  # the pool still holds them until vLLM frees them
+    table[2] = Block(0)  # a table of null entries only: the request holds nothing
+    snap = s.snapshot()
+    assert (snap.tracked_requests, snap.allocated_slots, s.request_blocks_held("r")) == (0, 0, 0)
 
 
 def test_groups_with_their_own_block_sizes_and_kinds():
