@@ -121,3 +121,27 @@ def test_groups_carry_vllms_kind_names(plugin, layout, kinds):
     snapshot = analyzer_for(sim.build_scheduler(sim.EngineShape(num_blocks=64, layout=layout))).snapshot()
     assert [g.kind for g in snapshot.groups] == kinds
     assert [g.token_slots for g in snapshot.groups] == [k not in ("mamba", "circular_buffer") for k in kinds]
+
+
+def test_a_table_edited_in_place_without_a_report_is_found_and_read_again(plugin, monkeypatch, caplog):
+    """A vLLM path the plugin does not hook rewrites a table in place: the
+    self-check compares the tables as last read with vLLM's and reads the
+    differing ones again."""
+    from vllm_frag_otel.state import KVCacheState
+
+    scheduler, rng = _running_scheduler()
+    analyzer = analyzer_for(scheduler)
+    monkeypatch.setattr(KVCacheState, "on_table_edited", lambda self, request_id: None)
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        for _ in range(400):
+            analyzer.snapshot()
+            sim.step(scheduler, rng)
+            if analyzer.drift_repairs:
+                break
+    assert analyzer.drift_repairs >= 1
+    assert any("read as" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    for _ in range(3):  # edits made unreported before the undo are found by the following checks
+        analyzer.snapshot()
+        sim.step(scheduler, rng)
+    _check(analyzer.snapshot(), brute_force(scheduler), "after the tables were read again")

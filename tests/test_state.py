@@ -81,21 +81,29 @@ def test_computed_tokens_can_move_back():
 
 
 def test_tables_edited_in_place_are_followed():
-    """Sliding window: vLLM replaces retired entries with the null block in place;
-    Mamba "align" relocates a block within the table. Nothing is copied, so
-    nothing can go stale."""
+    """Sliding window: vLLM replaces retired entries with the null block in place.
+    A table reported edited is read again; one that only grew is read again for
+    its length; one vLLM replaced by a new list (a preempted request re-admitted)
+    for its identity."""
     table = _tables(1, 2, 3)
     r = Req(11)
     s = _state(9, [GroupLayout("sliding_window", 4)], [{"r": table}], {"r": r})
     assert (s.snapshot().used_slots, s.request_blocks_held("r")) == (11, 3)
-    table[0] = table[1] = Block(0)  # retired by the window
+    table[0] = table[1] = Block(0)  # retired by the window ...
+    s.on_table_edited("r")  # ... which the hook layer reports
     snap = s.snapshot()
     assert (snap.groups[0].used_blocks, snap.used_slots, snap.partial_blocks) == (1, 3, 1)
     assert (s.request_blocks_held("r"), s.request_slots("r")) == (1, (4, 3))
     assert snap.used_blocks == 3  # the pool still holds them until vLLM frees them
     table[2] = Block(0)  # a table of null entries only: the request holds nothing
+    s.on_table_edited("r")
     snap = s.snapshot()
     assert (snap.tracked_requests, snap.allocated_slots, s.request_blocks_held("r")) == (0, 0, 0)
+    tables = s._tables[0]
+    tables["r"] = _tables(5)  # the same id, a new list
+    assert s.snapshot().groups[0].used_blocks == 1
+    tables["r"].append(Block(6))  # grown
+    assert s.snapshot().groups[0].used_blocks == 2
 
 
 def test_groups_with_their_own_block_sizes_and_kinds():
@@ -130,7 +138,7 @@ def test_a_drifted_ledger_is_found_and_resynchronised():
     assert found == ["free blocks 4, the allocator has 3",
                      "block 2 free=True cached=False, the allocator has free=False cached=False"]
     s.resync(pool_free, pool_cached)
-    assert s.drift(3, probes) == [] and s.snapshot().drift_repairs == 1
+    assert s.drift(3, probes) == []
     assert (s.snapshot().free_blocks, s.snapshot().used_blocks) == (3, 2)
 
 

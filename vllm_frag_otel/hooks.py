@@ -318,25 +318,38 @@ def _allocate_slots(wrapped, manager, args, kwargs):
         return result
     try:
         state = hooks.state
+        # blocks moved through the pool: the request's tables may have been edited in place
+        changed = state.block_events != events
+        request = args[0] if args else kwargs["request"]
+        if changed:
+            state.on_table_edited(request.request_id)
         with state.lock:
             if hooks.stories is None:
                 state.on_allocation(result is not None, duration)
                 return result
-            request = args[0] if args else kwargs["request"]
             story = _story(hooks, request)
             span_context = story.handle.get_span_context() if story is not None else None
             # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based)
             sampled = span_context if span_context is not None and span_context.trace_flags.sampled else None
             state.on_allocation(result is not None, duration, sampled)
             if story is not None:
-                # the request's tables can only have changed if blocks moved through the pool
-                changed = state.block_events != events
                 hooks.stories.allocated(
                     story, result is not None, state.request_blocks_held(request.request_id) if changed else 0,
                     manager.block_pool.get_num_free_blocks(), state.block_sources["recycled"] - recycled,
                 )
     except Exception as exc:
         _guard.failed(exc)
+    return result
+
+
+def _remove_skipped_blocks(wrapped, manager, args, kwargs):
+    """Outside allocate_slots (a KV connector taking a finished request's table):
+    retired entries become the null block in place."""
+    result = wrapped(manager, *args, **kwargs)
+    hooks = _manager_hooks(manager)
+    if hooks is not None:
+        with _guard:
+            hooks.state.on_table_edited(_arg(args, kwargs, 0, "request_id"))
     return result
 
 
@@ -398,7 +411,7 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
 
 # Blocks whose flags the self-check compares with vLLM's, per check.
 SELF_CHECK_PROBES = 64
-_probe_rng = random.Random()
+_probe_rng = random.Random()  # probes differ from check to check: a lasting drift is found
 
 
 def _schedule(wrapped, scheduler, args, kwargs):
@@ -411,11 +424,10 @@ def _schedule(wrapped, scheduler, args, kwargs):
 
 
 def self_check(state: KVCacheState, pool) -> list[str]:
-    """Compare the ledger's block flags with the pool's; on drift, log what
-    differed, count it and take every flag from the pool. Returns the differences.
-
-    Request-level numbers need no check: they are read from vLLM's own tables.
-    """
+    """Compare the ledger's block flags with the pool's, and a sample of the
+    block tables as last read with vLLM's; on drift, log what differed, count
+    it, take every flag from the pool and read the differing tables again.
+    Returns the differences."""
     state.check_due = False
     blocks = pool.blocks
     probes = [
@@ -426,7 +438,9 @@ def self_check(state: KVCacheState, pool) -> list[str]:
         found = state.drift(pool.get_num_free_blocks(), probes)
         if found:
             state.resync([b.ref_cnt == 0 for b in blocks], [b.block_hash is not None for b in blocks])
+    found += state.table_drift(SELF_CHECK_PROBES, _probe_rng)
     if found:
+        state.drift_repairs += 1
         logger.warning(
             "vllm-frag-otel: the ledger drifted from vLLM's block pool (%s); resynchronised from the pool "
             "(repair %d). Please report this with your vLLM version.",
@@ -485,6 +499,7 @@ WRAPPERS: dict[str, Callable] = {
     "KVCacheManager.__init__": _manager_init,
     "KVCacheManager.get_computed_blocks": _get_computed_blocks,
     "KVCacheManager.allocate_slots": _allocate_slots,
+    "KVCacheManager.remove_skipped_blocks": _remove_skipped_blocks,
     "KVCacheManager.record_prefix_cache_stats": _record_prefix_cache_stats,
     "Scheduler.__init__": _scheduler_init,
     "Scheduler.schedule": _schedule,

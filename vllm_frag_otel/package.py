@@ -43,6 +43,7 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
         ("request", "num_new_tokens"),
     ),
     HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("request",)),
+    HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.remove_skipped_blocks", ("request_id",)),
     HookPoint(
         "vllm.v1.core.kv_cache_manager",
         "KVCacheManager.record_prefix_cache_stats",

@@ -12,6 +12,7 @@ Callers hold `KVCacheState.lock` around event calls; `snapshot()` takes it.
 
 from __future__ import annotations
 
+import random
 import threading
 from operator import attrgetter, countOf
 from array import array
@@ -188,14 +189,17 @@ class FragmentationSnapshot:
         return [f.name for f in fields(cls) if f.name != "groups"]
 
 
-@dataclass(frozen=True, slots=True)
-class _GroupFill:
-    """One group's block tables at one instant, reduced to per-block marks."""
+class _CachedTable:
+    """One request's block table in one group as the core last read it, and how
+    much of it is counted in the per-block holder counts."""
 
-    held: np.ndarray  # bool per block id: in some request's table
-    full: np.ndarray  # bool: some holder computed every slot (held, for groups without token slots)
-    partial: np.ndarray  # int32: most slots any holder computed, where not full
-    holders: frozenset  # request ids with a held block in this group
+    __slots__ = ("table", "ids", "full", "real")
+
+    def __init__(self, table: Sequence[HasBlockId], ids: list[int]):
+        self.table = table  # vLLM's own list: a new list means a new table
+        self.ids = ids  # block id by position, 0 for a null entry
+        self.full = 0  # leading positions counted as fully computed
+        self.real = len(ids) - countOf(ids, NULL_BLOCK_ID)
 
 
 _block_id = attrgetter("block_id")
@@ -217,7 +221,7 @@ class KVCacheState:
         self.lock = threading.Lock()
         self.num_blocks = num_blocks  # including the null block
         n = num_blocks
-        # 11 bytes per block: numpy arrays for the vectorised collection work,
+        # 15 bytes per block: numpy arrays for the vectorised collection work,
         # memoryviews over the same memory for the per-event item access.
         self._free_view = np.ones(n, dtype=np.uint8)
         self._free_view[NULL_BLOCK_ID] = 0
@@ -227,17 +231,26 @@ class KVCacheState:
         # milliseconds of the monotonic clock, modulo 2**32: durations up to 49 days
         self._cached_at_view = np.zeros(n, dtype=np.uint32)
         self._released_at_view = np.zeros(n, dtype=np.uint32)
-        self._free, self._hashed, self._reused, self._cached_at, self._released_at = (
+        # table entries naming the block, and those at fully computed positions
+        # (collection-side: kept by reading the tables, not by events)
+        self._in_tables_view = np.zeros(n, dtype=np.uint16)
+        self._full_holders_view = np.zeros(n, dtype=np.uint16)
+        self._free, self._hashed, self._reused, self._cached_at, self._released_at, self._in_tables, self._full_holders = (
             memoryview(a) for a in (
                 self._free_view, self._hashed_view, self._reused_view, self._cached_at_view, self._released_at_view,
+                self._in_tables_view, self._full_holders_view,
             )
         )
-        self.groups: list[GroupLayout] = [GroupLayout("full_attention", size) for size in block_sizes]
-        self._tables: list[BlockTables] = [{} for _ in self.groups]
+        self.groups: list[GroupLayout] = []
+        self._tables: list[BlockTables] = []
         self._requests: Mapping[str, HasComputedTokens] = {}
+        self.attach_tables([GroupLayout("full_attention", size) for size in block_sizes], [{} for _ in block_sizes])
         # blocks taken or given back through the pool: a request's tables can
         # only have changed while this moved
         self.block_events = 0
+        # requests whose tables vLLM may have edited in place since the last collection
+        self._edited: set[str] = set()
+        self._collect_lock = threading.Lock()
 
         # resumed (re-admitted after preemption) -> [queried, hit] tokens
         self.prefix_lookups = {False: [0, 0], True: [0, 0]}
@@ -273,6 +286,11 @@ class KVCacheState:
         if len(groups) != len(tables):
             raise ValueError(f"{len(groups)} groups but {len(tables)} block-table maps")
         self.groups, self._tables = list(groups), list(tables)
+        self._cache: list[dict[str, _CachedTable]] = [{} for _ in self.groups]
+        self._group_blocks = [0] * len(self.groups)  # blocks named by the group's tables
+        self._group_full = [0] * len(self.groups)  # ... of them fully computed by some holder
+        self._in_tables_view[:] = 0
+        self._full_holders_view[:] = 0
 
     def attach_requests(self, requests: Mapping[str, HasComputedTokens]) -> None:
         """The live requests by id: how far each one has computed (tables name them by id)."""
@@ -362,6 +380,11 @@ class KVCacheState:
 
     # -- request events and per-request views ----------------------------------
 
+    def on_table_edited(self, request_id: str) -> None:
+        """vLLM may have rewritten entries of this request's tables in place
+        (retired a block to the null block, copy-on-write, relocation)."""
+        self._edited.add(request_id)
+
     def request_blocks_held(self, request_id: str) -> int:
         """Blocks in the request's tables now, every group, null entries left out."""
         held = 0
@@ -430,7 +453,28 @@ class KVCacheState:
         self._hashed_view[:] = np.asarray(cached, dtype=np.uint8)
         self._hashed_view[NULL_BLOCK_ID] = 0
         self._free_count = int(np.count_nonzero(free_now))
-        self.drift_repairs += 1
+
+    def table_drift(self, sample: int, rng: random.Random) -> list[str]:
+        """Compare up to `sample` tables per group, as last read, with vLLM's: one
+        that changed in place without being reported (`on_table_edited`) is
+        named and read again at the next collection. Skipped (nothing found)
+        while a collection runs."""
+        if not self._collect_lock.acquire(blocking=False):
+            return []
+        try:
+            found = []
+            for g, cache in enumerate(self._cache):
+                for request_id in rng.sample(sorted(cache), min(sample, len(cache))):
+                    cached, table = cache[request_id], self._tables[g].get(request_id)
+                    if request_id in self._edited or table is not cached.table or len(table) != len(cached.ids):
+                        continue  # changed and known to have changed: read again at the next collection
+                    ids = list(map(_block_id, table))
+                    if ids != cached.ids:
+                        found.append(f"group {g} request {request_id}: table {ids[:8]} read as {cached.ids[:8]}")
+                        self._edited.add(request_id)
+            return found
+        finally:
+            self._collect_lock.release()
 
     # -- collection ----------------------------------------------------------------
 
@@ -462,49 +506,78 @@ class KVCacheState:
             self.block_cache_duration.fold(np.frombuffer(cache, dtype=np.float64), None, time_ns)
             self.block_idle_duration.fold(np.frombuffer(idle, dtype=np.float64), None, time_ns)
 
-    def _group_fill(self, g: int) -> _GroupFill:
-        """Read group `g`'s live tables once and mark every block by its fill.
+    def _sync_tables(self) -> list[dict[int, int]]:
+        """Bring the per-block holder counts up to vLLM's tables and each
+        request's computed tokens; callers hold `_collect_lock`.
 
-        Per table this is a few list operations in C (each one atomic under the
-        GIL, so a concurrent scheduler step cannot break the read); the
-        per-entry arithmetic is vectorised.
+        A table is read again only when it is new, gone, of another length, or
+        edited in place (`on_table_edited`); otherwise only its fully computed
+        prefix moves. Counts are first taken back for every table that
+        changed, then given, so a block moving between groups is never
+        counted twice. Returns, per group, the fill of each partly computed
+        block not full for anyone (most any holder computed).
         """
-        layout, n = self.groups[g], self.num_blocks
-        ids: list[int] = []
-        lengths: list[int] = []
-        computed: list[int] = []
-        holders: list[str] = []
+        edited, self._edited = self._edited, set()
         requests = self._requests
-        for request_id, table in list(self._tables[g].items()):
-            before = len(ids)
-            ids.extend(map(_block_id, table))
-            if len(ids) > before:
-                lengths.append(len(ids) - before)
-                holders.append(request_id)
+        changed: list[tuple[int, str, Sequence[HasBlockId] | None]] = []
+        for g, tables in enumerate(self._tables):
+            cache = self._cache[g]
+            live = dict(tables)  # one atomic copy: the scheduler may be adding to it
+            for request_id, cached in list(cache.items()):
+                table = live.get(request_id)
+                if table is not cached.table or len(table) != len(cached.ids) or request_id in edited:
+                    self._take_back(g, cached)
+                    del cache[request_id]
+                    if table is not None:
+                        changed.append((g, request_id, table))
+            changed.extend((g, r, t) for r, t in live.items() if r not in cache and t)
+        for g, request_id, table in changed:
+            if request_id not in self._cache[g]:
+                self._give(g, request_id, table)
+        partial: list[dict[int, int]] = [{} for _ in self.groups]
+        holders, full_counts = self._full_holders, self._group_full
+        for g, layout in enumerate(self.groups):
+            if not layout.token_slots:
+                continue
+            size, tails = layout.block_size, partial[g]
+            for request_id, cached in self._cache[g].items():
                 request = requests.get(request_id)
-                computed.append(request.num_computed_tokens if request is not None else 0)
-        entries = np.array(ids, dtype=np.intp)
-        real = entries != NULL_BLOCK_ID
-        held = np.zeros(n, dtype=bool)
-        held[entries[real]] = True
-        partial = np.zeros(n, dtype=np.int32)
-        if not layout.token_slots:
-            full = held
-        else:
-            counts = np.array(lengths, dtype=np.intp)
-            starts = np.cumsum(counts) - counts
-            position = np.arange(entries.size) - np.repeat(starts, counts)
-            fill = np.clip(np.repeat(np.array(computed, dtype=np.int64), counts) - position * layout.block_size,
-                           0, layout.block_size)
-            full = np.zeros(n, dtype=bool)
-            full[entries[real & (fill == layout.block_size)]] = True
-            partly = real & (fill > 0) & (fill < layout.block_size)
-            np.maximum.at(partial, entries[partly], fill[partly].astype(np.int32))
-            partial[full] = 0
-        if entries.size:
-            per_table = np.add.reduceat(real, np.cumsum(lengths) - np.array(lengths))
-            holders = [r for r, count in zip(holders, per_table.tolist()) if count]
-        return _GroupFill(held, full, partial, frozenset(holders))
+                computed = request.num_computed_tokens if request is not None else 0
+                ids = cached.ids
+                target = min(len(ids), computed // size)
+                for i in range(cached.full, target):
+                    b = ids[i]
+                    if b:
+                        holders[b] += 1
+                        full_counts[g] += holders[b] == 1
+                for i in range(target, cached.full):
+                    b = ids[i]
+                    if b:
+                        holders[b] -= 1
+                        full_counts[g] -= holders[b] == 0
+                cached.full = target
+                tail = computed - target * size
+                if tail > 0 and target < len(ids) and ids[target] and tails.get(ids[target], 0) < tail:
+                    tails[ids[target]] = tail
+        return [{b: fill for b, fill in tails.items() if not holders[b]} for tails in partial]
+
+    def _give(self, g: int, request_id: str, table: Sequence[HasBlockId]) -> None:
+        cached = self._cache[g][request_id] = _CachedTable(table, list(map(_block_id, table)))
+        in_tables, blocks = self._in_tables, self._group_blocks
+        for b in cached.ids:
+            if b:
+                in_tables[b] += 1
+                blocks[g] += in_tables[b] == 1
+
+    def _take_back(self, g: int, cached: _CachedTable) -> None:
+        in_tables, holders, blocks, full = self._in_tables, self._full_holders, self._group_blocks, self._group_full
+        for i, b in enumerate(cached.ids):
+            if b:
+                in_tables[b] -= 1
+                blocks[g] -= in_tables[b] == 0
+                if i < cached.full:
+                    holders[b] -= 1
+                    full[g] -= holders[b] == 0
 
     def block_states(self) -> np.ndarray:
         """The state code (`layout.BLOCK_STATES`) of every usable block, block 1 first.
@@ -514,14 +587,20 @@ class KVCacheState:
         some holder computed one, else empty (not yet computed, or held outside
         any request's table, e.g. a copy-on-write source).
         """
+        with self._collect_lock:
+            partial = self._sync_tables()
+            full = self._full_holders_view[1:] > 0
+            for g, layout in enumerate(self.groups):
+                if not layout.token_slots:
+                    ids = [b for cached in self._cache[g].values() for b in cached.ids if b]
+                    full[np.asarray(ids, dtype=np.intp) - 1] = True
+            tails = [b for group in partial for b in group]
         with self.lock:
             free = self._free_view[1:].copy()
             hashed = self._hashed_view[1:].copy()
-        fills = [self._group_fill(g) for g in range(len(self.groups))]
-        full = np.logical_or.reduce([f.full for f in fills])[1:] if fills else np.zeros_like(free, dtype=bool)
-        partial = np.logical_or.reduce([f.partial > 0 for f in fills])[1:] if fills else full
-        held_codes = np.where(full, FULL, np.where(partial, PARTIAL, EMPTY))
-        return np.where(free == 1, np.where(hashed == 1, CACHED, FREE), held_codes).astype(np.uint8)
+        codes = np.where(full, FULL, EMPTY)
+        codes[np.asarray(tails, dtype=np.intp) - 1] = PARTIAL
+        return np.where(free == 1, np.where(hashed == 1, CACHED, FREE), codes).astype(np.uint8)
 
     def snapshot(self) -> FragmentationSnapshot:
         with self.lock:
@@ -540,17 +619,17 @@ class KVCacheState:
         largest = int(run_lengths.max()) if free_runs else 0
 
         groups = []
-        holders: set[str] = set()
         utilised = 0.0  # blocks' worth of used slots, each block weighed by its own group's size
+        with self._collect_lock:
+            partial = self._sync_tables()
+            holding = {r for cache in self._cache for r, cached in cache.items() if cached.real}
+            group_blocks, group_full = list(self._group_blocks), list(self._group_full)
         for g, layout in enumerate(self.groups):
-            fill = self._group_fill(g)
-            holders |= fill.holders
-            used_blocks_g = int(np.count_nonzero(fill.held))
+            used_blocks_g = group_blocks[g]
             if layout.token_slots:
-                full = int(np.count_nonzero(fill.full))
-                used_slots = full * layout.block_size + int(fill.partial.sum())
+                used_slots = group_full[g] * layout.block_size + sum(partial[g].values())
                 allocated = used_blocks_g * layout.block_size
-                partial_blocks = int(np.count_nonzero(fill.partial))
+                partial_blocks = len(partial[g])
                 utilised += used_slots / layout.block_size
             else:
                 used_slots = allocated = partial_blocks = 0
@@ -588,7 +667,7 @@ class KVCacheState:
             partial_blocks=sum(gs.partial_blocks for gs in groups),
             internal_fragmentation=_ratio(allocated_slots - used_slots, allocated_slots),
             slot_utilization=_ratio(utilised, usable),
-            tracked_requests=len(holders),
+            tracked_requests=len(holding),
             prefix_queried_tokens=self.prefix_lookups[False][0] + self.prefix_lookups[True][0],
             prefix_hit_tokens=self.prefix_lookups[False][1] + self.prefix_lookups[True][1],
             prefix_resumed_queried_tokens=self.prefix_lookups[True][0],
