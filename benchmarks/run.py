@@ -483,6 +483,15 @@ def summarize_scenario(name: str, num_blocks: int, rounds: list[dict], variants:
 # =============================================================================
 
 
+class TableEntry:
+    """What KVCacheState reads of a block-table entry (vLLM's KVCacheBlock)."""
+
+    __slots__ = ("block_id",)
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+
+
 class FakeRequest:
     """What KVCacheState reads of a request."""
 
@@ -500,11 +509,14 @@ def build_block_map(num_blocks: int, num_requests: int, seed: int = 0):
     sharing a 4-block system prompt) with a partly filled last block.
 
     Returns (state, requests, never-allocated free block ids)."""
-    from vllm_frag_otel.state import KVCacheState
+    from vllm_frag_otel.state import GroupLayout, KVCacheState
 
     rng = np.random.default_rng(seed)
     now = time.monotonic()
     state = KVCacheState(num_blocks, [BLOCK_SIZE])
+    tables, by_id = {}, {}
+    state.attach_tables([GroupLayout("full_attention", BLOCK_SIZE)], [tables])
+    state.attach_requests(by_id)
     lengths = rng.geometric(1 / 8, size=num_blocks)
     ends = np.cumsum(lengths)
     ends = ends[ends < num_blocks - 1]
@@ -532,7 +544,8 @@ def build_block_map(num_blocks: int, num_requests: int, seed: int = 0):
             blocks = prefix + blocks
         capacity = len(blocks) * BLOCK_SIZE
         req = FakeRequest(max(0, capacity - int(rng.integers(1, 2 * BLOCK_SIZE))), capacity)
-        state.on_request_blocks(f"req-{i}", req, 0, blocks)
+        tables[f"req-{i}"] = [TableEntry(b) for b in blocks]
+        by_id[f"req-{i}"] = req
         requests.append(req)
     return state, requests, never
 
@@ -687,7 +700,7 @@ def bench_events(num_blocks: int, groups: int, reps: int, group_size: int = 4) -
 
 def bench_memory(num_requests: int) -> dict:
     from vllm_frag_otel import workloads
-    from vllm_frag_otel.state import KVCacheState
+    from vllm_frag_otel.state import GroupLayout, KVCacheState
 
     n = 1_000_000
 
@@ -744,13 +757,16 @@ def bench_memory(num_requests: int) -> dict:
         calls.append((rid, req, chunks))
         blocks_total += total
     state = KVCacheState(pool, [BLOCK_SIZE])
+    tables, by_id = {}, {}
+    state.attach_tables([GroupLayout("full_attention", BLOCK_SIZE)], [tables])
+    state.attach_requests(by_id)
+    for rid, req, chunks in calls:  # vLLM's own tables and requests: not the plugin's memory
+        tables[rid] = [TableEntry(b) for chunk in chunks for b in chunk]
+        by_id[rid] = req
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    for rid, req, chunks in calls:
-        for chunk in chunks:
-            state.on_request_blocks(rid, req, 0, chunk)
-    state.snapshot()  # full-block holder counts are synced at collection
+    state.snapshot()  # the tables are read (and their block ids kept) at collection
     per_request = (tracemalloc.get_traced_memory()[0] - before) / num_requests
     tracemalloc.stop()
     return {
@@ -782,9 +798,10 @@ HOOK_GROUPS = {
         "BlockPool.evict_blocks", "BlockPool.reset_prefix_cache",
     ),
     "request lifecycle": (
-        "KVCacheManager.free", "KVCacheManager.pop_blocks_for_free", "KVCacheManager.record_prefix_cache_stats",
-        "KVCacheManager.get_computed_blocks", "Scheduler._preempt_request", "Scheduler._free_request",
+        "KVCacheManager.record_prefix_cache_stats", "KVCacheManager.get_computed_blocks",
+        "KVCacheManager.remove_skipped_blocks", "Scheduler._preempt_request", "Scheduler._free_request",
     ),
+    "step boundary (self-check)": ("Scheduler.schedule",),
 }
 
 
@@ -802,7 +819,7 @@ def _dispatch_calibration(n: int = 200_000) -> dict:
     original = _Dummy.__dict__["method"]
 
     def passthrough(wrapped, instance, args, kwargs):
-        return wrapped(*args, **kwargs)
+        return wrapped(instance, *args, **kwargs)
 
     def loop() -> float:
         obj, best = _Dummy(), float("inf")
@@ -815,7 +832,7 @@ def _dispatch_calibration(n: int = 200_000) -> dict:
 
     try:
         direct = loop()
-        _Dummy.method = hooks._hooked(_Dummy, original, passthrough)
+        _Dummy.method = hooks._hooked(original, passthrough)
         hooked = loop()
         timed_self = float("inf")
         obj = _Dummy()
@@ -846,7 +863,7 @@ def _timed_hook(cls, original, wrapper, acc):
             acc[2] += clock() - t
 
     timed_original.__name__ = getattr(original, "__name__", "original")
-    inner = hooks._hooked(cls, timed_original, wrapper)
+    inner = hooks._hooked(timed_original, wrapper)
 
     def outer(self, *args, **kwargs):
         t = clock()

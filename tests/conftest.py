@@ -13,6 +13,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_PLUGINS"] = "frag_otel"
 os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
+# every allocate_slots call timed, so histogram counts can be checked against call counts
+# (tests of the sampled default set their own rate)
+os.environ["VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE"] = "1"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -16,6 +16,8 @@ from helpers import REPO
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from otlp_receiver import RotelReceiver, _flatten
 
+from vllm_frag_otel.config import Settings
+
 FIXED_NAMES = {
     "vllm.kv_cache.block.count",
     "vllm.kv_cache.block.limit",
@@ -79,7 +81,11 @@ def _assert_matches_final_snapshot(points: list[dict], summary: dict) -> None:
     else:
         latest = max(p["time_unix_nano"] for p in histograms)
         count = sum(p["count"] for p in histograms if p["time_unix_nano"] == latest)
-    assert count == final["allocation_attempts"]
+    # the default times an unbiased random sample of the calls, and says at which rate
+    (rate,) = {p["attributes"]["vllm.kv_cache.allocation.sample_rate"] for p in histograms}
+    assert rate == Settings().allocation_sample_rate < 1
+    expected, spread = final["allocation_attempts"] * rate, (final["allocation_attempts"] * rate * (1 - rate)) ** 0.5
+    assert abs(count - expected) < 5 * spread, (count, expected)
     resource = points[0]["resource"]
     assert resource["service.name"] == "vllm"
     assert resource["vllm.model.name"].endswith("tiny_model")

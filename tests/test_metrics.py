@@ -58,6 +58,7 @@ def _value(points, **attributes):
 def pressured_run(plugin):
     """A scheduler half-way through a workload that preempts, evicts and shares prefixes."""
     scheduler = sim.build_scheduler(sim.EngineShape(num_blocks=100, block_size=16, max_num_seqs=16))
+    analyzer_for(scheduler).set_allocation_sample_rate(1.0)  # every call timed: counts are comparable
     specs = workloads.generate("sharegpt", 40, seed=3, max_len=800)
     for request in sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], 16):
         scheduler.add_request(request)

@@ -53,8 +53,11 @@ def cumulative(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def delta(tmp_path_factory) -> Path:
     # and fewer open spans than requests: the report must say whom its per-request figures leave out
+    # every allocate_slots call timed, so the histogram's deltas can be checked against the call count
     return _simulate(tmp_path_factory.mktemp("delta"), {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta",
-                                                        "VLLM_FRAG_OTEL_MAX_OPEN_SPANS": "4"}, "--export-every", "7")
+                                                        "VLLM_FRAG_OTEL_MAX_OPEN_SPANS": "4",
+                                                        "VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE": "1"},
+                     "--export-every", "7")
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +318,24 @@ def test_the_summary_answers_the_four_questions_with_the_recorded_numbers(cumula
     assert f"{final['allocation_failures']} of {final['allocation_attempts']} allocate_slots calls failed" in text
     assert f"The pool runs out ({final['preemptions']} preemptions, {final['allocation_failures']} failed" in text
     assert "block size 16" in text
+
+
+def test_one_kv_cache_group_gets_one_line_not_a_section(cumulative, built):
+    """A single-group pool: the header names its group; no groups table, no groups
+    chart; groups.csv has its one row, as recounted from the raw points."""
+    out, _ = built
+    text = (out / "summary.txt").read_text()
+    assert "29 usable blocks; one KV-cache group (full_attention); 40 request spans" in text
+    assert "KV-cache groups" not in text and "state pages" not in text
+    assert not (out / "kv_cache_groups.png").exists()
+    (row,) = _read_csv(out / "groups.csv")
+    times, blocks = raw_series(cumulative, "vllm.kv_cache.group.block.count")
+    assert (row["group"], row["kind"], row["token_slots"], row["block_size"]) == ("0", "full_attention", "true", "16")
+    assert int(row["exports"]) == len(times)
+    assert float(row["blocks_mean"]) == pytest.approx(blocks.mean())
+    assert float(row["blocks_max"]) == blocks.max() > 0
+    _, unused = raw_series(cumulative, "vllm.kv_cache.slot.count", {"vllm.kv_cache.slot.state": "unused"})
+    assert float(row["unused_slots_mean"]) == pytest.approx(unused.mean())
 
 
 # -- bad input ---------------------------------------------------------------------------------

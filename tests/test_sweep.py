@@ -78,6 +78,7 @@ def test_recommendation_agrees_with_the_measured_table(swept):
         "num_blocks": int((best if material else baseline)["num_blocks"]),
         "prefix_caching": (best if material else baseline)["prefix_caching"] == "True",
         "max_num_seqs": int((best if material else baseline)["max_num_seqs"]),
+        "layout": (best if material else baseline)["layout"],
     }
     (more,) = [r for r in rows if int(r["kv_slots"]) > int(baseline["kv_slots"])]
     (memory_line,) = [line for line in recommendation.lines if "the KV memory" in line]
@@ -163,6 +164,33 @@ def test_sweep_command_replays_a_trace_file(tmp_path):
     assert [(r["block_size"], r["prefix_caching"]) for r in rows] == [("16", "True"), ("8", "True"),
                                                                        ("16", "False")]
     assert {p.name for p in out.iterdir()} == {"sweep.txt", "sweep.csv", "sweep.json", "sweep.png"}
+
+
+def test_a_sweep_keeps_the_layout_in_every_row(plugin):
+    """Every point of a gpt-oss sweep runs the gpt-oss layout: its row is what a
+    direct run of that layout measures, and not what one full-attention group does."""
+    base = Setting(block_size=16, num_blocks=40, prefix_caching=True, max_num_seqs=8, layout="gpt-oss")
+    runs = sweep.settings(base, block_sizes=[8, 16], max_num_seqs=[4])
+    assert len(runs) == 3 and {s.layout for s in runs} == {s.shape().layout for s in runs} == {"gpt-oss"}
+    specs = workloads.generate("alpaca", 12, seed=3, max_len=min(s.max_model_len for s in runs))
+    outcomes = sweep.run(runs, specs, step_seconds=0.02, seed=3)
+    for setting, outcome in zip(runs, outcomes):
+        direct = sim.run_workload(sim.EngineShape(num_blocks=setting.num_blocks, block_size=setting.block_size,
+                                                  max_num_seqs=setting.max_num_seqs,
+                                                  max_model_len=setting.max_model_len, layout="gpt-oss"),
+                                  specs, step_seconds=0.02, seed=3)
+        assert [g.kind for g in direct.snapshots[0].groups] == ["full_attention", "sliding_window"]
+        assert outcome == sweep.measure(setting, direct)
+    full = sweep.run([dataclasses.replace(s, layout="full") for s in runs], specs, step_seconds=0.02, seed=3)
+    assert [o.internal_fragmentation for o in full] != [o.internal_fragmentation for o in outcomes]
+
+
+def test_a_layout_that_cannot_prefix_cache_sweeps_without_it():
+    base = Setting(block_size=16, num_blocks=40, prefix_caching=True, max_num_seqs=8, layout="jamba")
+    runs = sweep.settings(base, prefix_caching=[True, False], max_num_seqs=[4])
+    assert [(s.prefix_caching, s.max_num_seqs) for s in runs] == [(False, 8), (False, 4)]
+    assert sweep.default_axes(base)["prefix_caching"] == []
+    assert sweep.default_axes(dataclasses.replace(base, layout="qwen3-next"))["prefix_caching"] == [True, False]
 
 
 def test_no_change_is_recommended_for_a_small_gain(swept):

@@ -19,7 +19,7 @@ from vllm_frag_otel import sim, workloads
 from vllm_frag_otel import sweep as what_if
 from vllm_frag_otel.config import load_settings
 from vllm_frag_otel.jsonlines import InputProblem
-from vllm_frag_otel.summary import field_statistics, render
+from vllm_frag_otel.summary import field_statistics, group_statistics, render
 from vllm_frag_otel.telemetry import runtime
 
 DEFAULT_REQUESTS = 500
@@ -41,6 +41,26 @@ def _switch_list(text: str) -> list[bool]:
     if not values or any(v not in words for v in values):
         raise argparse.ArgumentTypeError(f"expected on, off or on,off; got {text!r}")
     return [words[v] for v in values]
+
+
+def _layout(text: str) -> str:
+    """A `sim.LAYOUTS` preset or a group description, checked; returned as given."""
+    try:
+        sim.parse_layout(text)
+    except ValueError as exc:
+        message = str(exc)
+        if "presets:" not in message:  # sim names the accepted values for an unknown kind only
+            message += (f" (presets: {', '.join(sim.LAYOUTS)}; group kinds: {', '.join(sim.GROUP_KINDS)},"
+                        " windows in tokens)")
+        raise argparse.ArgumentTypeError(message) from None
+    return text
+
+
+def _layout_help() -> str:
+    presets = "; ".join(f"{name}: {groups}" for name, groups in sim.LAYOUTS.items())
+    return (f"the model's KV-cache groups: a preset ({presets}) or your own comma-separated groups of"
+            f" {', '.join(sim.GROUP_KINDS)}, windows in tokens (e.g. full,sliding_window:128,mamba). Default full."
+            " Mamba groups other than mamba_align (e.g. jamba) turn prefix caching off, as vLLM does")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     simulation.add_argument("--prefix-groups", type=int, default=4, help="shared system prompts (0: none)")
     simulation.add_argument("--prefix-len", type=int, default=64, help="tokens per shared system prompt")
     simulation.add_argument("--no-prefix-caching", action="store_true")
+    simulation.add_argument("--layout", type=_layout, default="full", metavar="NAME_OR_GROUPS", help=_layout_help())
     simulation.add_argument("--seed", type=int, default=0)
     simulation.add_argument("--output", type=Path,
                      help="write telemetry files and summary.json here (with --sweep: the sweep's table, CSV, JSON"
@@ -127,6 +148,11 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--block-map-every must be >= 0")
     if args.workload_file is not None and not args.workload_file.is_file():
         parser.error(f"--workload-file {args.workload_file}: no such file")
+    base = what_if.Setting(args.block_size, args.num_blocks, True, args.max_num_seqs, args.layout)
+    if base.max_model_len < 1:
+        least = what_if.blocks_per_request(sim.parse_layout(args.layout), 1, args.block_size)
+        parser.error(f"--num-blocks {args.num_blocks} is too few for --layout {args.layout}: one request needs"
+                     f" {least} usable blocks or more across its KV-cache groups")
 
 
 def _specs(args, max_len: int):
@@ -173,7 +199,9 @@ def simulate(args) -> int:
         args.output.mkdir(parents=True, exist_ok=True)
         os.environ["VLLM_FRAG_OTEL_FILE_DIR"] = str(args.output / "telemetry")
     os.environ.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "1000")
-    setting = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs)
+    setting = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs,
+                              args.layout)
+    shape = setting.shape(args.max_num_batched_tokens)
     specs = _specs(args, setting.max_model_len)
     if specs is None or not _load_plugin():
         return 2
@@ -191,7 +219,7 @@ def simulate(args) -> int:
 
     started = time.perf_counter()
     with tqdm(total=len(specs), desc="requests finished", unit="req", file=sys.stderr, disable=None) as progress:
-        result = sim.run_workload(setting.shape(args.max_num_batched_tokens), specs, step_seconds=args.step_seconds,
+        result = sim.run_workload(shape, specs, step_seconds=args.step_seconds,
                                   seed=args.seed, progress=progress,
                                   on_step=export if args.export_every or args.block_map_every else None)
     elapsed = time.perf_counter() - started
@@ -199,9 +227,13 @@ def simulate(args) -> int:
     if telemetry is not None:
         telemetry.force_flush()
     stats = field_statistics(result.snapshots)
+    groups = group_statistics(result.snapshots)
     outcome = what_if.measure(setting, result)
-    print(render(stats, result.steps, args.block_size))
-    print(f"\n  {len(specs)} requests in {elapsed:.1f} s of simulated scheduling; mean request latency"
+    print(render(stats, result.steps, args.block_size, groups))
+    print()
+    for note in _layout_notes(args, shape):
+        print(f"  {note}")
+    print(f"  {len(specs)} requests in {elapsed:.1f} s of simulated scheduling; mean request latency"
           f" {outcome.mean_latency_s:.3f} s at {args.step_seconds} s per step;"
           f" {outcome.tokens_per_step:.1f} tokens scheduled per busy step")
     if args.output:
@@ -212,6 +244,13 @@ def simulate(args) -> int:
             "steps": result.steps,
             "run": {k: v for k, v in dataclasses.asdict(outcome).items() if k != "setting"},
             "fields": stats,
+            "layout": {
+                "name": args.layout,
+                "groups": [dataclasses.asdict(g) for g in shape.groups],
+                "prefix_caching": shape.prefix_caching,
+                "max_model_len": shape.max_model_len,
+            },
+            "groups": groups,
         }
         (args.output / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"  summary: {args.output / 'summary.json'}; telemetry: {args.output / 'telemetry'}"
@@ -219,10 +258,28 @@ def simulate(args) -> int:
     return 0
 
 
+def _prefix_caching_note(args, shape: sim.EngineShape) -> list[str]:
+    """Say so when the layout turned prefix caching off."""
+    if args.no_prefix_caching or shape.prefix_caching:
+        return []
+    return [f"prefix caching is off: layout {args.layout} has Mamba states outside \"align\" mode, which vLLM"
+            " cannot prefix-cache (mamba_align, as in qwen3-next, can be)"]
+
+
+def _layout_notes(args, shape: sim.EngineShape) -> list[str]:
+    """What the layout changes about the run, in words."""
+    notes = []
+    if args.layout != "full":
+        notes.append(f"layout {args.layout}: KV-cache groups "
+                     + ", ".join(g.kind + (f" ({g.window} tokens)" if g.window else "") for g in shape.groups))
+    return notes + _prefix_caching_note(args, shape)
+
+
 def sweep(args) -> int:
     # the sweep compares runs; their telemetry would only mix pools of different shapes
     os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
-    base = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs)
+    base = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs,
+                           args.layout)
     axes = {
         "block_sizes": args.sweep_block_sizes,
         "num_blocks": args.sweep_num_blocks,
@@ -242,7 +299,9 @@ def sweep(args) -> int:
     with tqdm(total=len(runs) * len(specs), unit="req", file=sys.stderr, disable=None) as progress:
         outcomes = what_if.run(runs, specs, args.step_seconds, args.seed, args.max_num_batched_tokens, progress)
     recommendation = what_if.recommend(outcomes)
-    text = what_if.render(outcomes, recommendation, f"{_workload_name(args)}, {len(specs)} requests")
+    layout = f", layout {args.layout}" if args.layout != "full" else ""
+    text = what_if.render(outcomes, recommendation, f"{_workload_name(args)}{layout}, {len(specs)} requests")
+    text += "".join(f"\n\n  {note}" for note in _prefix_caching_note(args, base.shape(args.max_num_batched_tokens)))
     print(text)
     out = args.output or Path("frag-sweep")
     paths = what_if.write(outcomes, text, out)

@@ -38,6 +38,7 @@ class Settings:
     max_open_spans: int = 16384
     block_map_interval: float = 0.0  # seconds between block-layout maps; 0: none
     block_map_max_cells: int = 4096
+    allocation_sample_rate: float = 0.1  # share of allocate_slots calls timed for the duration histogram
 
 
 def _parse_bool(raw: str) -> bool:
@@ -73,6 +74,13 @@ def _parse_seconds(raw: str) -> float:
     return value
 
 
+def _parse_share(raw: str) -> float:
+    value = float(raw.strip())
+    if not 0 < value <= 1:
+        raise ValueError
+    return value
+
+
 def _parse_dir(raw: str) -> str:
     value = raw.strip()
     if not value or "\x00" in value:
@@ -94,6 +102,9 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
         "block_map_interval", _parse_seconds, "a number of seconds >= 0 (0: no block-layout maps)"
     ),
     "VLLM_FRAG_OTEL_BLOCK_MAP_MAX_CELLS": ("block_map_max_cells", _parse_positive_int, "a whole number >= 1"),
+    "VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE": (
+        "allocation_sample_rate", _parse_share, "a number in (0, 1] (1: time every allocate_slots call)"
+    ),
 }
 
 _reported: set[tuple[str, str]] = set()

@@ -6,7 +6,9 @@ numbers; every time series as CSV and JSON; PNG charts; and one self-contained
 HTML page bundling them. Per-request figures come from the plugin's
 `vllm.kv_cache.request` spans when the traces files are given too; the block
 layout (a heat map of every block's state over time, and where it churns) from
-its `vllm.kv_cache.block_map` log records when the logs files are. No vLLM.
+its `vllm.kv_cache.block_map` log records when the logs files are. Models with
+several KV-cache groups (sliding-window, Mamba ... layers beside full
+attention) get per-group numbers from the per-group metrics. No vLLM.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from vllm_frag_otel import layout, otlp_read
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.otlp_read import RequestSpan, Series, Source, Telemetry
 from vllm_frag_otel.plots import Chart, Line, Panel, render as draw
-from vllm_frag_otel.summary import gauge_lines, pct, statistics, totals_lines
-from vllm_frag_otel.telemetry import OUTCOME, RESUMED, REUSED, SLOT_STATE, SOURCE, STATE
+from vllm_frag_otel.summary import GROUP_FIELDS, gauge_lines, group_lines, pct, statistics, totals_lines
+from vllm_frag_otel.telemetry import GROUP, GROUP_KIND, OUTCOME, RESUMED, REUSED, SLOT_STATE, SOURCE, STATE
 
 # Snapshot field (as in simulate's summary.json) -> (metric, attribute filter);
 # series of the metric matching the filter are summed (over groups, reasons, ...).
@@ -59,6 +61,10 @@ QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "preemptions": ("vllm.kv_cache.preemptions", {}),
 }
 LATENCY_METRIC = "vllm.kv_cache.allocation.duration"
+# Per KV-cache group: blocks (every group), token slots and partial blocks (groups with token slots).
+GROUP_BLOCKS_METRIC = "vllm.kv_cache.group.block.count"
+SLOTS_METRIC = "vllm.kv_cache.slot.count"
+PARTIAL_METRIC = "vllm.kv_cache.block.partial.count"
 # Request size classes (tokens): below 128, 128-511, 512-2047, 2048 and more.
 SIZE_EDGES = (128, 512, 2048)
 # Thresholds of the advice: the share of exports near a full pool, and the
@@ -102,6 +108,24 @@ class ClassRow:
 
 
 @dataclass
+class GroupReport:
+    """One KV-cache group of a pool, over the exports."""
+
+    group: str  # its index, as exported
+    kind: str  # vLLM's spec kind: full_attention, sliding_window, mamba, ...
+    token_slots: bool  # False: its blocks hold something else (Mamba states); blocks only
+    block_size: int | None  # token slots per block, when it ever held a block with token slots
+    quantities: dict[str, TimeSeries]  # GROUP_FIELDS (used_blocks only without token slots)
+    stats: dict[str, dict[str, float]]
+
+    def summary(self) -> dict:
+        """As `summary.group_statistics` gives a simulated run's groups."""
+        index = int(self.group) if self.group.isdigit() else self.group
+        return {"group": index, "kind": self.kind, "block_size": self.block_size, "token_slots": self.token_slots,
+                **self.stats}
+
+
+@dataclass
 class PoolReport:
     source: Source
     label: str
@@ -117,6 +141,7 @@ class PoolReport:
     start_ns: int = 0  # time zero of every time axis
     block_layout: layout.Layout | None = None  # from the pool's block maps
     hotspots: Hotspots | None = None  # of the block layout
+    groups: list[GroupReport] = field(default_factory=list)  # empty when the input has no per-group metrics
 
     @property
     def final(self) -> dict[str, float]:
@@ -135,11 +160,48 @@ def aligned_sum(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray]:
     """Times and the sum of several series at each of their times, each carried
     forward from its latest point (0 before its first)."""
     times = np.unique(np.concatenate([s.times for s in series]))
+    return times, _carried(series, times)
+
+
+def _carried(series: Sequence[Series], times: np.ndarray) -> np.ndarray:
+    """The sum of `series` at `times`, each carried forward from its latest point (0 before its first)."""
     total = np.zeros(len(times))
     for s in series:
         index = np.searchsorted(s.times, times, side="right") - 1
         total += np.where(index >= 0, s.values[np.maximum(index, 0)], 0.0)
-    return times, total
+    return total
+
+
+def group_reports(telemetry: Telemetry, source: Source, start_ns: int) -> list[GroupReport]:
+    """The pool's KV-cache groups, in group order, from the per-group metrics, on
+    the times of the group block counts. A group has token slots when its slots
+    are exported (the plugin exports them for those groups only)."""
+    keys = sorted({(s.attributes.get(GROUP, ""), s.attributes.get(GROUP_KIND, ""))
+                   for s in _matching(telemetry, source, GROUP_BLOCKS_METRIC, {})},
+                  key=lambda key: (not key[0].isdigit(), int(key[0]) if key[0].isdigit() else 0, key))
+    groups = []
+    for group, kind in keys:
+        where = {GROUP: (group,), GROUP_KIND: (kind,)}
+        times, blocks = aligned_sum(_matching(telemetry, source, GROUP_BLOCKS_METRIC, where))
+        values = {"used_blocks": blocks}
+        slots = _matching(telemetry, source, SLOTS_METRIC, where)
+        block_size = None
+        if slots:
+            used = _carried([s for s in slots if s.attributes.get(SLOT_STATE) == "used"], times)
+            unused = _carried([s for s in slots if s.attributes.get(SLOT_STATE) == "unused"], times)
+            allocated = used + unused
+            with np.errstate(divide="ignore", invalid="ignore"):
+                internal = np.where(allocated > 0, np.clip(unused / allocated, 0.0, 1.0), 0.0)
+                sizes = allocated[blocks > 0] / blocks[blocks > 0]
+            values.update(allocated_slots=allocated, used_slots=used, unused_slots=unused,
+                          partial_blocks=_carried(_matching(telemetry, source, PARTIAL_METRIC, where), times),
+                          internal_fragmentation=internal)
+            block_size = int(round(float(np.median(sizes)))) if sizes.size else None
+        quantities = {name: TimeSeries((times - start_ns) / 1e9, values[name]) for name in GROUP_FIELDS
+                      if name in values}
+        groups.append(GroupReport(group, kind, bool(slots), block_size, quantities,
+                                  {name: statistics(q.values) for name, q in quantities.items()}))
+    return groups
 
 
 def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bool) -> PoolReport:
@@ -160,6 +222,7 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
     stats = {name: statistics(q.values) for name, q in quantities.items()}
     latency = {s.attributes.get(OUTCOME, ""): s
                for s in _matching(telemetry, source, LATENCY_METRIC, {}) if s.bounds.size}
+    groups = group_reports(telemetry, source, start_ns)
     report = PoolReport(
         source=source,
         label=label,
@@ -168,9 +231,10 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
         quantities=quantities,
         stats=stats,
         latency=latency,
-        block_size=_block_size(quantities),
+        block_size=_block_size(quantities, groups),
         caveats=_caveats(telemetry, source),
         start_ns=start_ns,
+        groups=groups,
     )
     stacked = layout.stack(telemetry.block_maps.get(source, []), LAYOUT_MAX_MAPS)
     if stacked is not None and stacked.num_blocks:
@@ -206,8 +270,13 @@ def _caveats(telemetry: Telemetry, source: Source) -> list[str]:
     return notes
 
 
-def _block_size(quantities: dict[str, TimeSeries]) -> int | None:
-    """Token slots per used block, whenever blocks were in use."""
+def _block_size(quantities: dict[str, TimeSeries], groups: Sequence[GroupReport] = ()) -> int | None:
+    """Token slots per used block, whenever blocks were in use: the block size of
+    every group with token slots when the input has per-group metrics (None if
+    they differ), else from the pool's slots and blocks (one group)."""
+    if groups:
+        sizes = {g.block_size for g in groups if g.token_slots and g.block_size}
+        return sizes.pop() if len(sizes) == 1 else None
     slots, used = quantities["allocated_slots"].values, quantities["used_blocks"].values
     if len(slots) != len(used) or not np.any(used > 0):
         return None
@@ -280,15 +349,21 @@ def render_text(report: PoolReport) -> str:
     s, f = report.stats, report.final
     bs = report.block_size
     seconds = report.quantities["used_blocks"].seconds
+    several = len(report.groups) > 1
+    if several:
+        groups = f"; {len(report.groups)} KV-cache groups"
+    else:
+        groups = f"; one KV-cache group ({report.groups[0].kind})" if report.groups else ""
     lines = [
         f"KV-cache report: {report.label}",
         f"  {report.exports} exports over {seconds[-1] - seconds[0]:.1f} s; block size {bs or '?'};"
-        f" {int(f['num_blocks'])} usable blocks; {len(report.requests)} request spans",
+        f" {int(f['num_blocks'])} usable blocks{groups}; {len(report.requests)} request spans",
         *(f"  caveat: {note}" for note in report.caveats),
         "",
         "1. What is the fragmentation pattern? (statistics over the exports)",
         *gauge_lines(s),
         "",
+        *([*group_lines([g.summary() for g in report.groups]), ""] if several else []),
         *totals_lines(f),
         "",
         "2. What causes it?",
@@ -316,7 +391,8 @@ def _causes(report: PoolReport) -> list[str]:
     lines = [
         f"  - internal: on average {s['unused_slots']['mean']:.0f} token slots sat empty in"
         f" {s['partial_blocks']['mean']:.1f} partly filled blocks: each running request's last block"
-        f" is filled token by token (at most {bs - 1 if bs else 'block size - 1'} empty slots per request)."
+        f" is filled token by token (at most {bs - 1 if bs else 'block size - 1'} empty slots per request"
+        f"{' and KV-cache group with token slots' if len(report.groups) > 1 else ''})."
     ]
     top = report.classes[0] if report.classes else None
     if top is not None and top.unused_slots:
@@ -325,6 +401,8 @@ def _causes(report: PoolReport) -> list[str]:
             f"    At their end, {top.label} requests held the most unused slots:"
             f" {_share(top.unused_slots, total_unused)} of them, from {_share(top.requests, len(report.requests))}"
             f" of the requests.")
+    if len(report.groups) > 1:
+        lines.append(_group_cause(report))
     lines.append(
         f"  - external: free blocks were split into {s['free_runs']['mean']:.1f} runs on average (largest"
         f" {s['largest_free_run']['mean']:.1f} blocks): requests release blocks in the order they finish, and"
@@ -355,6 +433,20 @@ def _causes(report: PoolReport) -> list[str]:
                      f" {total:.0f} evictions, {how}; from {_share(top_class.requests, len(report.requests))}"
                      " of the requests).")
     return lines
+
+
+def _group_cause(report: PoolReport) -> str:
+    """Which KV-cache groups hold the blocks, and which wastes the most slots."""
+    total = sum(g.stats["used_blocks"]["mean"] for g in report.groups)
+    held = ", ".join(f"{g.kind} (group {g.group}) {g.stats['used_blocks']['mean']:.1f}"
+                     f" ({_share(g.stats['used_blocks']['mean'], total)})" for g in report.groups)
+    line = f"  - groups: of {total:.1f} blocks held on average, {held}."
+    slotted = [g for g in report.groups if g.token_slots]
+    if slotted:
+        worst = max(slotted, key=lambda g: g.stats["internal_fragmentation"]["mean"])
+        line += (f" Internal fragmentation is highest in {worst.kind} (group {worst.group}):"
+                 f" {pct(worst.stats['internal_fragmentation']['mean'])} of its allocated slots empty on average.")
+    return line
 
 
 def _costs(report: PoolReport) -> list[str]:
@@ -408,6 +500,9 @@ def recommendations(report: PoolReport) -> list[str]:
             f" attention backend supports it) about halves the empty tail slots, some"
             f" {s['unused_slots']['mean'] / 2:.0f} token slots ({s['unused_slots']['mean'] / 2 / (bs // 2):.0f}"
             f" blocks of {bs // 2}) back on average.")
+    elif internal >= INTERNAL_WORTH_FIXING:
+        advice.append(f"Internal fragmentation averages {pct(internal)}: a smaller --block-size would cut the empty"
+                      " tail slots (the input does not give one block size for this pool: see the KV-cache groups).")
     else:
         advice.append(f"Internal fragmentation averages {pct(internal)} (below {pct(INTERNAL_WORTH_FIXING)}):"
                       " the block size is not what limits this pool.")
@@ -607,9 +702,27 @@ def charts(report: PoolReport) -> list[Chart]:
                 Line("evictions" if evictions_measured(report) else "est. evictions", positions,
                      share([class_evictions(report, r) for r in rows])),
             ), style="bars", xlabel="", percent=True, categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),)))
+    if len(report.groups) > 1:
+        result.append(groups_chart(report))
     if report.block_layout is not None:
         result.append(layout_chart(report))
     return result
+
+
+def groups_chart(report: PoolReport) -> Chart:
+    """Blocks held per KV-cache group, and internal fragmentation of each group with token slots."""
+    blocks = tuple(Line(f"{g.kind} (group {g.group})", g.quantities["used_blocks"].seconds,
+                        g.quantities["used_blocks"].values) for g in report.groups)
+    # stacked when every group was exported at the same times (one collection exports them all)
+    stack = all(np.array_equal(line.x, blocks[0].x) for line in blocks)
+    panels = [Panel("blocks", blocks, style="stack" if stack else "line")]
+    slotted = [g for g in report.groups if g.token_slots]
+    if slotted:
+        panels.append(Panel("internal fragmentation\n(groups with token slots)", tuple(
+            Line(f"{g.kind} (group {g.group})", g.quantities["internal_fragmentation"].seconds,
+                 g.quantities["internal_fragmentation"].values) for g in slotted), percent=True))
+    return Chart("kv_cache_groups", "KV-cache groups: blocks held, and empty slots in them (a Mamba group's blocks"
+                 " are state pages)", tuple(panels))
 
 
 def layout_chart(report: PoolReport) -> Chart:
@@ -722,6 +835,36 @@ def write_requests(reports: Sequence[PoolReport], out: Path) -> list[Path]:
     return [out / "requests.csv", out / "request_classes.csv"]
 
 
+GROUP_CSV_FIELDS = ["instance", "pool", "group", "kind", "token_slots", "block_size", "exports", "blocks_mean",
+                    "blocks_p50", "blocks_max", "blocks_final", "internal_fragmentation_mean",
+                    "internal_fragmentation_max", "unused_slots_mean", "unused_slots_max", "partial_blocks_mean"]
+
+
+def write_groups(reports: Sequence[PoolReport], out: Path) -> list[Path]:
+    """groups.csv: each pool's KV-cache groups, one row each (slot columns empty
+    for a group without token slots); nothing when no input has per-group metrics."""
+    if not any(r.groups for r in reports):
+        return []
+    with open(out / "groups.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, GROUP_CSV_FIELDS)
+        writer.writeheader()
+        for r in reports:
+            for g in r.groups:
+                row = {"instance": r.source.instance, "pool": r.source.pool, "group": g.group, "kind": g.kind,
+                       "token_slots": "true" if g.token_slots else "false",
+                       "block_size": "" if g.block_size is None else g.block_size,
+                       "exports": len(g.quantities["used_blocks"].values),
+                       **{f"blocks_{k}": v for k, v in g.stats["used_blocks"].items()}}
+                if g.token_slots:
+                    row.update(internal_fragmentation_mean=g.stats["internal_fragmentation"]["mean"],
+                               internal_fragmentation_max=g.stats["internal_fragmentation"]["max"],
+                               unused_slots_mean=g.stats["unused_slots"]["mean"],
+                               unused_slots_max=g.stats["unused_slots"]["max"],
+                               partial_blocks_mean=g.stats["partial_blocks"]["mean"])
+                writer.writerow(row)
+    return [out / "groups.csv"]
+
+
 HOTSPOT_FIELDS = ["instance", "pool", "kind", "rank", "first_block", "last_block", "blocks", "start_s", "end_s",
                   "changes", "share", "changes_per_block", "changes_per_second", "open"]
 
@@ -792,6 +935,7 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
     written[0].write_text(summary)
     written += write_series(telemetry, start, out)
     written += write_requests(reports, out)
+    written += write_groups(reports, out)
     written += write_layouts(reports, out)
     images: dict[str, list[Path]] = {}
     if pictures:

@@ -12,6 +12,7 @@ Callers hold `KVCacheState.lock` around event calls; `snapshot()` takes it.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from operator import attrgetter, countOf
@@ -262,6 +263,11 @@ class KVCacheState:
         # self-check: set at each collection, cleared by whoever compares with the allocator
         self.check_due = False
         self.drift_repairs = 0
+        # allocate_slots is timed for an unbiased random sample of its calls: each
+        # call with probability `allocation_sample_rate`, whatever its place in a step
+        self.allocation_sample_rate = 1.0
+        self._sampler = random.Random(0)  # seeded: a rerun times the same calls
+        self.calls_until_timed = 0
         # raw measurements since the last fold (the hot path only appends) ...
         self._allocation_durations: dict[str, array] = {o: array("d") for o in ALLOCATION_OUTCOMES}
         # ... with an opaque tag per duration (the span layer's context for exemplars), or None
@@ -417,14 +423,31 @@ class KVCacheState:
         totals[1] += hit_tokens
 
     def on_allocation(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
-        outcome = "success" if succeeded else "failure"
-        self.allocations[outcome] += 1
-        durations = self._allocation_durations[outcome]
+        """An allocate_slots call, counted and timed."""
+        self.allocations["success" if succeeded else "failure"] += 1
+        self.buffer_allocation_duration(succeeded, duration_s, tag)
+
+    def buffer_allocation_duration(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
+        durations = self._allocation_durations["success" if succeeded else "failure"]
         if len(durations) < HISTOGRAM_BUFFER_LIMIT:
             durations.append(duration_s)
-            self._allocation_tags[outcome].append(tag)
+            self._allocation_tags["success" if succeeded else "failure"].append(tag)
         else:
             self.dropped_measurements += 1
+
+    def set_allocation_sample_rate(self, rate: float) -> None:
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"a sample rate is in (0, 1], not {rate}")
+        self.allocation_sample_rate = rate
+        self.calls_until_timed = self.next_timed_gap()
+
+    def next_timed_gap(self) -> int:
+        """Calls to leave untimed before the next timed one: geometric gaps time
+        each call independently with probability `allocation_sample_rate`."""
+        rate = self.allocation_sample_rate
+        if rate >= 1.0:
+            return 0
+        return int(math.log(1.0 - self._sampler.random()) / math.log(1.0 - rate))
 
     def on_preemption(self) -> None:
         self.preemptions += 1

@@ -29,6 +29,7 @@ class RequestStory:
     unused_slots: int = 0
     finish_status: str = ""
     handle: Any = field(default=None, repr=False)  # the sink's (a span)
+    exemplar: Any = field(default=None, repr=False)  # the sink's tag for measurements of this request, or None
 
 
 class StorySink(Protocol):

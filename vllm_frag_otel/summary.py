@@ -19,6 +19,28 @@ def field_statistics(snapshots: Sequence[FragmentationSnapshot]) -> dict[str, di
     return {name: statistics(table[:, i]) for i, name in enumerate(FIELDS)}
 
 
+# Per-group statistics of a group with token slots (a group without, e.g. Mamba
+# states, has its used blocks only): GroupSnapshot fields.
+GROUP_FIELDS = ("used_blocks", "allocated_slots", "used_slots", "unused_slots", "partial_blocks",
+                "internal_fragmentation")
+
+
+def group_statistics(snapshots: Sequence[FragmentationSnapshot]) -> list[dict]:
+    """Per KV-cache group, in group order: its group index, kind, block size and
+    whether it has token slots, and statistics (`statistics`) over the snapshots
+    of its used blocks and, with token slots, of its slots and fragmentation."""
+    if not snapshots:
+        raise ValueError("no snapshots to summarise")
+    groups = []
+    for g, first in enumerate(snapshots[0].groups):
+        names = GROUP_FIELDS if first.token_slots else GROUP_FIELDS[:1]
+        table = np.array([[getattr(s.groups[g], f) for f in names] for s in snapshots], dtype=np.float64)
+        groups.append({"group": first.group, "kind": first.kind, "block_size": first.block_size,
+                       "token_slots": first.token_slots,
+                       **{name: statistics(table[:, i]) for i, name in enumerate(names)}})
+    return groups
+
+
 def statistics(values: np.ndarray) -> dict[str, float]:
     """Mean, p50 and max of a non-empty series, and its last value."""
     return {
@@ -59,6 +81,36 @@ def gauge_lines(stats: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def group_lines(groups: Sequence[dict]) -> list[str]:
+    """The KV-cache groups section: one row per group (`group_statistics`; a
+    `block_size` of None is unknown), and what a group without token slots
+    counts. Nothing for a single group: the pool's gauges are that group's."""
+    if len(groups) < 2:
+        return []
+    lines = [
+        "  KV-cache groups (every request has a block table in each; the pool gauges above add them up)",
+        f"  {'group':<22}{'block size':>12}{'blocks mean':>13}{'max':>8}{'internal frag':>15}"
+        f"{'unused slots':>14}{'max':>8}",
+    ]
+    for g in groups:
+        size = (str(g["block_size"]) if g["block_size"] else "?") if g["token_slots"] else "state"
+        cells = [size, f"{g['used_blocks']['mean']:.1f}", f"{g['used_blocks']['max']:.0f}"]
+        if g["token_slots"]:
+            cells += [pct(g["internal_fragmentation"]["mean"]), f"{g['unused_slots']['mean']:.1f}",
+                      f"{g['unused_slots']['max']:.0f}"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append(f"  {str(g['group']) + ' ' + g['kind']:<22}" + "".join(
+            f"{c:>{w}}" for c, w in zip(cells, (12, 13, 8, 15, 14, 8))))
+    for g in groups:
+        if not g["token_slots"]:
+            lines.append(f"  group {g['group']} ({g['kind']}): its blocks are state pages, not token slots (a request's"
+                         " recurrent state, whatever its length): only held blocks are counted, as used in full.")
+    lines.append("  internal frag and unused slots: mean over time (unused slots also at most) of the group's"
+                 " empty token slots in its used blocks.")
+    return lines
+
+
 def totals_lines(final: dict[str, float]) -> list[str]:
     """The cumulative counters at the end, with the ratios that make them readable."""
     queried, hit = final["prefix_queried_tokens"], final["prefix_hit_tokens"]
@@ -78,11 +130,14 @@ def totals_lines(final: dict[str, float]) -> list[str]:
     ]
 
 
-def render(stats: dict[str, dict[str, float]], steps: int, block_size: int) -> str:
-    """The text a person reads after `simulate`: gauges over steps, then totals."""
+def render(stats: dict[str, dict[str, float]], steps: int, block_size: int, groups: Sequence[dict] = ()) -> str:
+    """The text a person reads after `simulate`: gauges over steps, per-group
+    numbers when the layout has several KV-cache groups, then totals."""
     final = {name: s["final"] for name, s in stats.items()}
     lines = [f"KV-cache fragmentation over {steps} scheduler steps (block size {block_size})", ""]
     lines += gauge_lines(stats)
+    if len(groups) > 1:
+        lines += ["", *group_lines(groups)]
     lines += ["", *totals_lines(final)]
     lines += [
         "",

@@ -1,8 +1,9 @@
 """What-if: the same workload on vLLM's real scheduler, once per setting.
 
 Settings vary block size, KV memory (number of blocks), prefix caching and
-max sequences. A block-size change keeps the KV memory (token slots) of its
-row, as on a real GPU, where the memory is fixed and the block size divides it.
+max sequences; the KV-cache layout (`sim.LAYOUTS`) is the same in every row.
+A block-size change keeps the KV memory (token slots) of its row, as on a
+real GPU, where the memory is fixed and the block size divides it.
 The recommendation is the table's best row among those that need no more
 memory than the baseline, by mean request latency (steps x --step-seconds),
 then preemptions, then failed allocations; a change is recommended only if it
@@ -34,6 +35,7 @@ class Setting:
     num_blocks: int  # including vLLM's null block
     prefix_caching: bool
     max_num_seqs: int
+    layout: str = "full"  # a `sim.LAYOUTS` preset or a group description
 
     @property
     def kv_slots(self) -> int:
@@ -42,8 +44,28 @@ class Setting:
 
     @property
     def max_model_len(self) -> int:
-        """vLLM refuses a model longer than its pool at start-up; so does the simulator."""
-        return min(4096, self.kv_slots)
+        """vLLM refuses a model longer than its pool at start-up; so does the simulator.
+
+        With several KV-cache groups a request holds blocks in each of them at
+        once: the longest request whose blocks fit the pool in every group
+        together (`blocks_per_request`)."""
+        usable, longest = self.num_blocks - 1, min(4096, self.kv_slots)
+        groups = sim.parse_layout(self.layout)
+        if blocks_per_request(groups, longest, self.block_size) <= usable:
+            return longest
+        low, high = 0, longest  # the need grows with the length: bisect for the longest that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            if blocks_per_request(groups, middle, self.block_size) <= usable:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    @property
+    def can_prefix_cache(self) -> bool:
+        """False for layouts with Mamba states outside "align" mode: vLLM cannot prefix-cache those."""
+        return sim.EngineShape(layout=self.layout).prefix_caching
 
     @property
     def label(self) -> str:
@@ -58,6 +80,7 @@ class Setting:
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.prefix_caching,
+            layout=self.layout,
         )
 
     def with_block_size(self, block_size: int) -> Setting:
@@ -65,6 +88,21 @@ class Setting:
         if block_size > self.kv_slots:
             raise ValueError(f"blocks of {block_size} tokens do not fit in {self.kv_slots} token slots of KV memory")
         return replace(self, block_size=block_size, num_blocks=self.kv_slots // block_size + 1)
+
+
+def blocks_per_request(groups: Sequence[sim.GroupSpec], length: int, block_size: int) -> int:
+    """The most blocks one request of `length` tokens can hold, every group together.
+
+    vLLM's own start-up bounds, taken for the longest prefill chunk: a sliding
+    window holds at most the whole request plus one block (the window can start
+    mid-block), an attention chunk or R-SWA at most the whole request; a ring
+    buffer one block, a Mamba group one state block per request, two in "align"
+    mode. A kind not listed here is taken to need the most (the whole request
+    and one block)."""
+    whole = -(-length // block_size)
+    need = {"full": whole, "mla": whole, "sliding_window": whole + 1, "sliding_window_mla": whole + 1,
+            "chunked_local": whole, "rswa": whole, "circular_buffer": 1, "mamba": 1, "mamba_align": 2}
+    return sum(need.get(g.kind, whole + 1) for g in groups)
 
 
 @dataclass(frozen=True)
@@ -108,7 +146,12 @@ def settings(
     grid: bool = False,
 ) -> list[Setting]:
     """The baseline first, then each axis's values varied alone (or, with `grid`,
-    every combination). `num_blocks` counts blocks of the baseline's size."""
+    every combination). `num_blocks` counts blocks of the baseline's size. Every
+    setting keeps the baseline's layout; a layout that cannot prefix-cache gets
+    prefix caching off in every row (turning it on would change nothing)."""
+    if not base.can_prefix_cache:
+        base = replace(base, prefix_caching=False)
+        prefix_caching = [False] if prefix_caching else []
     axes = [
         [replace(base, num_blocks=n) for n in num_blocks] or [base],
         list(block_sizes) or [base.block_size],
@@ -124,7 +167,13 @@ def settings(
     else:
         defaults = [base, base.block_size, base.prefix_caching, base.max_num_seqs]
         combos = [make(*(defaults[:i] + [value] + defaults[i + 1:])) for i, axis in enumerate(axes) for value in axis]
-    return list(dict.fromkeys([base, *combos]))
+    runs = list(dict.fromkeys([base, *combos]))
+    for setting in runs:
+        if setting.max_model_len < 1:
+            least = blocks_per_request(sim.parse_layout(setting.layout), 1, setting.block_size)
+            raise ValueError(f"{setting.label}: too few blocks for layout {setting.layout}, where one request needs"
+                             f" {least} usable blocks or more across its KV-cache groups")
+    return runs
 
 
 def default_axes(base: Setting) -> dict[str, list]:
@@ -132,7 +181,7 @@ def default_axes(base: Setting) -> dict[str, list]:
     return {
         "block_sizes": sorted({max(1, base.block_size // 2), base.block_size, base.block_size * 2}),
         "num_blocks": [max(2, (base.num_blocks - 1) // 2 + 1), base.num_blocks, (base.num_blocks - 1) * 2 + 1],
-        "prefix_caching": [True, False],
+        "prefix_caching": [True, False] if base.can_prefix_cache else [],
         "max_num_seqs": sorted({max(1, base.max_num_seqs // 2), base.max_num_seqs, base.max_num_seqs * 2}),
     }
 

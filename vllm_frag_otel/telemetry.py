@@ -72,6 +72,7 @@ SOURCE = "vllm.kv_cache.block.source"
 REASON = "vllm.kv_cache.eviction.reason"
 REUSED = "vllm.kv_cache.block.reused"
 OUTCOME = "vllm.kv_cache.allocation.outcome"
+SAMPLE_RATE = "vllm.kv_cache.allocation.sample_rate"
 RESUMED = "vllm.request.resumed"
 
 PROTOCOLS = ("grpc", "http/protobuf")
@@ -171,7 +172,8 @@ class KVCacheMetrics:
         points = []
         for o in self._latest:
             for outcome, histogram in o.state.allocation_duration.items():
-                points.append(("vllm.kv_cache.allocation.duration", {**o.attributes, OUTCOME: outcome}, histogram))
+                attributes = {**o.attributes, OUTCOME: outcome, SAMPLE_RATE: o.state.allocation_sample_rate}
+                points.append(("vllm.kv_cache.allocation.duration", attributes, histogram))
             points.append(("vllm.kv_cache.block.cache.duration", o.attributes, o.state.block_cache_duration))
             points.append(("vllm.kv_cache.block.idle.duration", o.attributes, o.state.block_idle_duration))
         return points
@@ -366,7 +368,7 @@ class KVCacheSpans:
 
     def opened(self, story: RequestStory, trace_headers) -> None:
         parent = _PROPAGATOR.extract(trace_headers) if trace_headers else Context()
-        story.handle = self._tracer.start_span(
+        span = story.handle = self._tracer.start_span(
             SPAN_NAME,
             context=parent,
             kind=SpanKind.INTERNAL,
@@ -377,6 +379,9 @@ class KVCacheSpans:
                 "vllm.kv_cache.group.count": story.num_groups,
             },
         )
+        # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based)
+        context = span.get_span_context()
+        story.exemplar = context if context.trace_flags.sampled else None
 
     def event(self, story: RequestStory, name: str, attributes: dict[str, Any]) -> None:
         story.handle.add_event(name, attributes)
@@ -634,6 +639,7 @@ class Runtime:
         Points carry the engine's attributes too (model, data-parallel rank): the
         resource names only the process, and one process may run several engines."""
         stories = RequestStories(self.spans, self.settings.max_open_spans) if self.spans is not None else None
+        state.set_allocation_sample_rate(self.settings.allocation_sample_rate)
         attributes = {**engine_attributes, POOL: str(self._pool_count)}
         self._pools = [pool for pool in self._pools if pool[0]() is not None]
         self._pools.append((weakref.ref(state), attributes))
