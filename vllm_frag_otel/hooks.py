@@ -88,6 +88,13 @@ def _pool_state(pool) -> KVCacheState | None:
     return pool.__dict__.get(_STATE) if _guard.active else None
 
 
+def _binds_original(factory: Callable) -> Callable:
+    """Mark a hook that builds its replacement from the original itself: one
+    Python frame per call instead of two, for the hottest hook points."""
+    factory.binds_original = True
+    return factory
+
+
 # -- BlockPool -------------------------------------------------------------------
 
 
@@ -98,12 +105,35 @@ def _pool_init(wrapped, pool, args, kwargs):
 
 
 def _get_new_blocks(wrapped, pool, args, kwargs):
-    blocks = wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
-    if state is not None:
-        with _guard, state.lock:
-            state.on_blocks_allocated([b.block_id for b in blocks], monotonic())
+    if state is None:
+        return wrapped(pool, *args, **kwargs)
+    state.evictions_counted_by_caller = True  # popped cached blocks are counted below, as capacity evictions
+    try:
+        blocks = wrapped(pool, *args, **kwargs)
+    finally:
+        state.evictions_counted_by_caller = False
+    with _guard, state.lock:
+        state.on_blocks_allocated([b.block_id for b in blocks], monotonic())
     return blocks
+
+
+@_binds_original
+def _maybe_evict_cached_block(original: Callable) -> Callable:
+    """vLLM also calls this private method directly (Mamba "align" drops a
+    transient checkpoint's entry: its state is overwritten in place). Called for
+    every block get_new_blocks pops, so the common path is one compare."""
+
+    def maybe_evict_cached_block(pool, block, *args, **kwargs):
+        evicted = original(pool, block, *args, **kwargs)
+        if evicted:
+            state = _pool_state(pool)
+            if state is not None and not state.evictions_counted_by_caller:
+                with _guard, state.lock:
+                    state.on_block_unhashed(block.block_id, "replaced", monotonic())
+        return evicted
+
+    return maybe_evict_cached_block
 
 
 def _touch(wrapped, pool, args, kwargs):
@@ -167,8 +197,13 @@ def _cache_partial_block(wrapped, pool, args, kwargs):
     if state is not None:
         with _guard, state.lock:
             block = _arg(args, kwargs, 1, "block")
+            now = monotonic()
+            # new content in place: the block's earlier entries are gone (a partial
+            # entry growing into a full one of the same content is no eviction)
+            if (args[5] if len(args) > 5 else kwargs.get("replace_existing_hashes", False)) and not block.is_null:
+                state.on_block_unhashed(block.block_id, "replaced", now)
             if block.block_hash is not None:
-                state.on_block_hashed(block.block_id, monotonic())
+                state.on_block_hashed(block.block_id, now)
     return result
 
 
@@ -190,7 +225,11 @@ def _evict_blocks(wrapped, pool, args, kwargs):
     if not isinstance(block_ids, Collection):  # only iterated by vLLM; read it twice
         block_ids = list(block_ids)
         args, kwargs = (block_ids,), {}
-    wrapped(pool, *args, **kwargs)
+    state.evictions_counted_by_caller = True
+    try:
+        wrapped(pool, *args, **kwargs)
+    finally:
+        state.evictions_counted_by_caller = False
     with _guard, state.lock:
         now = monotonic()
         for block_id in block_ids:
@@ -299,13 +338,6 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
         with _guard, hooks.state.lock:
             _story(hooks, _arg(args, kwargs, 0, "request"))
     return result
-
-
-def _binds_original(factory: Callable) -> Callable:
-    """Mark a hook that builds its replacement from the original itself: one
-    Python frame per call instead of two, for the hottest hook point."""
-    factory.binds_original = True
-    return factory
 
 
 @_binds_original
@@ -524,6 +556,7 @@ WRAPPERS: dict[str, Callable] = {
     "BlockPool.move_block_hashes": _move_block_hashes,
     "BlockPool.evict_blocks": _evict_blocks,
     "BlockPool.reset_prefix_cache": _reset_prefix_cache,
+    "BlockPool._maybe_evict_cached_block": _maybe_evict_cached_block,
     "KVCacheManager.__init__": _manager_init,
     "KVCacheManager.get_computed_blocks": _get_computed_blocks,
     "KVCacheManager.allocate_slots": _allocate_slots,

@@ -36,6 +36,7 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("vllm.v1.core.block_pool", "BlockPool.cache_partial_block", ("request", "block")),
     HookPoint("vllm.v1.core.block_pool", "BlockPool.unpin_blocks", ("blocks",)),
     HookPoint("vllm.v1.core.block_pool", "BlockPool.move_block_hashes", ("src_block", "dst_block")),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", ("block",)),
     HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.__init__", ("kv_cache_config",)),
     HookPoint(
         "vllm.v1.core.kv_cache_manager",

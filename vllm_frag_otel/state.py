@@ -27,8 +27,10 @@ from vllm_frag_otel.layout import CACHED, EMPTY, FREE, FULL, PARTIAL
 
 NULL_BLOCK_ID = 0
 
-# Why a cached block lost its prefix-cache entry.
-EVICTION_REASONS = ("capacity", "explicit", "reset")
+# Why a cached block lost its prefix-cache entry: its block was taken for new
+# content (capacity), a KV connector invalidated it (explicit), the whole cache
+# was reset, or vLLM overwrote the block's content in place (replaced: Mamba checkpoints).
+EVICTION_REASONS = ("capacity", "explicit", "reset", "replaced")
 # Where a block handed to a request came from.
 BLOCK_SOURCES = ("fresh", "recycled", "prefix_hit")
 ALLOCATION_OUTCOMES = ("success", "failure")
@@ -263,6 +265,8 @@ class KVCacheState:
         # self-check: set at each collection, cleared by whoever compares with the allocator
         self.check_due = False
         self.drift_repairs = 0
+        # set by the hook layer while a pool call that counts its own evictions runs
+        self.evictions_counted_by_caller = False
         # allocate_slots is timed for an unbiased random sample of its calls: each
         # call with probability `allocation_sample_rate`, whatever its place in a step
         self.allocation_sample_rate = 1.0
