@@ -15,12 +15,16 @@ def test_quick_benchmark_runs_and_reports_every_headline(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FRAG_OTEL_")}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--rounds", "1", "--profile", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    for key in ("step_overhead_ratio", "vllm_kv_metrics_overhead_ratio", "collection_ms", "bytes_per_block"):
+    for key in ("step_overhead_ratio", "step_overhead_ratio_with_spans", "vllm_kv_metrics_overhead_ratio",
+                "step_overhead_ratio_by_scenario", "cpu_overhead_ratio", "collection_ms", "bytes_per_block"):
         assert key in result, key
-    assert result["step_overhead_ratio"] > 0.5 and result["bytes_per_block"] >= 16
+    assert set(result["step_overhead_ratio_by_scenario"]) == {"pressured", "roomy", "seqs256", "seqs1024"}
+    assert result["step_overhead_ratio"] > 0.5 and result["cpu_overhead_ratio"] > 0.5
+    assert 8 <= result["bytes_per_block"] <= 16
+    assert "=== plugin self time per hook" in proc.stdout and "=== hook ablation" in proc.stdout  # --profile
     assert result["collection_ms"] and all(v > 0 for v in result["collection_ms"].values())

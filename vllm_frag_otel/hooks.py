@@ -170,7 +170,6 @@ def _release_wrapper(param: str) -> Callable:
                     if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool
                 ],
                 monotonic(),
-                len(blocks),
             )
         return result
 
@@ -274,6 +273,7 @@ def _manager_init(wrapped, manager, args, kwargs):
         tables = [m.req_to_blocks if m.block_pool is manager.block_pool else {} for m in group_managers]
         state.attach_tables(layouts, tables)
         stories = telemetry.attach(state, _engine_context.take())
+        state.follow_moves = stories is not None
         manager.__dict__[_STATE] = _ManagerHooks(state, len(layouts), stories)
 
 
@@ -343,10 +343,11 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
 @_binds_original
 def _allocate_slots(original: Callable) -> Callable:
     """vLLM calls allocate_slots for every running request on every step, so the
-    common path is a count and a compare. Block tables are not copied (collection
-    reads vLLM's own); the duration is timed for a random sample of calls
-    (`VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE`); the request's story is only told
-    when its blocks moved or the allocation failed.
+    common path is a count and two attribute writes. Block tables are not copied
+    (collection reads vLLM's own); the pool's hooks attribute the blocks that move
+    meanwhile to `state.allocating`; request stories catch up at the next step
+    boundary; the duration is timed for a random sample of calls
+    (`VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE`).
     """
 
     def allocate_slots(manager, request, *args, **kwargs):
@@ -354,52 +355,52 @@ def _allocate_slots(original: Callable) -> Callable:
         if hooks is None or not _guard.active:
             return original(manager, request, *args, **kwargs)
         state = hooks.state
-        events, recycled = state.block_events, state.block_sources["recycled"]
-        timed = state.calls_until_timed == 0
-        if timed:
-            start = perf_counter()
-            result = original(manager, request, *args, **kwargs)
-            duration = perf_counter() - start
-        else:
-            state.calls_until_timed -= 1
-            result = original(manager, request, *args, **kwargs)
+        state.allocating = request
         try:
-            succeeded = result is not None
-            state.allocations["success" if succeeded else "failure"] += 1
-            # blocks moved through the pool: the request's tables may have been edited in place
-            moved = state.block_events != events
-            if moved:
-                state.on_table_edited(request.request_id)
-            if timed:
-                state.calls_until_timed = state.next_timed_gap()
-            if hooks.stories is not None and (moved or timed or not succeeded):
-                _tell_story(hooks, manager, request, succeeded, moved, duration if timed else None,
-                            state.block_sources["recycled"] - recycled)
-            elif timed:
-                with state.lock:
-                    state.buffer_allocation_duration(succeeded, duration)
-        except Exception as exc:
-            _guard.failed(exc)
+            if state.calls_until_timed:
+                state.calls_until_timed -= 1
+                result = original(manager, request, *args, **kwargs)
+                duration = None
+            else:
+                start = perf_counter()
+                result = original(manager, request, *args, **kwargs)
+                duration = perf_counter() - start
+        finally:
+            state.allocating = None
+        state.allocation_calls += 1
+        if result is None or duration is not None:
+            try:
+                _uncommon_allocation(hooks, manager, request, result is not None, duration)
+            except Exception as exc:
+                _guard.failed(exc)
         return result
 
     return allocate_slots
 
 
-def _tell_story(hooks: _ManagerHooks, manager, request, succeeded: bool, moved: bool, duration: float | None,
-                evicted: int) -> None:
-    """An allocation worth a request's story: blocks moved (its peak may have
-    grown, it may have evicted cached blocks), it failed, or it was timed (its
-    span tags the measurement as an exemplar)."""
-    state = hooks.state
-    story = _story(hooks, request)
+def _uncommon_allocation(hooks: _ManagerHooks, manager, request, succeeded: bool, duration: float | None) -> None:
+    """A failed or a timed allocation: counted, timed, told to the request's story."""
+    state, stories = hooks.state, hooks.stories
+    story = stories.open.get(request.request_id) if stories is not None else None
     with state.lock:
+        if not succeeded:
+            state.allocation_failures += 1
+            if story is not None:
+                stories.allocation_failed(story, manager.block_pool.get_num_free_blocks())
         if duration is not None:
             state.buffer_allocation_duration(succeeded, duration, story.exemplar if story is not None else None)
-        if story is not None and (moved or not succeeded):
-            hooks.stories.allocated(
-                story, succeeded, state.request_blocks_held(request.request_id) if moved else 0,
-                manager.block_pool.get_num_free_blocks() if not succeeded else 0, evicted,
-            )
+            state.calls_until_timed = state.next_timed_gap()
+
+
+def _settle_moves(hooks: _ManagerHooks) -> None:
+    """Bring the stories of requests whose blocks moved up to date: peak blocks
+    held and the cached blocks their allocations took over. Runs at each step
+    boundary and before a request gives its blocks back, so no peak is missed."""
+    state, stories = hooks.state, hooks.stories
+    for request_id, evicted in state.take_moves().items():
+        story = stories.open.get(request_id)
+        if story is not None:
+            stories.blocks_moved(story, state.request_blocks_held(request_id), evicted)
 
 
 def _remove_skipped_blocks(wrapped, manager, args, kwargs):
@@ -475,12 +476,17 @@ _probe_rng = random.Random()  # probes differ from check to check: a lasting dri
 
 
 def _schedule(wrapped, scheduler, args, kwargs):
-    """A step boundary: nothing of vLLM's is mid-change, so the self-check runs here."""
+    """A step boundary: nothing of vLLM's is mid-change, so the self-check runs
+    here; after it, the stories of requests whose blocks moved catch up."""
     hooks = _manager_hooks(scheduler.kv_cache_manager)
     if hooks is not None and hooks.state.check_due:
         with _guard:
             self_check(hooks.state, scheduler.kv_cache_manager.block_pool)
-    return wrapped(scheduler, *args, **kwargs)
+    output = wrapped(scheduler, *args, **kwargs)
+    if hooks is not None and hooks.state.moved:
+        with _guard, hooks.state.lock:
+            _settle_moves(hooks)
+    return output
 
 
 def self_check(state: KVCacheState, pool) -> list[str]:
@@ -517,6 +523,8 @@ def _preempt_request(wrapped, scheduler, args, kwargs):
     blocks_held = 0
     with _guard, hooks.state.lock:
         blocks_held = hooks.state.request_blocks_held(request.request_id)
+        if hooks.stories is not None:
+            _settle_moves(hooks)  # its peak, before it gives its blocks back
     result = wrapped(scheduler, *args, **kwargs)
     with _guard, hooks.state.lock:
         hooks.state.on_preemption()
@@ -535,6 +543,7 @@ def _free_request(wrapped, scheduler, args, kwargs):
     slots = (0, 0)
     with _guard, hooks.state.lock:
         slots = hooks.state.request_slots(request.request_id)
+        _settle_moves(hooks)  # its peak, before it gives its blocks back
     result = wrapped(scheduler, *args, **kwargs)
     with _guard, hooks.state.lock:
         status = request.status.name.lower()

@@ -103,6 +103,12 @@ class HasComputedTokens(Protocol):
     num_computed_tokens: int
 
 
+class HasRequestId(Protocol):
+    """What the core reads of the request whose allocation is running."""
+
+    request_id: str
+
+
 class HasBlockId(Protocol):
     """What the core reads of a block-table entry; id 0 is the null block."""
 
@@ -248,16 +254,21 @@ class KVCacheState:
         self._tables: list[BlockTables] = []
         self._requests: Mapping[str, HasComputedTokens] = {}
         self.attach_tables([GroupLayout("full_attention", size) for size in block_sizes], [{} for _ in block_sizes])
-        # blocks taken or given back through the pool: a request's tables can
-        # only have changed while this moved
-        self.block_events = 0
         # requests whose tables vLLM may have edited in place since the last collection
         self._edited: set[str] = set()
+        # the request whose allocate_slots is running (set by the hook layer): pool
+        # events in the meantime are its blocks moving
+        self.allocating: HasRequestId | None = None
+        # with request stories: request id -> cached blocks its allocations took over,
+        # for every request whose blocks moved since the stories were last brought up to date
+        self.follow_moves = False
+        self.moved: dict[str, int] = {}
         self._collect_lock = threading.Lock()
 
         # resumed (re-admitted after preemption) -> [queried, hit] tokens
         self.prefix_lookups = {False: [0, 0], True: [0, 0]}
-        self.allocations = dict.fromkeys(ALLOCATION_OUTCOMES, 0)
+        self.allocation_calls = 0
+        self.allocation_failures = 0
         self.preemptions = 0
         self.block_sources = dict.fromkeys(BLOCK_SOURCES, 0)
         # (reason, reused since cached) -> evicted blocks
@@ -311,7 +322,7 @@ class KVCacheState:
     def on_blocks_allocated(self, block_ids: Iterable[int], now: float) -> None:
         """Blocks popped from the free list; any cached content they held is gone."""
         free, hashed, sources = self._free, self._hashed, self.block_sources
-        count = 0
+        count, recycled_before = 0, sources["recycled"]
         for b in block_ids:
             count += 1
             if hashed[b]:
@@ -321,7 +332,8 @@ class KVCacheState:
                 sources["fresh"] += 1
             free[b] = 0
         self._free_count -= count
-        self.block_events += count
+        if self.allocating is not None:
+            self._blocks_moved(self.allocating.request_id, sources["recycled"] - recycled_before)
 
     def on_blocks_touched(self, block_ids: Iterable[int]) -> None:
         """Prefix-cache hits: cached blocks gain a holder (and leave the free list)."""
@@ -334,11 +346,12 @@ class KVCacheState:
                 free[b] = 0
                 self._free_count -= 1
         self.block_sources["prefix_hit"] += count
-        self.block_events += count
+        if self.allocating is not None:
+            self._blocks_moved(self.allocating.request_id, 0)
 
-    def on_blocks_released(self, block_ids: Iterable[int], now: float, given_back: int = 0) -> None:
-        """`block_ids`: blocks whose last holder let go (ref_cnt reached 0), of
-        `given_back` blocks handed back to the pool."""
+    def on_blocks_released(self, block_ids: Iterable[int], now: float) -> None:
+        """Blocks whose last holder let go (ref_cnt reached 0); called for every
+        release, also one that freed none (a holder let go all the same)."""
         free, released_at = self._free, self._released_at
         now_ms = _ms(now)
         for b in block_ids:
@@ -346,7 +359,20 @@ class KVCacheState:
                 free[b] = 1
                 released_at[b] = now_ms
                 self._free_count += 1
-        self.block_events += given_back
+        if self.allocating is not None:
+            self._blocks_moved(self.allocating.request_id, 0)
+
+    def _blocks_moved(self, request_id: str, recycled: int) -> None:
+        """Blocks of this request moved: its tables may have been edited in place."""
+        self.on_table_edited(request_id)
+        if self.follow_moves:
+            self.moved[request_id] = self.moved.get(request_id, 0) + recycled
+
+    def take_moves(self) -> dict[str, int]:
+        """The requests whose blocks moved since the last call, with the cached
+        blocks their allocations took over."""
+        moved, self.moved = self.moved, {}
+        return moved
 
     def on_block_hashed(self, block_id: int, now: float) -> None:
         if not self._hashed[block_id]:
@@ -426,9 +452,15 @@ class KVCacheState:
         totals[0] += queried_tokens
         totals[1] += hit_tokens
 
+    @property
+    def allocations(self) -> dict[str, int]:
+        """allocate_slots calls by outcome."""
+        return {"success": self.allocation_calls - self.allocation_failures, "failure": self.allocation_failures}
+
     def on_allocation(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
         """An allocate_slots call, counted and timed."""
-        self.allocations["success" if succeeded else "failure"] += 1
+        self.allocation_calls += 1
+        self.allocation_failures += not succeeded
         self.buffer_allocation_duration(succeeded, duration_s, tag)
 
     def buffer_allocation_duration(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
@@ -704,8 +736,8 @@ class KVCacheState:
             blocks_allocated_fresh=self.block_sources["fresh"],
             blocks_allocated_recycled=self.block_sources["recycled"],
             blocks_prefix_hit=self.block_sources["prefix_hit"],
-            allocation_attempts=sum(self.allocations.values()),
-            allocation_failures=self.allocations["failure"],
+            allocation_attempts=self.allocation_calls,
+            allocation_failures=self.allocation_failures,
             preemptions=self.preemptions,
             drift_repairs=self.drift_repairs,
             groups=tuple(groups),

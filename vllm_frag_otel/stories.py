@@ -71,16 +71,16 @@ class RequestStories:
         else:
             self.sink.event(story, "resumed", {"vllm.kv_cache.prefix_cache.hit_tokens": hit_tokens})
 
-    def allocated(
-        self, story: RequestStory, succeeded: bool, blocks_held: int, free_blocks: int, evicted_blocks: int = 0
-    ) -> None:
+    def blocks_moved(self, story: RequestStory, blocks_held: int, evicted_blocks: int) -> None:
+        """Its allocations took blocks (or gave some back): a request that failed
+        needed blocks, so this also ends a run of failures."""
+        story.evicted_blocks += evicted_blocks
+        story.peak_blocks = max(story.peak_blocks, blocks_held)
+        story.failing = False
+
+    def allocation_failed(self, story: RequestStory, free_blocks: int) -> None:
         """Every failure is counted; a run of failures (one per scheduler step while
         the request waits for blocks) is one event, at its start."""
-        story.evicted_blocks += evicted_blocks
-        if succeeded:
-            story.peak_blocks = max(story.peak_blocks, blocks_held)
-            story.failing = False
-            return
         story.failed_allocations += 1
         if not story.failing:
             story.failing = True
