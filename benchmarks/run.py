@@ -126,12 +126,12 @@ class Config:
 
 
 FULL = Config(
-    rounds=15,
+    rounds=7,
     num_requests=200,
     warmup_requests=40,
     scenarios={
         "pressured": Scenario(1024), "roomy": Scenario(16384),
-        "seqs256": _long_decodes(256, 1024), "seqs1024": _long_decodes(1024, 512),
+        "seqs256": _long_decodes(256, 512), "seqs1024": _long_decodes(1024, 256),
     },
     collect_every=1000,
     pool_sizes=(10_000, 100_000, 1_000_000),

@@ -38,7 +38,7 @@ class Settings:
     max_open_spans: int = 16384
     block_map_interval: float = 0.0  # seconds between block-layout maps; 0: none
     block_map_max_cells: int = 4096
-    allocation_sample_rate: float = 0.1  # share of allocate_slots calls timed for the duration histogram
+    allocation_sample_rate: float = 0.01  # share of allocate_slots calls timed for the duration histogram
 
 
 def _parse_bool(raw: str) -> bool:
