@@ -39,6 +39,7 @@ class Settings:
     block_map_interval: float = 0.0  # seconds between block-layout maps; 0: none
     block_map_max_cells: int = 4096
     allocation_sample_rate: float = 0.01  # share of allocate_slots calls timed for the duration histogram
+    shutdown_timeout: float = 3.0  # seconds the flush at engine stop may hold vLLM's stop (inside vLLM's 5 s kill window)
 
 
 def _parse_bool(raw: str) -> bool:
@@ -74,6 +75,13 @@ def _parse_seconds(raw: str) -> float:
     return value
 
 
+def _parse_positive_seconds(raw: str) -> float:
+    value = float(raw.strip())
+    if not 0 < value < float("inf"):
+        raise ValueError
+    return value
+
+
 def _parse_share(raw: str) -> float:
     value = float(raw.strip())
     if not 0 < value <= 1:
@@ -105,6 +113,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE": (
         "allocation_sample_rate", _parse_share, "a number in (0, 1] (1: time every allocate_slots call)"
     ),
+    "VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _parse_positive_seconds, "a number of seconds > 0"),
 }
 
 _reported: set[tuple[str, str]] = set()

@@ -554,6 +554,25 @@ def _free_request(wrapped, scheduler, args, kwargs):
     return result
 
 
+def _scheduler_shutdown(wrapped, scheduler, args, kwargs):
+    """vLLM stops the engine: EngineCore.shutdown calls this on every graceful
+    path (SIGTERM/SIGINT of the engine-core process, the API server's exit,
+    an offline LLM's finalizer). After vLLM's own shutdown, the plugin ends
+    the pool's open spans and, once every engine of this process stopped,
+    exports its last point, spans and block maps, bounded by
+    VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT."""
+    try:
+        return wrapped(scheduler, *args, **kwargs)
+    finally:
+        with _guard:
+            manager = getattr(scheduler, "kv_cache_manager", None)
+            hooks = manager.__dict__.get(_STATE) if manager is not None else None  # even if the guard gave up
+            if hooks is not None and hooks.stories is not None and _guard.active:
+                with hooks.state.lock:
+                    _settle_moves(hooks)  # the open spans' peaks, before they end
+            telemetry.engine_stopped(hooks.state if hooks is not None else None, getattr(scheduler, "requests", None))
+
+
 WRAPPERS: dict[str, Callable] = {
     "BlockPool.__init__": _pool_init,
     "BlockPool.get_new_blocks": _get_new_blocks,
@@ -575,6 +594,7 @@ WRAPPERS: dict[str, Callable] = {
     "Scheduler.schedule": _schedule,
     "Scheduler._preempt_request": _preempt_request,
     "Scheduler._free_request": _free_request,
+    "Scheduler.shutdown": _scheduler_shutdown,
 }
 
 

@@ -54,6 +54,8 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ()),
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request", ("request",)),
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("request",)),
+    # EngineCore.shutdown -> Scheduler.shutdown on every graceful stop: the last flush
+    HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.shutdown", ()),
 )
 
 

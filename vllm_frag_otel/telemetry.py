@@ -11,8 +11,10 @@ it starts once per process, in the process that builds a KV cache manager.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import socket
@@ -21,7 +23,7 @@ import uuid
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from time import time_ns
+from time import monotonic, time_ns
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -74,6 +76,8 @@ REUSED = "vllm.kv_cache.block.reused"
 OUTCOME = "vllm.kv_cache.allocation.outcome"
 SAMPLE_RATE = "vllm.kv_cache.allocation.sample_rate"
 RESUMED = "vllm.request.resumed"
+ENGINE_STOPPED = "vllm.kv_cache.engine_stopped"
+ENGINE_STOPPED_STATUS = "engine_stopped"  # vllm.request.finish_status of a span ended by the engine's stop
 
 PROTOCOLS = ("grpc", "http/protobuf")
 
@@ -278,15 +282,20 @@ class HistogramExporter(MetricExporter):
         self._start_ns = time_ns()
         self._last_ns = self._start_ns
         self._exported: dict[tuple, tuple[np.ndarray, int, float]] = {}
+        self.delivered_ns = 0  # when the last export that the exporter confirmed began
 
     @property
     def delta(self) -> bool:
         return (self._preferred_temporality or {}).get(SdkHistogram) is AggregationTemporality.DELTA
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
+        began = time_ns()
         if self.metrics is not None:
             metrics_data = self._with_histograms(metrics_data)
-        return self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        if result is MetricExportResult.SUCCESS:
+            self.delivered_ns = began
+        return result
 
     def _with_histograms(self, metrics_data: MetricsData) -> MetricsData:
         now = time_ns()
@@ -399,6 +408,8 @@ class KVCacheSpans:
             "gen_ai.usage.completion_tokens": story.output_tokens,
             "vllm.request.finish_status": story.finish_status,
         })
+        if story.finish_status == ENGINE_STOPPED_STATUS:
+            span.set_attribute(ENGINE_STOPPED, True)  # status stays UNSET: the request did not fail
         if failed:
             span.set_status(Status(StatusCode.ERROR, story.finish_status))
         span.end()
@@ -424,6 +435,7 @@ class BlockMapSampler:
         self._guard = guard
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.emitted = 0  # maps handed to the logger, ever
 
     def sample(self) -> int:
         """Emit one map per live pool; returns how many."""
@@ -438,6 +450,7 @@ class BlockMapSampler:
                 event_name=EVENT_NAME, severity_number=SeverityNumber.INFO,
             )
             emitted += 1
+            self.emitted += 1
         return emitted
 
     def start(self, interval_s: float) -> None:
@@ -455,10 +468,51 @@ class BlockMapSampler:
                     raise
                 self._guard.failed(exc)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=max(0.0, timeout_s))
+
+
+# -- delivery accounting (what a stop could not deliver) ----------------------------
+
+
+class _Delivery:
+    """Wraps a span or log exporter: counts the items it confirmed delivered."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.delivered = 0
+
+    def export(self, batch, *args, **kwargs):
+        result = self.inner.export(batch, *args, **kwargs)
+        if getattr(result, "name", None) == "SUCCESS":
+            self.delivered += len(batch)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: int = 30_000) -> None:
+        # the batch processors pass the time left when the exporter takes it
+        if "timeout_millis" in inspect.signature(self.inner.shutdown).parameters:
+            self.inner.shutdown(timeout_millis=timeout_millis)
+        else:
+            self.inner.shutdown()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class _EndedSpans(SpanProcessor):
+    """Counts the sampled spans ended (those the batch processor queues for export)."""
+
+    def __init__(self):
+        self.ended = 0
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is not None and span.context.trace_flags.sampled:
+            self.ended += 1
 
 
 # -- exporters and the per-process runtime ----------------------------------------
@@ -575,6 +629,15 @@ class Runtime:
         self._resource: Resource | None = None
         self._pools: list[tuple[weakref.ref[KVCacheState], dict[str, Any]]] = []
         self._pool_count = 0
+        self._ledgers: list[tuple[weakref.ref[KVCacheState], RequestStories]] = []
+        self._stopped_pools: weakref.WeakSet[KVCacheState] = weakref.WeakSet()
+        self._stop_lock = threading.Lock()
+        self.stopped = False
+        self.undelivered: dict[str, int] | None = None  # what the stop could not deliver in time
+        self._histograms: HistogramExporter | None = None
+        self._span_delivery: _Delivery | None = None
+        self._ended_spans: _EndedSpans | None = None
+        self._log_delivery: _Delivery | None = None
         if _env("OTEL_SDK_DISABLED").lower() == "true":
             logger.info("vllm-frag-otel: OTEL_SDK_DISABLED=true, no telemetry is exported.")
             return
@@ -600,7 +663,7 @@ class Runtime:
         if settings.block_map_interval > 0 and self.start_block_maps() is not None:
             self.block_maps.start(settings.block_map_interval)
         if metric_exporter is not None:
-            exporter = HistogramExporter(
+            exporter = self._histograms = HistogramExporter(
                 metric_exporter, exemplars=_env("OTEL_METRICS_EXEMPLAR_FILTER").lower() != "always_off"
             )
             self.meter_provider = MeterProvider(
@@ -610,8 +673,11 @@ class Runtime:
         if span_exporter is not None:
             # the SDK's own processor metrics (queue size, spans dropped when full) go with ours
             self.tracer_provider = TracerProvider(resource=resource)
+            self._ended_spans = _EndedSpans()
+            self._span_delivery = _Delivery(span_exporter)
+            self.tracer_provider.add_span_processor(self._ended_spans)
             self.tracer_provider.add_span_processor(
-                BatchSpanProcessor(span_exporter, meter_provider=self.meter_provider)
+                BatchSpanProcessor(self._span_delivery, meter_provider=self.meter_provider)
             )
             self.spans = KVCacheSpans(self.tracer_provider.get_tracer(SCOPE, __version__))
 
@@ -623,7 +689,8 @@ class Runtime:
                 if exporter is None:
                     return None
                 self.logger_provider = LoggerProvider(resource=self._resource)
-                self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+                self._log_delivery = _Delivery(exporter)
+                self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(self._log_delivery))
             self.block_maps = BlockMapSampler(
                 self.logger_provider.get_logger(SCOPE, __version__), self.settings.block_map_max_cells,
                 self._live_pools, self._guard,
@@ -645,11 +712,15 @@ class Runtime:
         self._pools.append((weakref.ref(state), attributes))
         if self.metrics is not None:
             self.metrics.add_pool(state, attributes, stories)
+        if stories is not None:
+            self._ledgers = [ledger for ledger in self._ledgers if ledger[0]() is not None]
+            self._ledgers.append((weakref.ref(state), stories))
         self._pool_count += 1
         return stories
 
     def forget_pools(self) -> None:
         self._pools = []
+        self._ledgers = []
         if self.metrics is not None:
             self.metrics.clear()
 
@@ -661,10 +732,118 @@ class Runtime:
             provider.force_flush()
 
     def shutdown(self) -> None:
+        with self._stop_lock:
+            if self.stopped:
+                return
+            self.stopped = True
         if self.block_maps is not None:
             self.block_maps.stop()
         for provider in self._providers():
             provider.shutdown()
+
+    # -- the engine's stop ------------------------------------------------------------
+
+    def engine_stopped(self, state: KVCacheState | None, requests=None) -> dict[str, int] | None:
+        """vLLM stopped the engine whose pool is `state`: end its open spans; once
+        every live pool's engine stopped, `stop()` this runtime. Returns what
+        the stop could not deliver, or None when no stop happened (now)."""
+        deadline = monotonic() + self.settings.shutdown_timeout
+        if state is not None:
+            for ref, stories in list(self._ledgers):
+                if ref() is state:
+                    self._end_stories(state, stories, requests, deadline)
+            self._stopped_pools.add(state)
+        if any(pool not in self._stopped_pools for pool, _ in self._live_pools()):
+            return None  # another engine in this process still runs
+        return self.stop(deadline)
+
+    def stop(self, deadline: float | None = None) -> dict[str, int] | None:
+        """The last of everything, within VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT: end every
+        open span (engine stopped), emit the last block maps, export one final
+        metrics point and shut the providers down. What could not be delivered
+        by the deadline is counted (returned, kept in `undelivered`) and logged
+        once. A second call does nothing and returns None."""
+        if deadline is None:
+            deadline = monotonic() + self.settings.shutdown_timeout
+        with self._stop_lock:
+            if self.stopped:
+                return None
+            self.stopped = True
+        began = time_ns()
+        for ref, stories in list(self._ledgers):
+            if (state := ref()) is not None:
+                self._end_stories(state, stories, None, deadline)
+        if self.block_maps is not None:
+            self.block_maps.stop(deadline - monotonic())
+            try:
+                self.block_maps.sample()  # the layout at the moment of stop
+            except Exception as exc:  # contained like a hook error
+                if self._guard is not None:
+                    self._guard.failed(exc)
+        # each provider flushes and shuts down on its own daemon thread: a dead or
+        # slow collector holds none of the others, nor vLLM past the deadline
+        workers = [
+            threading.Thread(target=self._shutdown_provider, args=(provider, deadline),
+                             name="vllm-frag-otel-stop", daemon=True)
+            for provider in self._providers()
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(max(0.0, deadline - monotonic()))
+        late = sum(worker.is_alive() for worker in workers)
+        self.undelivered = self._count_undelivered(began)
+        if late or any(self.undelivered.values()):
+            logger.warning(
+                "vllm-frag-otel: at engine stop, %s could not be delivered within "
+                "VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT=%gs (%d exporter(s) still busy); it is lost.",
+                ", ".join(f"{n} {what}" for what, n in self.undelivered.items() if n) or "nothing counted",
+                self.settings.shutdown_timeout, late,
+            )
+        return self.undelivered
+
+    def _end_stories(self, state: KVCacheState, stories: RequestStories, requests, deadline: float) -> int:
+        """End every open story of one pool as stopped with the engine."""
+        if not state.lock.acquire(timeout=max(0.0, deadline - monotonic())):
+            return 0
+        ended = 0
+        try:
+            requests = requests if requests is not None else getattr(state, "_requests", {})
+            for request_id in list(stories.open):
+                try:
+                    allocated, used = state.request_slots(request_id)
+                    request = requests.get(request_id)
+                    output_tokens = getattr(request, "num_output_tokens", 0) if request is not None else 0
+                    stories.finished(request_id, ENGINE_STOPPED_STATUS, allocated, allocated - used,
+                                     output_tokens, failed=False)
+                    ended += 1
+                except Exception as exc:  # one bad story never keeps the others open
+                    stories.open.pop(request_id, None)
+                    if self._guard is not None:
+                        self._guard.failed(exc)
+        finally:
+            state.lock.release()
+        return ended
+
+    @staticmethod
+    def _shutdown_provider(provider, deadline: float) -> None:
+        try:
+            if isinstance(provider, MeterProvider):
+                provider.shutdown(timeout_millis=max(0.0, deadline - monotonic()) * 1e3)
+            else:
+                provider.shutdown()
+        except Exception as exc:  # never reaches vLLM
+            logger.debug("vllm-frag-otel: provider shutdown failed", exc_info=exc)
+
+    def _count_undelivered(self, began: int) -> dict[str, int]:
+        undelivered = {}
+        if self._histograms is not None:
+            undelivered["final metrics points"] = int(self._histograms.delivered_ns < began)
+        if self._ended_spans is not None and self._span_delivery is not None:
+            undelivered["spans"] = max(0, self._ended_spans.ended - self._span_delivery.delivered)
+        if self.block_maps is not None and self._log_delivery is not None:
+            undelivered["block maps"] = max(0, self.block_maps.emitted - self._log_delivery.delivered)
+        return undelivered
 
 
 @contextlib.contextmanager
@@ -704,8 +883,10 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestSto
     from vllm_frag_otel.hooks import guard
 
     with _runtime_lock:
-        if runtime() is None:
+        if runtime() is None or _runtime.stopped:
             settings = load_settings()
+            if _runtime is None or _runtime.pid != os.getpid():
+                atexit.register(_stop_at_exit)  # fallback: paths where vLLM's shutdown did not run
             try:
                 _runtime = Runtime(settings, engine_attributes, guard())
             except Exception as exc:  # never let telemetry set-up reach vLLM; track without exporting
@@ -713,6 +894,21 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestSto
                                type(exc).__name__, exc)
                 _runtime = Runtime(replace(settings, exporter="none", spans=False), engine_attributes, guard())
         return _runtime.add_pool(state, engine_attributes)
+
+
+def engine_stopped(state: KVCacheState | None, requests=None) -> dict[str, int] | None:
+    """vLLM stopped the engine whose pool is `state` (its Scheduler shut down)."""
+    current = runtime()
+    return current.engine_stopped(state, requests) if current is not None else None
+
+
+def _stop_at_exit() -> None:
+    current = runtime()
+    if current is not None:
+        try:
+            current.stop()
+        except Exception as exc:  # never at exit
+            logger.debug("vllm-frag-otel: stop at exit failed", exc_info=exc)
 
 
 def _forget_parent_runtime() -> None:
