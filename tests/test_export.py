@@ -99,6 +99,7 @@ def test_metrics_reach_a_real_otlp_receiver(tmp_path, protocol):
         endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
         summary = _simulate(tmp_path, {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "VLLM_FRAG_OTEL_EXPORTER": "otlp",  # simulate --output writes files unless told to send
             "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             # delta: the histogram counts of all exports add up to every allocate_slots call
@@ -189,6 +190,7 @@ def test_tls_and_auth_headers_through_the_standard_variables(tmp_path, tls_recei
     endpoint = f"https://127.0.0.1:{tls_receiver[protocol]}"
     transport = "grpc" if protocol == "grpc" else "http"
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+           "VLLM_FRAG_OTEL_EXPORTER": "otlp",  # simulate --output writes files unless told to send
            "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cret"}
     # not trusting the self-signed certificate: nothing is delivered, and vLLM's run still completes
     before = len(_received(tls_receiver["out"]))

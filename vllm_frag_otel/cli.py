@@ -9,20 +9,28 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from vllm_frag_otel import __version__
 from vllm_frag_otel import report as reporting
 from vllm_frag_otel import sim, workloads
 from vllm_frag_otel import sweep as what_if
 from vllm_frag_otel.config import load_settings
 from vllm_frag_otel.jsonlines import InputProblem
-from vllm_frag_otel.summary import field_statistics, group_statistics, render
+from vllm_frag_otel.summary import empty_block_statistics, field_statistics, group_statistics, render
 from vllm_frag_otel.telemetry import runtime
 
 DEFAULT_REQUESTS = 500
+# How long the run waits for one export to a collector (the file exporter takes
+# milliseconds): a collector that is down or never answers must not stall the run.
+STEP_FLUSH_SECONDS = 0.5
+FINAL_FLUSH_SECONDS = 5.0
+EXIT_INTERRUPTED = 130
 
 
 def _int_list(text: str) -> list[int]:
@@ -65,12 +73,14 @@ def _layout_help() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-frag-otel", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     simulation = commands.add_parser(
         "simulate",
         help="drive vLLM's real v1 scheduler and KV cache manager on the CPU and summarise fragmentation",
     )
-    simulation.add_argument("--workload", choices=workloads.workload_names(), default="sharegpt")
+    simulation.add_argument("--workload", choices=workloads.workload_names(), default="sharegpt",
+                            help="built-in request mix (default sharegpt)")
     simulation.add_argument("--workload-file", type=Path, metavar="PATH",
                      help="replay your own mix instead: JSON lines with arrival_time (s), prompt_len, output_len and"
                           " optionally prefix_group, prefix_len (requests of a group share their first prefix_len"
@@ -83,18 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     simulation.add_argument("--step-seconds", type=float, default=0.02,
                      help="simulated duration of one scheduler step, which maps arrival times onto steps and"
                           " steps onto latency (default 0.02: about one decode step of a mid-size model on one GPU)")
-    simulation.add_argument("--num-blocks", type=int, default=2048, help="KV-cache blocks in the pool")
-    simulation.add_argument("--block-size", type=int, default=16, help="tokens per block")
-    simulation.add_argument("--max-num-seqs", type=int, default=128)
-    simulation.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    simulation.add_argument("--prefix-groups", type=int, default=4, help="shared system prompts (0: none)")
-    simulation.add_argument("--prefix-len", type=int, default=64, help="tokens per shared system prompt")
-    simulation.add_argument("--no-prefix-caching", action="store_true")
+    simulation.add_argument("--num-blocks", type=int, default=2048, help="KV-cache blocks in the pool (default 2048)")
+    simulation.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    simulation.add_argument("--max-num-seqs", type=int, default=128,
+                            help="most requests scheduled at once (default 128)")
+    simulation.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                            help="most tokens scheduled in one step (default 2048)")
+    simulation.add_argument("--prefix-groups", type=int, default=4, help="shared system prompts (default 4; 0: none)")
+    simulation.add_argument("--prefix-len", type=int, default=64, help="tokens per shared system prompt (default 64)")
+    simulation.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix caching off")
     simulation.add_argument("--layout", type=_layout, default="full", metavar="NAME_OR_GROUPS", help=_layout_help())
-    simulation.add_argument("--seed", type=int, default=0)
+    simulation.add_argument("--seed", type=int, default=0, help="random seed of the workload and arrivals (default 0)")
     simulation.add_argument("--output", type=Path,
-                     help="write telemetry files and summary.json here (with --sweep: the sweep's table, CSV, JSON"
-                          " and plot; default frag-sweep)")
+                     help="write telemetry files and summary.json here, whatever OTEL_EXPORTER_OTLP_ENDPOINT says"
+                          " (with --sweep: the sweep's table, CSV, JSON and plot; default frag-sweep). Default: no"
+                          " summary.json; telemetry goes where the plugin's settings say")
     simulation.add_argument("--export-every", type=int, default=10, metavar="STEPS",
                      help="export the plugin's metrics every STEPS scheduler steps, for time series in `report`"
                           " (default 10; 0: only every OTEL_METRIC_EXPORT_INTERVAL ms, default 1000)")
@@ -130,7 +143,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+SWEEP_FLAGS = ("sweep_block_sizes", "sweep_num_blocks", "sweep_prefix_caching", "sweep_max_num_seqs", "sweep_grid")
+
+
 def _validate(parser: argparse.ArgumentParser, args) -> None:
+    if not args.sweep:
+        for name in SWEEP_FLAGS:
+            if getattr(args, name):
+                parser.error(f"--{name.replace('_', '-')} needs --sweep (it lists settings to compare)")
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -194,10 +214,106 @@ def _workload_name(args) -> str:
     return str(args.workload_file) if args.workload_file is not None else args.workload
 
 
+def _unwritable(directory: Path) -> str | None:
+    """Why files cannot be written in `directory` (created if missing), or None if they can."""
+    try:
+        if directory.exists() and not directory.is_dir():
+            return "it is a file, not a directory"
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _path_error(what: str, path: Path, reason: str) -> int:
+    print(f"vllm-frag-otel: error: {what} {path}: {reason}", file=sys.stderr)
+    return 2
+
+
+def _telemetry_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def _telemetry_dir() -> Path | None:
+    """The directory the plugin will write files to in this run, if it writes files."""
+    from vllm_frag_otel.telemetry import exporter_choice
+
+    settings = load_settings()
+    if _telemetry_disabled() or not settings.enabled:
+        return None
+    if "file" not in (exporter_choice(settings, "metrics"), exporter_choice(settings, "traces")):
+        return None
+    return Path(settings.file_dir)
+
+
+class _Flusher:
+    """Exports what the plugin holds without ever stalling the run on a
+    collector: each flush runs in a thread and is waited for a bounded time;
+    while one is still running (a collector that is down or never answers), the
+    next is skipped. Flushes to files (`files`) run in the caller, every one."""
+
+    def __init__(self, files: bool) -> None:
+        self.files = files
+        self._done: threading.Event | None = None
+
+    def __call__(self, flush, seconds: float, last: bool = False) -> bool:
+        """Start `flush()` unless one is still running (`last`: start it anyway);
+        True if it finished within `seconds`."""
+        if self.files:
+            flush()
+            return True
+        if not last and self._done is not None and not self._done.is_set():
+            return False
+        done = self._done = threading.Event()
+
+        def run() -> None:
+            try:
+                flush()
+            except Exception:  # an exporter's failure is the SDK's to log, never the run's
+                pass
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="vllm-frag-otel-flush", daemon=True).start()
+        return done.wait(seconds)
+
+
+def _interrupted_result(exc: BaseException) -> sim.RunResult | None:
+    """What `sim.run_workload` had measured when `exc` (Ctrl-C) stopped it, read
+    from its frame in the traceback; None if it had not started stepping."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is sim.run_workload.__code__:
+            names = frame.f_locals
+            snapshots = list(names.get("snapshots") or [])
+            if not snapshots:
+                return None
+            import numpy as np
+
+            return sim.RunResult(len(snapshots), snapshots, np.array(names.get("scheduled", []), dtype=np.int64),
+                                 np.array(names.get("latencies", []), dtype=np.int64), names["step_seconds"])
+        tb = tb.tb_next
+    return None
+
+
 def simulate(args) -> int:
     if args.output:
-        args.output.mkdir(parents=True, exist_ok=True)
+        problem = _unwritable(args.output)
+        if problem:
+            return _path_error("--output", args.output, problem)
         os.environ["VLLM_FRAG_OTEL_FILE_DIR"] = str(args.output / "telemetry")
+        # --output means files there, even when OTEL_EXPORTER_OTLP_ENDPOINT names a collector;
+        # sending to the collector instead is the explicit VLLM_FRAG_OTEL_EXPORTER=otlp
+        if load_settings().exporter == "auto":
+            os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "file"
+    telemetry_dir = _telemetry_dir()
+    if telemetry_dir is not None:
+        problem = _unwritable(telemetry_dir)
+        if problem:
+            return _path_error("cannot write telemetry to", telemetry_dir, problem)
     os.environ.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "1000")
     setting = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs,
                               args.layout)
@@ -205,35 +321,58 @@ def simulate(args) -> int:
     specs = _specs(args, setting.max_model_len)
     if specs is None or not _load_plugin():
         return 2
+    flush = _Flusher(files=telemetry_dir is not None)
 
     def export(steps: int) -> None:
         telemetry = runtime()
         if telemetry is None:
             return
         if args.export_every and steps % args.export_every == 0 and telemetry.meter_provider is not None:
-            telemetry.meter_provider.force_flush()
+            flush(telemetry.meter_provider.force_flush, STEP_FLUSH_SECONDS)
         if args.block_map_every and steps % args.block_map_every == 0:
             sampler = telemetry.start_block_maps()
             if sampler is not None:
                 sampler.sample()
 
     started = time.perf_counter()
-    with tqdm(total=len(specs), desc="requests finished", unit="req", file=sys.stderr, disable=None) as progress:
-        result = sim.run_workload(shape, specs, step_seconds=args.step_seconds,
-                                  seed=args.seed, progress=progress,
-                                  on_step=export if args.export_every or args.block_map_every else None)
+    partial = False
+    try:
+        with tqdm(total=len(specs), desc="requests finished", unit="req", file=sys.stderr, disable=None) as progress:
+            result = sim.run_workload(shape, specs, step_seconds=args.step_seconds,
+                                      seed=args.seed, progress=progress,
+                                      on_step=export if args.export_every or args.block_map_every else None)
+    except KeyboardInterrupt as exc:
+        result = _interrupted_result(exc)
+        exc.__traceback__ = None
+        partial = True
+        print("\ninterrupted: stopping the run", file=sys.stderr)
     elapsed = time.perf_counter() - started
     telemetry = runtime()
-    if telemetry is not None:
-        telemetry.force_flush()
+    # files: flush, the process exits soon enough. A collector: stop the providers
+    # now, bounded, or the SDK's own exit handlers would retry a dead one for minutes
+    if telemetry is None or _telemetry_disabled():
+        last = None
+    elif telemetry_dir is not None:
+        last = telemetry.force_flush
+    else:
+        last = getattr(telemetry, "stop", None) or telemetry.shutdown
+    if last is not None and not flush(last, FINAL_FLUSH_SECONDS, last=True):
+        print(f"warning: the telemetry exporter did not finish within {FINAL_FLUSH_SECONDS:.0f} s (is the"
+              " collector at OTEL_EXPORTER_OTLP_ENDPOINT up?); what it had not sent yet is lost", file=sys.stderr)
+    if result is None:
+        print("  interrupted before the first scheduler step: nothing to summarise", file=sys.stderr)
+        return EXIT_INTERRUPTED
     stats = field_statistics(result.snapshots)
     groups = group_statistics(result.snapshots)
     outcome = what_if.measure(setting, result)
-    print(render(stats, result.steps, args.block_size, groups))
+    shown = {**stats, "empty_blocks": empty_block_statistics(result.snapshots)}
+    print(render(shown, result.steps, args.block_size, groups))
     print()
     for note in _layout_notes(args, shape):
         print(f"  {note}")
-    print(f"  {len(specs)} requests in {elapsed:.1f} s of simulated scheduling; mean request latency"
+    finished = int(result.latency_steps.size)
+    ran = f"{finished} of {len(specs)} requests finished (interrupted)" if partial else f"{len(specs)} requests"
+    print(f"  {ran} in {elapsed:.1f} s of simulated scheduling; mean request latency"
           f" {outcome.mean_latency_s:.3f} s at {args.step_seconds} s per step;"
           f" {outcome.tokens_per_step:.1f} tokens scheduled per busy step")
     if args.output:
@@ -242,6 +381,8 @@ def simulate(args) -> int:
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "max_model_len": setting.max_model_len,
             "steps": result.steps,
+            "partial": partial,
+            "finished_requests": finished,
             "run": {k: v for k, v in dataclasses.asdict(outcome).items() if k != "setting"},
             "fields": stats,
             "layout": {
@@ -253,9 +394,12 @@ def simulate(args) -> int:
             "groups": groups,
         }
         (args.output / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"  summary: {args.output / 'summary.json'}; telemetry: {args.output / 'telemetry'}"
-              f" (`vllm-frag-otel report {args.output}`)")
-    return 0
+        where = (f"telemetry: {args.output / 'telemetry'} (`vllm-frag-otel report {args.output}`)"
+                 if not _telemetry_disabled() else "no telemetry: it was disabled by OTEL_SDK_DISABLED")
+        print(f"  summary: {args.output / 'summary.json'}; {where}")
+    elif _telemetry_disabled():
+        print("  no telemetry: it was disabled by OTEL_SDK_DISABLED")
+    return EXIT_INTERRUPTED if partial else 0
 
 
 def _prefix_caching_note(args, shape: sim.EngineShape) -> list[str]:
@@ -293,6 +437,9 @@ def sweep(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    problem = _unwritable(args.output or Path("frag-sweep"))
+    if problem:
+        return _path_error("--output", args.output or Path("frag-sweep"), problem)
     specs = _specs(args, min(s.max_model_len for s in runs))
     if specs is None or not _load_plugin():
         return 2
@@ -311,6 +458,9 @@ def sweep(args) -> int:
 
 def report(args) -> int:
     paths = args.paths or [Path(load_settings().file_dir)]
+    problem = _unwritable(args.output)
+    if problem:
+        return _path_error("--output", args.output, problem)
     try:
         written = reporting.build(paths, args.output, pictures=not args.no_plots)
     except ValueError as exc:
@@ -326,10 +476,14 @@ def report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "report":
-        return report(args)
-    _validate(parser, args)
-    return sweep(args) if args.sweep else simulate(args)
+    try:
+        if args.command == "report":
+            return report(args)
+        _validate(parser, args)
+        return sweep(args) if args.sweep else simulate(args)
+    except KeyboardInterrupt:  # simulate handles it while stepping; elsewhere there is nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -124,9 +124,9 @@ def warn_bad_value(name: str, raw: str, accepted: str, default: object) -> None:
     if (name, raw) in _reported:
         return
     _reported.add((name, raw))
-    logger.warning(
-        "vllm-frag-otel: ignoring %s=%r: expected %s; using the default %r.", name, raw, accepted, default
-    )
+    # `default` is a value, or a phrase such as "the OpenTelemetry SDK default"
+    used = default if isinstance(default, str) and " " in default else f"the default {default!r}"
+    logger.warning("vllm-frag-otel: ignoring %s=%r: expected %s; using %s.", name, raw, accepted, used)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

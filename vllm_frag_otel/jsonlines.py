@@ -56,7 +56,7 @@ def json_records(path: Path, problems: list[InputProblem]) -> Iterator[tuple[int
             truncated = number == len(lines) and not text.endswith("\n")
             if bad <= NAMED_BAD_LINES or truncated:
                 what = "truncated line (the file ends mid-record)" if truncated else "not valid JSON"
-                problems.append(InputProblem(path, number, f"{what}: {exc.msg} at column {exc.colno}; line skipped"))
+                problems.append(InputProblem(path, number, f"{what}: {exc.msg} (column {exc.colno}); line skipped"))
     if bad > NAMED_BAD_LINES:
         problems.append(InputProblem(path, 0, f"{bad} lines are not valid JSON in all (the first {NAMED_BAD_LINES}"
                                               " named above); all skipped"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 _ID_FIELDS = {"traceId", "spanId", "parentSpanId"}
+logger = logging.getLogger("vllm.frag_otel")
 
 
 def to_otlp_json(message: Message) -> str:
@@ -51,6 +53,8 @@ class RotatingJsonLines:
 
     A file is closed once it reaches `max_bytes`; the directory keeps at most
     `max_files` of `<prefix>-*.jsonl`, oldest deleted first (across processes).
+    A line that cannot be written is counted in `write_errors`; the first such
+    error is logged once, naming the directory and the reason.
     """
 
     def __init__(self, directory: str, prefix: str, max_bytes: int, max_files: int):
@@ -61,6 +65,7 @@ class RotatingJsonLines:
         self._lock = threading.Lock()
         self._file = None
         self._seq = 0
+        self.write_errors = 0
 
     def write(self, line: str) -> None:
         data = (line + "\n").encode()
@@ -74,9 +79,25 @@ class RotatingJsonLines:
         """One OTLP export request as a line; False if it could not be written."""
         try:
             self.write(to_otlp_json(message))
-        except OSError:
+        except OSError as exc:
+            self._failed(exc)
             return False
         return True
+
+    def _failed(self, exc: OSError) -> None:
+        with self._lock:
+            self.write_errors += 1
+            first = self.write_errors == 1
+            if self._file is not None:  # start a new file next time: this one may be broken
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+                self._file = None
+        if first:
+            logger.warning("vllm-frag-otel: cannot write %s telemetry to %s (%s); it is lost until the directory"
+                           " is writable again (further errors are counted, not logged).",
+                           self.prefix, self.directory, exc.strerror or exc)
 
     def _rotate(self) -> None:
         if self._file is not None:
@@ -111,6 +132,11 @@ class OTLPJsonFileMetricExporter(MetricExporter, OTLPMetricExporterMixin):
         self._common_configuration()
         self.lines = RotatingJsonLines(directory, "metrics", max_bytes, max_files)
 
+    @property
+    def write_errors(self) -> int:
+        """Export requests that could not be written."""
+        return self.lines.write_errors
+
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
         written = self.lines.append(encode_metrics(metrics_data))
         return MetricExportResult.SUCCESS if written else MetricExportResult.FAILURE
@@ -128,6 +154,11 @@ class OTLPJsonFileSpanExporter(SpanExporter):
     def __init__(self, directory: str, max_bytes: int, max_files: int):
         self.lines = RotatingJsonLines(directory, "traces", max_bytes, max_files)
 
+    @property
+    def write_errors(self) -> int:
+        """Export requests that could not be written."""
+        return self.lines.write_errors
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         return SpanExportResult.SUCCESS if self.lines.append(encode_spans(spans)) else SpanExportResult.FAILURE
 
@@ -140,6 +171,11 @@ class OTLPJsonFileLogExporter(LogRecordExporter):
 
     def __init__(self, directory: str, max_bytes: int, max_files: int):
         self.lines = RotatingJsonLines(directory, "logs", max_bytes, max_files)
+
+    @property
+    def write_errors(self) -> int:
+        """Export requests that could not be written."""
+        return self.lines.write_errors
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
         return LogRecordExportResult.SUCCESS if self.lines.append(encode_logs(batch)) else LogRecordExportResult.FAILURE

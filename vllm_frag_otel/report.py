@@ -361,7 +361,8 @@ def render_text(report: PoolReport) -> str:
         *(f"  caveat: {note}" for note in report.caveats),
         "",
         "1. What is the fragmentation pattern? (statistics over the exports)",
-        *gauge_lines(s),
+        *gauge_lines({**s, "empty_blocks": statistics(report.quantities["free_blocks"].values
+                                                      - report.quantities["cached_blocks"].values)}),
         "",
         *([*group_lines([g.summary() for g in report.groups]), ""] if several else []),
         *totals_lines(f),
@@ -419,10 +420,12 @@ def _causes(report: PoolReport) -> list[str]:
                      f" of {total} preemptions; {preempted[0].preempted_requests} of their"
                      f" {preempted[0].requests} requests were preempted at least once).")
     evictions, never = f["evictions"], f["evicted_never_reused"]
+    evicted = (f"{evictions:.0f} cached blocks were evicted to make room, {_share(never, evictions)} of them never"
+               " reused after being cached (content nobody asked for again before it was dropped)." if evictions
+               else "no cached block was evicted.")
     lines.append(
         f"  - prefix cache: {_share(f['prefix_hit_tokens'], f['prefix_queried_tokens'])} of looked-up tokens"
-        f" hit; {evictions:.0f} cached blocks were evicted to make room, {_share(never, evictions)} of them never"
-        " reused after being cached (content nobody asked for again before it was dropped).")
+        f" hit; {evicted}")
     by_class = [(class_evictions(report, c), c) for c in report.classes]
     total = sum(e for e, _ in by_class)
     if total > 0:
@@ -457,7 +460,9 @@ def _costs(report: PoolReport) -> list[str]:
         f" ({_share(s['unused_slots']['mean'], pool_slots)} of the pool), {s['unused_slots']['max']:.0f} at most.",
     ]
     preemptions = int(f["preemptions"])
-    if report.requests and bs:
+    if not preemptions:
+        lines.append("  - recomputation: none, no request was preempted.")
+    elif report.requests and bs:
         released = sum(r.released_blocks for r in report.requests)
         recovered = sum(r.resumed_hit_tokens for r in report.requests)
         lines.append(

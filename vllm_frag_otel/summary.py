@@ -19,6 +19,12 @@ def field_statistics(snapshots: Sequence[FragmentationSnapshot]) -> dict[str, di
     return {name: statistics(table[:, i]) for i, name in enumerate(FIELDS)}
 
 
+def empty_block_statistics(snapshots: Sequence[FragmentationSnapshot]) -> dict[str, float]:
+    """`statistics` of the free blocks holding no cached prefix (a snapshot's
+    free_blocks counts the cached ones too): the table's "free blocks (empty)"."""
+    return statistics(np.array([s.free_blocks - s.cached_blocks for s in snapshots], dtype=np.float64))
+
+
 # Per-group statistics of a group with token slots (a group without, e.g. Mamba
 # states, has its used blocks only): GroupSnapshot fields.
 GROUP_FIELDS = ("used_blocks", "allocated_slots", "used_slots", "unused_slots", "partial_blocks",
@@ -58,7 +64,7 @@ def pct(value: float) -> str:
 GAUGES = [
     ("used blocks", "used_blocks"),
     ("cached blocks (evictable)", "cached_blocks"),
-    ("free blocks", "free_blocks"),
+    ("free blocks (empty)", "empty_blocks"),  # used + cached + empty = the pool, as in vllm.kv_cache.block.count
     ("free runs", "free_runs"),
     ("largest free run", "largest_free_run"),
     ("external fragmentation", "external_fragmentation"),
@@ -72,9 +78,13 @@ RATIOS = {"external_fragmentation", "internal_fragmentation", "slot_utilization"
 
 
 def gauge_lines(stats: dict[str, dict[str, float]]) -> list[str]:
-    """Mean, p50 and max of each gauge, as a fixed-width table."""
+    """Mean, p50 and max of each gauge, as a fixed-width table. `stats` has
+    `empty_blocks` (`empty_block_statistics`) besides the snapshot fields; without
+    it, the free blocks are shown including the cached ones, and labelled so."""
     lines = [f"  {'gauge':<28}{'mean':>10}{'p50':>10}{'max':>10}"]
     for label, name in GAUGES:
+        if name == "empty_blocks" and name not in stats:
+            label, name = "free blocks (incl. cached)", "free_blocks"
         s = stats[name]
         cells = [pct(round(s[k], 4)) if name in RATIOS else f"{s[k]:.1f}" for k in ("mean", "p50", "max")]
         lines.append(f"  {label:<28}" + "".join(f"{c:>10}" for c in cells))
@@ -120,14 +130,18 @@ def totals_lines(final: dict[str, float]) -> list[str]:
         "  totals",
         f"    prefix cache        {int(hit)} of {int(queried)} looked-up tokens hit"
         f" ({pct(hit / queried) if queried else 'n/a'})",
-        f"    evictions           {int(evictions)} blocks, {int(never)} never reused after caching"
-        f" ({pct(never / evictions) if evictions else 'n/a'})",
+        f"    evictions           {int(evictions)} blocks"
+        + (f", {int(never)} never reused after caching ({pct(never / evictions)})" if evictions else ""),
         f"    block allocations   {int(final['blocks_allocated_fresh'])} fresh,"
         f" {int(final['blocks_allocated_recycled'])} recycled, {int(final['blocks_prefix_hit'])} prefix hits",
         f"    allocate_slots      {int(attempts)} calls, {int(failures)} failed"
         f" ({pct(failures / attempts) if attempts else 'n/a'})",
         f"    preemptions         {int(final['preemptions'])}",
     ]
+
+
+def _count(n: float, noun: str) -> str:
+    return f"{int(n)} {noun}{'' if int(n) == 1 else 's'}"
 
 
 def render(stats: dict[str, dict[str, float]], steps: int, block_size: int, groups: Sequence[dict] = ()) -> str:
@@ -146,7 +160,7 @@ def render(stats: dict[str, dict[str, float]], steps: int, block_size: int, grou
         " (internal: the tail block of each request);",
         f"    {pct(stats['external_fragmentation']['mean'])} external fragmentation on average"
         " (paged attention needs no contiguous runs, so this costs nothing by itself);",
-        f"    {int(final['allocation_failures'])} allocations failed for lack of free blocks and"
-        f" {int(final['preemptions'])} requests were preempted: the real cost of a full cache is recomputation.",
+        f"    {_count(final['allocation_failures'], 'allocation')} failed for lack of free blocks and there were"
+        f" {_count(final['preemptions'], 'preemption')}: the real cost of a full cache is recomputation.",
     ]
     return "\n".join(lines)

@@ -666,13 +666,15 @@ class Runtime:
             exporter = self._histograms = HistogramExporter(
                 metric_exporter, exemplars=_env("OTEL_METRICS_EXEMPLAR_FILTER").lower() != "always_off"
             )
+            # shutdown_on_exit=False on every provider: the SDK's exit handlers would retry a dead
+            # collector without bound; the plugin's own stop (bounded) is the only shutdown path
             self.meter_provider = MeterProvider(
-                resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)]
+                resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)], shutdown_on_exit=False
             )
             self.metrics = exporter.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard)
         if span_exporter is not None:
             # the SDK's own processor metrics (queue size, spans dropped when full) go with ours
-            self.tracer_provider = TracerProvider(resource=resource)
+            self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
             self._ended_spans = _EndedSpans()
             self._span_delivery = _Delivery(span_exporter)
             self.tracer_provider.add_span_processor(self._ended_spans)
@@ -688,7 +690,7 @@ class Runtime:
                 exporter = build_exporter(self.settings, "logs")
                 if exporter is None:
                     return None
-                self.logger_provider = LoggerProvider(resource=self._resource)
+                self.logger_provider = LoggerProvider(resource=self._resource, shutdown_on_exit=False)
                 self._log_delivery = _Delivery(exporter)
                 self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(self._log_delivery))
             self.block_maps = BlockMapSampler(
