@@ -79,9 +79,14 @@ def guard() -> HookGuard:
     return _guard
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    """A wrapped method's argument, by position (after self) or keyword."""
-    return args[index] if len(args) > index else kwargs[name]
+_REQUIRED = object()
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = _REQUIRED) -> Any:
+    """A wrapped method's argument, by position (after self) or keyword (or `default`)."""
+    if len(args) > index:
+        return args[index]
+    return kwargs[name] if default is _REQUIRED else kwargs.get(name, default)
 
 
 def _pool_state(pool) -> KVCacheState | None:
@@ -199,7 +204,7 @@ def _cache_partial_block(wrapped, pool, args, kwargs):
             now = monotonic()
             # new content in place: the block's earlier entries are gone (a partial
             # entry growing into a full one of the same content is no eviction)
-            if (args[5] if len(args) > 5 else kwargs.get("replace_existing_hashes", False)) and not block.is_null:
+            if _arg(args, kwargs, 5, "replace_existing_hashes", False) and not block.is_null:
                 state.on_block_unhashed(block.block_id, "replaced", now)
             if block.block_hash is not None:
                 state.on_block_hashed(block.block_id, now)

@@ -665,9 +665,9 @@ class KVCacheState:
         with self.lock:
             free_mask = self._free_view[1:].copy()
             cached_blocks = int(np.count_nonzero(free_mask & self._hashed_view[1:]))
+            free_blocks = self._free_count
             self.check_due = True
         usable = self.num_blocks - 1
-        free_blocks = int(np.count_nonzero(free_mask))
         used_blocks = usable - free_blocks
         # run edges: where the free flag changes, the mask padded with used on both ends
         padded = np.zeros(free_mask.size + 2, dtype=np.uint8)
