@@ -6,7 +6,8 @@
 #   scripts/stack.sh start      otelcol (collector-config.yaml) -> VictoriaMetrics (+ vmalert with the
 #                               alert rules) and Phoenix, on 127.0.0.1 (ports: VM_PORT, OTLP_HTTP_PORT, ...)
 #   scripts/stack.sh stop       stop what `start` started (by the PIDs it recorded, nothing else)
-#   scripts/stack.sh test-rules run `promtool test rules` on deploy/prometheus/rules/*.test.yml
+#   scripts/stack.sh test-rules `promtool check rules` on deploy/prometheus/rules/*.rules.yml, then
+#                               `promtool test rules` on deploy/prometheus/rules/*.test.yml
 #   scripts/stack.sh paths      print the binaries' paths (KEY=path lines)
 #
 # What it provides:
@@ -230,6 +231,7 @@ stop() {
 test_rules() {
   setup_promtool
   local t rc=0
+  "$PROMTOOL" check rules "$REPO"/deploy/prometheus/rules/*.rules.yml || rc=1
   for t in "$REPO"/deploy/prometheus/rules/*.test.yml; do
     (cd "$(dirname "$t")" && "$PROMTOOL" test rules "$(basename "$t")") || rc=1
   done
