@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -188,3 +189,137 @@ def test_a_sweep_list_without_sweep_is_an_error(flag, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["simulate", *flag])
     assert exit_.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
+# -- 5. rotation that deletes files says so, once ---------------------------------------------
+
+def test_rotation_warns_once_when_it_starts_deleting_files(tmp_path, caplog):
+    lines = otlp_json.RotatingJsonLines(str(tmp_path), "metrics", max_bytes=30, max_files=2)
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        for _ in range(6):
+            lines.write("x" * 25)  # one line per file
+    lines.close()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert str(tmp_path) in warning
+    assert "VLLM_FRAG_OTEL_FILE_MAX_FILES=2" in warning and "VLLM_FRAG_OTEL_FILE_MAX_BYTES=30" in warning
+    assert len(list(tmp_path.glob("metrics-*.jsonl"))) == 2 and lines.deleted_files == 4
+
+
+def test_rotation_within_the_limits_says_nothing(tmp_path, caplog):
+    lines = otlp_json.RotatingJsonLines(str(tmp_path), "metrics", max_bytes=30, max_files=3)
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        for _ in range(3):
+            lines.write("x" * 25)
+    lines.close()
+    assert not caplog.records and len(list(tmp_path.glob("metrics-*.jsonl"))) == 3
+
+
+# -- 6. OTLP values no exporter can use: one line each, at start-up ---------------------------
+
+def test_unusable_otlp_values_are_one_line_each_at_start_up(tmp_path):
+    bad = {"OTEL_EXPORTER_OTLP_ENDPOINT": "not-a-url", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"}
+    proc = _simulate(*TINY, "--export-every", "1", "--output", str(tmp_path), **bad)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, raw in bad.items():
+        (line,) = [line for line in proc.stderr.splitlines() if f"{name}={raw!r}" in line]  # once, for 30+ exports
+        assert line.startswith("warning: ") and f"ignoring {name}={raw!r}: expected" in line
+    assert "Traceback" not in proc.stderr and "Failed to export" not in proc.stderr
+    assert {p.name.split("-")[0] for p in (tmp_path / "telemetry").glob("*.jsonl")} >= {"metrics", "traces"}
+
+
+# -- 9, 11. a trace longer than the model; simulated time -------------------------------------
+
+@pytest.fixture(scope="module")
+def long_trace_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("long-trace")
+    trace = base / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt_len": 99999, "output_len": 4},  # its prompt cut to 511 tokens, its output to 1
+        {"prompt_len": 100, "output_len": 5000},  # its output cut to 412
+        {"prompt_len": 40, "output_len": 30, "arrival_time": 0.5},
+        {"prompt_len": 60, "output_len": 20, "arrival_time": 1.0},
+    ]) + "\n")
+    out = base / "out"
+    proc = _simulate("--workload-file", str(trace), "--max-model-len", "512", "--num-blocks", "128", "--max-num-seqs",
+                     "4", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return trace, out, proc.stdout
+
+
+def test_cut_requests_are_counted_and_said(long_trace_run):
+    trace, out, stdout = long_trace_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_model_len"] == 512
+    assert summary["cut_requests"] == {"max_model_len": 512, "requests": 2, "prompts": 1,
+                                       "prompt_tokens": 99999 - 511, "outputs": 2,
+                                       "output_tokens": (4 - 1) + (5000 - 412)}
+    (line,) = [line for line in stdout.splitlines() if "were cut" in line]
+    assert f"2 requests of {trace}" in line and "model length of 512 tokens" in line
+    assert f"1 prompt to 511 tokens ({99999 - 511} tokens cut in all)" in line
+    assert f"2 outputs to what the model length left ({3 + 4588} tokens cut in all)" in line
+
+
+def test_a_model_length_the_pool_cannot_hold_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["simulate", "--num-blocks", "10", "--max-model-len", "4096"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--max-model-len 4096" in err and "at most 144 tokens" in err
+
+
+def test_the_run_says_simulated_and_wall_clock_time_apart(long_trace_run):
+    _, out, stdout = long_trace_run
+    summary = json.loads((out / "summary.json").read_text())
+    steps, simulated, wall = summary["steps"], summary["simulated_seconds"], summary["wall_seconds"]
+    assert simulated == pytest.approx(steps * 0.02) and simulated > 1.0  # the last request arrives at 1 s
+    (line,) = [line for line in stdout.splitlines() if "scheduler steps:" in line]
+    assert f"4 requests in {steps} scheduler steps: {simulated:.1f} s of simulated time (0.02 s per step)," \
+           f" {wall:.1f} s of wall-clock time" in line
+
+
+def test_the_report_of_a_simulation_is_in_simulated_seconds(long_trace_run, tmp_path, capsys):
+    _, out, _ = long_trace_run
+    summary = json.loads((out / "summary.json").read_text())
+    (clock_file,) = (out / "telemetry").glob("clock-*.csv")
+    assert summary["clock_file"] == str(clock_file)
+    rows = clock_file.read_text().splitlines()[2:]
+    assert len(rows) == summary["steps"]
+    assert float(rows[-1].split(",")[1]) == pytest.approx(summary["simulated_seconds"])
+    assert cli.main(["report", str(out), "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"simulated time from {clock_file}" in printed
+    assert "time: simulated seconds (scheduler steps x 0.02 s" in printed
+    from vllm_frag_otel import otlp_read, report, simclock
+
+    telemetry = otlp_read.read([out])
+    clocks = report.match_clocks(telemetry, simclock.find([out], []), 0)
+    (pool,) = telemetry.pools()
+    r = report.pool_report(telemetry, pool, 0, several=False, clock=clocks.of(pool.instance))
+    seconds = r.quantities["used_blocks"].seconds
+    # exports every 10 steps: at 0.2, 0.4 ... simulated seconds, the last at the end of the run
+    assert seconds[0] == pytest.approx(0.2, abs=0.021)
+    assert seconds[-1] == pytest.approx(summary["simulated_seconds"], abs=0.021)
+    assert all(c.panels[0].xlabel == "simulated seconds (steps x 0.02 s)" for c in report.charts(r)
+               if c.name in ("block_states", "fragmentation", "block_layout"))
+    with open(tmp_path / "series.csv", newline="") as fh:  # its seconds are simulated too
+        last = max(float(row["seconds"]) for row in csv.DictReader(fh))
+    assert last == pytest.approx(summary["simulated_seconds"], abs=0.021)
+
+
+# -- Ctrl-C inside the run: the steps so far, from run_workload itself -------------------------
+
+def test_run_workload_returns_what_ran_before_an_interrupt(plugin):
+    from vllm_frag_otel import sim, workloads
+
+    specs = workloads.generate("alpaca", 20, seed=1)
+    shape = sim.EngineShape(num_blocks=64, max_num_seqs=4)
+
+    def interrupt_at(steps: int) -> None:
+        if steps == 7:
+            raise KeyboardInterrupt
+
+    result = sim.run_workload(shape, specs, on_step=interrupt_at, keep_partial=True)
+    assert result.interrupted and result.steps == len(result.snapshots) == len(result.scheduled_tokens) == 7
+    assert result.latency_steps.size < len(specs)
+    with pytest.raises(KeyboardInterrupt):
+        sim.run_workload(shape, specs, on_step=interrupt_at)  # a sweep must not take a partial run for a whole one

@@ -169,3 +169,39 @@ def test_operator_resource_attributes_win(monkeypatch):
     assert resource.attributes["vllm.model.name"] == "m"
     assert resource.attributes["service.name"] == "llm-gateway"
     assert resource.attributes["vllm.data_parallel.rank"] == 1
+
+
+@pytest.mark.parametrize("name", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"])
+def test_an_endpoint_that_is_not_a_url_is_reported_once_at_start_up(name, monkeypatch, tmp_path, caplog):
+    """Not at every export: the plugin leaves it out (files instead, with the exporter on auto)."""
+    from vllm_frag_otel import telemetry
+    from vllm_frag_otel.hooks import guard
+
+    monkeypatch.setenv(name, "not-a-url")
+    config._reported.clear()
+    with caplog.at_level(logging.WARNING):
+        runtime = telemetry.Runtime(Settings(file_dir=str(tmp_path), block_map_interval=3600.0), {}, guard())
+        for _ in range(3):
+            runtime.force_flush()
+        runtime.shutdown()
+    mentions = [r.getMessage() for r in caplog.records if "not-a-url" in r.getMessage()]
+    assert len(mentions) == 1 and f"ignoring {name}='not-a-url': expected a URL" in mentions[0], mentions
+    assert os.environ[name] == "not-a-url"  # hidden from the SDK only while it read its configuration
+    assert list(tmp_path.glob("metrics-*.jsonl"))
+
+
+@pytest.mark.parametrize("env, unusable", [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, []),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "grpc://collector:4317"}, []),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, []),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, ["OTEL_EXPORTER_OTLP_ENDPOINT"]),  # not a URL for HTTP
+    ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://collector:99999"}, ["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"]),
+    ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "https://"}, ["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"]),
+    ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "carrier-pigeon"}, ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]),
+])
+def test_otlp_endpoints_and_protocols_are_checked(env, unusable):
+    config._reported.clear()
+    with _plugin_warnings() as records:
+        assert config.unusable_otel_variables(env) == unusable
+    assert [name for name in unusable if any(f"ignoring {name}=" in r.getMessage() for r in records)] == unusable

@@ -156,8 +156,10 @@ def brute_holes(states, bin_size: int, seconds: list[float]) -> list[dict]:
             c = d + 1
     holes = []
     for (first, last, start), until in last_seen.items():
+        is_open = until == len(states) - 1
         holes.append({"first": 1 + first * bin_size, "last": min(n, (last + 1) * bin_size), "width": last - first,
-                      "since": seconds[start], "until": seconds[until], "open": until == len(states) - 1})
+                      "since": seconds[start], "until": seconds[until], "open": is_open,
+                      "status": "never_used" if is_open and start == 0 else "open" if is_open else "ended"})
     ranked = sorted(holes, key=lambda h: (-(h["last"] - h["first"] + 1) * (h["until"] - h["since"]),
                                           -(h["last"] - h["first"]), h["first"]))
     listed = []
@@ -165,6 +167,11 @@ def brute_holes(states, bin_size: int, seconds: list[float]) -> list[dict]:
         if all(not (o["since"] == h["since"] and o["first"] <= h["last"] and h["first"] <= o["last"]) for o in listed):
             listed.append(h)
     return listed
+
+
+def brute_hole_kinds(holes: list[dict], top: int = 5) -> list[dict]:
+    """The listed holes as the report shows them: never used, then still unheld, then ended, each ranked, `top` each."""
+    return [h for status in ("never_used", "open", "ended") for h in [h for h in holes if h["status"] == status][:top]]
 
 
 # -- the input files ------------------------------------------------------------------------
@@ -392,17 +399,27 @@ def test_the_summary_names_the_churning_region_and_the_free_hole(run):
     # the always-free blocks: unheld from the first map to the last
     holes = brute_holes(run.states, 1, run.seconds)
     hole = holes[0]
-    assert (hole["first"], hole["last"], hole["open"]) == (ALWAYS_FREE[0] + 1, ALWAYS_FREE[-1] + 1, True)
+    assert (hole["first"], hole["last"], hole["status"]) == (ALWAYS_FREE[0] + 1, ALWAYS_FREE[-1] + 1, "never_used")
     assert (hole["since"], hole["until"]) == (run.seconds[0], run.seconds[-1])
+    shown = brute_hole_kinds(holes)
+    assert {h["status"] for h in shown} == {"never_used", "open", "ended"}  # every kind has a hole here
     listed = [line.strip() for line in section if " → until " in line]
     expected = [f"{'block' if h['first'] == h['last'] else 'blocks'}"
                 f" {h['first'] if h['first'] == h['last'] else str(h['first']) + '-' + str(h['last'])}"
                 f" ({h['last'] - h['first'] + 1} block{'s' if h['last'] > h['first'] else ''}):"
                 f" since {h['since']:.3f} s → until {h['until']:.3f} s ({h['until'] - h['since']:.3f} s)"
-                + ("; still unheld at the last map" if h["open"] else "") for h in holes[:5]]
+                for h in shown]
     assert listed == expected
-    assert listed[0] == f"blocks 65-80 (16 blocks): since 0.000 s → until {run.seconds[-1]:.3f} s" \
-                        f" ({run.seconds[-1]:.3f} s); still unheld at the last map"
+    # each under its heading: never used, still unheld at the end, ended
+    headings = [i for i, line in enumerate(section) if line.startswith("    ") and line.endswith(":")
+                and not line.startswith("      ")]
+    assert [section[i].strip() for i in headings] == ["never used: unheld at every map, from the first to the last:",
+                                                       "still unheld at the last map:",
+                                                       "ended: held again before the last map:"]
+    end = f"{run.seconds[-1]:.3f} s"
+    assert section[headings[0] + 1] == f"      blocks 65-80 (16 blocks): since 0.000 s → until {end} ({end})"
+    ended = section[headings[2] + 1:headings[2] + 1 + sum(h["status"] == "ended" for h in shown)]
+    assert ended and all(f"until {run.seconds[-1]:.3f} s" not in line for line in ended)
     assert any("lower bound" in line for line in section)
     assert not any("bins of" in line for line in section)  # one block per cell here
 
@@ -422,13 +439,16 @@ def test_block_layout_chart_shows_the_states_and_the_churn(run):
     assert np.allclose(heat.image, expected)
     assert [label for label, _ in heat.swatches] == list(BLOCK_STATES)
     step = STEP_NS / 1e9
-    assert heat.extent == pytest.approx((run.seconds[0] - step / 2, run.seconds[-1] + step / 2, 0.5, BLOCKS + 0.5))
+    columns = [run.seconds[0] - step / 2] + [s + step / 2 for s in run.seconds]
+    assert heat.x_edges == pytest.approx(columns)
+    assert heat.y_edges.tolist() == [0.5 + b for b in range(BLOCKS + 1)]
     # churn per region (of 32) per interval
     changes = brute_churn(run.states, 1)
     edges = equal_edges(BLOCKS, 32)
     expected_churn = [[sum(changes[t][lo:hi]) for t in range(MAPS - 1)] for lo, hi in zip(edges, edges[1:])]
     assert churn.image.tolist() == expected_churn
-    assert churn.extent == pytest.approx((run.seconds[0], run.seconds[-1], 0.5, BLOCKS + 0.5))
+    assert churn.x_edges == pytest.approx(run.seconds)
+    assert churn.y_edges.tolist() == [0.5 + e for e in equal_edges(BLOCKS, 32)]
     png = run.out / "block_layout.png"
     assert png in run.written.paths and png.read_bytes().startswith(b"\x89PNG")
     page = (run.out / "report.html").read_text()
@@ -462,9 +482,9 @@ def test_hotspots_csv(run):
     assert [int(w["changes"]) for w in windows] == [w["changes"] for w in expected_windows]
     assert [float(w["start_s"]) for w in windows] == pytest.approx([w["start"] for w in expected_windows], abs=1e-6)
     assert [float(w["end_s"]) for w in windows] == pytest.approx([w["end"] for w in expected_windows], abs=1e-6)
-    expected_holes = brute_holes(run.states, 1, run.seconds)[:5]
-    assert [(int(h["first_block"]), int(h["last_block"]), h["open"]) for h in holes] == [
-        (h["first"], h["last"], "true" if h["open"] else "false") for h in expected_holes]
+    expected_holes = brute_hole_kinds(brute_holes(run.states, 1, run.seconds))
+    assert [(int(h["first_block"]), int(h["last_block"]), h["open"], h["status"]) for h in holes] == [
+        (h["first"], h["last"], "true" if h["open"] else "false", h["status"]) for h in expected_holes]
     assert [float(h["end_s"]) - float(h["start_s"]) for h in holes] == pytest.approx(
         [h["until"] - h["since"] for h in expected_holes], abs=1e-5)
 
@@ -565,13 +585,13 @@ def test_layout_analysis_matches_brute_force(seed, bin_size):
         assert [r.changes_per_block for r in found] == pytest.approx([r["per_block"] for r in expected[:4]])
     # hot windows
     expected = brute_windows(states, bin_size, seconds, 7)
-    found = layout.hot_windows(lay, start, 7, top=3)
+    found = layout.hot_windows(lay, np.array(seconds), 7, top=3)
     assert [(w.changes, w.start_s, w.end_s) for w in found] == [
         (w["changes"], pytest.approx(w["start"]), pytest.approx(w["end"])) for w in expected[:3]]
     # holes
     expected = brute_holes(states, bin_size, seconds)
     assert len(expected) > 5
-    found = layout.long_lived_holes(lay, start, top=6)
+    found = layout.long_lived_holes(lay, np.array(seconds), top=6)
     assert [(h.first_block, h.last_block, h.open) for h in found] == [
         (h["first"], h["last"], h["open"]) for h in expected[:6]]
     assert [t for h in found for t in (h.since_s, h.until_s)] == pytest.approx(
@@ -600,8 +620,8 @@ def test_binned_maps_are_reported_per_cell(run, tmp_path):
     assert regions[0]["last"] <= 18  # still the churning blocks
     hole = brute_holes(run.states, 3, run.seconds)[0]
     assert (hole["first"], hole["last"]) == (67, 78)  # the whole cells inside blocks 65-80
-    assert f"    blocks 67-78 (12 blocks): since 0.000 s → until {run.seconds[-1]:.3f} s" in section[
-        next(i for i, line in enumerate(section) if "longest-lived holes" in line) + 1]
+    assert f"      blocks 67-78 (12 blocks): since 0.000 s → until {run.seconds[-1]:.3f} s" in section[
+        next(i for i, line in enumerate(section) if line.startswith("    never used")) + 1]
     assert "Cells are bins of 3 blocks" in section[-1]
     (chart,) = [c for c in report.charts(r) if c.name == "block_layout"]
     heat, churn = chart.panels
@@ -636,3 +656,23 @@ def test_many_maps_are_thinned_evenly_keeping_the_first_and_last(run, tmp_path, 
     assert r.block_layout.counts.tolist() == [cell_counts(run.states[i], 1) for i in kept]
     section = _section(report.render_text(r))
     assert section[0].startswith("Block layout (7 maps, every ~") and f"evenly spaced among {MAPS}" in section[0]
+
+
+def test_heat_map_columns_sit_at_their_times(run, tmp_path):
+    """Maps 10 ms apart, then 50 ms apart: each column spans halfway to its neighbours, not an even share."""
+    times = [run.times[0] + t * STEP_NS for t in range(10)] + [run.times[0] + 9 * STEP_NS + t * 5 * STEP_NS
+                                                                for t in range(1, 6)]
+    r = _report_with_maps(run, tmp_path, run.states[:15], times, max_cells=4096)
+    (chart,) = [c for c in report.charts(r) if c.name == "block_layout"]
+    heat, churn = chart.panels
+    seconds = [(t - run.start_ns) / 1e9 for t in times]
+    middles = [(a + b) / 2 for a, b in zip(seconds, seconds[1:])]
+    assert heat.x_edges == pytest.approx([2 * seconds[0] - middles[0], *middles, 2 * seconds[-1] - middles[-1]])
+    widths = np.diff(heat.x_edges)
+    assert widths[1] == pytest.approx(0.01) and widths[-2] == pytest.approx(0.05)
+    assert churn.x_edges == pytest.approx(seconds)  # interval i from map i to map i + 1
+    from vllm_frag_otel.plots import figure
+
+    (mesh,) = figure(chart).axes[0].collections
+    columns = mesh.get_coordinates()[0, :, 0]
+    assert columns.tolist() == pytest.approx(heat.x_edges.tolist())

@@ -259,12 +259,13 @@ def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
     charts = {c.name: c for c in report.charts(r)}
     assert set(charts) == {"block_states", "slot_utilization", "fragmentation", "evictions", "preemptions",
                            "allocation_latency", "request_classes", "block_layout"}
-    lines = {(name, line.label): line for name, c in charts.items() for line in c.panels[0].lines}
+    lines = {(name, line.label): line for name, c in charts.items() for panel in c.panels for line in panel.lines}
     for (chart, label), metric, attributes in [
         (("block_states", "used"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
         (("block_states", "cached (evictable)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "cached"}),
         (("block_states", "free (empty)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "free"}),
-        (("slot_utilization", "slot utilization"), "vllm.kv_cache.slot.utilization", {}),
+        (("slot_utilization", "slot utilization (token slots holding computed tokens / all slots)"),
+         "vllm.kv_cache.slot.utilization", {}),
         (("fragmentation", "internal (unused / allocated slots)"), "vllm.kv_cache.fragmentation.internal", {}),
         (("fragmentation", "external (1 - largest free run / free blocks)"),
          "vllm.kv_cache.fragmentation.external", {}),
@@ -397,3 +398,116 @@ def test_a_file_of_garbage_is_summed_up_not_listed(tmp_path):
     assert list(jsonlines.json_records(garbage, problems)) == [(501, {"ok": 1})]
     assert [p.line for p in problems] == [*range(1, jsonlines.NAMED_BAD_LINES + 1), 0]
     assert str(problems[-1]) == f"{garbage}: 500 lines are not valid JSON in all (the first 10 named above); all skipped"
+
+
+# -- issue 13: what the report shows is right ---------------------------------------------------
+
+
+def _copy_telemetry(run: Path, to: Path, keep_metrics=lambda lines: lines, signals=("metrics", "traces", "logs")):
+    """The run's OTLP files in `to`, the metrics lines filtered by `keep_metrics`."""
+    to.mkdir()
+    for path in (run / "telemetry").glob("*.jsonl"):
+        signal = path.name.split("-")[0]
+        if signal in signals:
+            lines = path.read_text().splitlines(keepends=True)
+            (to / path.name).write_text("".join(keep_metrics(lines) if signal == "metrics" else lines))
+    return to
+
+
+def test_inputs_covering_different_times_are_said_so(cumulative, built, tmp_path, capsys):
+    _, printed = built
+    assert "cover different times" not in printed  # the whole run
+    # what rotation leaves when it deleted the older metrics files: the last part only
+    trimmed = _copy_telemetry(cumulative, tmp_path / "in", keep_metrics=lambda lines: lines[len(lines) // 2:])
+    assert cli.main(["report", str(trimmed), "--output", str(tmp_path / "out"), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    (line,) = [line for line in printed.splitlines() if "cover different times" in line]
+    assert line.startswith("  caveat: the inputs cover different times (metrics ")
+    assert "request spans " in line and "block maps " in line and "VLLM_FRAG_OTEL_FILE_MAX_FILES" in line
+    assert line in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_a_report_directory_reused_holds_no_stale_outputs(cumulative, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["report", str(cumulative), "--output", str(out)]) == 0
+    assert (out / "block_layout.png").exists() and (out / "hotspots.csv").exists()
+    (out / "my-notes.txt").write_text("mine")
+    (out / "layout.png").write_bytes(b"not the report's")
+    without_maps = _copy_telemetry(cumulative, tmp_path / "in", signals=("metrics",))
+    assert cli.main(["report", str(without_maps), "--output", str(out)]) == 0
+    for stale in ("block_layout.png", "block_layout.npz", "hotspots.csv", "requests.csv", "request_classes.csv"):
+        assert not (out / stale).exists(), stale
+    assert (out / "my-notes.txt").read_text() == "mine" and (out / "layout.png").read_bytes() == b"not the report's"
+    assert (out / "summary.txt").exists() and (out / "block_states.png").exists()
+    assert "Block layout" not in (out / "report.html").read_text()
+
+
+def test_charts_an_operator_can_read(cumulative, tmp_path):
+    from vllm_frag_otel.plots import figure
+
+    telemetry = otlp_read.read([cumulative])
+    r = report.pool_report(telemetry, telemetry.pools()[0], 0, several=False)
+    charts = {c.name: c for c in report.charts(r, smooth=5)}
+    # slot utilisation beside the blocks in use: the gap is allocated but empty slots
+    (panel,) = charts["slot_utilization"].panels
+    lines = {line.label.split(" (")[0]: line for line in panel.lines}
+    _, used = raw_series(cumulative, "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"})
+    assert np.allclose(lines["blocks in use"].y, used / 29)
+    _, utilization = raw_series(cumulative, "vllm.kv_cache.slot.utilization")
+    assert np.array_equal(lines["slot utilization"].y, utilization)
+    # each fragmentation ratio on its own axes, with its rolling mean
+    internal, external = charts["fragmentation"].panels
+    for panel, metric in ((internal, "vllm.kv_cache.fragmentation.internal"),
+                          (external, "vllm.kv_cache.fragmentation.external")):
+        raw, smoothed = panel.lines
+        _, values = raw_series(cumulative, metric)
+        assert np.array_equal(raw.y, values)
+        assert smoothed.label == "rolling mean of 5 exports"
+        assert smoothed.y[10] == pytest.approx(values[6:11].mean()) and smoothed.y[0] == values[0]
+    drawn = figure(charts["fragmentation"])
+    visible = [ax for ax in drawn.axes if ax.get_visible()]
+    assert len(visible) == 2 and visible[0].get_ylim()[1] < 0.5 * visible[1].get_ylim()[1]  # not one 0-100% scale
+    # allocation latency: counts on a log scale, failures beside successes
+    latency = charts["allocation_latency"]
+    assert latency.panels[0].log_y and {line.label for line in latency.panels[0].lines} == {"success", "failure"}
+    (ax,) = [ax for ax in figure(latency).axes if ax.get_visible()]
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
+    assert "smooth" not in " ".join(line.label for c in report.charts(r) for p in c.panels for line in p.lines)
+
+
+def test_the_report_names_ignored_files_and_the_sample_rate(tmp_path, capsys):
+    run = _simulate(tmp_path / "sampled", {}, "--export-every", "5")  # the default sample rate, 0.01
+    assert cli.main(["report", str(run), "--output", str(tmp_path / "out"), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 ignored (no OTLP)" in printed and f"  ignored {run / 'summary.json'}: no OTLP line in it" in printed
+    (line,) = [line for line in printed.splitlines() if "allocate_slots time (success)" in line]
+    assert "timed calls, a random 1.0% sample of all (vllm.kv_cache.allocation.sample_rate 0.01; about" in line
+
+
+def _histogram(buckets: list[int], total: float) -> otlp_read.Series:
+    return otlp_read.Series("vllm.kv_cache.allocation.duration", otlp_read.Source("i", "0"), {}, "histogram", "s",
+                            np.array([1]), np.array([float(sum(buckets))]), sums=np.array([total]),
+                            bounds=np.array([1e-6, 1e-5]), buckets=np.array([buckets], dtype=np.float64))
+
+
+def test_a_quantile_beyond_the_last_bound_is_not_a_number_below_the_mean():
+    # 5 calls, 4 of them slower than the last bound (10 µs): mean 1 ms
+    line = report.latency_line("failure", _histogram([1, 0, 4], 5e-3))
+    assert "mean 1.00 ms" in line and "p99 > 10.0 µs" in line and "p50 > 10.0 µs" in line
+    assert "over 5 calls" in line  # no sample rate on the points: every call timed
+    line = report.latency_line("success", _histogram([0, 10, 0], 5e-5))
+    assert "p99 9.9 µs" in line
+
+
+def test_one_rounding_for_every_percentage():
+    from vllm_frag_otel.summary import gauge_lines, render
+
+    stats = {name: {"mean": 0.0, "p50": 0.0, "max": 0.0, "final": 0.0}
+             for name in cli.field_statistics.__globals__["FIELDS"]}
+    stats["internal_fragmentation"] = {"mean": 0.010495, "p50": 0.010495, "max": 0.010495, "final": 0.010495}
+    (row,) = [line for line in gauge_lines(stats) if "internal fragmentation" in line]
+    assert row.split()[-3:] == ["1.0%"] * 3
+    text = render(stats, 10, 16)
+    assert "1.0% of allocated token slots were empty" in text
+    assert "0 allocations" not in text and "0 preemptions" not in text
+    assert "no allocation failed for lack of free blocks and no request was preempted" in text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -18,11 +19,11 @@ from tqdm import tqdm
 
 from vllm_frag_otel import __version__
 from vllm_frag_otel import report as reporting
-from vllm_frag_otel import sim, workloads
+from vllm_frag_otel import sim, simclock, workloads
 from vllm_frag_otel import sweep as what_if
-from vllm_frag_otel.config import load_settings
+from vllm_frag_otel.config import load_settings, unusable_otel_variables
 from vllm_frag_otel.jsonlines import InputProblem
-from vllm_frag_otel.summary import empty_block_statistics, field_statistics, group_statistics, render
+from vllm_frag_otel.summary import counted, empty_block_statistics, field_statistics, group_statistics, render
 from vllm_frag_otel.telemetry import runtime
 
 DEFAULT_REQUESTS = 500
@@ -99,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                             help="most requests scheduled at once (default 128)")
     simulation.add_argument("--max-num-batched-tokens", type=int, default=2048,
                             help="most tokens scheduled in one step (default 2048)")
+    simulation.add_argument("--max-model-len", type=int, metavar="TOKENS",
+                            help="the model's longest request, prompt plus output (default"
+                                 f" {what_if.DEFAULT_MODEL_LEN}, or what the pool holds if less); --workload-file lines"
+                                 " asking for more are cut to it (the prompt to TOKENS - 1, then the output), and"
+                                 " counted in the summary")
     simulation.add_argument("--prefix-groups", type=int, default=4, help="shared system prompts (default 4; 0: none)")
     simulation.add_argument("--prefix-len", type=int, default=64, help="tokens per shared system prompt (default 64)")
     simulation.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix caching off")
@@ -140,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
                              " ~/.cache/vllm-frag-otel/telemetry)")
     report.add_argument("--output", type=Path, default=Path("frag-report"), help="directory (default frag-report)")
     report.add_argument("--no-plots", action="store_true", help="skip the PNG charts (the HTML has none then)")
+    report.add_argument("--smooth", type=int, default=0, metavar="EXPORTS",
+                        help="also draw the fragmentation ratios' rolling mean over EXPORTS exports (default 0: none)")
     return parser
 
 
@@ -168,11 +176,23 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--block-map-every must be >= 0")
     if args.workload_file is not None and not args.workload_file.is_file():
         parser.error(f"--workload-file {args.workload_file}: no such file")
-    base = what_if.Setting(args.block_size, args.num_blocks, True, args.max_num_seqs, args.layout)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        parser.error("--max-model-len must be >= 2 (a prompt token and an output token)")
+    base = _setting(args, prefix_caching=True)
     if base.max_model_len < 1:
         least = what_if.blocks_per_request(sim.parse_layout(args.layout), 1, args.block_size)
         parser.error(f"--num-blocks {args.num_blocks} is too few for --layout {args.layout}: one request needs"
                      f" {least} usable blocks or more across its KV-cache groups")
+    if args.max_model_len is not None and base.max_model_len < args.max_model_len:
+        parser.error(f"--max-model-len {args.max_model_len} is longer than the pool holds: at most"
+                     f" {base.max_model_len} tokens per request with --num-blocks {args.num_blocks}, --block-size"
+                     f" {args.block_size} and --layout {args.layout}")
+
+
+def _setting(args, prefix_caching: bool) -> what_if.Setting:
+    """The run's setting, as the flags give it."""
+    return what_if.Setting(args.block_size, args.num_blocks, prefix_caching, args.max_num_seqs, args.layout,
+                           args.max_model_len or what_if.DEFAULT_MODEL_LEN)
 
 
 def _specs(args, max_len: int):
@@ -280,23 +300,43 @@ class _Flusher:
         return done.wait(seconds)
 
 
-def _interrupted_result(exc: BaseException) -> sim.RunResult | None:
-    """What `sim.run_workload` had measured when `exc` (Ctrl-C) stopped it, read
-    from its frame in the traceback; None if it had not started stepping."""
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code is sim.run_workload.__code__:
-            names = frame.f_locals
-            snapshots = list(names.get("snapshots") or [])
-            if not snapshots:
-                return None
-            import numpy as np
+def _report_unusable_otel_variables() -> None:
+    """Say once, one line each, which OTEL_* values the plugin will not use (the
+    same words it logs), and hide them from this process as the plugin hides them
+    from the SDK: what the run then does is what this process sees."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("vllm.frag_otel")
+    logger.addHandler(handler)
+    try:
+        unusable = unusable_otel_variables()
+    finally:
+        logger.removeHandler(handler)
+    for name in unusable:
+        os.environ.pop(name, None)
 
-            return sim.RunResult(len(snapshots), snapshots, np.array(names.get("scheduled", []), dtype=np.int64),
-                                 np.array(names.get("latencies", []), dtype=np.int64), names["step_seconds"])
-        tb = tb.tb_next
-    return None
+
+def _cut_line(cuts: workloads.Cuts, path: Path) -> str | None:
+    """What --workload-file asked for that the model length cut, in words; None if nothing."""
+    if not cuts.requests:
+        return None
+    parts = []
+    if cuts.prompts:
+        parts.append(f"{counted(cuts.prompts, 'prompt')} to {cuts.max_model_len - 1} tokens"
+                     f" ({cuts.prompt_tokens} tokens cut in all)")
+    if cuts.outputs:
+        parts.append(f"{counted(cuts.outputs, 'output')} to what the model length left"
+                     f" ({cuts.output_tokens} tokens cut in all)")
+    return (f"{counted(cuts.requests, 'request')} of {path} asked for more than the model length of"
+            f" {cuts.max_model_len} tokens (--max-model-len) and {'was' if cuts.requests == 1 else 'were'} cut: "
+            + "; ".join(parts))
+
+
+def _clock(telemetry_dir: Path | None, step_seconds: float) -> simclock.ClockWriter | None:
+    """The clock file beside the telemetry files, mapping their wall-clock times to simulated time."""
+    if telemetry_dir is None or _telemetry_disabled():
+        return None
+    return simclock.ClockWriter(telemetry_dir, step_seconds, load_settings().file_max_files)
 
 
 def simulate(args) -> int:
@@ -309,44 +349,47 @@ def simulate(args) -> int:
         # sending to the collector instead is the explicit VLLM_FRAG_OTEL_EXPORTER=otlp
         if load_settings().exporter == "auto":
             os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "file"
+    _report_unusable_otel_variables()
     telemetry_dir = _telemetry_dir()
     if telemetry_dir is not None:
         problem = _unwritable(telemetry_dir)
         if problem:
             return _path_error("cannot write telemetry to", telemetry_dir, problem)
     os.environ.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "1000")
-    setting = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs,
-                              args.layout)
+    setting = _setting(args, not args.no_prefix_caching)
     shape = setting.shape(args.max_num_batched_tokens)
     specs = _specs(args, setting.max_model_len)
     if specs is None or not _load_plugin():
         return 2
     flush = _Flusher(files=telemetry_dir is not None)
+    clock = _clock(telemetry_dir, args.step_seconds)
 
     def export(steps: int) -> None:
         telemetry = runtime()
-        if telemetry is None:
-            return
-        if args.export_every and steps % args.export_every == 0 and telemetry.meter_provider is not None:
-            flush(telemetry.meter_provider.force_flush, STEP_FLUSH_SECONDS)
-        if args.block_map_every and steps % args.block_map_every == 0:
-            sampler = telemetry.start_block_maps()
-            if sampler is not None:
-                sampler.sample()
+        if telemetry is not None:
+            if args.export_every and steps % args.export_every == 0 and telemetry.meter_provider is not None:
+                flush(telemetry.meter_provider.force_flush, STEP_FLUSH_SECONDS)
+            if args.block_map_every and steps % args.block_map_every == 0:
+                sampler = telemetry.start_block_maps()
+                if sampler is not None:
+                    sampler.sample()
+        if clock is not None:
+            clock.tick(steps)  # after the step's exports: their points read as this step's time
 
     started = time.perf_counter()
-    partial = False
     try:
         with tqdm(total=len(specs), desc="requests finished", unit="req", file=sys.stderr, disable=None) as progress:
-            result = sim.run_workload(shape, specs, step_seconds=args.step_seconds,
-                                      seed=args.seed, progress=progress,
-                                      on_step=export if args.export_every or args.block_map_every else None)
-    except KeyboardInterrupt as exc:
-        result = _interrupted_result(exc)
+            result = sim.run_workload(shape, specs, step_seconds=args.step_seconds, seed=args.seed,
+                                      progress=progress, on_step=export, keep_partial=True)
+    except KeyboardInterrupt as exc:  # before the first step
         exc.__traceback__ = None
-        partial = True
-        print("\ninterrupted: stopping the run", file=sys.stderr)
+        result = None
     elapsed = time.perf_counter() - started
+    if clock is not None:
+        clock.close()
+    partial = result is None or result.interrupted
+    if partial:
+        print("\ninterrupted: stopping the run", file=sys.stderr)
     telemetry = runtime()
     # files: flush, the process exits soon enough. A collector: stop the providers
     # now, bounded, or the SDK's own exit handlers would retry a dead one for minutes
@@ -365,6 +408,7 @@ def simulate(args) -> int:
     stats = field_statistics(result.snapshots)
     groups = group_statistics(result.snapshots)
     outcome = what_if.measure(setting, result)
+    cuts = workloads.cuts(specs, setting.max_model_len)
     shown = {**stats, "empty_blocks": empty_block_statistics(result.snapshots)}
     print(render(shown, result.steps, args.block_size, groups))
     print()
@@ -372,17 +416,24 @@ def simulate(args) -> int:
         print(f"  {note}")
     finished = int(result.latency_steps.size)
     ran = f"{finished} of {len(specs)} requests finished (interrupted)" if partial else f"{len(specs)} requests"
-    print(f"  {ran} in {elapsed:.1f} s of simulated scheduling; mean request latency"
-          f" {outcome.mean_latency_s:.3f} s at {args.step_seconds} s per step;"
-          f" {outcome.tokens_per_step:.1f} tokens scheduled per busy step")
+    print(f"  {ran} in {result.steps} scheduler steps: {result.simulated_seconds:.1f} s of simulated time"
+          f" ({args.step_seconds} s per step), {elapsed:.1f} s of wall-clock time; mean request latency"
+          f" {outcome.mean_latency_s:.3f} s (simulated); {outcome.tokens_per_step:.1f} tokens scheduled per busy step")
+    cut = _cut_line(cuts, args.workload_file) if args.workload_file is not None else None
+    if cut:
+        print(f"  {cut}")
     if args.output:
         summary = {
             "workload": _workload_name(args),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "max_model_len": setting.max_model_len,
             "steps": result.steps,
+            "simulated_seconds": result.simulated_seconds,
+            "wall_seconds": elapsed,
+            "clock_file": str(clock.path) if clock is not None else None,
             "partial": partial,
             "finished_requests": finished,
+            "cut_requests": dataclasses.asdict(cuts),
             "run": {k: v for k, v in dataclasses.asdict(outcome).items() if k != "setting"},
             "fields": stats,
             "layout": {
@@ -422,8 +473,7 @@ def _layout_notes(args, shape: sim.EngineShape) -> list[str]:
 def sweep(args) -> int:
     # the sweep compares runs; their telemetry would only mix pools of different shapes
     os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
-    base = what_if.Setting(args.block_size, args.num_blocks, not args.no_prefix_caching, args.max_num_seqs,
-                           args.layout)
+    base = _setting(args, not args.no_prefix_caching)
     axes = {
         "block_sizes": args.sweep_block_sizes,
         "num_blocks": args.sweep_num_blocks,
@@ -440,7 +490,8 @@ def sweep(args) -> int:
     problem = _unwritable(args.output or Path("frag-sweep"))
     if problem:
         return _path_error("--output", args.output or Path("frag-sweep"), problem)
-    specs = _specs(args, min(s.max_model_len for s in runs))
+    max_len = min(s.max_model_len for s in runs)
+    specs = _specs(args, max_len)
     if specs is None or not _load_plugin():
         return 2
     with tqdm(total=len(runs) * len(specs), unit="req", file=sys.stderr, disable=None) as progress:
@@ -449,6 +500,8 @@ def sweep(args) -> int:
     layout = f", layout {args.layout}" if args.layout != "full" else ""
     text = what_if.render(outcomes, recommendation, f"{_workload_name(args)}{layout}, {len(specs)} requests")
     text += "".join(f"\n\n  {note}" for note in _prefix_caching_note(args, base.shape(args.max_num_batched_tokens)))
+    cut = _cut_line(workloads.cuts(specs, max_len), args.workload_file) if args.workload_file is not None else None
+    text += f"\n\n  {cut}" if cut else ""
     print(text)
     out = args.output or Path("frag-sweep")
     paths = what_if.write(outcomes, text, out)
@@ -457,12 +510,15 @@ def sweep(args) -> int:
 
 
 def report(args) -> int:
+    if args.smooth < 0:
+        print("vllm-frag-otel: error: --smooth must be >= 0 (exports in the rolling mean; 0: none)", file=sys.stderr)
+        return 2
     paths = args.paths or [Path(load_settings().file_dir)]
     problem = _unwritable(args.output)
     if problem:
         return _path_error("--output", args.output, problem)
     try:
-        written = reporting.build(paths, args.output, pictures=not args.no_plots)
+        written = reporting.build(paths, args.output, pictures=not args.no_plots, smooth=args.smooth)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 logger = logging.getLogger("vllm.frag_otel")
 
@@ -184,10 +185,81 @@ OTEL_VARIABLES: dict[str, tuple[Callable[[str], object], str]] = {
 }
 
 
-def unusable_otel_variables(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The OTEL_* variables set to values the SDK would raise on; each reported once."""
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+_ENDPOINT_SCHEMES = ("http", "https", "grpc")  # grpc://: vLLM's --otlp-traces-endpoint form
+
+
+def _otlp_protocol_value(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in OTLP_PROTOCOLS:
+        raise ValueError
+    return value
+
+
+def _otlp_endpoint(grpc: bool) -> Callable[[str], str]:
+    """A URL with an http, https or grpc scheme and a host; for gRPC also host:port."""
+
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        bare = grpc and "://" not in value  # the gRPC exporter takes host:port as it is
+        parts = urlsplit("grpc://" + value if bare else value)
+        port = parts.port  # raises ValueError for a port that is not a number in 0-65535
+        if parts.scheme.lower() not in _ENDPOINT_SCHEMES or not parts.hostname or " " in value or (
+                bare and port is None):
+            raise ValueError
+        return value
+
+    return parse
+
+
+ENDPOINT_ACCEPTED = "a URL such as http://collector:4318 (http, https or grpc scheme, and a host)"
+NO_ENDPOINT = "no endpoint (telemetry goes to files with VLLM_FRAG_OTEL_EXPORTER=auto)"
+
+
+def unusable_otlp_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """OTEL_EXPORTER_OTLP_[<SIGNAL>_]ENDPOINT and _PROTOCOL values no exporter can
+    use (an endpoint that is not a URL fails at every export); each reported once."""
     env = os.environ if environ is None else environ
     unusable = []
+    for form in _SIGNAL_FORMS:
+        name = f"OTEL_EXPORTER_OTLP{form}_PROTOCOL"
+        raw = env.get(name, "")
+        if raw.strip() and not _usable(_otlp_protocol_value, raw):
+            warn_bad_value(name, raw, "one of " + ", ".join(OTLP_PROTOCOLS), "http/protobuf")
+            unusable.append(name)
+    for form in _SIGNAL_FORMS:
+        name = f"OTEL_EXPORTER_OTLP{form}_ENDPOINT"
+        raw = env.get(name, "")
+        if raw.strip() and not _usable(_otlp_endpoint(_grpc(env, form, unusable)), raw):
+            instead = f"OTEL_EXPORTER_OTLP_ENDPOINT if that is set, else {NO_ENDPOINT}" if form else NO_ENDPOINT
+            warn_bad_value(name, raw, ENDPOINT_ACCEPTED, instead)
+            unusable.append(name)
+    return unusable
+
+
+def _usable(parse: Callable[[str], object], raw: str) -> bool:
+    try:
+        parse(raw)
+    except (ValueError, OverflowError):
+        return False
+    return True
+
+
+def _grpc(env: Mapping[str, str], form: str, unusable: list[str]) -> bool:
+    """The signal (`form`: "" or "_METRICS" ...) is sent over gRPC: its protocol
+    variable, else the common one, says so (unusable values aside)."""
+    for name in dict.fromkeys((f"OTEL_EXPORTER_OTLP{form}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")):
+        raw = env.get(name, "").strip()
+        if raw and name not in unusable:
+            return raw.lower() == "grpc"
+    return False
+
+
+def unusable_otel_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The OTEL_* variables set to values the SDK would raise on, or that no
+    exporter can use; each reported once."""
+    env = os.environ if environ is None else environ
+    unusable = unusable_otlp_variables(env)
     for name, (parse, accepted) in OTEL_VARIABLES.items():
         raw = env.get(name)
         if raw is None:

@@ -199,13 +199,20 @@ class Window:
 class Hole:
     """Block ids `first_block`..`last_block`, all left unheld (free or cached)
     at the same map and still unheld at `until_s`: memory nobody used.
-    `open`: still unheld at the last map (its lifetime is at least this)."""
+    `open`: still unheld at the last map (its lifetime is at least this);
+    `from_first_map`: unheld since the first map, so never seen held."""
 
     first_block: int
     last_block: int
     since_s: float
     until_s: float
     open: bool
+    from_first_map: bool = False
+
+    @property
+    def never_used(self) -> bool:
+        """Unheld at every map: memory the maps never saw in use (e.g. beyond the peak)."""
+        return self.open and self.from_first_map
 
     @property
     def blocks(self) -> int:
@@ -243,15 +250,15 @@ def hot_regions(layout: Layout, regions: int = 32, top: int = 3) -> list[Region]
     return found
 
 
-def hot_windows(layout: Layout, start_ns: int, windows: int = 20, top: int = 3) -> list[Window]:
-    """The time windows (of `windows` with equal numbers of map intervals) with the most changes."""
+def hot_windows(layout: Layout, seconds: np.ndarray, windows: int = 20, top: int = 3) -> list[Window]:
+    """The time windows (of `windows` with equal numbers of map intervals) with the most changes;
+    `seconds`: the time of each map on the report's axis."""
     changes = churn(layout).sum(axis=1)
     if not changes.size:
         return []
     edges = np.unique(np.linspace(0, changes.size, min(windows, changes.size) + 1).round().astype(np.int64))
     totals = np.add.reduceat(changes, edges[:-1])
     overall = int(totals.sum())
-    seconds = (layout.times - start_ns) / 1e9
     found = []
     for i in sorted(range(totals.size), key=lambda i: (-totals[i], i))[:top]:
         if not totals[i]:
@@ -268,9 +275,10 @@ def unheld_cells(layout: Layout) -> np.ndarray:
     return unheld == cell_sizes(layout.num_blocks, layout.bin_size)[None, :]
 
 
-def long_lived_holes(layout: Layout, start_ns: int, top: int = 5) -> list[Hole]:
+def long_lived_holes(layout: Layout, seconds: np.ndarray, top: int | None = 5) -> list[Hole]:
     """The holes that held the most memory idle, blocks x seconds, largest first
-    (then the widest, then the lowest block id).
+    (then the widest, then the lowest block id); all of them with `top` None.
+    `seconds`: the time of each map on the report's axis.
 
     A cell's streak starts at the map where it became unheld. A hole at map t
     is a maximal run of adjacent unheld cells whose streaks started at the same
@@ -303,14 +311,13 @@ def long_lived_holes(layout: Layout, start_ns: int, top: int = 5) -> list[Hole]:
     last = np.ones(len(rows), dtype=bool)
     last[:-1] = np.any(rows[1:, :3] != rows[:-1, :3], axis=1)
     rows = rows[last]
-    seconds = (layout.times - start_ns) / 1e9
     first = 1 + rows[:, 0] * layout.bin_size
     last = np.minimum(layout.num_blocks, (rows[:, 1] + 1) * layout.bin_size)
     area = (last - first + 1) * (seconds[rows[:, 3]] - seconds[rows[:, 2]])
     chosen: list[Hole] = []
     for i in np.lexsort((first, first - last, -area)):
         hole = Hole(int(first[i]), int(last[i]), float(seconds[rows[i, 2]]), float(seconds[rows[i, 3]]),
-                    bool(rows[i, 3] == steps - 1))
+                    bool(rows[i, 3] == steps - 1), bool(rows[i, 2] == 0))
         if not any(c.since_s == hole.since_s and c.first_block <= hole.last_block and hole.first_block <= c.last_block
                    for c in chosen):
             chosen.append(hole)
@@ -333,3 +340,14 @@ def image(layout: Layout) -> np.ndarray:
     """(cells, T, 3) RGB: each cell's colour is its states' colours mixed by count."""
     shares = (layout.counts / cell_sizes(layout.num_blocks, layout.bin_size)[None, None, :]).astype(np.float32)
     return np.einsum("tsc,sk->ctk", shares, STATE_COLOURS.astype(np.float32)).clip(0.0, 1.0)
+
+
+def column_edges(seconds: np.ndarray) -> np.ndarray:
+    """(T + 1,) the edges of each map's column on a time axis: halfway to its
+    neighbours, the outer columns as wide on their open side as on the other
+    (one map: one second wide). Uneven map times give uneven columns."""
+    seconds = np.asarray(seconds, dtype=np.float64)
+    if seconds.size < 2:
+        return np.array([seconds[0] - 0.5, seconds[0] + 0.5]) if seconds.size else seconds
+    middles = (seconds[1:] + seconds[:-1]) / 2
+    return np.concatenate([[2 * seconds[0] - middles[0]], middles, [2 * seconds[-1] - middles[-1]]])

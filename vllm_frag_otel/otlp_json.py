@@ -52,9 +52,11 @@ class RotatingJsonLines:
     """Appends lines to `<prefix>-<pid>-<seq>.jsonl` files in `directory`.
 
     A file is closed once it reaches `max_bytes`; the directory keeps at most
-    `max_files` of `<prefix>-*.jsonl`, oldest deleted first (across processes).
-    A line that cannot be written is counted in `write_errors`; the first such
-    error is logged once, naming the directory and the reason.
+    `max_files` of `<prefix>-*.jsonl`, oldest deleted first (across processes):
+    the first deletion is logged once, naming the directory and the limits, as
+    the files left then cover only the latest part of the run. A line that
+    cannot be written is counted in `write_errors`; the first such error is
+    logged once, naming the directory and the reason.
     """
 
     def __init__(self, directory: str, prefix: str, max_bytes: int, max_files: int):
@@ -66,6 +68,7 @@ class RotatingJsonLines:
         self._file = None
         self._seq = 0
         self.write_errors = 0
+        self.deleted_files = 0
 
     def write(self, line: str) -> None:
         data = (line + "\n").encode()
@@ -110,6 +113,15 @@ class RotatingJsonLines:
         for old in existing[: max(len(existing) - self.max_files, 0)]:
             if old != path:
                 old.unlink(missing_ok=True)
+                self._deleted(old)
+
+    def _deleted(self, path: Path) -> None:
+        self.deleted_files += 1
+        if self.deleted_files == 1:
+            logger.warning("vllm-frag-otel: deleted %s to keep %s telemetry in %s within"
+                           " VLLM_FRAG_OTEL_FILE_MAX_FILES=%d files of VLLM_FRAG_OTEL_FILE_MAX_BYTES=%d bytes: from now on the files hold only the"
+                           " latest part of the run (raise the limits to keep all of it; further deletions are not"
+                           " logged).", path.name, self.prefix, self.directory, self.max_files, self.max_bytes)
 
     def close(self) -> None:
         with self._lock:

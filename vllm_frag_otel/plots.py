@@ -25,11 +25,14 @@ class Panel:
     xlabel: str = "seconds since the first point"
     percent: bool = False  # y values are ratios, shown as %
     log_x: bool = False
+    log_y: bool = False  # counts on a log scale: a few next to many stay visible
     categories: tuple[str, ...] = ()  # bar labels, for "bars"
     # for "image": (rows, columns, 3) RGB in 0-1, or (rows, columns) values drawn with a colour scale;
-    # row 0 at the bottom, stretched over `extent` (left, right, bottom, top) in data coordinates
+    # row 0 at the bottom; column i spans x_edges[i]..x_edges[i + 1] (uneven columns where the
+    # times are uneven), row j y_edges[j]..y_edges[j + 1], in data coordinates
     image: np.ndarray | None = None
-    extent: tuple[float, float, float, float] | None = None
+    x_edges: np.ndarray | None = None
+    y_edges: np.ndarray | None = None
     swatches: tuple[tuple[str, tuple[float, float, float]], ...] = ()  # legend: label, RGB colour
     colorbar: str = ""  # label of the colour scale of a (rows, columns) image
 
@@ -45,17 +48,24 @@ class Chart:
 
 def render(chart: Chart, directory: Path, prefix: str = "") -> Path:
     """Draw `chart` to `directory/<prefix><name>.png`."""
+    path = directory / f"{prefix}{chart.name}.png"
+    figure(chart).savefig(path, dpi=100)
+    return path
+
+
+def figure(chart: Chart):
+    """`chart` as a matplotlib Figure (one Axes per panel, hidden ones beyond)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
     rows = -(-len(chart.panels) // chart.columns)
-    figure = Figure(figsize=(4.5 + 4.5 * chart.columns, 2.2 + chart.row_height * rows), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, chart.columns, squeeze=False).ravel()
+    drawing = Figure(figsize=(4.5 + 4.5 * chart.columns, 2.2 + chart.row_height * rows), layout="constrained")
+    FigureCanvasAgg(drawing)
+    axes = drawing.subplots(rows, chart.columns, squeeze=False).ravel()
     for unused in axes[len(chart.panels):]:
         unused.set_visible(False)
-    figure.suptitle(chart.title)
+    drawing.suptitle(chart.title)
     for ax, panel in zip(axes, chart.panels):
         _draw(ax, panel)
         ax.set_xlabel(panel.xlabel)
@@ -64,14 +74,14 @@ def render(chart: Chart, directory: Path, prefix: str = "") -> Path:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         if panel.log_x:
             ax.set_xscale("log")
+        if panel.log_y:
+            ax.set_yscale("log")
         if panel.style == "image":
             continue  # no grid over a picture; its legend is drawn with it
         ax.grid(alpha=0.3)
         if len(panel.lines) > 1 or panel.style == "stack":
             ax.legend(fontsize="small")
-    path = directory / f"{prefix}{chart.name}.png"
-    figure.savefig(path, dpi=100)
-    return path
+    return drawing
 
 
 def _draw(ax, panel: Panel) -> None:
@@ -96,8 +106,8 @@ def _draw(ax, panel: Panel) -> None:
 def _draw_image(ax, panel: Panel) -> None:
     from matplotlib.patches import Patch
 
-    picture = ax.imshow(panel.image, origin="lower", aspect="auto", interpolation="nearest", extent=panel.extent,
-                        cmap="magma_r" if panel.image.ndim == 2 else None)
+    picture = ax.pcolormesh(panel.x_edges, panel.y_edges, panel.image, shading="flat",
+                            cmap="magma_r" if panel.image.ndim == 2 else None)
     if panel.image.ndim == 2:
         ax.figure.colorbar(picture, ax=ax, label=panel.colorbar)
     if panel.swatches:

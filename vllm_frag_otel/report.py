@@ -23,12 +23,22 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_frag_otel import layout, otlp_read
+from vllm_frag_otel import layout, otlp_read, simclock
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.otlp_read import RequestSpan, Series, Source, Telemetry
 from vllm_frag_otel.plots import Chart, Line, Panel, render as draw
 from vllm_frag_otel.summary import GROUP_FIELDS, gauge_lines, group_lines, pct, statistics, totals_lines
-from vllm_frag_otel.telemetry import GROUP, GROUP_KIND, OUTCOME, RESUMED, REUSED, SLOT_STATE, SOURCE, STATE
+from vllm_frag_otel.telemetry import (
+    GROUP,
+    GROUP_KIND,
+    OUTCOME,
+    RESUMED,
+    REUSED,
+    SAMPLE_RATE,
+    SLOT_STATE,
+    SOURCE,
+    STATE,
+)
 
 # Snapshot field (as in simulate's summary.json) -> (metric, attribute filter);
 # series of the metric matching the filter are summed (over groups, reasons, ...).
@@ -83,8 +93,37 @@ LAYOUT_MAX_MAPS = 2000
 
 
 @dataclass(frozen=True)
+class Clock:
+    """One process's time axis: wall-clock seconds since `start_ns` (the first
+    point of all inputs), or, for simulator output with its clock file
+    (`simclock`), simulated seconds since the run began."""
+
+    start_ns: int
+    steps: simclock.StepClock | None = None
+
+    def seconds(self, times_ns) -> np.ndarray:
+        if self.steps is not None:
+            return self.steps.seconds(times_ns)
+        return (np.asarray(times_ns, dtype=np.int64) - self.start_ns) / 1e9
+
+    @property
+    def axis(self) -> str:
+        if self.steps is not None:
+            return f"simulated seconds (steps x {self.steps.step_seconds:g} s)"
+        return "seconds since the first point"
+
+    def note(self) -> list[str]:
+        """What the summary's times are, when they are not wall-clock seconds."""
+        if self.steps is None:
+            return []
+        return [f"  time: simulated seconds (scheduler steps x {self.steps.step_seconds:g} s, from the simulator's"
+                f" clock file {self.steps.path}; {self.steps.wall_seconds:.1f} s of wall-clock time): every time,"
+                " duration and rate below except allocate_slots times (CPU time) is simulated"]
+
+
+@dataclass(frozen=True)
 class TimeSeries:
-    seconds: np.ndarray  # since the first point of all inputs
+    seconds: np.ndarray  # on the pool's clock
     values: np.ndarray
 
 
@@ -138,7 +177,7 @@ class PoolReport:
     caveats: list[str] = field(default_factory=list)
     requests: list[RequestSpan] = field(default_factory=list)
     classes: list[ClassRow] = field(default_factory=list)
-    start_ns: int = 0  # time zero of every time axis
+    clock: Clock = field(default_factory=lambda: Clock(0))  # every time axis
     block_layout: layout.Layout | None = None  # from the pool's block maps
     hotspots: Hotspots | None = None  # of the block layout
     groups: list[GroupReport] = field(default_factory=list)  # empty when the input has no per-group metrics
@@ -172,7 +211,7 @@ def _carried(series: Sequence[Series], times: np.ndarray) -> np.ndarray:
     return total
 
 
-def group_reports(telemetry: Telemetry, source: Source, start_ns: int) -> list[GroupReport]:
+def group_reports(telemetry: Telemetry, source: Source, clock: Clock) -> list[GroupReport]:
     """The pool's KV-cache groups, in group order, from the per-group metrics, on
     the times of the group block counts. A group has token slots when its slots
     are exported (the plugin exports them for those groups only)."""
@@ -197,16 +236,19 @@ def group_reports(telemetry: Telemetry, source: Source, start_ns: int) -> list[G
                           partial_blocks=_carried(_matching(telemetry, source, PARTIAL_METRIC, where), times),
                           internal_fragmentation=internal)
             block_size = int(round(float(np.median(sizes)))) if sizes.size else None
-        quantities = {name: TimeSeries((times - start_ns) / 1e9, values[name]) for name in GROUP_FIELDS
+        quantities = {name: TimeSeries(clock.seconds(times), values[name]) for name in GROUP_FIELDS
                       if name in values}
         groups.append(GroupReport(group, kind, bool(slots), block_size, quantities,
                                   {name: statistics(q.values) for name, q in quantities.items()}))
     return groups
 
 
-def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bool) -> PoolReport:
-    """`start_ns`: time zero of every time axis (the first point of all inputs).
-    Raises ValueError, naming them, when metrics the report needs are missing."""
+def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bool,
+                clock: Clock | None = None) -> PoolReport:
+    """`start_ns`: time zero of every time axis (the first point of all inputs),
+    unless `clock` says otherwise. Raises ValueError, naming them, when metrics
+    the report needs are missing."""
+    clock = clock or Clock(start_ns)
     resource = telemetry.resources.get(source.instance, {})
     label = (f"{resource.get('service.name', 'vllm')} pool {source.pool}, model {resource.get('vllm.model.name', '?')}"
              f" (host {resource.get('host.name', '?')}, pid {resource.get('process.pid', '?')})")
@@ -218,11 +260,11 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
     missing = sorted({metric for name, (metric, _) in QUANTITIES.items() if name not in raw})
     if missing:
         raise ValueError(f"{label}: no {', '.join(missing)} in the input; pool skipped")
-    quantities = {name: TimeSeries((t - start_ns) / 1e9, v) for name, (t, v) in raw.items()}
+    quantities = {name: TimeSeries(clock.seconds(t), v) for name, (t, v) in raw.items()}
     stats = {name: statistics(q.values) for name, q in quantities.items()}
     latency = {s.attributes.get(OUTCOME, ""): s
                for s in _matching(telemetry, source, LATENCY_METRIC, {}) if s.bounds.size}
-    groups = group_reports(telemetry, source, start_ns)
+    groups = group_reports(telemetry, source, clock)
     report = PoolReport(
         source=source,
         label=label,
@@ -233,7 +275,7 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
         latency=latency,
         block_size=_block_size(quantities, groups),
         caveats=_caveats(telemetry, source),
-        start_ns=start_ns,
+        clock=clock,
         groups=groups,
     )
     stacked = layout.stack(telemetry.block_maps.get(source, []), LAYOUT_MAX_MAPS)
@@ -245,7 +287,45 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
     if len(pools_of_instance) == 1:
         report.requests = [r for r in telemetry.spans if r.instance == source.instance]
         report.classes = request_classes(report.requests, report.block_size)
+    report.caveats += coverage_caveats(report)
     return report
+
+
+def _interval(seconds: np.ndarray) -> float:
+    return float(np.median(np.diff(seconds))) if len(seconds) > 1 else 0.0
+
+
+def coverage_caveats(report: PoolReport) -> list[str]:
+    """Say so when the metrics, the request spans and the block maps do not
+    cover the same time (files of one signal deleted by rotation, or missing):
+    the statistics would describe one part of the run and the maps another.
+
+    Metrics and maps are periodic: their starts and ends are compared. Spans
+    start with requests, which may come late: only spans that start before the
+    metrics do are suspicious. Tolerance: two sampling intervals, at least 5%
+    of the time covered."""
+    metrics = report.quantities["used_blocks"].seconds
+    ranges = {"metrics": (float(metrics[0]), float(metrics[-1]))}
+    intervals = [_interval(metrics)]
+    if report.requests:
+        ranges["request spans"] = (float(report.clock.seconds(min(r.start_ns for r in report.requests))),
+                                   float(report.clock.seconds(max(r.end_ns for r in report.requests))))
+    if report.block_layout is not None:
+        maps = report.clock.seconds(report.block_layout.times)
+        ranges["block maps"] = (float(maps[0]), float(maps[-1]))
+        intervals.append(_interval(maps))
+    everything = max(end for _, end in ranges.values()) - min(start for start, _ in ranges.values())
+    tolerance = max(2 * max(intervals), 0.05 * everything)
+    start, end = ranges["metrics"]
+    differ = ranges.get("request spans", ranges["metrics"])[0] < start - tolerance
+    if "block maps" in ranges:
+        differ |= abs(ranges["block maps"][0] - start) > tolerance or abs(ranges["block maps"][1] - end) > tolerance
+    if not differ:
+        return []
+    covered = ", ".join(f"{name} {first:.3f}-{last:.3f} s" for name, (first, last) in ranges.items())
+    return [f"the inputs cover different times ({covered}): the statistics come from the metrics' time only,"
+            " the block layout from the maps' and the request figures from the spans'. Files deleted by rotation"
+            " (VLLM_FRAG_OTEL_FILE_MAX_BYTES, VLLM_FRAG_OTEL_FILE_MAX_FILES) or missing from the input do this"]
 
 
 # The plugin's own counters that qualify the numbers: (metric, what a non-zero total means).
@@ -322,7 +402,7 @@ def request_classes(requests: Sequence[RequestSpan], block_size: int | None) -> 
 
 def histogram_quantile(bounds: np.ndarray, counts: np.ndarray, q: float) -> float:
     """The q-quantile of a bucketed distribution, interpolated inside its bucket
-    (the overflow bucket answers with the last bound)."""
+    (the overflow bucket answers with the last bound: see `beyond_bounds`)."""
     cumulative = np.cumsum(counts)
     rank = q * cumulative[-1]
     i = int(np.searchsorted(cumulative, rank, side="left"))
@@ -334,6 +414,12 @@ def histogram_quantile(bounds: np.ndarray, counts: np.ndarray, q: float) -> floa
     return float(lower + (bounds[i] - lower) * ((rank - below) / inside if inside else 1.0))
 
 
+def beyond_bounds(bounds: np.ndarray, counts: np.ndarray, q: float) -> bool:
+    """The q-quantile falls in the open-ended overflow bucket (above the last bound)."""
+    cumulative = np.cumsum(counts)
+    return bool(cumulative[len(bounds) - 1] < q * cumulative[-1])
+
+
 # -- the four answers ------------------------------------------------------------------
 
 
@@ -343,6 +429,33 @@ def _duration(seconds: float) -> str:
 
 def _share(part: float, whole: float) -> str:
     return pct(part / whole) if whole else "n/a"
+
+
+def _quantile(h: Series, q: float) -> str:
+    """A latency quantile; "> last bound" when it lies in the open-ended bucket."""
+    counts = h.buckets[-1]
+    if beyond_bounds(h.bounds, counts, q):
+        return f"> {_duration(float(h.bounds[-1]))}"
+    return _duration(histogram_quantile(h.bounds, counts, q))
+
+
+def sample_rate(h: Series) -> float:
+    """The share of allocate_slots calls the plugin timed (1 when the points do not say)."""
+    try:
+        return float(h.attributes.get(SAMPLE_RATE, 1.0))
+    except ValueError:
+        return 1.0
+
+
+def latency_line(outcome: str, h: Series) -> str:
+    """One outcome's allocate_slots times: what was timed, and how much of it."""
+    count = h.values[-1]
+    rate = sample_rate(h)
+    timed = f"{count:.0f} calls" if rate >= 1 else (
+        f"{count:.0f} timed calls, a random {pct(rate)} sample of all (vllm.kv_cache.allocation.sample_rate"
+        f" {rate:g}; about {count / rate:.0f} calls in all)")
+    return (f"  - allocate_slots time ({outcome or 'all'}): mean {_duration(h.sums[-1] / count)},"
+            f" p50 {_quantile(h, 0.5)}, p99 {_quantile(h, 0.99)}, {h.sums[-1]:.3f} s over {timed}.")
 
 
 def render_text(report: PoolReport) -> str:
@@ -358,6 +471,7 @@ def render_text(report: PoolReport) -> str:
         f"KV-cache report: {report.label}",
         f"  {report.exports} exports over {seconds[-1] - seconds[0]:.1f} s; block size {bs or '?'};"
         f" {int(f['num_blocks'])} usable blocks{groups}; {len(report.requests)} request spans",
+        *report.clock.note(),
         *(f"  caveat: {note}" for note in report.caveats),
         "",
         "1. What is the fragmentation pattern? (statistics over the exports)",
@@ -462,28 +576,22 @@ def _costs(report: PoolReport) -> list[str]:
     preemptions = int(f["preemptions"])
     if not preemptions:
         lines.append("  - recomputation: none, no request was preempted.")
-    elif report.requests and bs:
+    elif report.requests and bs and any(r.released_blocks for r in report.requests):
         released = sum(r.released_blocks for r in report.requests)
         recovered = sum(r.resumed_hit_tokens for r in report.requests)
+        preempted = sum(1 for r in report.requests if r.preemptions)
         lines.append(
-            f"  - recomputation: {preemptions} preemptions released {released} blocks (up to {released * bs} tokens"
-            f" of KV cache to compute again); {recovered} tokens of it came back from the prefix cache on"
-            " re-admission.")
+            f"  - recomputation: {_plural(preemptions, 'preemption')} of {_plural(preempted, 'request')} released"
+            f" {released} blocks (up to {released * bs} tokens of KV cache to compute again); {recovered} tokens of"
+            " it came back from the prefix cache on re-admission.")
     else:
-        lines.append(f"  - recomputation: {preemptions} preemptions (each request's KV cache is computed again).")
+        lines.append(f"  - recomputation: {_plural(preemptions, 'preemption')} (each preempted request's KV cache is"
+                     " computed again).")
     attempts, failures = f["allocation_attempts"], f["allocation_failures"]
     lines.append(f"  - waiting: {failures:.0f} of {attempts:.0f} allocate_slots calls failed"
                  f" ({_share(failures, attempts)}); each is a request that waits at least one more step.")
-    for outcome, h in sorted(report.latency.items(), key=lambda kv: kv[0] != "success"):
-        count = h.values[-1]
-        if not count:
-            continue
-        counts = h.buckets[-1]
-        lines.append(
-            f"  - allocate_slots time ({outcome or 'all'}): mean {_duration(h.sums[-1] / count)},"
-            f" p50 {_duration(histogram_quantile(h.bounds, counts, 0.5))},"
-            f" p99 {_duration(histogram_quantile(h.bounds, counts, 0.99))}, {h.sums[-1]:.3f} s in all"
-            f" over {count:.0f} calls.")
+    timed = sorted(report.latency.items(), key=lambda kv: kv[0] != "success")
+    lines += [latency_line(outcome, h) for outcome, h in timed if h.values[-1]]
     return lines
 
 
@@ -588,17 +696,27 @@ def _recycled_share(report: PoolReport) -> float:
 class Hotspots:
     regions: list[layout.Region]
     windows: list[layout.Window]
-    holes: list[layout.Hole]
+    holes: list[layout.Hole]  # every hole, by idle memory
+
+    def hole_kinds(self) -> list[tuple[str, list[layout.Hole]]]:
+        """The holes by what became of them, each kind ranked by idle memory, at most TOP_HOLES each."""
+        kinds = (
+            ("never used: unheld at every map, from the first to the last", lambda h: h.never_used),
+            ("still unheld at the last map", lambda h: h.open and not h.never_used),
+            ("ended: held again before the last map", lambda h: not h.open),
+        )
+        return [(title, [h for h in self.holes if belongs(h)][:TOP_HOLES]) for title, belongs in kinds]
 
 
 def hotspots(report: PoolReport) -> Hotspots:
-    """The pool's hottest block regions and time windows and its longest-lived holes
-    (times in seconds since the report's start)."""
+    """The pool's hottest block regions and time windows and all its holes,
+    longest-lived first (times on the report's clock)."""
     lay = report.block_layout
+    seconds = report.clock.seconds(lay.times)
     return Hotspots(
         regions=layout.hot_regions(lay, LAYOUT_REGIONS, TOP_HOTSPOTS),
-        windows=layout.hot_windows(lay, report.start_ns, LAYOUT_WINDOWS, TOP_HOTSPOTS),
-        holes=layout.long_lived_holes(lay, report.start_ns, TOP_HOLES),
+        windows=layout.hot_windows(lay, seconds, LAYOUT_WINDOWS, TOP_HOTSPOTS),
+        holes=layout.long_lived_holes(lay, seconds, top=None),
     )
 
 
@@ -613,7 +731,7 @@ def _blocks(first: int, last: int) -> str:
 def layout_lines(report: PoolReport) -> list[str]:
     """The block-layout section of the summary."""
     lay = report.block_layout
-    seconds = (lay.times - report.start_ns) / 1e9
+    seconds = report.clock.seconds(lay.times)
     maps = len(lay.times)
     every = f", every ~{float(np.median(np.diff(seconds))):.3g} s" if maps > 1 else ""
     shares = lay.counts.sum(axis=2).mean(axis=0) / lay.num_blocks
@@ -639,13 +757,12 @@ def layout_lines(report: PoolReport) -> list[str]:
                      " intervals):")
         lines += [f"    {w.start_s:.3f}-{w.end_s:.3f} s: {w.changes} changes ({pct(w.share)}),"
                   f" {w.changes_per_second:.1f} per second" for w in found.windows]
-    lines.append("  longest-lived holes, by idle memory (blocks x seconds; adjacent blocks left unheld, free or"
-                 " cached, at the same map and still unheld):")
-    lines += [f"    {_blocks(h.first_block, h.last_block)} ({_plural(h.blocks, 'block')}): since {h.since_s:.3f} s"
-              f" → until {h.until_s:.3f} s ({h.seconds:.3f} s)"
-              + ("; still unheld at the last map" if h.open else "") for h in found.holes]
-    if not found.holes:
-        lines.append("    none: no map had a cell with every block unheld")
+    lines.append("  longest-lived holes, by idle memory (blocks x seconds; a hole: adjacent blocks left unheld, free"
+                 " or cached, at the same map and unheld since):")
+    for title, holes in found.hole_kinds():
+        lines.append(f"    {title}:" if holes else f"    {title}: none")
+        lines += [f"      {_blocks(h.first_block, h.last_block)} ({_plural(h.blocks, 'block')}):"
+                  f" since {h.since_s:.3f} s → until {h.until_s:.3f} s ({h.seconds:.3f} s)" for h in holes]
     note = ("  note: changes are counted between consecutive maps, a lower bound: a block that changed and changed"
             " back between two maps is not seen.")
     if lay.bin_size > 1:
@@ -658,39 +775,65 @@ def layout_lines(report: PoolReport) -> list[str]:
 # -- charts --------------------------------------------------------------------------------
 
 
-def charts(report: PoolReport) -> list[Chart]:
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of each value and the `window` - 1 before it (fewer at the start)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def ratio_panel(report: PoolReport, label: str, name: str, smooth: int) -> Panel:
+    """One fragmentation ratio on its own scale, with its rolling mean over `smooth` exports (2 or more)."""
+    q = report.quantities[name]
+    lines = [Line(label, q.seconds, q.values)]
+    if smooth > 1:
+        lines.append(Line(f"rolling mean of {smooth} exports", q.seconds, rolling_mean(q.values, smooth)))
+    return Panel(label.split(" (")[0], tuple(lines), percent=True, xlabel=report.clock.axis)
+
+
+def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
+    """Every chart of one pool; `smooth`: exports in the fragmentation ratios' rolling mean (0: none)."""
     q = report.quantities
     x = q["used_blocks"].seconds
+    axis = report.clock.axis
 
     def line(label: str, name: str) -> Line:
         return Line(label, q[name].seconds, q[name].values)
 
+    blocks_in_use = q["used_blocks"].values / max(report.final["num_blocks"], 1)
     result = [
         Chart("block_states", "KV-cache blocks by state", (Panel("blocks", (
             Line("used", x, q["used_blocks"].values),
             Line("cached (evictable)", x, q["cached_blocks"].values),
             Line("free (empty)", x, q["free_blocks"].values - q["cached_blocks"].values),
-        ), style="stack"),)),
-        Chart("slot_utilization", "Token slots holding a computed token, of all slots",
-              (Panel("slot utilization", (line("slot utilization", "slot_utilization"),), percent=True),)),
-        Chart("fragmentation", "Fragmentation ratios", (Panel("ratio", (
-            line("internal (unused / allocated slots)", "internal_fragmentation"),
-            line("external (1 - largest free run / free blocks)", "external_fragmentation"),
-        ), percent=True),)),
+        ), style="stack", xlabel=axis),)),
+        Chart("slot_utilization", "Blocks in use, and token slots in them holding a computed token: the gap is"
+              " allocated but empty slots", (Panel("share", (
+                  Line("blocks in use (used / usable blocks)", x, blocks_in_use),
+                  line("slot utilization (token slots holding computed tokens / all slots)", "slot_utilization"),
+              ), percent=True, xlabel=axis),)),
+        Chart("fragmentation", "Fragmentation ratios, each on its own scale", (
+            ratio_panel(report, "internal (unused / allocated slots)", "internal_fragmentation", smooth),
+            ratio_panel(report, "external (1 - largest free run / free blocks)", "external_fragmentation", smooth),
+        )),
         Chart("evictions", "Prefix-cache evictions (running totals)", (Panel("blocks", (
             line("evicted", "evictions"),
             line("evicted, never reused after caching", "evicted_never_reused"),
-        )),)),
+        ), xlabel=axis),)),
         Chart("preemptions", "Preemptions and failed allocations (running totals)", (Panel("count", (
             line("preemptions", "preemptions"),
             line("failed allocate_slots calls", "allocation_failures"),
-        )),)),
+        ), xlabel=axis),)),
     ]
-    latency = [_latency_line(outcome, h) for outcome, h in sorted(report.latency.items()) if h.values[-1]]
-    if latency:
-        result.append(Chart("allocation_latency", "allocate_slots duration (all calls)", (Panel(
-            "calls", tuple(latency), style="stairs", xlabel="seconds (bucket bounds; open-ended buckets drawn one"
-            " decade wide)", log_x=True),)))
+    timed = [(outcome, h) for outcome, h in sorted(report.latency.items()) if h.values[-1]]
+    if timed:
+        sampled = min(sample_rate(h) for _, h in timed)
+        title = "allocate_slots duration" + (f" (a {pct(sampled)} sample of calls)" if sampled < 1 else " (all calls)")
+        result.append(Chart("allocation_latency", title, (Panel(
+            "calls (log scale)", tuple(_latency_line(outcome, h) for outcome, h in timed), style="stairs",
+            xlabel="seconds of CPU time (bucket bounds; open-ended buckets drawn one decade wide)", log_x=True,
+            log_y=True),)))
     if report.classes:
         rows = report.classes
         positions = np.arange(len(rows), dtype=np.float64)
@@ -720,12 +863,13 @@ def groups_chart(report: PoolReport) -> Chart:
                         g.quantities["used_blocks"].values) for g in report.groups)
     # stacked when every group was exported at the same times (one collection exports them all)
     stack = all(np.array_equal(line.x, blocks[0].x) for line in blocks)
-    panels = [Panel("blocks", blocks, style="stack" if stack else "line")]
+    panels = [Panel("blocks", blocks, style="stack" if stack else "line", xlabel=report.clock.axis)]
     slotted = [g for g in report.groups if g.token_slots]
     if slotted:
         panels.append(Panel("internal fragmentation\n(groups with token slots)", tuple(
             Line(f"{g.kind} (group {g.group})", g.quantities["internal_fragmentation"].seconds,
-                 g.quantities["internal_fragmentation"].values) for g in slotted), percent=True))
+                 g.quantities["internal_fragmentation"].values) for g in slotted), percent=True,
+            xlabel=report.clock.axis))
     return Chart("kv_cache_groups", "KV-cache groups: blocks held, and empty slots in them (a Mamba group's blocks"
                  " are state pages)", tuple(panels))
 
@@ -733,25 +877,23 @@ def groups_chart(report: PoolReport) -> Chart:
 def layout_chart(report: PoolReport) -> Chart:
     """Top: every cell's state mix at every map (layout.image); bottom: blocks that
     changed state per region between consecutive maps (layout.region_churn).
-    Columns are drawn evenly spaced: map t centred on its time, interval i from
-    map i to map i + 1 (exact for maps at a steady interval)."""
+    Columns sit at their times: map t spans halfway to its neighbours
+    (layout.column_edges), interval i from map i to map i + 1."""
     lay = report.block_layout
-    seconds = (lay.times - report.start_ns) / 1e9
-    step = float(np.median(np.diff(seconds))) if len(seconds) > 1 else 1.0
-    top = 0.5 + lay.cells * lay.bin_size
+    seconds = report.clock.seconds(lay.times)
+    cell_edges = 0.5 + np.minimum(np.arange(lay.cells + 1) * lay.bin_size, lay.num_blocks)
     bins = f" (cells of {lay.bin_size} blocks)" if lay.bin_size > 1 else ""
     panels = [Panel(
-        f"block id{bins}", (), style="image", image=layout.image(lay),
-        extent=(float(seconds[0] - step / 2), float(seconds[-1] + step / 2), 0.5, top),
+        f"block id{bins}", (), style="image", image=layout.image(lay), xlabel=report.clock.axis,
+        x_edges=layout.column_edges(seconds), y_edges=cell_edges,
         swatches=tuple((name, tuple(float(c) for c in colour))
                        for name, colour in zip(layout.BLOCK_STATES, layout.STATE_COLOURS)),
     )]
-    _, per_region = layout.region_churn(lay, LAYOUT_REGIONS)
+    region_edges, per_region = layout.region_churn(lay, LAYOUT_REGIONS)
     if per_region.size:
         panels.append(Panel(
-            "block id (regions)", (), style="image", image=per_region.T,
-            extent=(float(seconds[0]), float(seconds[-1]), 0.5, top),
-            colorbar="blocks that changed state",
+            "block id (regions)", (), style="image", image=per_region.T, xlabel=report.clock.axis,
+            x_edges=seconds, y_edges=cell_edges[region_edges], colorbar="blocks that changed state",
         ))
     return Chart("block_layout", "Block layout: every block's state over time, and where it changes",
                  tuple(panels), row_height=3.5)
@@ -777,9 +919,9 @@ def _attribute_text(attributes: dict[str, str]) -> str:
     return ";".join(f"{k}={v}" for k, v in sorted(attributes.items()))
 
 
-def write_series(telemetry: Telemetry, start_ns: int, out: Path) -> list[Path]:
+def write_series(telemetry: Telemetry, clocks: Clocks, out: Path) -> list[Path]:
     """Every series: series.csv (gauges, sums, histogram counts), histograms.csv
-    (running bucket counts), series.json (all of it)."""
+    (running bucket counts), series.json (all of it); seconds on each process's clock."""
     records = []
     with open(out / "series.csv", "w", newline="") as numbers, open(out / "histograms.csv", "w", newline="") as hist:
         series_csv, histogram_csv = csv.writer(numbers), csv.writer(hist)
@@ -789,7 +931,7 @@ def write_series(telemetry: Telemetry, start_ns: int, out: Path) -> list[Path]:
                                 "count", "sum", "le", "bucket_count"])
         for s in telemetry.series:
             head = [s.source.instance, s.source.pool, s.metric, _attribute_text(s.attributes)]
-            seconds = (s.times - start_ns) / 1e9
+            seconds = clocks.of(s.source.instance).seconds(s.times)
             for i, (t, v) in enumerate(zip(s.times.tolist(), s.values.tolist())):
                 series_csv.writerow([*head, s.kind, s.unit, t, f"{seconds[i]:.6f}", v])
                 if s.kind == "histogram":
@@ -803,7 +945,9 @@ def write_series(telemetry: Telemetry, start_ns: int, out: Path) -> list[Path]:
                 record.update(sums=s.sums.tolist(), bounds=s.bounds.tolist(), buckets=s.buckets.tolist())
             records.append(record)
     document = {
-        "note": "sums and histograms are running totals since the first point, whatever the source temporality",
+        "note": "sums and histograms are running totals since the first point, whatever the source temporality;"
+                " seconds: simulated seconds for a simulator process with its clock file, else wall-clock seconds"
+                " since the first point of all inputs",
         "files": [str(p) for p in telemetry.files],
         "resources": telemetry.resources,
         "series": records,
@@ -871,7 +1015,9 @@ def write_groups(reports: Sequence[PoolReport], out: Path) -> list[Path]:
 
 
 HOTSPOT_FIELDS = ["instance", "pool", "kind", "rank", "first_block", "last_block", "blocks", "start_s", "end_s",
-                  "changes", "share", "changes_per_block", "changes_per_second", "open"]
+                  "changes", "share", "changes_per_block", "changes_per_second", "open", "status"]
+# hotspots.csv status of a hole, in the order of Hotspots.hole_kinds
+HOLE_STATUS = ("never_used", "open", "ended")
 
 
 def write_layouts(reports: Sequence[PoolReport], out: Path) -> list[Path]:
@@ -899,7 +1045,8 @@ def write_layouts(reports: Sequence[PoolReport], out: Path) -> list[Path]:
                  for i, w in enumerate(found.windows, 1)]
         rows += [{**head, "kind": "hole", "rank": i, "first_block": h.first_block, "last_block": h.last_block,
                   "blocks": h.blocks, "start_s": f"{h.since_s:.6f}", "end_s": f"{h.until_s:.6f}",
-                  "open": "true" if h.open else "false"} for i, h in enumerate(found.holes, 1)]
+                  "open": "true" if h.open else "false", "status": status}
+                 for status, (_, holes) in zip(HOLE_STATUS, found.hole_kinds()) for i, h in enumerate(holes, 1)]
     with open(out / "hotspots.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, HOTSPOT_FIELDS)
         writer.writeheader()
@@ -907,9 +1054,51 @@ def write_layouts(reports: Sequence[PoolReport], out: Path) -> list[Path]:
     return [*written, out / "hotspots.csv"]
 
 
-def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
-    """Read `paths`, write everything into `out`; raises ValueError when no pool's
-    metrics were found (the problems are in the message)."""
+@dataclass(frozen=True)
+class Clocks:
+    """Each process's clock: simulated time for a simulator process whose clock
+    file is among the inputs, else wall-clock seconds since `start_ns`."""
+
+    start_ns: int
+    simulated: dict[str, Clock]  # by instance
+
+    def of(self, instance: str) -> Clock:
+        return self.simulated.get(instance, Clock(self.start_ns))
+
+
+def match_clocks(telemetry: Telemetry, found: Sequence[simclock.StepClock], start_ns: int) -> Clocks:
+    """The clock file of each simulator process: the same host and pid, at overlapping times."""
+    simulated = {}
+    for instance, resource in telemetry.resources.items():
+        times = [t for s in telemetry.series if s.source.instance == instance for t in (s.times[0], s.times[-1])]
+        for clock in found:
+            if (resource.get("host.name"), resource.get("process.pid")) == (clock.host, clock.pid) and times and \
+                    min(times) <= clock.wall_ns[-1] and max(times) >= clock.wall_ns[0]:
+                simulated[instance] = Clock(start_ns, clock)
+    return Clocks(start_ns, simulated)
+
+
+# Lists the files a report wrote into its directory, so that the next report into
+# the same directory removes them first (and nothing else).
+MANIFEST = ".vllm-frag-otel-report"
+
+
+def remove_earlier_outputs(out: Path) -> None:
+    """Delete the files an earlier report listed in `out`'s manifest (plain names in `out` only)."""
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return
+    for name in manifest.read_text().splitlines():
+        earlier = out / name
+        if name and Path(name).name == name and earlier.is_file():
+            earlier.unlink()
+    manifest.unlink()
+
+
+def build(paths: Sequence[Path], out: Path, pictures: bool = True, smooth: int = 0) -> Written:
+    """Read `paths`, write everything into `out` (after removing what an earlier
+    report wrote there); raises ValueError when no pool's metrics were found (the
+    problems are in the message). `smooth`: see `charts`."""
     telemetry = otlp_read.read(paths)
     pools = telemetry.pools()
     if not pools:
@@ -917,12 +1106,14 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
         problems = "".join(f"\n  {p}" for p in telemetry.problems)
         raise ValueError(f"no vllm.kv_cache metrics in {', '.join(map(str, paths))} ({found}){problems}")
     out.mkdir(parents=True, exist_ok=True)
+    remove_earlier_outputs(out)
     start = min([int(s.times[0]) for s in telemetry.series]
                 + [m.time_unix_nano for maps in telemetry.block_maps.values() for m in maps])
+    clocks = match_clocks(telemetry, simclock.find(paths, telemetry.problems), start)
     reports, skipped = [], []
     for source in pools:
         try:
-            reports.append(pool_report(telemetry, source, start, len(pools) > 1))
+            reports.append(pool_report(telemetry, source, start, len(pools) > 1, clocks.of(source.instance)))
         except ValueError as exc:
             skipped.append(str(exc))
     if not reports:
@@ -931,6 +1122,8 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
         f"input: {len(telemetry.files)} OTLP file(s), {len(telemetry.ignored)} ignored (no OTLP),"
         f" {len(telemetry.problems)} problem(s)",
         *(f"  read {path}" for path in telemetry.files),
+        *(f"  ignored {path}: no OTLP line in it" for path in telemetry.ignored),
+        *(f"  simulated time from {clock.steps.path}" for clock in clocks.simulated.values()),
         *(f"  {problem}" for problem in telemetry.problems),
         *(f"  {why}" for why in skipped),
     ])
@@ -938,16 +1131,17 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True) -> Written:
     summary = "\n\n".join([*texts, inputs]) + "\n"
     written = [out / "summary.txt"]
     written[0].write_text(summary)
-    written += write_series(telemetry, start, out)
+    written += write_series(telemetry, clocks, out)
     written += write_requests(reports, out)
     written += write_groups(reports, out)
     written += write_layouts(reports, out)
     images: dict[str, list[Path]] = {}
     if pictures:
         for r in reports:
-            images[r.prefix] = [draw(chart, out, r.prefix) for chart in charts(r)]
+            images[r.prefix] = [draw(chart, out, r.prefix) for chart in charts(r, smooth)]
             written += images[r.prefix]
     written.append(write_html(reports, texts, images, inputs, out / "report.html"))
+    (out / MANIFEST).write_text("".join(f"{path.name}\n" for path in written))
     return Written(summary, written, reports, telemetry.problems)
 
 

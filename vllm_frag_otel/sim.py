@@ -286,6 +286,12 @@ class RunResult:
     scheduled_tokens: np.ndarray  # tokens scheduled in each step
     latency_steps: np.ndarray  # per finished request: steps from its arrival to its last token
     step_seconds: float
+    interrupted: bool = False  # stopped by Ctrl-C before every request finished
+
+    @property
+    def simulated_seconds(self) -> float:
+        """The serving time the run stands for: steps x step seconds."""
+        return self.steps * self.step_seconds
 
 
 def run_workload(
@@ -295,12 +301,15 @@ def run_workload(
     seed: int = 0,
     progress=None,
     on_step: Callable[[int], None] | None = None,
+    keep_partial: bool = False,
 ) -> RunResult:
     """Run `specs` (arriving at their `arrival_s`, one scheduler step lasting
     `step_seconds`) on a fresh scheduler of `shape`, with the plugin's analyzer.
 
     `progress` (a tqdm bar, or anything with `update(n)`) counts finished
     requests; `on_step(steps so far)` runs after every step (telemetry exports).
+    `keep_partial`: a Ctrl-C (KeyboardInterrupt) after the first step returns
+    what the steps so far measured, marked `interrupted`, instead of raising.
     Raises ValueError when the plugin is not loaded.
     """
     from vllm_frag_otel import analyzer_for
@@ -325,9 +334,16 @@ def run_workload(
         if on_step is not None:
             on_step(len(snapshots))
 
-    steps = run_to_completion(
-        scheduler, requests, seed=seed, on_step=record,
-        max_steps=max(arrivals, default=0) + 1_000_000, arrival_steps=arrivals,
-    )
-    return RunResult(steps, snapshots, np.array(scheduled, dtype=np.int64),
-                     np.array(latencies, dtype=np.int64), step_seconds)
+    try:
+        run_to_completion(
+            scheduler, requests, seed=seed, on_step=record,
+            max_steps=max(arrivals, default=0) + 1_000_000, arrival_steps=arrivals,
+        )
+        interrupted = False
+    except KeyboardInterrupt:
+        if not keep_partial or not snapshots:
+            raise
+        interrupted = True
+    steps = min(len(snapshots), len(scheduled))  # a step the interrupt cut short is left out
+    return RunResult(steps, snapshots[:steps], np.array(scheduled[:steps], dtype=np.int64),
+                     np.array(latencies, dtype=np.int64), step_seconds, interrupted)

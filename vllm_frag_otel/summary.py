@@ -86,7 +86,7 @@ def gauge_lines(stats: dict[str, dict[str, float]]) -> list[str]:
         if name == "empty_blocks" and name not in stats:
             label, name = "free blocks (incl. cached)", "free_blocks"
         s = stats[name]
-        cells = [pct(round(s[k], 4)) if name in RATIOS else f"{s[k]:.1f}" for k in ("mean", "p50", "max")]
+        cells = [pct(s[k]) if name in RATIOS else f"{s[k]:.1f}" for k in ("mean", "p50", "max")]
         lines.append(f"  {label:<28}" + "".join(f"{c:>10}" for c in cells))
     return lines
 
@@ -140,8 +140,17 @@ def totals_lines(final: dict[str, float]) -> list[str]:
     ]
 
 
-def _count(n: float, noun: str) -> str:
-    return f"{int(n)} {noun}{'' if int(n) == 1 else 's'}"
+def counted(n: float, noun: str) -> str:
+    """"3 preemptions", "1 preemption", "no preemptions"."""
+    return f"{int(n) or 'no'} {noun}{'' if int(n) == 1 else 's'}"
+
+
+def cost_line(failures: float, preemptions: float) -> str:
+    """What a full cache cost, in words (none, when it never ran full)."""
+    if not failures and not preemptions:
+        return "no allocation failed for lack of free blocks and no request was preempted: nothing was recomputed."
+    return (f"{counted(failures, 'allocation')} failed for lack of free blocks and there were"
+            f" {counted(preemptions, 'preemption')}: the real cost of a full cache is recomputation.")
 
 
 def render(stats: dict[str, dict[str, float]], steps: int, block_size: int, groups: Sequence[dict] = ()) -> str:
@@ -160,7 +169,6 @@ def render(stats: dict[str, dict[str, float]], steps: int, block_size: int, grou
         " (internal: the tail block of each request);",
         f"    {pct(stats['external_fragmentation']['mean'])} external fragmentation on average"
         " (paged attention needs no contiguous runs, so this costs nothing by itself);",
-        f"    {_count(final['allocation_failures'], 'allocation')} failed for lack of free blocks and there were"
-        f" {_count(final['preemptions'], 'preemption')}: the real cost of a full cache is recomputation.",
+        f"    {cost_line(final['allocation_failures'], final['preemptions'])}",
     ]
     return "\n".join(lines)

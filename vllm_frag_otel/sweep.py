@@ -27,6 +27,8 @@ from vllm_frag_otel.plots import Chart, Line, Panel, render as draw
 from vllm_frag_otel.summary import pct
 
 MATERIAL = 0.02
+# The longest request the simulator's model takes unless told otherwise (--max-model-len).
+DEFAULT_MODEL_LEN = 4096
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Setting:
     prefix_caching: bool
     max_num_seqs: int
     layout: str = "full"  # a `sim.LAYOUTS` preset or a group description
+    model_len_limit: int = DEFAULT_MODEL_LEN  # the longest model length asked for; the pool may hold less
 
     @property
     def kv_slots(self) -> int:
@@ -48,8 +51,8 @@ class Setting:
 
         With several KV-cache groups a request holds blocks in each of them at
         once: the longest request whose blocks fit the pool in every group
-        together (`blocks_per_request`)."""
-        usable, longest = self.num_blocks - 1, min(4096, self.kv_slots)
+        together (`blocks_per_request`). At most `model_len_limit`."""
+        usable, longest = self.num_blocks - 1, min(self.model_len_limit, self.kv_slots)
         groups = sim.parse_layout(self.layout)
         if blocks_per_request(groups, longest, self.block_size) <= usable:
             return longest

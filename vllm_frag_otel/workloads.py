@@ -27,6 +27,9 @@ class RequestSpec:
     prompt_tokens: list[int]
     output_len: int
     arrival_s: float = 0.0  # seconds after the first request
+    # tokens a trace line asked for beyond the model length, cut off its prompt and its output
+    prompt_cut: int = 0
+    output_cut: int = 0
 
 
 def _lognormal(rng: np.random.Generator, mean: float, sigma: float, size: int) -> np.ndarray:
@@ -86,31 +89,57 @@ def load_trace(
     first `prefix_len` prompt tokens (the per-line field, else the argument), like
     a system prompt. Token ids are random (seeded): only lengths and sharing matter
     to the KV cache. Prompt plus output is capped at `max_len`, as vLLM would refuse
-    longer requests. Bad lines are reported in `problems` and skipped.
+    longer requests: the prompt to `max_len` - 1 tokens, then the output to what
+    is left; what was cut is in `prompt_cut` and `output_cut` (see `cuts`).
+    Bad lines are reported in `problems` and skipped.
     """
     rng = np.random.default_rng(seed)
     prefixes: dict[str, list[int]] = {}
-    rows: list[tuple[float, int, int, list[int]]] = []
+    rows: list[tuple[float, int, int, list[int], int, int]] = []
     for number, record in json_records(path, problems):
         row = _trace_row(record)
         if isinstance(row, str):
             problems.append(InputProblem(path, number, f"{row}; line skipped"))
             continue
-        arrival, prompt_len, output_len, group, group_prefix_len = row
-        prompt_len = min(prompt_len, max_len - 1)
-        output_len = min(output_len, max_len - prompt_len)
+        arrival, asked_prompt, asked_output, group, group_prefix_len = row
+        prompt_len = min(asked_prompt, max_len - 1)
+        output_len = min(asked_output, max_len - prompt_len)
         shared: list[int] = []
         if group is not None:
             if group not in prefixes:
                 prefixes[group] = rng.integers(3, vocab_size, size=max_len).tolist()
             shared = prefixes[group][: min(group_prefix_len or prefix_len, prompt_len)]
         body = rng.integers(3, vocab_size, size=prompt_len - len(shared)).tolist()
-        rows.append((arrival, output_len, number, shared + body))
+        rows.append((arrival, output_len, number, shared + body, asked_prompt - prompt_len, asked_output - output_len))
     if not rows:
         return []
     start = min(r[0] for r in rows)
     rows.sort(key=lambda r: (r[0], r[2]))  # by arrival, file order within a tie
-    return [RequestSpec(tokens, output_len, arrival - start) for arrival, output_len, _, tokens in rows]
+    return [RequestSpec(tokens, output_len, arrival - start, prompt_cut, output_cut)
+            for arrival, output_len, _, tokens, prompt_cut, output_cut in rows]
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """How many requests were cut to the model length, and by how much."""
+
+    max_model_len: int
+    requests: int  # cut at all
+    prompts: int  # whose prompt was cut
+    prompt_tokens: int  # cut off prompts, in all
+    outputs: int
+    output_tokens: int
+
+
+def cuts(specs: Sequence[RequestSpec], max_model_len: int) -> Cuts:
+    return Cuts(
+        max_model_len,
+        requests=sum(1 for s in specs if s.prompt_cut or s.output_cut),
+        prompts=sum(1 for s in specs if s.prompt_cut),
+        prompt_tokens=sum(s.prompt_cut for s in specs),
+        outputs=sum(1 for s in specs if s.output_cut),
+        output_tokens=sum(s.output_cut for s in specs),
+    )
 
 
 def _trace_row(record: object) -> tuple[float, int, int, str | None, int | None] | str:
