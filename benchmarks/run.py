@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import os
@@ -912,6 +913,7 @@ def _timed_hook(cls, original, wrapper, acc):
             acc[2] += clock() - t
 
     timed_original.__name__ = getattr(original, "__name__", "original")
+    timed_original.__signature__ = inspect.signature(original)  # a compiled hook forwards by it
     inner = hooks._hooked(timed_original, wrapper)
 
     def outer(self, *args, **kwargs):

@@ -627,3 +627,21 @@ def test_span_block_peak_on_a_sliding_window(traced):  # noqa: F811
     for request in requests:
         assert spans[request.request_id].attributes["vllm.kv_cache.block.peak"] == peak[request.request_id]
     assert any(peak[r] > last[r] for r in peak)
+
+
+def test_a_compiled_hook_passes_every_argument_and_default_on_unchanged():
+    """The hottest hooks take the original's own parameters (no *args/**kwargs
+    on the hot path): positional, keyword, defaults, keyword-only and varargs
+    must all reach the original as given."""
+    from vllm_frag_otel.hooks import _compile, _Forwarder
+
+    def original(self, a, b=[1], /, c=None, *rest, d, e=(), **extra):
+        return self, a, b, c, rest, d, e, extra
+
+    hooked = _compile(original, _Forwarder("return original({arguments})"))
+    default_b, default_e = original.__defaults__[0], original.__kwdefaults__["e"]
+    assert hooked("s", 1, d=2) == ("s", 1, default_b, None, (), 2, default_e, {})
+    assert hooked("s", 1, 2, 3, 4, 5, d=6, e=7, f=8) == ("s", 1, 2, 3, (4, 5), 6, 7, {"f": 8})
+    assert hooked("s", 1, c=3, d=4)[3] == 3
+    with pytest.raises(TypeError):
+        hooked("s", a=1, d=2)  # positional-only stays positional-only

@@ -86,6 +86,21 @@ def test_changed_hook_signature_warns_and_leaves_vllm_untouched():
     assert "BlockPool.touch takes ('block_list',), expected ('blocks',)" in warning
 
 
+def test_a_hot_hook_whose_parameter_names_clash_leaves_vllm_untouched():
+    # the hottest hooks are compiled with vLLM's own parameter list (see
+    # hooks._Forwarder); a parameter named like one of the hook's variables
+    # must refuse, all or nothing, not shadow it
+    stdout, stderr = _probe(
+        "from vllm.v1.core.kv_cache_manager import KVCacheManager\n"
+        "original = KVCacheManager.allocate_slots\n"
+        "def allocate_slots(self, request, num_new_tokens, result=None): return original(self, request, num_new_tokens)\n"
+        "KVCacheManager.allocate_slots = allocate_slots"
+    )
+    assert "UNTOUCHED" in stdout
+    (warning,) = _warnings(stderr)
+    assert "allocate_slots has parameters named like the hook's own variables: ['result']" in warning
+
+
 def test_bad_settings_are_named_and_defaults_used():
     stdout, stderr = _probe(
         VLLM_FRAG_OTEL_ENABLED="maybe",

@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, strategies as st
 
 import numpy as np
 
 from vllm_frag_otel import state as state_module
-from vllm_frag_otel.state import BucketHistogram, GroupLayout, KVCacheState
+from vllm_frag_otel.state import BucketHistogram, GroupLayout, KVCacheState, free_run_stats
 
 
 @dataclass
@@ -39,6 +40,26 @@ def _state(num_blocks: int, groups: list[GroupLayout], tables: list[dict], reque
 
 
 FULL4 = GroupLayout("full_attention", 4)
+
+
+def _runs_by_walking(mask: list[int]) -> tuple[int, int]:
+    runs = longest = length = 0
+    for free in mask:
+        length = length + 1 if free else 0
+        runs += length == 1
+        longest = max(longest, length)
+    return runs, longest
+
+
+# masks of short and long runs: a run across several wholly free bytes takes
+# the packed path, a mask of short runs the big-integer one
+_runs = st.lists(st.tuples(st.booleans(), st.one_of(st.integers(1, 9), st.integers(10, 90))), max_size=40)
+
+
+@given(_runs)
+def test_free_run_stats_match_a_walk_over_the_mask(runs):
+    mask = [int(free) for free, length in runs for _ in range(length)]
+    assert free_run_stats(np.array(mask, dtype=np.uint8)) == _runs_by_walking(mask)
 
 
 def test_free_runs_and_external_fragmentation():
