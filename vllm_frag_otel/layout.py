@@ -200,7 +200,7 @@ class Hole:
     """Block ids `first_block`..`last_block`, all left unheld (free or cached)
     at the same map and still unheld at `until_s`: memory nobody used.
     `open`: still unheld at the last map (its lifetime is at least this);
-    `from_first_map`: unheld since the first map, so never seen held."""
+    `from_first_map`: unheld since the first map."""
 
     first_block: int
     last_block: int
@@ -210,9 +210,12 @@ class Hole:
     from_first_map: bool = False
 
     @property
-    def never_used(self) -> bool:
-        """Unheld at every map: memory the maps never saw in use (e.g. beyond the peak)."""
-        return self.open and self.from_first_map
+    def kind(self) -> str:
+        """One of HOLE_KINDS: never_used (unheld at every map: memory the maps never
+        saw in use, e.g. beyond the peak), open (still unheld at the last map), ended."""
+        if self.open:
+            return "never_used" if self.from_first_map else "open"
+        return "ended"
 
     @property
     def blocks(self) -> int:
@@ -221,6 +224,9 @@ class Hole:
     @property
     def seconds(self) -> float:
         return self.until_s - self.since_s
+
+
+HOLE_KINDS = ("never_used", "open", "ended")
 
 
 def region_edges(cells: int, regions: int) -> np.ndarray:
@@ -275,9 +281,9 @@ def unheld_cells(layout: Layout) -> np.ndarray:
     return unheld == cell_sizes(layout.num_blocks, layout.bin_size)[None, :]
 
 
-def long_lived_holes(layout: Layout, seconds: np.ndarray, top: int | None = 5) -> list[Hole]:
-    """The holes that held the most memory idle, blocks x seconds, largest first
-    (then the widest, then the lowest block id); all of them with `top` None.
+def long_lived_holes(layout: Layout, seconds: np.ndarray, top: int = 5) -> list[Hole]:
+    """The `top` holes of each kind (`Hole.kind`) that held the most memory idle,
+    blocks x seconds, largest first (then the widest, then the lowest block id).
     `seconds`: the time of each map on the report's axis.
 
     A cell's streak starts at the map where it became unheld. A hole at map t
@@ -314,14 +320,18 @@ def long_lived_holes(layout: Layout, seconds: np.ndarray, top: int | None = 5) -
     first = 1 + rows[:, 0] * layout.bin_size
     last = np.minimum(layout.num_blocks, (rows[:, 1] + 1) * layout.bin_size)
     area = (last - first + 1) * (seconds[rows[:, 3]] - seconds[rows[:, 2]])
+    listed: dict[int, list[Hole]] = {}  # by the map they started at
     chosen: list[Hole] = []
     for i in np.lexsort((first, first - last, -area)):
         hole = Hole(int(first[i]), int(last[i]), float(seconds[rows[i, 2]]), float(seconds[rows[i, 3]]),
                     bool(rows[i, 3] == steps - 1), bool(rows[i, 2] == 0))
-        if not any(c.since_s == hole.since_s and c.first_block <= hole.last_block and hole.first_block <= c.last_block
-                   for c in chosen):
+        same_start = listed.setdefault(int(rows[i, 2]), [])
+        if any(c.first_block <= hole.last_block and hole.first_block <= c.last_block for c in same_start):
+            continue
+        same_start.append(hole)
+        if sum(c.kind == hole.kind for c in chosen) < top:
             chosen.append(hole)
-            if len(chosen) == top:
+            if len(chosen) == top * len(HOLE_KINDS):
                 break
     return chosen
 

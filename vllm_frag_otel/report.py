@@ -696,27 +696,30 @@ def _recycled_share(report: PoolReport) -> float:
 class Hotspots:
     regions: list[layout.Region]
     windows: list[layout.Window]
-    holes: list[layout.Hole]  # every hole, by idle memory
+    holes: list[layout.Hole]  # the longest-lived of each kind, by idle memory
 
     def hole_kinds(self) -> list[tuple[str, list[layout.Hole]]]:
-        """The holes by what became of them, each kind ranked by idle memory, at most TOP_HOLES each."""
-        kinds = (
-            ("never used: unheld at every map, from the first to the last", lambda h: h.never_used),
-            ("still unheld at the last map", lambda h: h.open and not h.never_used),
-            ("ended: held again before the last map", lambda h: not h.open),
-        )
-        return [(title, [h for h in self.holes if belongs(h)][:TOP_HOLES]) for title, belongs in kinds]
+        """(kind, its holes ranked by idle memory), in layout.HOLE_KINDS order."""
+        return [(kind, [h for h in self.holes if h.kind == kind]) for kind in layout.HOLE_KINDS]
+
+
+# What each kind of hole is, in the summary.
+HOLE_TITLES = {
+    "never_used": "never used: unheld at every map, from the first to the last",
+    "open": "still unheld at the last map",
+    "ended": "ended: held again before the last map",
+}
 
 
 def hotspots(report: PoolReport) -> Hotspots:
-    """The pool's hottest block regions and time windows and all its holes,
-    longest-lived first (times on the report's clock)."""
+    """The pool's hottest block regions and time windows and the longest-lived
+    holes of each kind (times on the report's clock)."""
     lay = report.block_layout
     seconds = report.clock.seconds(lay.times)
     return Hotspots(
         regions=layout.hot_regions(lay, LAYOUT_REGIONS, TOP_HOTSPOTS),
         windows=layout.hot_windows(lay, seconds, LAYOUT_WINDOWS, TOP_HOTSPOTS),
-        holes=layout.long_lived_holes(lay, seconds, top=None),
+        holes=layout.long_lived_holes(lay, seconds, TOP_HOLES),
     )
 
 
@@ -759,8 +762,8 @@ def layout_lines(report: PoolReport) -> list[str]:
                   f" {w.changes_per_second:.1f} per second" for w in found.windows]
     lines.append("  longest-lived holes, by idle memory (blocks x seconds; a hole: adjacent blocks left unheld, free"
                  " or cached, at the same map and unheld since):")
-    for title, holes in found.hole_kinds():
-        lines.append(f"    {title}:" if holes else f"    {title}: none")
+    for kind, holes in found.hole_kinds():
+        lines.append(f"    {HOLE_TITLES[kind]}:" if holes else f"    {HOLE_TITLES[kind]}: none")
         lines += [f"      {_blocks(h.first_block, h.last_block)} ({_plural(h.blocks, 'block')}):"
                   f" since {h.since_s:.3f} s → until {h.until_s:.3f} s ({h.seconds:.3f} s)" for h in holes]
     note = ("  note: changes are counted between consecutive maps, a lower bound: a block that changed and changed"
@@ -1016,8 +1019,6 @@ def write_groups(reports: Sequence[PoolReport], out: Path) -> list[Path]:
 
 HOTSPOT_FIELDS = ["instance", "pool", "kind", "rank", "first_block", "last_block", "blocks", "start_s", "end_s",
                   "changes", "share", "changes_per_block", "changes_per_second", "open", "status"]
-# hotspots.csv status of a hole, in the order of Hotspots.hole_kinds
-HOLE_STATUS = ("never_used", "open", "ended")
 
 
 def write_layouts(reports: Sequence[PoolReport], out: Path) -> list[Path]:
@@ -1045,8 +1046,8 @@ def write_layouts(reports: Sequence[PoolReport], out: Path) -> list[Path]:
                  for i, w in enumerate(found.windows, 1)]
         rows += [{**head, "kind": "hole", "rank": i, "first_block": h.first_block, "last_block": h.last_block,
                   "blocks": h.blocks, "start_s": f"{h.since_s:.6f}", "end_s": f"{h.until_s:.6f}",
-                  "open": "true" if h.open else "false", "status": status}
-                 for status, (_, holes) in zip(HOLE_STATUS, found.hole_kinds()) for i, h in enumerate(holes, 1)]
+                  "open": "true" if h.open else "false", "status": kind}
+                 for kind, holes in found.hole_kinds() for i, h in enumerate(holes, 1)]
     with open(out / "hotspots.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, HOTSPOT_FIELDS)
         writer.writeheader()
