@@ -25,7 +25,14 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from vllm_frag_otel import telemetry
-from vllm_frag_otel.package import BLOCK_ONLY_MANAGERS, HOOK_POINTS, SUPPORTED_VLLM, TOKEN_SLOT_MANAGERS, HookPoint
+from vllm_frag_otel.package import (
+    BLOCK_ONLY_MANAGERS,
+    GROWING_TABLE_MANAGERS,
+    HOOK_POINTS,
+    SUPPORTED_VLLM,
+    TOKEN_SLOT_MANAGERS,
+    HookPoint,
+)
 from vllm_frag_otel.state import NULL_BLOCK_ID, GroupLayout, KVCacheState
 from vllm_frag_otel.stories import RequestStories
 
@@ -303,6 +310,9 @@ class _ManagerHooks:
     state: KVCacheState
     num_groups: int
     stories: RequestStories | None
+    # a request's block peak can fall between its end points only where vLLM
+    # retires blocks of live tables; elsewhere its stories catch up at the end
+    settle_each_step: bool = False
 
 
 def _manager_hooks(manager) -> _ManagerHooks | None:
@@ -321,7 +331,8 @@ def _manager_init(wrapped, manager, args, kwargs):
         state.attach_tables(layouts, tables)
         stories = telemetry.attach(state, _engine_context.take())
         state.follow_moves = stories is not None
-        manager.__dict__[_STATE] = _ManagerHooks(state, len(layouts), stories)
+        shrinking = any(type(m).__name__ not in GROWING_TABLE_MANAGERS for m in group_managers)
+        manager.__dict__[_STATE] = _ManagerHooks(state, len(layouts), stories, stories is not None and shrinking)
 
 
 def _group_layout(group: int, group_manager, pool) -> GroupLayout:
@@ -425,21 +436,24 @@ def _uncommon_allocation(hooks: _ManagerHooks, manager, request, succeeded: bool
         if not succeeded:
             state.allocation_failures += 1
             if story is not None:
+                _settle_moves(hooks, request.request_id)  # blocks it got since its last failure end that run
                 stories.allocation_failed(story, manager.block_pool.get_num_free_blocks())
         if duration is not None:
             state.buffer_allocation_duration(succeeded, duration, story.exemplar if story is not None else None)
             state.calls_until_timed = state.next_timed_gap()
 
 
-def _settle_moves(hooks: _ManagerHooks) -> None:
-    """Bring the stories of requests whose blocks moved up to date: peak blocks
-    held and the cached blocks their allocations took over. Runs at each step
-    boundary and before a request gives its blocks back, so no peak is missed."""
+def _settle_moves(hooks: _ManagerHooks, request_id: str | None = None) -> None:
+    """Bring the stories of requests whose blocks moved (or of one request) up
+    to date: peak blocks held and the cached blocks their allocations took
+    over. Runs before a request gives its blocks back, so no peak is missed,
+    and at each step boundary where tables can shrink while in use."""
     state, stories = hooks.state, hooks.stories
-    for request_id, evicted in state.take_moves().items():
-        story = stories.open.get(request_id)
+    moves = state.take_moves() if request_id is None else state.take_move(request_id)
+    for moved_id, evicted in moves.items():
+        story = stories.open.get(moved_id)
         if story is not None:
-            stories.blocks_moved(story, state.request_blocks_held(request_id), evicted)
+            stories.blocks_moved(story, state.request_blocks_held(moved_id), evicted)
 
 
 def _remove_skipped_blocks(wrapped, manager, args, kwargs):
@@ -522,7 +536,7 @@ def _schedule(wrapped, scheduler, args, kwargs):
         with _guard:
             self_check(hooks.state, scheduler.kv_cache_manager.block_pool)
     output = wrapped(scheduler, *args, **kwargs)
-    if hooks is not None and hooks.state.moved:
+    if hooks is not None and hooks.settle_each_step and hooks.state.moved:
         with _guard, hooks.state.lock:
             _settle_moves(hooks)
     return output
@@ -563,7 +577,7 @@ def _preempt_request(wrapped, scheduler, args, kwargs):
     with _guard, hooks.state.lock:
         blocks_held = hooks.state.request_blocks_held(request.request_id)
         if hooks.stories is not None:
-            _settle_moves(hooks)  # its peak, before it gives its blocks back
+            _settle_moves(hooks, request.request_id)  # its peak, before it gives its blocks back
     result = wrapped(scheduler, *args, **kwargs)
     with _guard, hooks.state.lock:
         hooks.state.on_preemption()
@@ -582,7 +596,7 @@ def _free_request(wrapped, scheduler, args, kwargs):
     slots = (0, 0)
     with _guard, hooks.state.lock:
         slots = hooks.state.request_slots(request.request_id)
-        _settle_moves(hooks)  # its peak, before it gives its blocks back
+        _settle_moves(hooks, request.request_id)  # its peak, before it gives its blocks back
     result = wrapped(scheduler, *args, **kwargs)
     with _guard, hooks.state.lock:
         status = request.status.name.lower()

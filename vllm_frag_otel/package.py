@@ -80,3 +80,6 @@ BLOCK_ONLY_MANAGERS = frozenset({
     "HiSparseHotManager",
     "HiSparseResidentManager",
 })
+# Managers whose tables only grow while a request runs (a copy-on-write swaps
+# one block for another): a request's block peak is what it holds at its end.
+GROWING_TABLE_MANAGERS = frozenset({"FullAttentionManager", "SinkFullAttentionManager"})

@@ -374,6 +374,10 @@ class KVCacheState:
         moved, self.moved = self.moved, {}
         return moved
 
+    def take_move(self, request_id: str) -> dict[str, int]:
+        """`take_moves` for one request."""
+        return {request_id: self.moved.pop(request_id)} if request_id in self.moved else {}
+
     def on_block_hashed(self, block_id: int, now: float) -> None:
         if not self._hashed[block_id]:
             self._hashed[block_id] = 1
