@@ -198,17 +198,20 @@ class FragmentationSnapshot:
         return [f.name for f in fields(cls) if f.name != "groups"]
 
 
-class _CachedTable:
-    """One request's block table in one group as the core last read it, and how
-    much of it is counted in the per-block holder counts."""
+class _CachedTable(array):
+    """One request's block table in one group as the core last read it: the
+    block id by position (0 for a null entry, 4 bytes each), and how much of
+    it is counted in the per-block holder counts. An array itself, so a table
+    costs one object (memory per in-flight request is budgeted)."""
 
-    __slots__ = ("table", "ids", "full", "real")
+    __slots__ = ("table", "full", "real")
 
-    def __init__(self, table: Sequence[HasBlockId], ids: list[int]):
+    def __new__(cls, table: Sequence[HasBlockId]) -> _CachedTable:
+        self = super().__new__(cls, "I", [b.block_id for b in table])
         self.table = table  # vLLM's own list: a new list means a new table
-        self.ids = ids  # block id by position, 0 for a null entry
         self.full = 0  # leading positions counted as fully computed
-        self.real = len(ids) - countOf(ids, NULL_BLOCK_ID)
+        self.real = len(self) - countOf(self, NULL_BLOCK_ID)
+        return self
 
 
 _block_id = attrgetter("block_id")
@@ -529,11 +532,13 @@ class KVCacheState:
             for g, cache in enumerate(self._cache):
                 for request_id in rng.sample(sorted(cache), min(sample, len(cache))):
                     cached, table = cache[request_id], self._tables[g].get(request_id)
-                    if request_id in self._edited or table is not cached.table or len(table) != len(cached.ids):
+                    if request_id in self._edited or table is not cached.table or len(table) != len(cached):
                         continue  # changed and known to have changed: read again at the next collection
-                    ids = list(map(_block_id, table))
-                    if ids != cached.ids:
-                        found.append(f"group {g} request {request_id}: table {ids[:8]} read as {cached.ids[:8]}")
+                    ids = array("I", map(_block_id, table))
+                    if ids != cached:
+                        found.append(
+                            f"group {g} request {request_id}: table {ids[:8].tolist()} read as {cached[:8].tolist()}"
+                        )
                         self._edited.add(request_id)
             return found
         finally:
@@ -582,21 +587,19 @@ class KVCacheState:
         """
         edited, self._edited = self._edited, set()
         requests = self._requests
-        changed: list[tuple[int, str, Sequence[HasBlockId] | None]] = []
-        for g, tables in enumerate(self._tables):
+        lives = [dict(tables) for tables in self._tables]  # atomic copies: the scheduler may be adding
+        changed: list[list[str]] = []
+        for g, live in enumerate(lives):
             cache = self._cache[g]
-            live = dict(tables)  # one atomic copy: the scheduler may be adding to it
-            for request_id, cached in list(cache.items()):
-                table = live.get(request_id)
-                if table is not cached.table or len(table) != len(cached.ids) or request_id in edited:
+            for request_id in list(cache):
+                cached, table = cache[request_id], live.get(request_id)
+                if table is not cached.table or len(table) != len(cached) or request_id in edited:
                     self._take_back(g, cached)
                     del cache[request_id]
-                    if table is not None:
-                        changed.append((g, request_id, table))
-            changed.extend((g, r, t) for r, t in live.items() if r not in cache and t)
-        for g, request_id, table in changed:
-            if request_id not in self._cache[g]:
-                self._give(g, request_id, table)
+            changed.append([r for r, t in live.items() if t and r not in cache])
+        for g, request_ids in enumerate(changed):
+            for request_id in request_ids:
+                self._give(g, request_id, lives[g][request_id])
         partial: list[dict[int, int]] = [{} for _ in self.groups]
         holders, full_counts = self._full_holders, self._group_full
         for g, layout in enumerate(self.groups):
@@ -606,7 +609,7 @@ class KVCacheState:
             for request_id, cached in self._cache[g].items():
                 request = requests.get(request_id)
                 computed = request.num_computed_tokens if request is not None else 0
-                ids = cached.ids
+                ids = cached
                 target = min(len(ids), computed // size)
                 for i in range(cached.full, target):
                     b = ids[i]
@@ -625,16 +628,16 @@ class KVCacheState:
         return [{b: fill for b, fill in tails.items() if not holders[b]} for tails in partial]
 
     def _give(self, g: int, request_id: str, table: Sequence[HasBlockId]) -> None:
-        cached = self._cache[g][request_id] = _CachedTable(table, list(map(_block_id, table)))
+        cached = self._cache[g][request_id] = _CachedTable(table)
         in_tables, blocks = self._in_tables, self._group_blocks
-        for b in cached.ids:
+        for b in cached:
             if b:
                 in_tables[b] += 1
                 blocks[g] += in_tables[b] == 1
 
     def _take_back(self, g: int, cached: _CachedTable) -> None:
         in_tables, holders, blocks, full = self._in_tables, self._full_holders, self._group_blocks, self._group_full
-        for i, b in enumerate(cached.ids):
+        for i, b in enumerate(cached):
             if b:
                 in_tables[b] -= 1
                 blocks[g] -= in_tables[b] == 0
@@ -655,7 +658,7 @@ class KVCacheState:
             full = self._full_holders_view[1:] > 0
             for g, layout in enumerate(self.groups):
                 if not layout.token_slots:
-                    ids = [b for cached in self._cache[g].values() for b in cached.ids if b]
+                    ids = [b for cached in self._cache[g].values() for b in cached if b]
                     full[np.asarray(ids, dtype=np.intp) - 1] = True
             tails = [b for group in partial for b in group]
         with self.lock:
