@@ -97,7 +97,7 @@ def servers(stack, tmp_path_factory):
     }
     started: dict[str, Server] = {}
     try:
-        with h.TIMINGS.stage("stop tests: start 6 vLLM servers"):
+        with h.TIMINGS.stage("start: 6 vLLM servers for the stop tests"):
             for name, endpoint in collectors.items():
                 port = h.free_port()
                 env = {**h.vllm_base_env(), **ONLY_THE_STOP, "VLLM_FRAG_OTEL_FILE_DIR": str(run_dir / name)}
@@ -105,8 +105,10 @@ def servers(stack, tmp_path_factory):
                     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
                 extra = () if name == "abort-mode" else ("--shutdown-timeout", str(VLLM_SHUTDOWN_TIMEOUT_S))
                 model_name = f"tiny-llama-stop-{name}"
+                # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the plugin
+                # must come from the installed package (or a PYTHONPATH copy, for mutation checks)
                 proc = h.Proc(f"vllm-{name}", h.vllm_server_command(model, port, model_name, extra, KV_CACHE_BYTES),
-                              h.E2E_DIR / "logs" / f"vllm-stop-{name}.log", env=env)
+                              h.E2E_DIR / "logs" / f"vllm-stop-{name}.log", env=env, cwd=run_dir)
                 started[name] = Server(name, model_name, port, run_dir / name, proc)
             for server in started.values():
                 h.wait_until(f"vLLM /health ({server.name})", lambda s=server: h.http_ok(f"http://127.0.0.1:{s.port}/health"),
@@ -133,7 +135,7 @@ def _serve(server: Server) -> None:
         server.request_ids.append(answer["id"])
         return answer
 
-    with h.TIMINGS.stage(f"stop tests: workload ({server.name})"):
+    with h.TIMINGS.stage(f"stop: workload ({server.name})"):
         answers = [send(prompts[0])]
         with ThreadPoolExecutor(NUM_REQUESTS - 1) as pool:
             answers += list(pool.map(send, prompts[1:]))
@@ -160,7 +162,7 @@ def _stop(server: Server, sig: int = signal.SIGTERM) -> float:
         raise AssertionError(f"{server.name} did not exit after {signal.Signals(sig).name}:\n{server.proc.tail()}") from None
     server.stop_s = time.monotonic() - start
     server.proc.stop()  # whatever the group left (nothing, normally)
-    h.TIMINGS.record(f"stop tests: {server.name} exit after signal", server.stop_s)
+    h.TIMINGS.record(f"stop: {server.name}, exit after signal", server.stop_s)
     return server.stop_s
 
 
