@@ -79,6 +79,7 @@ def test_recommendation_agrees_with_the_measured_table(swept):
         "prefix_caching": (best if material else baseline)["prefix_caching"] == "True",
         "max_num_seqs": int((best if material else baseline)["max_num_seqs"]),
         "layout": (best if material else baseline)["layout"],
+        "model_len_limit": int((best if material else baseline)["model_len_limit"]),
     }
     (more,) = [r for r in rows if int(r["kv_slots"]) > int(baseline["kv_slots"])]
     (memory_line,) = [line for line in recommendation.lines if "the KV memory" in line]
