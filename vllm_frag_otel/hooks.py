@@ -110,7 +110,8 @@ class _Forwarder:
     (callgrind: 7,200 against 1,800 per call).
 
     `body` is the function body; `{arguments}` becomes the original's
-    arguments; it may read `original` and the module's globals.
+    arguments and `{first}` the name of its first parameter after self; it
+    may read `original` and the module's globals.
     """
 
     body: str
@@ -142,7 +143,8 @@ def _compile(original: Callable, forwarder: _Forwarder) -> Callable:
     if clash:
         raise ValueError(f"{original.__qualname__} has parameters named like the hook's own variables: {sorted(clash)}")
     header = signature.replace(parameters=parameters, return_annotation=signature.empty)
-    body = textwrap.indent(textwrap.dedent(forwarder.body).format(arguments=", ".join(arguments)), " " * 8)
+    first = parameters[1].name if len(parameters) > 1 else ""
+    body = textwrap.indent(textwrap.dedent(forwarder.body).format(arguments=", ".join(arguments), first=first), " " * 8)
     source = (
         f"def factory(original, _defaults):\n    def hooked{header}:\n{body}\n    return hooked\n"
     )
@@ -157,18 +159,26 @@ def _pool_init(wrapped, pool, args, kwargs):
         pool.__dict__[_STATE] = KVCacheState(pool.num_gpu_blocks, [pool.hash_block_size])
 
 
-def _get_new_blocks(wrapped, pool, args, kwargs):
-    state = _pool_state(pool)
+# The hooks called for every block event are `_Forwarder`s: their bodies take
+# vLLM's own parameter names ({first}: the first after self).
+
+_GET_NEW_BLOCKS = _Forwarder("""
+    state = _pool_state(self)
     if state is None:
-        return wrapped(pool, *args, **kwargs)
+        return original({arguments})
     state.evictions_counted_by_caller = True  # popped cached blocks are counted below, as capacity evictions
     try:
-        blocks = wrapped(pool, *args, **kwargs)
+        blocks = original({arguments})
     finally:
         state.evictions_counted_by_caller = False
+    _blocks_allocated(state, blocks)
+    return blocks
+""")
+
+
+def _blocks_allocated(state: KVCacheState, blocks) -> None:
     with _guard, state.lock:
         state.on_blocks_allocated([b.block_id for b in blocks], monotonic())
-    return blocks
 
 
 _MAYBE_EVICT_CACHED_BLOCK = _Forwarder("""
@@ -190,54 +200,53 @@ def _entry_replaced(pool, block) -> None:
             state.on_block_unhashed(block.block_id, "replaced", monotonic())
 
 
-def _touch(wrapped, pool, args, kwargs):
-    wrapped(pool, *args, **kwargs)
+_TOUCH = _Forwarder("""
+    result = original({arguments})
+    _blocks_touched(self, blocks)
+    return result
+""")
+
+
+def _blocks_touched(pool, blocks) -> None:
     state = _pool_state(pool)
     if state is not None:
         with _guard, state.lock:
-            blocks = _arg(args, kwargs, 0, "blocks")
             state.on_blocks_touched([b.block_id for b in blocks if not b.is_null])
 
 
-def _release_wrapper(param: str) -> Callable:
-    """free_blocks / unpin_blocks: blocks whose ref_cnt reaches 0 become free.
-
-    vLLM passes a one-shot `reversed(...)` iterator: it is materialised once and
-    the list handed on, so vLLM and the hook see the same blocks.
-    """
-
-    def wrapper(wrapped, pool, args, kwargs):
-        state = _pool_state(pool)
-        if state is None:
-            return wrapped(pool, *args, **kwargs)
-        if args:
-            blocks = list(args[0])
-            args = (blocks, *args[1:])
-        else:
-            blocks = kwargs[param] = list(kwargs[param])
-        result = wrapped(pool, *args, **kwargs)
-        with _guard, state.lock:
-            state.on_blocks_released(
-                [
-                    b.block_id
-                    for b in blocks
-                    if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool
-                ],
-                monotonic(),
-            )
-        return result
-
-    return wrapper
+# free_blocks / unpin_blocks: blocks whose ref_cnt reaches 0 become free. vLLM
+# passes a one-shot `reversed(...)` iterator: it is materialised once and the
+# list handed on, so vLLM and the hook see the same blocks.
+_RELEASE = _Forwarder("""
+    state = _pool_state(self)
+    if state is None:
+        return original({arguments})
+    {first} = list({first})
+    result = original({arguments})
+    _blocks_released(state, self, {first})
+    return result
+""")
 
 
-def _cache_full_blocks(wrapped, pool, args, kwargs):
-    wrapped(pool, *args, **kwargs)
+def _blocks_released(state: KVCacheState, pool, blocks: list) -> None:
+    with _guard, state.lock:
+        state.on_blocks_released(
+            [b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool],
+            monotonic(),
+        )
+
+
+_CACHE_FULL_BLOCKS = _Forwarder("""
+    result = original({arguments})
+    _blocks_hashed(self, blocks, num_cached_blocks, num_full_blocks)
+    return result
+""")
+
+
+def _blocks_hashed(pool, blocks, first: int, end: int) -> None:
     state = _pool_state(pool)
     if state is not None:
         with _guard, state.lock:
-            blocks = _arg(args, kwargs, 1, "blocks")
-            first = _arg(args, kwargs, 2, "num_cached_blocks")
-            end = _arg(args, kwargs, 3, "num_full_blocks")
             now = monotonic()
             for block in blocks[first:end]:
                 if not block.is_null and block.block_hash is not None:
@@ -628,11 +637,11 @@ def _scheduler_shutdown(wrapped, scheduler, args, kwargs):
 
 WRAPPERS: dict[str, Callable | _Forwarder] = {
     "BlockPool.__init__": _pool_init,
-    "BlockPool.get_new_blocks": _get_new_blocks,
-    "BlockPool.touch": _touch,
-    "BlockPool.free_blocks": _release_wrapper("ordered_blocks"),
-    "BlockPool.unpin_blocks": _release_wrapper("blocks"),
-    "BlockPool.cache_full_blocks": _cache_full_blocks,
+    "BlockPool.get_new_blocks": _GET_NEW_BLOCKS,
+    "BlockPool.touch": _TOUCH,
+    "BlockPool.free_blocks": _RELEASE,
+    "BlockPool.unpin_blocks": _RELEASE,
+    "BlockPool.cache_full_blocks": _CACHE_FULL_BLOCKS,
     "BlockPool.cache_partial_block": _cache_partial_block,
     "BlockPool.move_block_hashes": _move_block_hashes,
     "BlockPool.evict_blocks": _evict_blocks,
