@@ -12,7 +12,9 @@ OTEL_BSP_SCHEDULE_DELAY are 600 s).
   nothing but the stop sent them) and Phoenix every request's span;
 - a black-holed collector (accepts, never answers) and a refused port hold vLLM's stop at most
   VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT (default 3 s) + a margin longer than a healthy collector does,
-  and the engine's log says what was not delivered.
+  and the engine's log says what was not delivered, between vLLM's `Scheduler.shutdown` and the
+  end of its teardown: the hook did the stop, not the atexit fallback (which also delivers all of
+  the above when the hook does nothing: the engine core is a spawned process, and exits normally).
 
 vLLM's kill window. On SIGTERM/SIGINT the API server stops the engine core through
 `CoreEngineProcManager.shutdown(timeout=--shutdown-timeout)`: SIGTERM, then SIGKILL once that
@@ -103,6 +105,9 @@ def servers(stack, tmp_path_factory):
                 env = {**h.vllm_base_env(), **ONLY_THE_STOP, "VLLM_FRAG_OTEL_FILE_DIR": str(run_dir / name)}
                 if endpoint:
                     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+                    # vLLM's teardown steps in the log: where the plugin's stop ran (all three alike,
+                    # for comparable stop times)
+                    env["VLLM_LOGGING_LEVEL"] = "DEBUG"
                 extra = () if name == "abort-mode" else ("--shutdown-timeout", str(VLLM_SHUTDOWN_TIMEOUT_S))
                 model_name = f"tiny-llama-stop-{name}"
                 # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the plugin
@@ -348,6 +353,12 @@ def test_an_unreachable_collector_holds_the_stop_at_most_the_deadline(servers, n
     assert len(warnings) == 1, warnings
     assert UNDELIVERED in warnings[0] and "EngineCore" in warnings[0], warnings[0]
     assert re.search(rf"{NUM_REQUESTS} spans", warnings[0]), warnings[0]
+    # the stop ran in the Scheduler.shutdown hook, inside vLLM's teardown (not in the atexit
+    # fallback, which runs only when the process exits, and not at all in a forked engine core)
+    lines = server.log.splitlines()
+    at = {what: next((i for i, line in enumerate(lines) if what in line), None) for what in
+          ("[shutdown] Scheduler: complete", "could not be delivered", "[shutdown] EngineCore: local resource teardown complete")}
+    assert None not in at.values() and sorted(at.values()) == list(at.values()), at
     assert extra <= PLUGIN_DEADLINE_S + STOP_MARGIN_S, (stop_s, healthy.stop_s)
 
 
