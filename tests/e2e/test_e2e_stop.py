@@ -126,8 +126,10 @@ def servers(stack, tmp_path_factory):
 
 
 def _serve(server: Server) -> None:
-    """NUM_REQUESTS completions, most sharing a prefix, 7 at once after a first one alone (prefix
-    hits, and preemptions in the 31-block cache); then vLLM's own counters from its /metrics."""
+    """Bursts of NUM_REQUESTS completions, most sharing a prefix, 7 at once after a first one
+    alone (prefix hits, and preemptions in the 31-block cache), until vLLM counted a preemption
+    (at most 3 bursts: on a loaded machine a burst sometimes does not overlap enough); then
+    vLLM's own counters from its /metrics."""
     rng = random.Random(7)
     prefix = [rng.randrange(100, 30000) for _ in range(96)]
     prompts = [(prefix if i % 4 != 3 else []) + [rng.randrange(100, 30000) for _ in range(rng.randrange(60, 100))]
@@ -140,21 +142,25 @@ def _serve(server: Server) -> None:
         server.request_ids.append(answer["id"])
         return answer
 
-    with h.TIMINGS.stage(f"stop: workload ({server.name})"):
-        answers = [send(prompts[0])]
-        with ThreadPoolExecutor(NUM_REQUESTS - 1) as pool:
-            answers += list(pool.map(send, prompts[1:]))
-    assert all(a["usage"]["completion_tokens"] == MAX_TOKENS for a in answers)
-    # vLLM sends its scheduler stats with every step's outputs: after the last answer they are final
-    samples = h.prometheus_samples(f"http://127.0.0.1:{server.port}/metrics")
-    server.vllm_counters = {
-        "queried": samples["vllm:prefix_cache_queries_total"],
-        "hit": samples["vllm:prefix_cache_hits_total"],
-        "preemptions": samples["vllm:num_preemptions_total"],
-        "requests": samples["vllm:request_success_total"],
-    }
-    assert server.vllm_counters["requests"] == NUM_REQUESTS
+    for _ in range(3):
+        with h.TIMINGS.stage(f"stop: workload ({server.name})"):
+            answers = [send(prompts[0])]
+            with ThreadPoolExecutor(NUM_REQUESTS - 1) as pool:
+                answers += list(pool.map(send, prompts[1:]))
+        assert all(a["usage"]["completion_tokens"] == MAX_TOKENS for a in answers)
+        # vLLM sends its scheduler stats with every step's outputs: after the last answer they are final
+        samples = h.prometheus_samples(f"http://127.0.0.1:{server.port}/metrics")
+        server.vllm_counters = {
+            "queried": samples["vllm:prefix_cache_queries_total"],
+            "hit": samples["vllm:prefix_cache_hits_total"],
+            "preemptions": samples["vllm:num_preemptions_total"],
+            "requests": samples["vllm:request_success_total"],
+        }
+        if server.vllm_counters["preemptions"] > 0:
+            break
+    assert server.vllm_counters["requests"] == len(server.request_ids)
     assert server.vllm_counters["hit"] > 0, server.vllm_counters
+    assert server.vllm_counters["preemptions"] > 0, "the workload must preempt, or that counter proves nothing"
 
 
 def _stop(server: Server, sig: int = signal.SIGTERM) -> float:
@@ -240,7 +246,6 @@ def test_sigterm_with_the_file_default_leaves_final_metrics_and_every_span(serve
     stop_s = _stop(server, signal.SIGTERM)
     print(f"\n{server.name}: exit {stop_s:.2f} s after SIGTERM; vLLM's counters {server.vllm_counters}")
     _assert_files_hold_everything(server)
-    assert server.vllm_counters["preemptions"] > 0, "the workload must preempt, or that counter proves nothing"
 
     out = tmp_path / "report"
     cli = Path(sys.executable).with_name("vllm-frag-otel")
@@ -248,7 +253,7 @@ def test_sigterm_with_the_file_default_leaves_final_metrics_and_every_span(serve
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    assert f"{NUM_REQUESTS} request spans" in summary, summary[:2000]
+    assert f"{len(server.request_ids)} request spans" in summary, summary[:2000]
     # the report's prefix totals count re-admissions after preemption too (vLLM's do not)
     (points,) = _file_points(server.files)
     hit, queried = _sum(points, "vllm.kv_cache.prefix_cache.hit"), _sum(points, "vllm.kv_cache.prefix_cache.queried")
@@ -324,10 +329,9 @@ def test_sigterm_with_the_collector_delivers_final_counters_and_every_span(stack
     for key, (value, points) in found.items():
         assert value == server.vllm_counters[key], (key, value, server.vllm_counters)
         assert points == 1, (key, points)  # one point: the stop's, no periodic export
-    assert server.vllm_counters["preemptions"] > 0
 
     wanted = set(server.request_ids)
-    spans = h.wait_until(f"{NUM_REQUESTS} request spans in Phoenix",
+    spans = h.wait_until(f"{len(wanted)} request spans in Phoenix",
                          lambda: (s := _phoenix_kv_spans(stack, wanted)).keys() == wanted and s, 60, interval=2)
     print(f"{server.name}: {len(spans)} request spans in Phoenix")
     assert all(s["attributes"]["vllm.request.finish_status"] == "finished_length_capped" for s in spans.values())
@@ -352,7 +356,7 @@ def test_an_unreachable_collector_holds_the_stop_at_most_the_deadline(servers, n
     print("\n".join(warnings))
     assert len(warnings) == 1, warnings
     assert UNDELIVERED in warnings[0] and "EngineCore" in warnings[0], warnings[0]
-    assert re.search(rf"{NUM_REQUESTS} spans", warnings[0]), warnings[0]
+    assert re.search(rf"\b{len(server.request_ids)} spans", warnings[0]), warnings[0]
     # the stop ran in the Scheduler.shutdown hook, inside vLLM's teardown (not in the atexit
     # fallback, which runs only when the process exits, and not at all in a forked engine core)
     lines = server.log.splitlines()
