@@ -83,8 +83,10 @@ def test_bad_otlp_protocol_is_named(caplog, monkeypatch):
     config._reported.clear()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
     with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
-        assert _otlp_protocol() == "http/protobuf"
+        assert config.unusable_otel_variables() == ["OTEL_EXPORTER_OTLP_PROTOCOL"]  # at start-up
+        assert _otlp_protocol() == "http/protobuf"  # the exporters fall back, without a word more
     assert "OTEL_EXPORTER_OTLP_PROTOCOL='carrier-pigeon'" in caplog.text and "grpc, http/protobuf" in caplog.text
+    assert caplog.text.count("carrier-pigeon") == 1
 
 
 @pytest.mark.parametrize("raw", ["http/protobuf", "grpc", "GRPC"])

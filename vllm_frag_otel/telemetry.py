@@ -56,7 +56,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from vllm_frag_otel import __version__
-from vllm_frag_otel.config import Settings, load_settings, unusable_otel_variables, warn_bad_value
+from vllm_frag_otel.config import OTLP_PROTOCOLS, Settings, load_settings, unusable_otel_variables
 from vllm_frag_otel.layout import EVENT_NAME, BlockMap
 from vllm_frag_otel.state import BucketHistogram, FragmentationSnapshot, KVCacheState
 from vllm_frag_otel.stories import RequestStories, RequestStory
@@ -78,8 +78,6 @@ SAMPLE_RATE = "vllm.kv_cache.allocation.sample_rate"
 RESUMED = "vllm.request.resumed"
 ENGINE_STOPPED = "vllm.kv_cache.engine_stopped"
 ENGINE_STOPPED_STATUS = "engine_stopped"  # vllm.request.finish_status of a span ended by the engine's stop
-
-PROTOCOLS = ("grpc", "http/protobuf")
 
 
 @dataclass
@@ -548,12 +546,8 @@ def _otlp_protocol(signal: str = "metrics") -> str:
     if _endpoint(signal).lower().startswith("grpc://"):
         return "grpc"
     for name in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        raw = _env(name)
-        if not raw:
-            continue
-        if raw.lower() in PROTOCOLS:
-            return raw.lower()
-        warn_bad_value(name, raw, "one of " + ", ".join(PROTOCOLS), "http/protobuf")
+        if _env(name).lower() in OTLP_PROTOCOLS:  # another value was reported at start-up
+            return _env(name).lower()
     return "http/protobuf"
 
 
