@@ -111,7 +111,10 @@ def stack(tmp_path_factory):
                 "-search.disableCache", "-loggerLevel=WARN",
                 # pushed series count as gone 45 s after their last point (Prometheus: 5 min), so that
                 # the absence alert can be shown within the test
-                "-search.maxStalenessInterval=45s"], logs / "victoria-metrics.log", env=env)
+                "-search.maxStalenessInterval=45s",
+                # vLLM's own /metrics, as deploy/'s Prometheus scrapes them (the dashboard's vllm:* panels)
+                f"-promscrape.config={h.vllm_scrape_config(run_dir / 'scrape.yml', ports['vllm'])}"],
+                logs / "victoria-metrics.log", env=env)
             h.wait_until("VictoriaMetrics /health", lambda: h.http_ok(f"http://127.0.0.1:{ports['vm']}/health"),
                          60, proc=s.procs["vm"])
         with h.TIMINGS.stage("start: Phoenix"):

@@ -63,6 +63,7 @@ MODEL_NAME = "tiny-llama-e2e"
 COLLECTOR_CONFIG = REPO / "collector-config.yaml"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "vllm-kv-cache.rules.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vllm-kv-cache.json"
+PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 
 
 # -- timings ----------------------------------------------------------------------------
@@ -473,3 +474,21 @@ def split_top_level(expr: str) -> list[str]:
         i += 1
     parts.append(text[start:])
     return [_COMPARISON.sub("", p).strip() for p in parts]
+
+
+def vllm_scrape_config(path: Path, port: int) -> Path:
+    """deploy/'s scrape job for vLLM's own /metrics, aimed at a local server by this host's name
+    (the host.name the plugin reports, so the dashboard's host variable selects both sources)."""
+    import yaml
+
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "vllm"]
+    host = socket.gethostname()
+    try:
+        loopback = socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        loopback = False
+    job["static_configs"][0]["targets"] = [f"{host if loopback else '127.0.0.1'}:{port}"]
+    job["scrape_interval"] = "5s"
+    path.write_text(yaml.safe_dump({"scrape_configs": [job]}))
+    return path
