@@ -40,7 +40,7 @@ class Settings:
     block_map_interval: float = 0.0  # seconds between block-layout maps; 0: none
     block_map_max_cells: int = 4096
     allocation_sample_rate: float = 0.01  # share of allocate_slots calls timed for the duration histogram
-    shutdown_timeout: float = 3.0  # seconds the flush at engine stop may hold vLLM's stop (inside vLLM's 5 s kill window)
+    shutdown_timeout: float = 3.0  # seconds the flush at engine stop may hold vLLM's stop (see README "On stop")
 
 
 def _parse_bool(raw: str) -> bool:

@@ -12,6 +12,8 @@ import functools
 import importlib
 import inspect
 import logging
+import math
+import multiprocessing
 import random
 import re
 import textwrap
@@ -530,6 +532,27 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
     if hooks is not None:
         with _guard:
             hooks.state.attach_requests(scheduler.requests)
+            _warn_if_stop_cannot_flush(_arg(args, kwargs, 0, "vllm_config"))
+
+
+# What vLLM's engine core spends on its stop besides the plugin's flush, measured
+# with the CPU server: the workers' exit (3-4 s) and its own teardown (2-3 s).
+VLLM_ENGINE_STOP_SECONDS = 7
+
+
+def _warn_if_stop_cannot_flush(vllm_config) -> None:
+    """With --shutdown-timeout 0 (vLLM's default, "abort" mode) vLLM's process
+    manager SIGKILLs an engine-core process right after its SIGTERM, before
+    `Scheduler.shutdown` can run: the last metrics and spans are lost."""
+    current = telemetry.runtime()
+    if current is None or getattr(vllm_config, "shutdown_timeout", None) != 0:
+        return
+    if multiprocessing.current_process().name.startswith("EngineCore"):
+        _warn_once(
+            "vLLM runs with --shutdown-timeout 0 (its default): on SIGTERM it kills the engine core at once, so "
+            "the metrics, spans and block maps since the last export are lost; start vLLM with --shutdown-timeout "
+            f"{math.ceil(current.settings.shutdown_timeout) + VLLM_ENGINE_STOP_SECONDS} or more to keep them"
+        )
 
 
 # Blocks whose flags the self-check compares with vLLM's, per check.

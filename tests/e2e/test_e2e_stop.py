@@ -374,8 +374,12 @@ def test_default_abort_mode_kills_the_engine_before_the_flush(servers):
     vLLM's behaviour, which is why a server needs --shutdown-timeout > 0 for the stop flush; if
     it fails, vLLM now gives the engine core a window even in abort mode."""
     server = servers["abort-mode"]
+    # the plugin says so at start-up, in the engine core, once
+    (warning,) = _engine_lines(server, "--shutdown-timeout 0")
+    assert "start vLLM with --shutdown-timeout 10 or more" in warning, warning
     _serve(server)
     stop_s = _stop(server, signal.SIGTERM)
     print(f"\n{server.name}: exit {stop_s:.2f} s after SIGTERM")
     assert _engine_lines(server, FORCE_KILL), server.proc.tail()
     assert not _file_points(server.files) and not _file_spans(server.files)
+    assert not any(_engine_lines(other, "--shutdown-timeout 0") for other in servers.values() if other is not server)
