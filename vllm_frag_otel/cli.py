@@ -5,6 +5,7 @@ files into answers (`report`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,9 +14,8 @@ import sys
 import tempfile
 import threading
 import time
+from importlib.util import find_spec
 from pathlib import Path
-
-from tqdm import tqdm
 
 from vllm_frag_otel import __version__
 from vllm_frag_otel import report as reporting
@@ -23,6 +23,7 @@ from vllm_frag_otel import sim, simclock, workloads
 from vllm_frag_otel import sweep as what_if
 from vllm_frag_otel.config import load_settings, unusable_otel_variables
 from vllm_frag_otel.jsonlines import InputProblem
+from vllm_frag_otel.package import SUPPORTED_VLLM
 from vllm_frag_otel.summary import counted, empty_block_statistics, field_statistics, group_statistics, render
 from vllm_frag_otel.telemetry import runtime
 
@@ -32,6 +33,8 @@ DEFAULT_REQUESTS = 500
 STEP_FLUSH_SECONDS = 0.5
 FINAL_FLUSH_SECONDS = 5.0
 EXIT_INTERRUPTED = 130
+# matplotlib and tqdm are not installed with the plugin (vLLM runs without them): the CLI asks for them
+REPORT_EXTRA = "pip install 'vllm-frag-otel[report]'"
 
 
 def _int_list(text: str) -> list[int]:
@@ -230,6 +233,37 @@ def _load_plugin() -> bool:
     return instrumentor.is_instrumented
 
 
+def _absent(*modules: str) -> list[str]:
+    return [name for name in modules if find_spec(name) is None]
+
+
+def _missing_requirement(args) -> str | None:
+    """One line naming what this command needs and how to install it, when it is not installed."""
+    if args.command == "report":
+        absent = [] if args.no_plots else _absent("matplotlib")
+        return (f"vllm-frag-otel report needs the report extra for its charts ({', '.join(absent)} is not"
+                f" installed): {REPORT_EXTRA}, or pass --no-plots") if absent else None
+    command = "simulate --sweep" if args.sweep else "simulate"
+    # the sweep draws sweep.png and shows a progress bar; a plain simulate runs without tqdm (no bar)
+    absent = _absent("matplotlib", "tqdm") if args.sweep else []
+    if absent:
+        return (f"vllm-frag-otel {command} needs the report extra ({', '.join(absent)}"
+                f" {'is' if len(absent) == 1 else 'are'} not installed): {REPORT_EXTRA}")
+    if _absent("vllm"):
+        return (f"vllm-frag-otel {command} runs vLLM's scheduler, and vLLM is not installed in this environment"
+                f" (supported: vllm{SUPPORTED_VLLM}; the plugin never installs it)")
+    return None
+
+
+def _progress_bar(**kwargs):
+    """A tqdm bar on stderr; none without tqdm (the report extra, also a requirement of vLLM)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext()
+    return tqdm(file=sys.stderr, disable=None, **kwargs)
+
+
 def _workload_name(args) -> str:
     return str(args.workload_file) if args.workload_file is not None else args.workload
 
@@ -378,7 +412,7 @@ def simulate(args) -> int:
 
     started = time.perf_counter()
     try:
-        with tqdm(total=len(specs), desc="requests finished", unit="req", file=sys.stderr, disable=None) as progress:
+        with _progress_bar(total=len(specs), desc="requests finished", unit="req") as progress:
             result = sim.run_workload(shape, specs, step_seconds=args.step_seconds, seed=args.seed,
                                       progress=progress, on_step=export, keep_partial=True)
     except KeyboardInterrupt as exc:  # before the first step
@@ -494,7 +528,7 @@ def sweep(args) -> int:
     specs = _specs(args, max_len)
     if specs is None or not _load_plugin():
         return 2
-    with tqdm(total=len(runs) * len(specs), unit="req", file=sys.stderr, disable=None) as progress:
+    with _progress_bar(total=len(runs) * len(specs), unit="req") as progress:
         outcomes = what_if.run(runs, specs, args.step_seconds, args.seed, args.max_num_batched_tokens, progress)
     recommendation = what_if.recommend(outcomes)
     layout = f", layout {args.layout}" if args.layout != "full" else ""
@@ -532,6 +566,10 @@ def report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    missing = _missing_requirement(args)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     try:
         if args.command == "report":
             return report(args)
