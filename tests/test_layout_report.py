@@ -266,7 +266,7 @@ class Run:
                         completion[rid] = int(rng.integers(1, 3000))
                         span["attributes"] += [
                             {"key": "vllm.kv_cache.block.evicted", "value": {"intValue": str(evicted[rid])}},
-                            {"key": "gen_ai.usage.completion_tokens", "value": {"intValue": str(completion[rid])}},
+                            {"key": "gen_ai.usage.output_tokens", "value": {"intValue": str(completion[rid])}},
                         ]
             lines.append(json.dumps(request))
         (self.inputs / traces.name).write_text("\n".join(lines) + "\n")

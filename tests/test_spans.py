@@ -20,10 +20,11 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
 SHAPE = sim.EngineShape(num_blocks=110, block_size=16, max_num_seqs=12)
 SPAN_KEYS = {
-    "gen_ai.request.id", "vllm.request.id", "gen_ai.usage.prompt_tokens", "vllm.kv_cache.group.count",
-    "vllm.kv_cache.prefix_cache.hit_tokens", "vllm.kv_cache.block.peak", "vllm.kv_cache.slot.allocated",
-    "vllm.kv_cache.slot.unused", "vllm.request.preemptions", "vllm.kv_cache.allocation.failures",
-    "vllm.request.finish_status", "vllm.kv_cache.block.evicted", "gen_ai.usage.completion_tokens",
+    "gen_ai.request.id", "vllm.request.id", "gen_ai.usage.input_tokens", "vllm.kv_cache.group.count",
+    "vllm.kv_cache.prefix_cache.hit_tokens", "gen_ai.usage.cache_read.input_tokens", "vllm.kv_cache.block.peak",
+    "vllm.kv_cache.slot.allocated", "vllm.kv_cache.slot.unused", "vllm.request.preemptions",
+    "vllm.kv_cache.allocation.failures", "vllm.request.finish_status", "vllm.kv_cache.block.evicted",
+    "gen_ai.usage.output_tokens",
 }
 
 
@@ -131,7 +132,7 @@ def test_one_span_per_request_tells_its_kv_story(traced):
         assert span.name == "vllm.kv_cache.request"
         assert set(attrs) == SPAN_KEYS  # nothing else: no prompt text, no token ids
         assert attrs["gen_ai.request.id"] == request.request_id  # no random suffix in these ids
-        assert attrs["gen_ai.usage.prompt_tokens"] == request.num_prompt_tokens
+        assert attrs["gen_ai.usage.input_tokens"] == request.num_prompt_tokens
         assert attrs["vllm.request.preemptions"] == request.num_preemptions
         events = Counter(e.name for e in span.events)
         assert events["preempted"] == request.num_preemptions
@@ -141,17 +142,18 @@ def test_one_span_per_request_tells_its_kv_story(traced):
             assert events["resumed"] == request.num_preemptions
         assert attrs["vllm.kv_cache.allocation.failures"] == failures[request.request_id]
         assert attrs["vllm.kv_cache.block.evicted"] == evicted[request.request_id]
-        assert attrs["gen_ai.usage.completion_tokens"] == request.num_output_tokens
+        assert attrs["gen_ai.usage.output_tokens"] == request.num_output_tokens
         assert events["allocation_failed"] == failure_runs[request.request_id]
         view = seen[request.request_id]
-        assert attrs["vllm.kv_cache.prefix_cache.hit_tokens"] == view["hits"]
+        hits = attrs["vllm.kv_cache.prefix_cache.hit_tokens"], attrs["gen_ai.usage.cache_read.input_tokens"]
+        assert hits == (view["hits"], view["hits"])
         assert attrs["vllm.kv_cache.block.peak"] == view["peak"]
         assert (attrs["vllm.kv_cache.slot.allocated"], attrs["vllm.kv_cache.slot.unused"]) == view["slots"]
         assert span.end_time >= span.start_time
-    assert any(spans[r.request_id].attributes["vllm.kv_cache.prefix_cache.hit_tokens"] > 0 for r in requests)
+    assert any(spans[r.request_id].attributes["gen_ai.usage.cache_read.input_tokens"] > 0 for r in requests)
     assert sum(evicted.values()) > 0
     finished = [r for r in requests if r.request_id != "req-5"]
-    assert all(spans[r.request_id].attributes["gen_ai.usage.completion_tokens"] == r.max_tokens for r in finished)
+    assert all(spans[r.request_id].attributes["gen_ai.usage.output_tokens"] == r.max_tokens for r in finished)
     aborted = spans["req-5"]
     assert aborted.attributes["vllm.request.finish_status"] == "finished_aborted"
     assert aborted.status.status_code is StatusCode.ERROR

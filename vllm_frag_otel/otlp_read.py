@@ -65,8 +65,8 @@ class RequestSpan:
     instance: str
     request_id: str
     prompt_tokens: int
-    # gen_ai.usage.completion_tokens; without it derived: computed tokens at the end - prompt + 1
-    # (complete, one-group requests), else None
+    # gen_ai.usage.output_tokens (older files: gen_ai.usage.completion_tokens); without it derived:
+    # computed tokens at the end - prompt + 1 (complete, one-group requests), else None
     output_tokens: int | None
     hit_tokens: int
     peak_blocks: int
@@ -287,8 +287,10 @@ def _request_span(instance: str, span: dict) -> RequestSpan:
             released += int(e.get("vllm.kv_cache.block.released", 0))
         elif event.get("name") == "resumed":
             resumed += int(e.get("vllm.kv_cache.prefix_cache.hit_tokens", 0))
-    prompt = int(a["gen_ai.usage.prompt_tokens"])
-    completion = a.get("gen_ai.usage.completion_tokens")
+    # the current GenAI names, else the deprecated ones spans written before them carry
+    prompt = int(a[_either(a, "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")])
+    completion = a.get(_either(a, "gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens"))
+    hits = a.get(_either(a, "vllm.kv_cache.prefix_cache.hit_tokens", "gen_ai.usage.cache_read.input_tokens"), 0)
     evicted = a.get("vllm.kv_cache.block.evicted")
     allocated, unused = int(a.get("vllm.kv_cache.slot.allocated", 0)), int(a.get("vllm.kv_cache.slot.unused", 0))
     groups = int(a.get("vllm.kv_cache.group.count", 1))
@@ -303,7 +305,7 @@ def _request_span(instance: str, span: dict) -> RequestSpan:
         request_id=a.get("vllm.request.id", span.get("spanId", "")),
         prompt_tokens=prompt,
         output_tokens=output,
-        hit_tokens=int(a.get("vllm.kv_cache.prefix_cache.hit_tokens", 0)),
+        hit_tokens=int(hits),
         peak_blocks=int(a.get("vllm.kv_cache.block.peak", 0)),
         allocated_slots=allocated,
         unused_slots=unused,
@@ -317,6 +319,11 @@ def _request_span(instance: str, span: dict) -> RequestSpan:
         end_ns=int(span.get("endTimeUnixNano", 0)),
         evicted_blocks=None if evicted is None else int(evicted),
     )
+
+
+def _either(attributes: dict, name: str, fallback: str) -> str:
+    """`name` if the span has it, else `fallback` (an older or the other name of the same value)."""
+    return name if name in attributes else fallback
 
 
 def _read_logs(record: dict, where: tuple[Path, int], telemetry: Telemetry) -> int:

@@ -380,9 +380,10 @@ class KVCacheSpans:
             context=parent,
             kind=SpanKind.INTERNAL,
             attributes={
+                # vLLM's own span (`llm_request`) names the request `gen_ai.request.id` too: the join
                 "gen_ai.request.id": external_request_id(story.request_id),
                 "vllm.request.id": story.request_id,
-                "gen_ai.usage.prompt_tokens": story.prompt_tokens,
+                "gen_ai.usage.input_tokens": story.prompt_tokens,  # was gen_ai.usage.prompt_tokens
                 "vllm.kv_cache.group.count": story.num_groups,
             },
         )
@@ -397,13 +398,14 @@ class KVCacheSpans:
         span = story.handle
         span.set_attributes({
             "vllm.kv_cache.prefix_cache.hit_tokens": story.hit_tokens,
+            "gen_ai.usage.cache_read.input_tokens": story.hit_tokens,  # the same: prefix-cache hits at admission
             "vllm.kv_cache.block.peak": story.peak_blocks,
             "vllm.kv_cache.slot.allocated": story.allocated_slots,
             "vllm.kv_cache.slot.unused": story.unused_slots,
             "vllm.request.preemptions": story.preemptions,
             "vllm.kv_cache.allocation.failures": story.failed_allocations,
             "vllm.kv_cache.block.evicted": story.evicted_blocks,
-            "gen_ai.usage.completion_tokens": story.output_tokens,
+            "gen_ai.usage.output_tokens": story.output_tokens,  # was gen_ai.usage.completion_tokens
             "vllm.request.finish_status": story.finish_status,
         })
         if story.finish_status == ENGINE_STOPPED_STATUS:
