@@ -66,7 +66,23 @@ def lean(wheel) -> Path:
             _run(venv / "bin" / "python", "-m", "pip", "install", "-q", wheel)
             ready.write_text(str(wheel.name))
     _run(venv / "bin" / "python", "-m", "pip", "check")
+    _prune(cache, keep=venv)
     return venv / "bin"
+
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Environments of earlier pyproject.toml versions, unless a test run is using one now."""
+    for lock_path in cache.glob("lean-venv-*.lock"):
+        venv = lock_path.with_suffix("")
+        if venv == keep:
+            continue
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(venv, ignore_errors=True)
+            lock_path.unlink()
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
