@@ -286,12 +286,14 @@ def test_plugin_span_and_vllm_span_share_the_trace(stack, arrived):
         assert vllm_span["parent_id"] == request.parent_span_id
         assert kv_span["parent_id"] == request.parent_span_id
         assert kv_span["attributes"]["gen_ai.request.id"] == vllm_span["attributes"]["gen_ai.request.id"]
-        assert kv_span["attributes"]["gen_ai.usage.prompt_tokens"] == request.prompt_tokens
-        assert kv_span["attributes"]["gen_ai.usage.completion_tokens"] == MAX_TOKENS
+        assert kv_span["attributes"]["gen_ai.usage.input_tokens"] == request.prompt_tokens
+        assert kv_span["attributes"]["gen_ai.usage.output_tokens"] == MAX_TOKENS
+        assert kv_span["attributes"]["gen_ai.usage.cache_read.input_tokens"] == \
+            kv_span["attributes"]["vllm.kv_cache.prefix_cache.hit_tokens"]
         assert kv_span["attributes"]["vllm.request.finish_status"] == "finished_length_capped"
     kv = [traces[t]["vllm.kv_cache.request"]["attributes"] for t in sent]
     assert any(a["vllm.request.preemptions"] > 0 for a in kv), "no span tells of a preemption"
-    assert any(a["vllm.kv_cache.prefix_cache.hit_tokens"] > 0 for a in kv), "no span tells of a prefix hit"
+    assert any(a["gen_ai.usage.cache_read.input_tokens"] > 0 for a in kv), "no span tells of a prefix hit"
     assert any(a["vllm.kv_cache.block.evicted"] > 0 for a in kv), "no span tells of an eviction it caused"
 
 
