@@ -174,3 +174,22 @@ def test_the_plugin_path_imports_neither_matplotlib_nor_tqdm_where_both_are_inst
     result = _run(sys.executable, "-c", probe, cwd=REPO, env=_clean_env())
     assert result.stdout.strip() == "[]"
     assert "not instrumenting vLLM" in result.stderr
+
+
+def test_report_without_the_extra_still_writes_the_report_with_no_plots(lean, tmp_path):
+    """The way out the missing-extra line offers: a simulated run's files, reported from the lean install."""
+    run = tmp_path / "run"
+    simulate = subprocess.run(
+        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", "--num-requests", "6", "--num-blocks", "64",
+         "--max-num-seqs", "4", "--workload", "alpaca", "--output", str(run)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))})
+    assert simulate.returncode == 0, simulate.stderr[-3000:]
+    out = tmp_path / "report"
+    result = subprocess.run([str(lean / "vllm-frag-otel"), "report", "--no-plots", str(run / "telemetry"),
+                             "--output", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=_clean_env())
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    written = {p.name for p in out.iterdir()}
+    assert "report.html" in written and not any(name.endswith(".png") for name in written), written
