@@ -769,9 +769,11 @@ class KVCacheInstrumentor:
     def _check() -> list[tuple[type, str]] | str:
         try:
             import vllm
-
+        except ImportError:
+            return "vLLM is not installed in this environment"
+        try:
             version = Version(vllm.__version__)
-        except (ImportError, InvalidVersion, AttributeError) as exc:
+        except (InvalidVersion, AttributeError, TypeError) as exc:
             return f"cannot read the vLLM version ({exc})"
         if Version(version.base_version) not in SpecifierSet(SUPPORTED_VLLM):
             return f"vLLM {vllm.__version__} is not supported (supported: {SUPPORTED_VLLM})"
