@@ -37,3 +37,16 @@ def scheduler_trace(scheduler_output) -> tuple:
         tuple(sorted(scheduler_output.preempted_req_ids or ())),
         tuple(sorted(scheduler_output.finished_req_ids)),
     )
+
+
+def simulate_into(out: Path, args: list[str], export_every: int) -> Path:
+    """`vllm-frag-otel simulate ARGS --output OUT` in a clean environment (no OTEL_* or plugin
+    settings of the caller's), exporting every `export_every` steps and not on a timer."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
+    env.update({"OTEL_METRIC_EXPORT_INTERVAL": "600000"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *args, "--export-every", str(export_every),
+         "--output", str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -14,15 +14,12 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import simulate_into
 
 from vllm_frag_otel import layout, otlp_read, report
 from vllm_frag_otel.layout import BLOCK_STATES, EVENT_NAME, BlockMap
@@ -178,14 +175,7 @@ def brute_hole_kinds(holes: list[dict], top: int = 5) -> list[dict]:
 
 
 def _simulate(out: Path) -> Path:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
-    env.update({"OTEL_METRIC_EXPORT_INTERVAL": "600000"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *SIMULATE, "--export-every", "3", "--output",
-         str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return simulate_into(out, SIMULATE, export_every=3)
 
 
 def _raw_metric_times(path: Path) -> tuple[str, str, list[int]]:

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import simulate_into
 
 from vllm_frag_otel import otlp_read, report
 
@@ -36,15 +33,7 @@ HITS = "vllm.kv_cache.prefix_cache.hit_tokens"
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("names")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
-    env.update({"OTEL_METRIC_EXPORT_INTERVAL": "600000"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *SIMULATE, "--export-every", "5", "--output",
-         str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "telemetry"
+    return simulate_into(tmp_path_factory.mktemp("names"), SIMULATE, export_every=5) / "telemetry"
 
 
 def _raw_spans(telemetry: Path) -> list[dict]:
