@@ -4,9 +4,10 @@ On a shared or virtual machine the scheduler's step time moves by tens of per
 cent from one run to the next, more than the costs being measured. Instruction
 counts do not: this runs the step benchmark's workloads (vLLM's real scheduler)
 under callgrind, once per variant, and reads how many instructions each run
-took, the plugin against no plugin and against vLLM's own KV-cache metrics.
-Instructions are not time (cache misses and branch mispredictions are not
-counted), so the README shows both.
+took while stepping (schedule, the benchmark's fake model, update_from_output
+and the plugin's collections; not the set-up), the plugin against no plugin and
+against vLLM's own KV-cache metrics. Instructions are not time (cache misses and
+branch mispredictions are not counted), so the README shows both.
 
     python benchmarks/instructions.py [--json OUT]     # about 25 minutes (vLLM's import under callgrind is most of it)
 
@@ -16,6 +17,7 @@ Needs valgrind (callgrind, callgrind_control).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -62,9 +64,14 @@ def inside() -> None:
     for name, scenario in scenarios.items():
         steps = set()
         for variant in VARIANTS:
-            _callgrind("--zero")
-            result = bench.run(variant, scenario, specs[name])
-            _callgrind(f"--dump={name} {variant}")
+
+            @contextlib.contextmanager
+            def counted():  # the stepping alone: not the scheduler's or the exporters' set-up
+                _callgrind("--zero")
+                yield
+                _callgrind(f"--dump={name} {variant}")
+
+            result = bench.run(variant, scenario, specs[name], around_steps=counted)
             steps.add(result["steps"])
             print(f"{name} {variant}: {result['steps']} steps", file=sys.stderr, flush=True)
         if len(steps) != 1:

@@ -47,6 +47,7 @@ listings (not in --json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -319,9 +320,12 @@ class StepBench:
 
     # -- one run ------------------------------------------------------------------
 
-    def run(self, variant: str, scenario: Scenario, specs, seed: int = 0, collect: bool = True, ablate=None) -> dict:
+    def run(self, variant: str, scenario: Scenario, specs, seed: int = 0, collect: bool = True, ablate=None,
+            around_steps=contextlib.nullcontext) -> dict:
         """One run to completion. `collect=False`: no metrics collection at all
-        (hooks only); `ablate=[(cls, method), ...]`: those hooks unwrapped (profiling)."""
+        (hooks only); `ablate=[(cls, method), ...]`: those hooks unwrapped (profiling);
+        `around_steps()`: a context entered around the stepping alone (the scheduler's
+        steps and the plugin's collections, not the set-up), e.g. an instruction count."""
         plugin = variant.startswith("plugin")
         # instrumentation first, then the scheduler: pools built unhooked are not tracked
         self._set_instrumented(plugin)
@@ -348,7 +352,7 @@ class StepBench:
             finally:
                 if runtime is not None:
                     self.telemetry.install(previous_runtime)
-            result = self._run(variant, scheduler, specs, seed, collect)
+            result = self._run(variant, scheduler, specs, seed, collect, around_steps)
         finally:
             for cls, m, hook in restore or ():
                 setattr(cls, m, hook)
@@ -358,7 +362,7 @@ class StepBench:
             result["spans"] = len(span_exporter.get_finished_spans())
         return result
 
-    def _run(self, variant: str, scheduler, specs, seed: int, collect: bool) -> dict:
+    def _run(self, variant: str, scheduler, specs, seed: int, collect: bool, around_steps) -> dict:
         from vllm_frag_otel import analyzer_for
 
         sim = self.sim
@@ -394,30 +398,31 @@ class StepBench:
         step_s = collect_s = 0.0
         collections = steps = 0
         gc.collect()
-        cpu_start = time.process_time()  # every thread of the process: span export threads too
-        while scheduler.has_requests():
-            t0 = clock()
-            scheduler_output = schedule()
-            t1 = clock()
-            model_output = fake_output(scheduler_output, scheduler, rng)
-            t2 = clock()
-            update(scheduler_output, model_output)
-            t3 = clock()
-            step_s += (t1 - t0) + (t3 - t2)
-            steps += 1
-            if collect_once is not None and steps % collect_every == 0:
+        with around_steps():
+            cpu_start = time.process_time()  # every thread of the process: span export threads too
+            while scheduler.has_requests():
+                t0 = clock()
+                scheduler_output = schedule()
+                t1 = clock()
+                model_output = fake_output(scheduler_output, scheduler, rng)
+                t2 = clock()
+                update(scheduler_output, model_output)
+                t3 = clock()
+                step_s += (t1 - t0) + (t3 - t2)
+                steps += 1
+                if collect_once is not None and steps % collect_every == 0:
+                    t0 = clock()
+                    collect_once()
+                    collect_s += clock() - t0
+                    collections += 1
+                if steps > 200_000:
+                    raise RuntimeError("the scheduler did not drain")
+            if collect_once is not None:  # the histograms buffered since the last export are paid for too
                 t0 = clock()
                 collect_once()
                 collect_s += clock() - t0
                 collections += 1
-            if steps > 200_000:
-                raise RuntimeError("the scheduler did not drain")
-        if collect_once is not None:  # the histograms buffered since the last export are paid for too
-            t0 = clock()
-            collect_once()
-            collect_s += clock() - t0
-            collections += 1
-        cpu_s = time.process_time() - cpu_start
+            cpu_s = time.process_time() - cpu_start
 
         result = {
             "variant": variant,
