@@ -344,7 +344,7 @@ def test_sigterm_with_the_collector_delivers_final_counters_and_every_span(stack
 def test_an_unreachable_collector_holds_the_stop_at_most_the_deadline(servers, name):
     healthy = servers["collector"]
     if not healthy.stop_s:
-        pytest.skip("needs the healthy collector's stop time (test_sigterm_with_the_collector_...)")
+        pytest.fail("needs the healthy collector's stop time: test_sigterm_with_the_collector_... did not measure it")
     server = servers[name]
     _serve(server)
     stop_s = _stop(server, signal.SIGTERM)
