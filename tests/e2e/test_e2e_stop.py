@@ -298,15 +298,13 @@ def test_sigterm_with_the_collector_delivers_final_counters_and_every_span(stack
     q = stack.promql
     _serve(server)
     selector = f'vllm_model_name="{server.model_name}"'
-    assert not q.query(f'count({{{selector}, poll!="-1"}})'), "a metrics export before the stop"
+    assert not q.query(f'count({{{selector}, {stack.unique_filter()}}})'), "a metrics export before the stop"
     stop_s = _stop(server, signal.SIGTERM)
     print(f"\n{server.name}: exit {stop_s:.2f} s after SIGTERM; vLLM's counters {server.vllm_counters}")
     assert not _engine_lines(server, FORCE_KILL), server.proc.tail()
     assert not _engine_lines(server, "could not be delivered"), _engine_lines(server, "could not be delivered")
 
-    # a filter never used before on every poll: VictoriaMetrics caches "no series" for a filter
-    # that ran before the series became searchable (see conftest's `arrived`)
-    polls = iter(range(1_000_000))
+    # a filter never used before on every poll (see conftest's Stack.unique_filter)
     queries = {
         "queried": f'vllm_kv_cache_prefix_cache_queried_total{{{selector}, vllm_request_resumed="false"}}',
         "hit": f'vllm_kv_cache_prefix_cache_hit_total{{{selector}, vllm_request_resumed="false"}}',
@@ -316,7 +314,7 @@ def test_sigterm_with_the_collector_delivers_final_counters_and_every_span(stack
     def stored() -> dict[str, tuple[float, float]] | None:
         out = {}
         for key, series in queries.items():
-            series = series.replace("}", f', poll!="{next(polls)}"}}', 1)
+            series = series.replace("}", f", {stack.unique_filter()}}}", 1)
             value = q.query(f"sum(last_over_time({series}[10m]))")
             points = q.query(f"max(count_over_time({series}[10m]))")
             if not value or not points:
