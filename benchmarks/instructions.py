@@ -30,11 +30,11 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("baseline", "plugin", "plugin_spans", "vllm_kv_metrics")
 
 
-def _scenarios(run):
+def _scenarios(step):
     return {
-        "pressured": run.Scenario(384, num_requests=60),
-        "seqs256": run._long_decodes(256, 48),
-        "seqs1024": run._long_decodes(1024, 24),
+        "pressured": step.Scenario(384, num_requests=60),
+        "seqs256": step._long_decodes(256, 48),
+        "seqs1024": step._long_decodes(1024, 24),
     }
 
 
@@ -53,10 +53,10 @@ def inside() -> None:
     """Under callgrind: every scenario and variant, counters zeroed before a run
     and dumped after it, labelled '<scenario> <variant>'."""
     sys.path.insert(0, str(HERE))
-    import run
+    import step
 
-    bench = run.StepBench(collect_every=1000)
-    scenarios = _scenarios(run)
+    bench = step.StepBench(collect_every=1000)
+    scenarios = _scenarios(step)
     specs = {name: scenario.specs(bench.workloads) for name, scenario in scenarios.items()}
     warm = bench.workloads.generate("sharegpt", 10, seed=1, max_len=4096)
     for variant in VARIANTS:  # every code path imported and warmed before counting

@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     model = WORK / "model"
     model.mkdir(parents=True, exist_ok=True)
     # the plugin's tiny Llama config; --load-format dummy gives it random weights
-    shutil.copyfile(REPO / "vllm_frag_otel" / "tiny_model" / "config.json", model / "config.json")
+    shutil.copyfile(REPO / "vllm_frag_otel" / "sim" / "tiny_model" / "config.json", model / "config.json")
 
     pairs = [run_pair(python, model, i, args) for i in range(args.pairs)]
     summary = {k: spread([p[k] for p in pairs])
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_requests": args.requests, "warmup_seed": WARMUP_SEED,
             "kv_cache_memory_bytes": KV_CACHE_BYTES, "block_size": BLOCK_SIZE, "max_num_seqs": MAX_NUM_SEQS,
             "max_model_len": MAX_MODEL_LEN, "max_num_batched_tokens": MAX_BATCHED_TOKENS,
-            "model": "vllm_frag_otel/tiny_model/config.json, dummy weights, bf16",
+            "model": "vllm_frag_otel/sim/tiny_model/config.json, dummy weights, bf16",
         },
         "versions": found,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

@@ -34,7 +34,7 @@ def plugin():
     """The plugin as vLLM loads it: through the `vllm.general_plugins` entry point."""
     from vllm.plugins import load_general_plugins
 
-    from vllm_frag_otel.hooks import instrumentor
+    from vllm_frag_otel.plugin.hooks import instrumentor
 
     load_general_plugins()
     assert instrumentor.is_instrumented, "vLLM did not load the frag_otel entry point"

@@ -1,6 +1,6 @@
 """Brute-force recomputation of a FragmentationSnapshot from vLLM's own objects.
 
-Deliberately naive and independent of vllm_frag_otel.state: it walks every
+Deliberately naive and independent of vllm_frag_otel.core.state: it walks every
 block of the pool and every request's block table in every KV-cache group,
 straight from the definitions in the README's metric reference:
 

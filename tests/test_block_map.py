@@ -17,10 +17,13 @@ import pytest
 from oracle import block_states
 from otlp_receiver import RotelReceiver
 
-from vllm_frag_otel import analyzer_for, sim, telemetry, workloads
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.export import telemetry
+from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.config import Settings
-from vllm_frag_otel.hooks import guard
-from vllm_frag_otel.layout import BLOCK_STATES, EVENT_NAME, BlockMap
+from vllm_frag_otel.plugin.hooks import guard
+from vllm_frag_otel.core.layout import BLOCK_STATES, EVENT_NAME, BlockMap
 
 SHAPE = sim.EngineShape(num_blocks=110, block_size=16, max_num_seqs=12)
 THREAD = "vllm-frag-otel-block-map"

@@ -24,8 +24,11 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from vllm_frag_otel import cli, sim, sweep, workloads
-from vllm_frag_otel.state import FragmentationSnapshot
+from vllm_frag_otel import cli
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.analysis import sweep
+from vllm_frag_otel.sim import workloads
+from vllm_frag_otel.core.state import FragmentationSnapshot
 
 REQUESTS, BLOCKS, SEQS, SEED = 24, 40, 8, 3
 SIMULATE = ["--workload", "alpaca", "--num-requests", str(REQUESTS), "--num-blocks", str(BLOCKS), "--max-num-seqs",

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from vllm_frag_otel import cli, otlp_json
-from vllm_frag_otel.summary import render
+from vllm_frag_otel import cli
+from vllm_frag_otel.export import otlp_json
+from vllm_frag_otel.analysis.summary import render
 
 TINY = ["--num-requests", "6", "--num-blocks", "64", "--max-num-seqs", "4", "--workload", "alpaca"]
 
@@ -289,7 +290,9 @@ def test_the_report_of_a_simulation_is_in_simulated_seconds(long_trace_run, tmp_
     printed = capsys.readouterr().out
     assert f"simulated time from {clock_file}" in printed
     assert "time: simulated seconds (scheduler steps x 0.02 s" in printed
-    from vllm_frag_otel import otlp_read, report, simclock
+    from vllm_frag_otel.analysis import otlp_read
+    from vllm_frag_otel.analysis import report
+    from vllm_frag_otel.sim import simclock
 
     telemetry = otlp_read.read([out])
     clocks = report.match_clocks(telemetry, simclock.find([out], []), 0)
@@ -309,7 +312,8 @@ def test_the_report_of_a_simulation_is_in_simulated_seconds(long_trace_run, tmp_
 # -- Ctrl-C inside the run: the steps so far, from run_workload itself -------------------------
 
 def test_run_workload_returns_what_ran_before_an_interrupt(plugin):
-    from vllm_frag_otel import sim, workloads
+    from vllm_frag_otel.sim import simulator as sim
+    from vllm_frag_otel.sim import workloads
 
     specs = workloads.generate("alpaca", 20, seed=1)
     shape = sim.EngineShape(num_blocks=64, max_num_seqs=4)

@@ -78,7 +78,7 @@ def test_each_bad_value_is_reported_once(caplog):
 
 
 def test_bad_otlp_protocol_is_named(caplog, monkeypatch):
-    from vllm_frag_otel.telemetry import _otlp_protocol
+    from vllm_frag_otel.export.telemetry import _otlp_protocol
 
     config._reported.clear()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
@@ -91,7 +91,7 @@ def test_bad_otlp_protocol_is_named(caplog, monkeypatch):
 
 @pytest.mark.parametrize("raw", ["http/protobuf", "grpc", "GRPC"])
 def test_otlp_protocols(monkeypatch, raw):
-    from vllm_frag_otel.telemetry import _otlp_protocol
+    from vllm_frag_otel.export.telemetry import _otlp_protocol
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", raw)
     assert _otlp_protocol() == raw.lower()
@@ -118,8 +118,8 @@ def receiver():
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_otel_variables_never_stop_the_plugin(receiver, protocol, data, monkeypatch):
-    from vllm_frag_otel import telemetry
-    from vllm_frag_otel.hooks import guard
+    from vllm_frag_otel.export import telemetry
+    from vllm_frag_otel.plugin.hooks import guard
 
     name = data.draw(st.sampled_from(OTEL_FUZZED))
     # anything an environment can hold (no NUL, no lone surrogates)
@@ -146,14 +146,14 @@ def test_fuzzed_otel_variables_never_stop_the_plugin(receiver, protocol, data, m
 
 def test_grpc_scheme_endpoint_means_grpc(monkeypatch):
     """vLLM copies --otlp-traces-endpoint grpc://... into OTEL_EXPORTER_OTLP_TRACES_ENDPOINT."""
-    from vllm_frag_otel.telemetry import _otlp_protocol
+    from vllm_frag_otel.export.telemetry import _otlp_protocol
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317")
     assert _otlp_protocol("traces") == "grpc"
     assert _otlp_protocol("metrics") == "http/protobuf"
     from vllm_frag_otel.config import Settings
-    from vllm_frag_otel.telemetry import build_exporter
+    from vllm_frag_otel.export.telemetry import build_exporter
 
     exporter = build_exporter(Settings(), "traces")
     assert type(exporter).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc")
@@ -162,7 +162,7 @@ def test_grpc_scheme_endpoint_means_grpc(monkeypatch):
 
 
 def test_operator_resource_attributes_win(monkeypatch):
-    from vllm_frag_otel.telemetry import build_resource
+    from vllm_frag_otel.export.telemetry import build_resource
 
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=replica-7,vllm.model.name=m")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "llm-gateway")
@@ -177,8 +177,8 @@ def test_operator_resource_attributes_win(monkeypatch):
                                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"])
 def test_an_endpoint_that_is_not_a_url_is_reported_once_at_start_up(name, monkeypatch, tmp_path, caplog):
     """Not at every export: the plugin leaves it out (files instead, with the exporter on auto)."""
-    from vllm_frag_otel import telemetry
-    from vllm_frag_otel.hooks import guard
+    from vllm_frag_otel.export import telemetry
+    from vllm_frag_otel.plugin.hooks import guard
 
     monkeypatch.setenv(name, "not-a-url")
     config._reported.clear()

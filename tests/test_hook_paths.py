@@ -20,10 +20,12 @@ from oracle import block_states, brute_force
 from test_metrics import Pipeline
 from test_spans import traced  # noqa: F401  (fixture)
 
-from vllm_frag_otel import analyzer_for, sim, workloads
-from vllm_frag_otel.hooks import guard
-from vllm_frag_otel.layout import BLOCK_STATES
-from vllm_frag_otel.state import ALLOCATION_BUCKETS
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.sim import workloads
+from vllm_frag_otel.plugin.hooks import guard
+from vllm_frag_otel.core.layout import BLOCK_STATES
+from vllm_frag_otel.core.state import ALLOCATION_BUCKETS
 
 # Pool methods after which a block that had a prefix-cache entry and lost it
 # was evicted, and why; any other method losing one is a surprise.
@@ -633,7 +635,7 @@ def test_a_compiled_hook_passes_every_argument_and_default_on_unchanged():
     """The hottest hooks take the original's own parameters (no *args/**kwargs
     on the hot path): positional, keyword, defaults, keyword-only and varargs
     must all reach the original as given."""
-    from vllm_frag_otel.hooks import _compile, _Forwarder
+    from vllm_frag_otel.plugin.hooks import _compile, _Forwarder
 
     def original(self, a, b=[1], /, c=None, *rest, d, e=(), **extra):
         return self, a, b, c, rest, d, e, extra

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from helpers import simulate_into
 
-from vllm_frag_otel import layout, otlp_read, report
-from vllm_frag_otel.layout import BLOCK_STATES, EVENT_NAME, BlockMap
+from vllm_frag_otel.core import layout
+from vllm_frag_otel.analysis import otlp_read
+from vllm_frag_otel.analysis import report
+from vllm_frag_otel.core.layout import BLOCK_STATES, EVENT_NAME, BlockMap
 
 SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
 FREE, CACHED, FULL, PARTIAL, EMPTY = range(5)
@@ -634,7 +636,7 @@ def test_a_single_map_has_no_churn_to_show(run, tmp_path):
     assert any("blocks 65-80 (16 blocks): since 0.000 s → until 0.000 s" in line for line in section)
     (chart,) = [c for c in report.charts(r) if c.name == "block_layout"]
     assert len(chart.panels) == 1 and chart.panels[0].image.shape == (BLOCKS, 1, 3)
-    from vllm_frag_otel.plots import render
+    from vllm_frag_otel.analysis.plots import render
 
     assert render(chart, tmp_path).read_bytes().startswith(b"\x89PNG")
 
@@ -662,7 +664,7 @@ def test_heat_map_columns_sit_at_their_times(run, tmp_path):
     widths = np.diff(heat.x_edges)
     assert widths[1] == pytest.approx(0.01) and widths[-2] == pytest.approx(0.05)
     assert churn.x_edges == pytest.approx(seconds)  # interval i from map i to map i + 1
-    from vllm_frag_otel.plots import figure
+    from vllm_frag_otel.analysis.plots import figure
 
     (mesh,) = figure(chart).axes[0].collections
     columns = mesh.get_coordinates()[0, :, 0]

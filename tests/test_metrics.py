@@ -9,10 +9,12 @@ from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from test_spans import CapturingMetricExporter
 
-from vllm_frag_otel import analyzer_for, sim, workloads
-from vllm_frag_otel.hooks import guard
-from vllm_frag_otel.state import ALLOCATION_BUCKETS
-from vllm_frag_otel.telemetry import SCOPE, HistogramExporter, KVCacheMetrics
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.sim import workloads
+from vllm_frag_otel.plugin.hooks import guard
+from vllm_frag_otel.core.state import ALLOCATION_BUCKETS
+from vllm_frag_otel.export.telemetry import SCOPE, HistogramExporter, KVCacheMetrics
 
 GAUGE_FIELDS = {
     "vllm.kv_cache.block.limit": "num_blocks",

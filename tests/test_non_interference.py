@@ -8,9 +8,11 @@ import random
 import pytest
 from helpers import scheduler_trace
 
-from vllm_frag_otel import analyzer_for, sim, workloads
-from vllm_frag_otel.hooks import guard
-from vllm_frag_otel.state import KVCacheState
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.sim import workloads
+from vllm_frag_otel.plugin.hooks import guard
+from vllm_frag_otel.core.state import KVCacheState
 
 SHAPE = sim.EngineShape(num_blocks=90, block_size=16, max_num_seqs=12)
 

@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import block_states, brute_force, request_blocks_held, request_slots
 
-from vllm_frag_otel import analyzer_for, sim
-from vllm_frag_otel.layout import BLOCK_STATES
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.core.layout import BLOCK_STATES
 
 
 
@@ -197,7 +198,7 @@ def test_a_pressured_workload_exercises_every_path(plugin, layout):
     evictions of never-reused and of reused blocks, partial blocks and several
     free runs; on windowed and Mamba "align" layouts, blocks retired in place
     (held blocks fall while a request runs), and on Mamba, state blocks."""
-    from vllm_frag_otel import workloads as wl
+    from vllm_frag_otel.sim import workloads as wl
 
     shape = sim.EngineShape(num_blocks=240, block_size=16, max_num_seqs=16, layout=layout)
     scheduler = sim.build_scheduler(shape)

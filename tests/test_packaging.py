@@ -94,7 +94,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 PROBE = textwrap.dedent("""
     import importlib.metadata as md, json, sys
     import vllm_frag_otel
-    from vllm_frag_otel.hooks import instrumentor
+    from vllm_frag_otel.plugin.hooks import instrumentor
     vllm_frag_otel.register()
     vllm_frag_otel.register()  # vLLM calls it in every process, sometimes twice
     loaded = sorted(m for m in ("matplotlib", "tqdm", "vllm", "torch") if m in sys.modules)
@@ -103,7 +103,7 @@ PROBE = textwrap.dedent("""
         matplotlib_importable = True
     except ImportError:
         matplotlib_importable = False
-    from vllm_frag_otel.telemetry import runtime
+    from vllm_frag_otel.export.telemetry import runtime
     dist = md.distribution("vllm-frag-otel")
     print(json.dumps({
         "file": vllm_frag_otel.__file__,
@@ -168,7 +168,7 @@ def test_the_plugin_path_imports_neither_matplotlib_nor_tqdm_where_both_are_inst
         sys.modules["vllm"] = None  # no vLLM: register() gives up after its import, as in the lean install
         import vllm_frag_otel
         vllm_frag_otel.register()
-        import vllm_frag_otel.cli, vllm_frag_otel.report, vllm_frag_otel.sweep
+        import vllm_frag_otel.cli, vllm_frag_otel.analysis.report, vllm_frag_otel.analysis.sweep
         print(sorted(m for m in ("matplotlib", "tqdm") if m in sys.modules))
     """)
     result = _run(sys.executable, "-c", probe, cwd=REPO, env=_clean_env())

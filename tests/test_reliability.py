@@ -18,9 +18,12 @@ from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExp
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from otlp_receiver import RotelReceiver
 
-from vllm_frag_otel import analyzer_for, sim, telemetry, workloads
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.export import telemetry
+from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.config import Settings
-from vllm_frag_otel.hooks import guard
+from vllm_frag_otel.plugin.hooks import guard
 
 SHAPE = sim.EngineShape(num_blocks=120, block_size=16, max_num_seqs=16)
 
@@ -208,8 +211,8 @@ def _child(out_dir: str, queue) -> None:
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()  # what vLLM does at the top of EngineCore.__init__
-    from vllm_frag_otel import sim as child_sim
-    from vllm_frag_otel import telemetry as child_telemetry
+    from vllm_frag_otel.sim import simulator as child_sim
+    from vllm_frag_otel.export import telemetry as child_telemetry
 
     scheduler = child_sim.build_scheduler(child_sim.EngineShape(num_blocks=77))
     requests = child_sim.make_requests([([7] * 50, 5)], 16, "child")

@@ -25,7 +25,10 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from vllm_frag_otel import cli, jsonlines, otlp_read, report, workloads
+from vllm_frag_otel import cli, jsonlines
+from vllm_frag_otel.analysis import otlp_read
+from vllm_frag_otel.analysis import report
+from vllm_frag_otel.sim import workloads
 
 SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
 GAUGES = ["used_blocks", "cached_blocks", "free_blocks", "free_runs", "largest_free_run", "external_fragmentation",
@@ -443,7 +446,7 @@ def test_a_report_directory_reused_holds_no_stale_outputs(cumulative, tmp_path):
 
 
 def test_charts_an_operator_can_read(cumulative, tmp_path):
-    from vllm_frag_otel.plots import figure
+    from vllm_frag_otel.analysis.plots import figure
 
     telemetry = otlp_read.read([cumulative])
     r = report.pool_report(telemetry, telemetry.pools()[0], 0, several=False)
@@ -500,7 +503,7 @@ def test_a_quantile_beyond_the_last_bound_is_not_a_number_below_the_mean():
 
 
 def test_one_rounding_for_every_percentage():
-    from vllm_frag_otel.summary import gauge_lines, render
+    from vllm_frag_otel.analysis.summary import gauge_lines, render
 
     stats = {name: {"mean": 0.0, "p50": 0.0, "max": 0.0, "final": 0.0}
              for name in cli.field_statistics.__globals__["FIELDS"]}

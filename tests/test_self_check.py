@@ -12,8 +12,10 @@ import pytest
 from oracle import brute_force
 from test_oracle import _check, _check_possible
 
-from vllm_frag_otel import analyzer_for, hooks, sim
-from vllm_frag_otel.workloads import generate
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.plugin import hooks
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.sim.workloads import generate
 
 SHAPE = sim.EngineShape(num_blocks=200, block_size=16, max_num_seqs=8, layout="full,sliding_window:48")
 
@@ -127,7 +129,7 @@ def test_a_table_edited_in_place_without_a_report_is_found_and_read_again(plugin
     """A vLLM path the plugin does not hook rewrites a table in place: the
     self-check compares the tables as last read with vLLM's and reads the
     differing ones again."""
-    from vllm_frag_otel.state import KVCacheState
+    from vllm_frag_otel.core.state import KVCacheState
 
     scheduler, rng = _running_scheduler()
     analyzer = analyzer_for(scheduler)

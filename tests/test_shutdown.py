@@ -19,9 +19,12 @@ from opentelemetry.trace import StatusCode
 from test_reliability import BlackHole
 from test_spans import CapturingMetricExporter
 
-from vllm_frag_otel import analyzer_for, sim, telemetry, workloads
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.export import telemetry
+from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.config import Settings
-from vllm_frag_otel.hooks import guard
+from vllm_frag_otel.plugin.hooks import guard
 
 SHAPE = sim.EngineShape(num_blocks=120, block_size=16, max_num_seqs=16)
 
@@ -131,7 +134,9 @@ FILE_RUN = """
 import json, os, random
 from vllm.plugins import load_general_plugins
 load_general_plugins()
-from vllm_frag_otel import analyzer_for, sim, workloads
+from vllm_frag_otel import analyzer_for
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.sim import workloads
 shape = sim.EngineShape(num_blocks=120, block_size=16, max_num_seqs=16)
 scheduler = sim.build_scheduler(shape)
 specs = workloads.generate("sharegpt", 40, seed=11, max_len=900)

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import simulate_into
 
-from vllm_frag_otel import otlp_read, report
+from vllm_frag_otel.analysis import otlp_read
+from vllm_frag_otel.analysis import report
 
 SIMULATE = ["--workload", "alpaca", "--num-requests", "30", "--num-blocks", "40", "--max-num-seqs", "6",
             "--prefix-groups", "3", "--prefix-len", "48", "--seed", "5"]

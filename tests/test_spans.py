@@ -12,9 +12,11 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from vllm_frag_otel import sim, telemetry, workloads
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.export import telemetry
+from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.config import Settings
-from vllm_frag_otel.hooks import guard
+from vllm_frag_otel.plugin.hooks import guard
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"

@@ -10,8 +10,8 @@ from hypothesis import given, strategies as st
 
 import numpy as np
 
-from vllm_frag_otel import state as state_module
-from vllm_frag_otel.state import BucketHistogram, GroupLayout, KVCacheState, free_run_stats
+from vllm_frag_otel.core import state as state_module
+from vllm_frag_otel.core.state import BucketHistogram, GroupLayout, KVCacheState, free_run_stats
 
 
 @dataclass

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from vllm_frag_otel import sim, sweep, workloads
-from vllm_frag_otel.sweep import Setting
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.analysis import sweep
+from vllm_frag_otel.sim import workloads
+from vllm_frag_otel.analysis.sweep import Setting
 
 BASE = Setting(block_size=16, num_blocks=30, prefix_caching=True, max_num_seqs=8)
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from vllm_frag_otel import workloads
+from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.jsonlines import InputProblem
 
 

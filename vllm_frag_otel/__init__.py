@@ -7,7 +7,7 @@ start later, in the process that builds a KV cache manager.
 
 from __future__ import annotations
 
-from vllm_frag_otel.state import FragmentationSnapshot, GroupSnapshot, KVCacheState
+from vllm_frag_otel.core.state import FragmentationSnapshot, GroupSnapshot, KVCacheState
 
 __version__ = "0.1.0"
 __all__ = ["FragmentationSnapshot", "GroupSnapshot", "KVCacheState", "analyzer_for", "register", "__version__"]
@@ -16,7 +16,7 @@ __all__ = ["FragmentationSnapshot", "GroupSnapshot", "KVCacheState", "analyzer_f
 def register() -> None:
     """vLLM's plugin entry point: idempotent and cheap, safe in every process."""
     from vllm_frag_otel.config import load_settings
-    from vllm_frag_otel.hooks import instrumentor
+    from vllm_frag_otel.plugin.hooks import instrumentor
 
     if instrumentor.is_instrumented:
         return
@@ -27,6 +27,6 @@ def register() -> None:
 
 def analyzer_for(obj) -> KVCacheState:
     """The live analyzer of a hooked Scheduler, KVCacheManager or BlockPool."""
-    from vllm_frag_otel.hooks import analyzer_for as _analyzer_for
+    from vllm_frag_otel.plugin.hooks import analyzer_for as _analyzer_for
 
     return _analyzer_for(obj)

@@ -18,14 +18,16 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from vllm_frag_otel import __version__
-from vllm_frag_otel import report as reporting
-from vllm_frag_otel import sim, simclock, workloads
-from vllm_frag_otel import sweep as what_if
+from vllm_frag_otel.analysis import report as reporting
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.sim import simclock
+from vllm_frag_otel.sim import workloads
+from vllm_frag_otel.analysis import sweep as what_if
 from vllm_frag_otel.config import load_settings, unusable_otel_variables
 from vllm_frag_otel.jsonlines import InputProblem
-from vllm_frag_otel.package import SUPPORTED_VLLM
-from vllm_frag_otel.summary import counted, empty_block_statistics, field_statistics, group_statistics, render
-from vllm_frag_otel.telemetry import runtime
+from vllm_frag_otel.plugin.versions import SUPPORTED_VLLM
+from vllm_frag_otel.analysis.summary import counted, empty_block_statistics, field_statistics, group_statistics, render
+from vllm_frag_otel.export.telemetry import runtime
 
 DEFAULT_REQUESTS = 500
 # How long the run waits for one export to a collector (the file exporter takes
@@ -224,7 +226,7 @@ def _load_plugin() -> bool:
     print("loading vLLM (10-20 s) ...", file=sys.stderr, flush=True)
     from vllm.plugins import load_general_plugins
 
-    from vllm_frag_otel.hooks import instrumentor
+    from vllm_frag_otel.plugin.hooks import instrumentor
 
     load_general_plugins()
     if not instrumentor.is_instrumented:
@@ -292,7 +294,7 @@ def _telemetry_disabled() -> bool:
 
 def _telemetry_dir() -> Path | None:
     """The directory the plugin will write files to in this run, if it writes files."""
-    from vllm_frag_otel.telemetry import exporter_choice
+    from vllm_frag_otel.export.telemetry import exporter_choice
 
     settings = load_settings()
     if _telemetry_disabled() or not settings.enabled:

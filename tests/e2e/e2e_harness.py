@@ -209,7 +209,7 @@ def clean_env() -> dict[str, str]:
 def write_model(directory: Path) -> Path:
     """A local model: the plugin's tiny Llama config (head_dim 64), random weights, no tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = json.loads((REPO / "vllm_frag_otel" / "tiny_model" / "config.json").read_text())
+    config = json.loads((REPO / "vllm_frag_otel" / "sim" / "tiny_model" / "config.json").read_text())
     assert config["hidden_size"] // config["num_attention_heads"] == 64, "the CPU attention backend needs head_dim 64"
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory

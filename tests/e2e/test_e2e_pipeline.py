@@ -23,7 +23,7 @@ import pytest
 
 import e2e_harness as h
 from e2e_harness import BLOCK_MAP_INTERVAL_S, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS
-from vllm_frag_otel.layout import CACHED, EVENT_NAME, FREE, FULL, PARTIAL, BlockMap
+from vllm_frag_otel.core.layout import CACHED, EVENT_NAME, FREE, FULL, PARTIAL, BlockMap
 
 pytestmark = pytest.mark.e2e
 

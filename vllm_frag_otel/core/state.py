@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vllm_frag_otel.layout import CACHED, EMPTY, FREE, FULL, PARTIAL
+from vllm_frag_otel.core.layout import CACHED, EMPTY, FREE, FULL, PARTIAL
 
 NULL_BLOCK_ID = 0
 

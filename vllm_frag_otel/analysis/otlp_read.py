@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 from vllm_frag_otel.jsonlines import InputProblem, json_records
-from vllm_frag_otel.layout import EVENT_NAME as BLOCK_MAP_EVENT
-from vllm_frag_otel.layout import BlockMap
-from vllm_frag_otel.telemetry import POOL, SPAN_NAME
+from vllm_frag_otel.core.layout import EVENT_NAME as BLOCK_MAP_EVENT
+from vllm_frag_otel.core.layout import BlockMap
+from vllm_frag_otel.export.telemetry import POOL, SPAN_NAME
 
 INSTANCE = "service.instance.id"
 DELTA = 1  # AggregationTemporality.DELTA in OTLP

@@ -57,9 +57,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from vllm_frag_otel import __version__
 from vllm_frag_otel.config import OTLP_PROTOCOLS, Settings, load_settings, unusable_otel_variables
-from vllm_frag_otel.layout import EVENT_NAME, BlockMap
-from vllm_frag_otel.state import BucketHistogram, FragmentationSnapshot, KVCacheState
-from vllm_frag_otel.stories import RequestStories, RequestStory
+from vllm_frag_otel.core.layout import EVENT_NAME, BlockMap
+from vllm_frag_otel.core.state import BucketHistogram, FragmentationSnapshot, KVCacheState
+from vllm_frag_otel.core.stories import RequestStories, RequestStory
 
 logger = logging.getLogger("vllm.frag_otel")
 
@@ -522,7 +522,7 @@ class _SignalExporters:
     otlp_module: str  # under opentelemetry.exporter.otlp.proto.{grpc,http}
     otlp_class: str
     console: type
-    file_class: str  # in vllm_frag_otel.otlp_json, imported only when used
+    file_class: str  # in vllm_frag_otel.export.otlp_json, imported only when used
 
 
 SIGNALS = {
@@ -574,7 +574,7 @@ def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExpo
         if _endpoint(signal).lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
             return getattr(module, exporters.otlp_class)(insecure=True)  # plaintext, as vLLM's own exporter
         return getattr(module, exporters.otlp_class)()
-    from vllm_frag_otel import otlp_json
+    from vllm_frag_otel.export import otlp_json
 
     file_exporter = getattr(otlp_json, exporters.file_class)
     return file_exporter(settings.file_dir, settings.file_max_bytes, settings.file_max_files)
@@ -587,12 +587,6 @@ def build_resource(engine_attributes: dict[str, Any]) -> Resource:
         "process.pid": os.getpid(),
         **engine_attributes,
     }
-    try:
-        import vllm
-
-        attributes["service.version"] = vllm.__version__
-    except ImportError:
-        pass
     attributes.setdefault("service.name", "vllm")
     # what the operator set in OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME wins over our defaults
     configured = OTELResourceDetector().detect().attributes
@@ -875,10 +869,10 @@ def install(new_runtime: Runtime | None) -> Runtime | None:
     return previous
 
 
-def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestStories | None:
-    """Export `state`, starting this process's telemetry on first use."""
+def attach(state: KVCacheState, engine_attributes: dict[str, Any], guard) -> RequestStories | None:
+    """Export `state`, starting this process's telemetry on first use; `guard` is the
+    hooks' error guard (its errors and liveness are exported)."""
     global _runtime
-    from vllm_frag_otel.hooks import guard
 
     with _runtime_lock:
         if runtime() is None or _runtime.stopped:
@@ -886,11 +880,11 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestSto
             if _runtime is None or _runtime.pid != os.getpid():
                 atexit.register(_stop_at_exit)  # fallback: paths where vLLM's shutdown did not run
             try:
-                _runtime = Runtime(settings, engine_attributes, guard())
+                _runtime = Runtime(settings, engine_attributes, guard)
             except Exception as exc:  # never let telemetry set-up reach vLLM; track without exporting
                 logger.warning("vllm-frag-otel: telemetry could not start (%s: %s); nothing is exported.",
                                type(exc).__name__, exc)
-                _runtime = Runtime(replace(settings, exporter="none", spans=False), engine_attributes, guard())
+                _runtime = Runtime(replace(settings, exporter="none", spans=False), engine_attributes, guard)
         return _runtime.add_pool(state, engine_attributes)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_frag_otel import workloads
-from vllm_frag_otel.state import FragmentationSnapshot
+from vllm_frag_otel.sim import workloads
+from vllm_frag_otel.core.state import FragmentationSnapshot
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

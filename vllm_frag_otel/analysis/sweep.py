@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_frag_otel import sim
-from vllm_frag_otel.plots import Chart, Line, Panel, render as draw
-from vllm_frag_otel.summary import pct
+from vllm_frag_otel.sim import simulator as sim
+from vllm_frag_otel.analysis.plots import Chart, Line, Panel, render as draw
+from vllm_frag_otel.analysis.summary import pct
 
 MATERIAL = 0.02
 # The longest request the simulator's model takes unless told otherwise (--max-model-len).

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_frag_otel import layout, otlp_read, simclock
+from vllm_frag_otel.core import layout
+from vllm_frag_otel.analysis import otlp_read
+from vllm_frag_otel.sim import simclock
 from vllm_frag_otel.jsonlines import InputProblem
-from vllm_frag_otel.otlp_read import RequestSpan, Series, Source, Telemetry
-from vllm_frag_otel.plots import Chart, Line, Panel, render as draw
-from vllm_frag_otel.summary import GROUP_FIELDS, gauge_lines, group_lines, pct, statistics, totals_lines
-from vllm_frag_otel.telemetry import (
+from vllm_frag_otel.analysis.otlp_read import RequestSpan, Series, Source, Telemetry
+from vllm_frag_otel.analysis.plots import Chart, Line, Panel, render as draw
+from vllm_frag_otel.analysis.summary import GROUP_FIELDS, gauge_lines, group_lines, pct, statistics, totals_lines
+from vllm_frag_otel.export.telemetry import (
     GROUP,
     GROUP_KIND,
     OUTCOME,

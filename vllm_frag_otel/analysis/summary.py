@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vllm_frag_otel.state import FragmentationSnapshot
+from vllm_frag_otel.core.state import FragmentationSnapshot
 
 FIELDS = FragmentationSnapshot.numeric_fields()
 

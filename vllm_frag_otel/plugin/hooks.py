@@ -26,8 +26,8 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from vllm_frag_otel import telemetry
-from vllm_frag_otel.package import (
+from vllm_frag_otel.export import telemetry
+from vllm_frag_otel.plugin.versions import (
     BLOCK_ONLY_MANAGERS,
     GROWING_TABLE_MANAGERS,
     HOOK_POINTS,
@@ -35,8 +35,8 @@ from vllm_frag_otel.package import (
     TOKEN_SLOT_MANAGERS,
     HookPoint,
 )
-from vllm_frag_otel.state import NULL_BLOCK_ID, GroupLayout, KVCacheState
-from vllm_frag_otel.stories import RequestStories
+from vllm_frag_otel.core.state import NULL_BLOCK_ID, GroupLayout, KVCacheState
+from vllm_frag_otel.core.stories import RequestStories
 
 logger = logging.getLogger("vllm.frag_otel")
 
@@ -340,7 +340,7 @@ def _manager_init(wrapped, manager, args, kwargs):
         layouts = [_group_layout(g, m, manager.block_pool) for g, m in enumerate(group_managers)]
         tables = [m.req_to_blocks if m.block_pool is manager.block_pool else {} for m in group_managers]
         state.attach_tables(layouts, tables)
-        stories = telemetry.attach(state, _engine_context.take())
+        stories = telemetry.attach(state, _engine_context.take(), _guard)
         state.follow_moves = stories is not None
         shrinking = any(type(m).__name__ not in GROWING_TABLE_MANAGERS for m in group_managers)
         manager.__dict__[_STATE] = _ManagerHooks(state, len(layouts), stories, stories is not None and shrinking)
@@ -510,7 +510,9 @@ _engine_context = _EngineContext()
 
 
 def _engine_attributes(vllm_config) -> dict[str, Any]:
-    attributes: dict[str, Any] = {}
+    import vllm
+
+    attributes: dict[str, Any] = {"service.version": vllm.__version__}
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is not None:
         names = getattr(model_config, "served_model_name", None) or model_config.model

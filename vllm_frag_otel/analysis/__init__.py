@@ -1,0 +1,1 @@
+"""Offline analysis: reading OTLP files, the report and its charts, the what-if sweep."""

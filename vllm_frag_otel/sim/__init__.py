@@ -1,0 +1,1 @@
+"""The simulator: vLLM's real scheduler and KV-cache manager on a CPU, fed seeded workloads."""
