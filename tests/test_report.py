@@ -261,7 +261,7 @@ def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
     r = report.pool_report(telemetry, telemetry.pools()[0], start, several=False)
     charts = {c.name: c for c in report.charts(r)}
     assert set(charts) == {"block_states", "slot_utilization", "fragmentation", "evictions", "preemptions",
-                           "allocation_latency", "request_classes", "block_layout"}
+                           "allocation_latency", "request_classes", "request_latency", "block_layout"}
     lines = {(name, line.label): line for name, c in charts.items() for panel in c.panels for line in panel.lines}
     for (chart, label), metric, attributes in [
         (("block_states", "used"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
@@ -294,7 +294,8 @@ def test_pngs_and_the_self_contained_html(built):
     out, _ = built
     pngs = sorted(out.glob("*.png"))
     assert [p.stem for p in pngs] == sorted(["block_states", "slot_utilization", "fragmentation", "evictions",
-                                             "preemptions", "allocation_latency", "request_classes", "block_layout"])
+                                             "preemptions", "allocation_latency", "request_classes", "request_latency",
+                                             "block_layout"])
     from PIL import Image
 
     for png in pngs:

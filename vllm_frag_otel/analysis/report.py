@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from vllm_frag_otel.core import layout
-from vllm_frag_otel.analysis import otlp_read
+from vllm_frag_otel.analysis import otlp_read, replay
 from vllm_frag_otel.sim import simclock
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.analysis.otlp_read import RequestSpan, Series, Source, Telemetry
+# request size classes (tokens): below 128, 128-511, 512-2047, 2048 and more
+from vllm_frag_otel.analysis.replay import SIZE_EDGES, size_class  # noqa: F401
 from vllm_frag_otel.analysis.plots import Chart, Line, Panel, render as draw
 from vllm_frag_otel.analysis.summary import GROUP_FIELDS, gauge_lines, group_lines, pct, statistics, totals_lines
 from vllm_frag_otel.export.telemetry import (
@@ -77,8 +79,6 @@ LATENCY_METRIC = "vllm.kv_cache.allocation.duration"
 GROUP_BLOCKS_METRIC = "vllm.kv_cache.group.block.count"
 SLOTS_METRIC = "vllm.kv_cache.slot.count"
 PARTIAL_METRIC = "vllm.kv_cache.block.partial.count"
-# Request size classes (tokens): below 128, 128-511, 512-2047, 2048 and more.
-SIZE_EDGES = (128, 512, 2048)
 # Thresholds of the advice: the share of exports near a full pool, and the
 # internal fragmentation worth a smaller block size.
 NEAR_FULL = 0.95
@@ -183,6 +183,9 @@ class PoolReport:
     block_layout: layout.Layout | None = None  # from the pool's block maps
     hotspots: Hotspots | None = None  # of the block layout
     groups: list[GroupReport] = field(default_factory=list)  # empty when the input has no per-group metrics
+    workload: replay.Workload | None = None  # the request spans as a workload file (written by `build`)
+    request_latency: list[replay.LatencyRow] = field(default_factory=list)  # events against latency, per class
+    untraced: float = 0.0  # requests the plugin followed without a span
 
     @property
     def final(self) -> dict[str, float]:
@@ -277,6 +280,7 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
         latency=latency,
         block_size=_block_size(quantities, groups),
         caveats=_caveats(telemetry, source),
+        untraced=_untraced(telemetry, source),
         clock=clock,
         groups=groups,
     )
@@ -289,6 +293,9 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
     if len(pools_of_instance) == 1:
         report.requests = [r for r in telemetry.spans if r.instance == source.instance]
         report.classes = request_classes(report.requests, report.block_size)
+        if report.requests:
+            report.workload = replay.workload(report.requests, clock)
+            report.request_latency = replay.latency_rows(report.requests, clock)
     report.caveats += coverage_caveats(report)
     return report
 
@@ -330,15 +337,22 @@ def coverage_caveats(report: PoolReport) -> list[str]:
             " (VLLM_FRAG_OTEL_FILE_MAX_BYTES, VLLM_FRAG_OTEL_FILE_MAX_FILES) or missing from the input do this"]
 
 
+UNTRACED = "vllm.frag_otel.requests.untraced"
 # The plugin's own counters that qualify the numbers: (metric, what a non-zero total means).
 CAVEATS = (
-    ("vllm.frag_otel.requests.untraced", "some requests had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS were open;"
+    (UNTRACED, "some requests had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS were open;"
      " vllm.frag_otel.requests.untraced = {:.0f}): per-request figures leave them out"),
     ("vllm.frag_otel.measurements.dropped", "{:.0f} histogram measurements were dropped between two exports:"
      " allocate_slots times leave them out"),
     ("vllm.frag_otel.hook.errors", "{:.0f} errors inside the plugin's hooks (it disables itself after"
      " VLLM_FRAG_OTEL_MAX_HOOK_ERRORS): numbers after that stop changing"),
 )
+
+
+def _untraced(telemetry: Telemetry, source: Source) -> float:
+    """Requests the plugin did not follow with a span (its own counter), 0 when the input does not say."""
+    return float(sum(s.values[-1] for s in telemetry.series if s.metric == UNTRACED
+                     and s.source in (source, Source(source.instance, ""))))
 
 
 def _caveats(telemetry: Telemetry, source: Source) -> list[str]:
@@ -363,14 +377,6 @@ def _block_size(quantities: dict[str, TimeSeries], groups: Sequence[GroupReport]
     if len(slots) != len(used) or not np.any(used > 0):
         return None
     return int(round(float(np.median(slots[used > 0] / used[used > 0]))))
-
-
-def size_class(tokens: int | None) -> str:
-    if tokens is None:
-        return "?"
-    i = int(np.searchsorted(SIZE_EDGES, tokens, side="right"))
-    bounds = (0, *SIZE_EDGES)
-    return f">={SIZE_EDGES[-1]}" if i == len(SIZE_EDGES) else f"{bounds[i]}-{SIZE_EDGES[i] - 1}"
 
 
 def new_blocks(request: RequestSpan, block_size: int | None) -> int | None:
@@ -494,6 +500,10 @@ def render_text(report: PoolReport) -> str:
     ]
     if report.classes:
         lines += ["", "Requests by size class (from the vllm.kv_cache.request spans)", *class_table(report)]
+    if report.request_latency:
+        lines += ["", *replay.latency_text(report.request_latency, len(report.requests),
+                                           report.clock.steps is not None)]
+    lines += ["", *replay.workload_text(report.workload, report.untraced)]
     if report.block_layout is not None:
         lines += ["", *layout_lines(report)]
     return "\n".join(lines)
@@ -633,8 +643,10 @@ def recommendations(report: PoolReport) -> list[str]:
     advice.append(
         f"External fragmentation ({pct(s['external_fragmentation']['mean'])} on average) needs no action: paged"
         " attention never needs contiguous blocks.")
+    trace = report.workload.path if report.workload is not None and report.workload.path is not None \
+        else "TRACE.jsonl"
     advice.append("To measure a change before making it, replay this mix: `vllm-frag-otel simulate --sweep"
-                  " --workload-file TRACE.jsonl` (see --help).")
+                  f" --workload-file {trace}` (see --help and \"Replay this traffic\" below).")
     return advice
 
 
@@ -855,11 +867,29 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
                 Line("evictions" if evictions_measured(report) else "est. evictions", positions,
                      share([class_evictions(report, r) for r in rows])),
             ), style="bars", xlabel="", percent=True, categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),)))
+    if report.request_latency:
+        result.append(latency_chart(report))
     if len(report.groups) > 1:
         result.append(groups_chart(report))
     if report.block_layout is not None:
         result.append(layout_chart(report))
     return result
+
+
+def latency_chart(report: PoolReport) -> Chart:
+    """Median seconds per output token by prompt class: requests that met a
+    preemption (a failed allocation) beside those that did not."""
+    panels = []
+    for event in replay.EVENTS:
+        rows = [r for r in report.request_latency if r.event == event]
+        positions = np.arange(len(rows), dtype=np.float64)
+        panels.append(Panel(f"p50 s per output token\n({event})", (
+            Line(event, positions, np.array([r.met.per_token[0] for r in rows])),
+            Line(f"not {event}", positions, np.array([r.spared.per_token[0] for r in rows])),
+        ), style="bars", xlabel="prompt tokens", categories=tuple(r.prompt for r in rows)))
+    unit = "simulated seconds" if report.clock.steps is not None else "seconds"
+    return Chart("request_latency", f"Time per output token ({unit}) of complete requests, with and without"
+                 " KV-cache events", tuple(panels), columns=2)
 
 
 def groups_chart(report: PoolReport) -> Chart:
@@ -1130,12 +1160,17 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True, smooth: int =
         *(f"  {problem}" for problem in telemetry.problems),
         *(f"  {why}" for why in skipped),
     ])
+    # the workload files first: the summary says where they are
+    replayed = [replay.write_workload(r.workload, out / f"{r.prefix}{replay.WORKLOAD_FILE}")
+                for r in reports if r.workload is not None and r.workload.lines]
     texts = [render_text(r) for r in reports]
     summary = "\n\n".join([*texts, inputs]) + "\n"
-    written = [out / "summary.txt"]
+    written = [out / "summary.txt", *replayed]
     written[0].write_text(summary)
     written += write_series(telemetry, clocks, out)
     written += write_requests(reports, out)
+    written += replay.write_latency([(r.source.instance, r.source.pool, r.request_latency) for r in reports],
+                                    out / replay.LATENCY_FILE)
     written += write_groups(reports, out)
     written += write_layouts(reports, out)
     images: dict[str, list[Path]] = {}
