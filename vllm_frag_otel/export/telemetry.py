@@ -573,11 +573,38 @@ def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExpo
         module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{exporters.otlp_module}")
         if _endpoint(signal).lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
             return getattr(module, exporters.otlp_class)(insecure=True)  # plaintext, as vLLM's own exporter
+        if transport == "http" and (session := _certificate_session(signal)) is not None:
+            return getattr(module, exporters.otlp_class)(session=session)
         return getattr(module, exporters.otlp_class)()
     from vllm_frag_otel.export import otlp_json
 
     file_exporter = getattr(otlp_json, exporters.file_class)
     return file_exporter(settings.file_dir, settings.file_max_bytes, settings.file_max_files)
+
+
+def _certificate_session(signal: str):
+    """A requests session for the OTLP/HTTP exporter that keeps the CA file it is given
+    (OTEL_EXPORTER_OTLP_[<SIGNAL>_]CERTIFICATE). requests replaces a session's CA file on every
+    request with REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE when either is set (many container images
+    set them), so the collector's certificate would be checked against that bundle instead and
+    refused. None without a configured certificate, or when a credential provider supplies the
+    session (OTEL_PYTHON_EXPORTER_OTLP_HTTP_[<SIGNAL>_]CREDENTIAL_PROVIDER)."""
+    prefix = f"OTEL_EXPORTER_OTLP_{signal.upper()}_"
+    if not (_env(prefix + "CERTIFICATE") or _env("OTEL_EXPORTER_OTLP_CERTIFICATE")):
+        return None
+    if _env("OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER") or \
+            _env(f"OTEL_PYTHON_EXPORTER_OTLP_HTTP_{signal.upper()}_CREDENTIAL_PROVIDER"):
+        return None
+    import requests
+
+    class _KeepsItsCA(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):
+            merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if verify is None:  # the exporter never passes one: its session's CA file is the one
+                merged["verify"] = self.verify
+            return merged
+
+    return _KeepsItsCA()
 
 
 def build_resource(engine_attributes: dict[str, Any]) -> Resource:
