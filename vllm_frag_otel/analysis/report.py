@@ -876,6 +876,9 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
     return result
 
 
+NOT_MET = {"preempted": "never preempted", "failed allocation": "no failed allocation"}
+
+
 def latency_chart(report: PoolReport) -> Chart:
     """Median seconds per output token by prompt class: requests that met a
     preemption (a failed allocation) beside those that did not."""
@@ -885,7 +888,7 @@ def latency_chart(report: PoolReport) -> Chart:
         positions = np.arange(len(rows), dtype=np.float64)
         panels.append(Panel(f"p50 s per output token\n({event})", (
             Line(event, positions, np.array([r.met.per_token[0] for r in rows])),
-            Line(f"not {event}", positions, np.array([r.spared.per_token[0] for r in rows])),
+            Line(NOT_MET[event], positions, np.array([r.spared.per_token[0] for r in rows])),
         ), style="bars", xlabel="prompt tokens", categories=tuple(r.prompt for r in rows)))
     unit = "simulated seconds" if report.clock.steps is not None else "seconds"
     return Chart("request_latency", f"Time per output token ({unit}) of complete requests, with and without"
