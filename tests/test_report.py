@@ -515,3 +515,35 @@ def test_one_rounding_for_every_percentage():
     assert "1.0% of allocated token slots were empty" in text
     assert "0 allocations" not in text and "0 preemptions" not in text
     assert "no allocation failed for lack of free blocks and no request was preempted" in text
+
+
+# -- the request spans as a workload to replay (see also test_replay.py) -----------------------
+
+
+def test_the_workload_file_holds_every_request_in_the_order_vllm_took_them(cumulative, built):
+    """All 40 requests, queued or not: exact prompt and output lengths in the order vLLM first
+    looked them up (its queue order, here the workload's); the prefix estimate is 0 for
+    requests without a shared system prompt and at most its 64 tokens for those with one."""
+    out, printed = built
+    lines = [json.loads(line) for line in (out / "workload.jsonl").read_text().splitlines()]
+    specs = workloads.generate("alpaca", 40, seed=3, max_len=(30 - 1) * 16)
+    assert [(line["prompt_len"], line["output_len"]) for line in lines] == \
+        [(len(s.prompt_tokens), s.output_len) for s in specs]
+    estimates = [line.get("prefix_len", 0) for line in lines]
+    assert all(e == 0 for e in estimates[1::2]) and all(e <= 64 for e in estimates[0::2]) and any(estimates)
+    times = [line["arrival_time"] for line in lines]
+    assert times[0] == 0.0 and times == sorted(times) and times[-1] > 0  # the queued ones, when first looked up
+    assert f"{out / 'workload.jsonl'}: 40 requests" in printed
+    assert (out / "request_latency.csv").exists() and "Latency and KV-cache events" in printed
+
+
+def test_the_workload_file_says_which_requests_it_lacks(delta, tmp_path, capsys):
+    """Requests the plugin did not follow with a span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS) are not
+    in the workload, and the report says how many."""
+    assert cli.main(["report", str(delta), "--output", str(tmp_path / "out"), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    lines = (tmp_path / "out" / "workload.jsonl").read_text().splitlines()
+    _, untraced = raw_series(delta, "vllm.frag_otel.requests.untraced")
+    assert len(lines) == len(raw_spans(delta)) == 40 - untraced[-1]
+    assert f"  {untraced[-1]:.0f} request(s) had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS): they are not in it" \
+        in printed
