@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv at the repository root with real vLLM 0.33.0 (without vLLM's CUDA
 # dependency tree; torch as described below), this package in editable mode with its
-# report extra, and the test tools.
+# report and prometheus extras, and the test tools.
 # Idempotent: a stamp records what was installed; rerun after changing inputs.
 #
 # Where the CPU build of torch comes from: this script asks pip for torch==2.13.0 and
@@ -80,8 +80,8 @@ pip --no-deps vllm==0.33.0
 echo "[setup] vLLM's runtime dependencies"
 pip -r requirements/vllm-runtime.txt
 pip --no-deps xgrammar==0.2.8
-echo "[setup] vllm-frag-otel (editable), its report extra (matplotlib, tqdm) and test tools"
-pip -e '.[test,report]'
+echo "[setup] vllm-frag-otel (editable), its report and prometheus extras and test tools"
+pip -e '.[test,report,prometheus]'
 "$VENV/bin/python" -c "import vllm, vllm_frag_otel, torch; print('[setup] vllm', vllm.__version__, 'torch', torch.__version__)"
 echo "$want" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - start )) s"

@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 logger = logging.getLogger("vllm.frag_otel")
 
 EXPORTERS = ("auto", "otlp", "file", "console", "none")
+PROMETHEUS = "prometheus"  # metrics served on /metrics; listed alone or after one of EXPORTERS
+EXPORTER_ACCEPTED = ("one of " + ", ".join((*EXPORTERS, PROMETHEUS))
+                     + ", or one of the first five and prometheus together (e.g. otlp,prometheus)")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 T = TypeVar("T")
@@ -62,6 +65,22 @@ def _parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _parse_exporter(raw: str) -> str:
+    """VLLM_FRAG_OTEL_EXPORTER: one push exporter (EXPORTERS), `prometheus`, or both
+    as a comma list; normalised ("OTLP, Prometheus" -> "otlp,prometheus")."""
+    items = [item.strip().lower() for item in raw.split(",") if item.strip()]
+    push = [item for item in items if item in EXPORTERS]
+    if not items or len(push) + items.count(PROMETHEUS) != len(items) or len(push) > 1 or items.count(PROMETHEUS) > 1:
+        raise ValueError
+    return ",".join(push + [PROMETHEUS] * (PROMETHEUS in items))
+
+
+def exporter_parts(value: str) -> tuple[str | None, bool]:
+    """A normalised VLLM_FRAG_OTEL_EXPORTER value: (its push exporter or None, prometheus?)."""
+    items = value.split(",")
+    return next((item for item in items if item != PROMETHEUS), None), PROMETHEUS in items
+
+
 def _parse_positive_int(raw: str) -> int:
     value = int(raw.strip())
     if value < 1:
@@ -100,7 +119,7 @@ def _parse_dir(raw: str) -> str:
 # variable name -> (Settings field, parser, accepted values as told to the user)
 VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "VLLM_FRAG_OTEL_ENABLED": ("enabled", _parse_bool, "one of " + ", ".join(_TRUE + _FALSE)),
-    "VLLM_FRAG_OTEL_EXPORTER": ("exporter", _parse_choice(EXPORTERS), "one of " + ", ".join(EXPORTERS)),
+    "VLLM_FRAG_OTEL_EXPORTER": ("exporter", _parse_exporter, EXPORTER_ACCEPTED),
     "VLLM_FRAG_OTEL_FILE_DIR": ("file_dir", _parse_dir, "a directory path"),
     "VLLM_FRAG_OTEL_FILE_MAX_BYTES": ("file_max_bytes", _parse_positive_int, "a whole number of bytes >= 1"),
     "VLLM_FRAG_OTEL_FILE_MAX_FILES": ("file_max_files", _parse_positive_int, "a whole number >= 1"),
@@ -282,3 +301,69 @@ def unusable_otel_variables(environ: Mapping[str, str] | None = None) -> list[st
                 unusable.append(name)
                 del usable[name]
     return unusable
+
+
+# -- Prometheus scrape: OTEL_METRICS_EXPORTER, OTEL_EXPORTER_PROMETHEUS_HOST / _PORT ---------
+
+METRICS_EXPORTERS = ("otlp", PROMETHEUS, "console", "none")  # the OTel spec's values the plugin serves
+METRICS_EXPORTER_ACCEPTED = ("a comma list of otlp, prometheus, console, none (at most one of otlp and console; "
+                             "none alone), e.g. otlp,prometheus")
+PROMETHEUS_HOST = "localhost"  # the OTel spec's defaults
+PROMETHEUS_PORT = 9464
+PROMETHEUS_PORT_ACCEPTED = "a port number in 1-65535"
+
+
+def _parse_metrics_exporters(raw: str) -> tuple[str, ...]:
+    items = [item.strip().lower() for item in raw.split(",") if item.strip()]
+    if (not items or any(item not in METRICS_EXPORTERS for item in items) or len(set(items)) != len(items)
+            or ("none" in items and len(items) > 1) or {"otlp", "console"} <= set(items)):
+        raise ValueError
+    return tuple(items)
+
+
+def metrics_exporters(environ: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
+    """OTEL_METRICS_EXPORTER as a tuple (e.g. ("otlp", "prometheus")); None when unset or
+    unusable (reported once, naming the variable and the accepted values)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("OTEL_METRICS_EXPORTER", "")
+    if not raw.strip():
+        return None
+    try:
+        return _parse_metrics_exporters(raw)
+    except ValueError:
+        warn_bad_value("OTEL_METRICS_EXPORTER", raw, METRICS_EXPORTER_ACCEPTED, "VLLM_FRAG_OTEL_EXPORTER's choice")
+        return None
+
+
+def _parse_port(raw: str) -> int:
+    value = int(raw.strip())
+    if not 1 <= value <= 65535:
+        raise ValueError
+    return value
+
+
+def _parse_host(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() or c in "/\x00" for c in value):
+        raise ValueError
+    return value.strip("[]")  # [::1] -> ::1, as a socket wants it
+
+
+def prometheus_address(environ: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """(host, base port) of the Prometheus endpoint: OTEL_EXPORTER_PROMETHEUS_HOST / _PORT,
+    bad values reported once and replaced by the defaults (localhost, 9464)."""
+    env = os.environ if environ is None else environ
+    address = []
+    for name, parse, accepted, default in (
+        ("OTEL_EXPORTER_PROMETHEUS_HOST", _parse_host, "a host name or IP address to listen on", PROMETHEUS_HOST),
+        ("OTEL_EXPORTER_PROMETHEUS_PORT", _parse_port, PROMETHEUS_PORT_ACCEPTED, PROMETHEUS_PORT),
+    ):
+        raw = env.get(name, "")
+        value = default
+        if raw.strip():
+            try:
+                value = parse(raw)
+            except (ValueError, OverflowError):
+                warn_bad_value(name, raw, accepted, default)
+        address.append(value)
+    return address[0], address[1]

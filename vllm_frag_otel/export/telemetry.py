@@ -56,7 +56,16 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from vllm_frag_otel import __version__
-from vllm_frag_otel.config import OTLP_PROTOCOLS, Settings, load_settings, unusable_otel_variables
+from vllm_frag_otel.config import (
+    OTLP_PROTOCOLS,
+    PROMETHEUS,
+    Settings,
+    exporter_parts,
+    load_settings,
+    metrics_exporters,
+    prometheus_address,
+    unusable_otel_variables,
+)
 from vllm_frag_otel.core.layout import EVENT_NAME, BlockMap
 from vllm_frag_otel.core.state import BucketHistogram, FragmentationSnapshot, KVCacheState
 from vllm_frag_otel.core.stories import RequestStories, RequestStory
@@ -96,6 +105,8 @@ class KVCacheMetrics:
         self._latest: list[_Observed] = []
         self._guard = guard
         self._lock = threading.Lock()
+        # folds, and the reads of the folded counts: two readers (OTLP, Prometheus) may collect at once
+        self.histogram_lock = threading.Lock()
         gauge, counter = meter.create_observable_gauge, meter.create_observable_counter
         # The first callback refreshes the snapshots the others read: the SDK
         # runs callbacks in creation order within one collection.
@@ -166,7 +177,8 @@ class KVCacheMetrics:
                 if state is None:
                     continue
                 latest.append(_Observed(attrs, state, state.snapshot(), stories))
-                state.fold_histograms(time_ns())
+                with self.histogram_lock:
+                    state.fold_histograms(time_ns())
         self._latest = latest
 
     def histogram_points(self) -> list[tuple[str, dict[str, Any], BucketHistogram]]:
@@ -298,8 +310,9 @@ class HistogramExporter(MetricExporter):
     def _with_histograms(self, metrics_data: MetricsData) -> MetricsData:
         now = time_ns()
         by_name: dict[str, list[HistogramDataPoint]] = {}
-        for name, attributes, histogram in self.metrics.histogram_points():
-            by_name.setdefault(name, []).append(self._point(name, attributes, histogram, now))
+        with self.metrics.histogram_lock:
+            for name, attributes, histogram in self.metrics.histogram_points():
+                by_name.setdefault(name, []).append(self._point(name, attributes, histogram, now))
         self._last_ns = now
         temporality = AggregationTemporality.DELTA if self.delta else AggregationTemporality.CUMULATIVE
         extra = [
@@ -350,6 +363,19 @@ class HistogramExporter(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
         self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+class _Unexported(MetricExporter):
+    """No exporter: a HistogramExporter that only builds points (for the Prometheus reader)."""
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        pass
 
 
 # -- spans ------------------------------------------------------------------------
@@ -554,10 +580,23 @@ def _otlp_protocol(signal: str = "metrics") -> str:
 
 
 def exporter_choice(settings: Settings, signal: str) -> str:
-    """otlp, file, console or none, for one signal."""
-    if settings.exporter != "auto":
-        return settings.exporter
-    return "otlp" if _endpoint(signal) else "file"
+    """otlp, file, console or none, for one signal: where it is pushed (see `serves_prometheus`)."""
+    push, _ = exporter_parts(settings.exporter)
+    if signal == "metrics":
+        if settings.exporter == "auto" and (standard := metrics_exporters()) is not None:
+            return next((name for name in standard if name != PROMETHEUS), "none")  # OTEL_METRICS_EXPORTER
+        if push is None:
+            return "none"  # prometheus alone: served, not pushed
+    if push is not None and push != "auto":
+        return push
+    return "otlp" if _endpoint(signal) else "file"  # auto; spans and block maps with prometheus alone
+
+
+def serves_prometheus(settings: Settings) -> bool:
+    """VLLM_FRAG_OTEL_EXPORTER lists prometheus, or (left on auto) OTEL_METRICS_EXPORTER does."""
+    if settings.exporter == "auto":
+        return PROMETHEUS in (metrics_exporters() or ())
+    return exporter_parts(settings.exporter)[1]
 
 
 def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExporter | LogRecordExporter | None:
@@ -652,6 +691,7 @@ class Runtime:
         self.stopped = False
         self.undelivered: dict[str, int] | None = None  # what the stop could not deliver in time
         self._histograms: HistogramExporter | None = None
+        self.prometheus = None  # the Prometheus scrape reader (export/prometheus.py), when serving
         self._span_delivery: _Delivery | None = None
         self._ended_spans: _EndedSpans | None = None
         self._log_delivery: _Delivery | None = None
@@ -679,16 +719,25 @@ class Runtime:
         resource = self._resource = build_resource(engine_attributes)
         if settings.block_map_interval > 0 and self.start_block_maps() is not None:
             self.block_maps.start(settings.block_map_interval)
+        readers = []
         if metric_exporter is not None:
             exporter = self._histograms = HistogramExporter(
                 metric_exporter, exemplars=_env("OTEL_METRICS_EXEMPLAR_FILTER").lower() != "always_off"
             )
+            readers.append(PeriodicExportingMetricReader(exporter))
+        scrape = self.prometheus = self._scrape_reader() if serves_prometheus(settings) else None
+        if scrape is not None:
+            readers.append(scrape)
+        if readers:
             # shutdown_on_exit=False on every provider: the SDK's exit handlers would retry a dead
             # collector without bound; the plugin's own stop (bounded) is the only shutdown path
-            self.meter_provider = MeterProvider(
-                resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)], shutdown_on_exit=False
-            )
-            self.metrics = exporter.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard)
+            self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
+            self.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard)
+            for histograms in (self._histograms, getattr(scrape, "histograms", None)):
+                if histograms is not None:
+                    histograms.metrics = self.metrics
+            if scrape is not None:
+                self._serve(scrape, engine_attributes)
         if span_exporter is not None:
             # the SDK's own processor metrics (queue size, spans dropped when full) go with ours
             self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
@@ -699,6 +748,46 @@ class Runtime:
                 BatchSpanProcessor(self._span_delivery, meter_provider=self.meter_provider)
             )
             self.spans = KVCacheSpans(self.tracer_provider.get_tracer(SCOPE, __version__))
+
+    @staticmethod
+    def _scrape_reader():
+        """The Prometheus reader (prometheus.ScrapeReader), or None without the prometheus extra."""
+        try:
+            from vllm_frag_otel.export import prometheus
+        except ImportError as exc:
+            logger.warning("vllm-frag-otel: serving metrics for Prometheus needs the prometheus extra (%s): "
+                           "pip install 'vllm-frag-otel[prometheus]'. The metrics are not served; vLLM runs on.", exc)
+            return None
+        histograms = HistogramExporter(_Unexported(), exemplars=False)  # cumulative, as Prometheus wants
+
+        def add_histograms(data: MetricsData) -> MetricsData:
+            return histograms._with_histograms(data) if histograms.metrics is not None else data
+
+        reader = prometheus.ScrapeReader(add_histograms)
+        reader.histograms = histograms
+        return reader
+
+    def _serve(self, reader, engine_attributes: dict[str, Any]) -> None:
+        """Listen on OTEL_EXPORTER_PROMETHEUS_HOST, port OTEL_EXPORTER_PROMETHEUS_PORT + the
+        engine's data-parallel rank; a port in use (or any other failure) is one warning."""
+        host, base = prometheus_address()
+        rank = int(engine_attributes.get("vllm.data_parallel.rank") or 0)
+        port = base + rank
+        where = f"{host}:{port} (OTEL_EXPORTER_PROMETHEUS_PORT={base} + data-parallel rank {rank})"
+        try:
+            if port > 65535:
+                raise OSError(f"port {port} is beyond 65535")
+            reader.serve(host, port)
+        except Exception as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            logger.warning(
+                "vllm-frag-otel: cannot serve metrics for Prometheus on %s: %s. They are not served; vLLM runs on. "
+                "Set OTEL_EXPORTER_PROMETHEUS_PORT to a free base port (each data-parallel rank listens on base + "
+                "rank) or OTEL_EXPORTER_PROMETHEUS_HOST to an address of this host.", where, reason,
+            )
+            return
+        logger.info("vllm-frag-otel: serving KV-cache metrics for Prometheus on http://%s/metrics (%s).",
+                    where.split(" ", 1)[0], where.split(" ", 1)[1][1:-1])
 
     def start_block_maps(self) -> BlockMapSampler | None:
         """The block-layout map sampler, built on first use; None when nothing is exported."""
