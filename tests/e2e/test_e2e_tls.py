@@ -72,7 +72,8 @@ def _openssl(*args: str | Path) -> None:
 def _ca(directory: Path, name: str) -> Path:
     cert = directory / f"{name}.pem"
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", directory / f"{name}-key.pem", "-out", cert, "-days", "1", "-subj", f"/CN=vllm-frag-otel test {name}",
+             "-keyout", directory / f"{name}-key.pem", "-out", cert, "-days", "1",
+             "-subj", f"/CN=vllm-frag-otel test {name}",
              "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     return cert
 
@@ -317,7 +318,8 @@ def _assert_refused(outcome: Outcome, name: str) -> None:
     run, baseline = outcome.runs[name], outcome.runs["no-export"]
     assert run.returncode == 0, run.stderr[-3000:]
     assert "KV-cache fragmentation over" in run.stdout
-    assert not (outcome.points_of(name) or outcome.spans_of(name) or outcome.logs_of(name)), f"{name} delivered telemetry"
+    delivered = outcome.points_of(name) or outcome.spans_of(name) or outcome.logs_of(name)
+    assert not delivered, f"{name} delivered telemetry"
     # vLLM is unaffected: the same scheduling as without export, in bounded time
     assert _scheduling(run) == _scheduling(baseline)
     assert run.seconds < baseline.seconds + REFUSED_EXTRA_SECONDS, (run.seconds, baseline.seconds)
