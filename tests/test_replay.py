@@ -84,11 +84,11 @@ def _raw_spans(run: Path) -> list[dict]:
 
 
 def _known_workload(path: Path) -> list[dict]:
-    """24 requests over 0.8 s: ties, arrivals on step boundaries that floating point
-    puts one step early (0.06 / 0.02 < 3), two prefix groups with per-line lengths."""
+    """24 requests over 0.8 s: ties; arrivals at step 29, whose start floating point puts a
+    step early (0.58 / 0.02 < 29); two prefix groups with per-line lengths."""
     rng = random.Random(7)
-    arrivals = [0.0, 0.0, 0.013, 0.06, 0.06, 0.1, 0.14, 0.3, 0.3, 0.3, 0.31, 0.377]
-    arrivals += sorted(round(rng.uniform(0.4, 0.8), 3) for _ in range(12))
+    arrivals = [0.0, 0.0, 0.013, 0.06, 0.06, 0.1, 0.14, 0.3, 0.3, 0.3, 0.31, 0.377, 0.585, 0.59]
+    arrivals += sorted(round(rng.uniform(0.4, 0.8), 3) for _ in range(10))
     records = []
     for i, arrival in enumerate(arrivals):
         record = {"arrival_time": 100 + arrival, "prompt_len": rng.randint(20, 300), "output_len": rng.randint(3, 40)}
@@ -154,6 +154,7 @@ def test_the_workload_file_is_the_replayed_workload(round_trip):
     times = np.array([line["arrival_time"] for line in lines])
     steps = np.floor(times / STEP)  # as simulate maps seconds onto steps
     assert steps.tolist() == workloads.arrival_steps(original, STEP).tolist()
+    assert steps.tolist().count(29) >= 2
     assert times[0] == 0.0 and np.all(np.abs(times - np.array([s.arrival_s for s in original])) <= STEP + 1e-9)
     replayed = workloads.load_trace(written, [])
     assert workloads.arrival_steps(replayed, STEP).tolist() == workloads.arrival_steps(original, STEP).tolist()
@@ -241,12 +242,15 @@ def _prompt_class(tokens: int) -> str:
 
 
 def _simulated_seconds(run: Path):
-    """The clock file, read by hand: wall-clock ns -> simulated seconds, linear between steps."""
+    """The clock file, read by hand: wall-clock ns -> simulated seconds, linear between steps;
+    and how far a duration may be off when the wall-clock ns are read through a float64 (as
+    the report's simclock does: ~256 ns apart at today's times) at the clock's steepest."""
     (path,) = (run / "telemetry").glob("clock-*.csv")
     rows = [line.split(",") for line in path.read_text().splitlines()[2:] if line]
     wall = np.array([int(w) for w, _ in rows], dtype=np.int64)
     simulated = np.array([float(s) for _, s in rows])
-    return lambda ns: float(np.interp(ns - wall[0], wall - wall[0], simulated))
+    slope = float(np.max(np.diff(simulated) / np.maximum(np.diff(wall), 1)))
+    return (lambda ns: float(np.interp(ns - wall[0], wall - wall[0], simulated))), 2 * 1024 * slope
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +264,7 @@ def tight(tmp_path_factory):
 
 def test_latency_of_preempted_and_failed_requests_is_the_raw_spans(tight):
     run, out, printed = tight
-    clock = _simulated_seconds(run)
+    clock, tolerance = _simulated_seconds(run)
     spans = _raw_spans(run)
     expected = {}
     for event, attribute in (("preempted", "vllm.request.preemptions"),
@@ -290,8 +294,8 @@ def test_latency_of_preempted_and_failed_requests_is_the_raw_spans(tight):
                     if not group:
                         assert cell == "", (key, side)
                         continue
-                    # rel 1e-6: the report reads the clock file's wall-clock ns through a float (~100 ns)
-                    assert float(cell) == pytest.approx(_percentile([g[index] for g in group], q), rel=1e-6), key
+                    assert float(cell) == pytest.approx(_percentile([g[index] for g in group], q), rel=1e-9,
+                                                        abs=tolerance), key
         # the summary's row: counts, medians per token and their ratio
         # (the CSV's numbers, just checked, as printed: a recount differs in the last bits)
         line = next(x for x in printed.splitlines() if x.startswith(f"  {key[0]:<15}{key[1]:<19}"))
@@ -300,7 +304,7 @@ def test_latency_of_preempted_and_failed_requests_is_the_raw_spans(tight):
             p50 = float(row["with_per_token_p50_s"]), float(row["without_per_token_p50_s"])
             assert f"{p50[0]:.4g} / {p50[1]:.4g} (x{p50[0] / p50[1]:.2f})" in line, line
             assert p50[0] / p50[1] == pytest.approx(_percentile([g[0] for g in met], 50)
-                                                     / _percentile([g[0] for g in spared], 50), rel=1e-5)
+                                                     / _percentile([g[0] for g in spared], 50), rel=1e-3)
     assert "Latency and KV-cache events (from the request spans: 60 of 60 requests complete)" in printed
 
 

@@ -113,7 +113,7 @@ class Workload:
 def step_start(step: int, step_seconds: float) -> float:
     """`step` steps in seconds (to the nanosecond), such that `simulate` (which puts
     a request at step floor(arrival_time / step_seconds)) puts it back in `step`:
-    floating point would put 0.06 s at step 2 of 0.02 s."""
+    floating point would put 0.58 s, 29 steps of 0.02 s, at step 28."""
     value = round(step * step_seconds, 9)
     for _ in range(1000):
         if math.floor(value / step_seconds) >= step:
