@@ -389,7 +389,11 @@ def test_vllm_s_own_registry_is_untouched_and_stop_frees_the_port(engine_env):
     assert server_thread.daemon  # never holds the process's exit
     telemetry.runtime().shutdown()
     with closing(socket.socket()) as s:
-        s.bind((HOST, port))  # free again: a runtime started later in this process can serve
+        # free again: a runtime started later in this process can serve (SO_REUSEADDR, as its server
+        # binds: the scrape's connection may linger in TIME_WAIT, a listener would still be refused)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((HOST, port))
+        s.listen(1)
     assert not any(t.name == "vllm-frag-otel-prometheus" and t.is_alive() for t in threading.enumerate())
 
 
