@@ -207,3 +207,101 @@ def test_otlp_endpoints_and_protocols_are_checked(env, unusable):
     with _plugin_warnings() as records:
         assert config.unusable_otel_variables(env) == unusable
     assert [name for name in unusable if any(f"ignoring {name}=" in r.getMessage() for r in records)] == unusable
+
+
+# -- the Prometheus scrape option ------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, value", [
+    ("prometheus", "prometheus"), ("OTLP, Prometheus", "otlp,prometheus"), ("prometheus,file", "file,prometheus"),
+    ("none,prometheus", "none,prometheus"), ("auto,prometheus", "auto,prometheus"), (" Console ", "console"),
+])
+def test_exporter_lists(raw, value):
+    config._reported.clear()
+    assert load_settings({"VLLM_FRAG_OTEL_EXPORTER": raw}).exporter == value
+
+
+@pytest.mark.parametrize("raw", ["otlp,file", "prometheus,prometheus", "grafana", ",", "prometheus;otlp"])
+def test_a_bad_exporter_list_is_named_with_the_accepted_values(raw, caplog):
+    config._reported.clear()
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        assert load_settings({"VLLM_FRAG_OTEL_EXPORTER": raw}).exporter == "auto"
+    (record,) = caplog.records
+    assert f"ignoring VLLM_FRAG_OTEL_EXPORTER={raw!r}: expected {config.EXPORTER_ACCEPTED}; using the default 'auto'" \
+        in record.getMessage()
+    assert "otlp,prometheus" in record.getMessage()
+
+
+@pytest.mark.parametrize("exporter, standard, endpoint, expected", [
+    # (VLLM_FRAG_OTEL_EXPORTER, OTEL_METRICS_EXPORTER, an OTLP endpoint?) -> (metrics pushed to, spans to, served?)
+    ("prometheus", None, False, ("none", "file", True)),
+    ("prometheus", None, True, ("none", "otlp", True)),
+    ("otlp,prometheus", None, False, ("otlp", "otlp", True)),
+    ("file,prometheus", None, True, ("file", "file", True)),
+    ("none,prometheus", None, True, ("none", "none", True)),
+    ("auto", "prometheus", False, ("none", "file", True)),
+    ("auto", "otlp,prometheus", True, ("otlp", "otlp", True)),
+    ("auto", "console", False, ("console", "file", False)),
+    ("auto", "none", True, ("none", "otlp", False)),
+    ("auto", None, True, ("otlp", "otlp", False)),
+    ("file", "prometheus", False, ("file", "file", False)),  # the plugin's own variable, when set, wins
+])
+def test_which_exporters_serve_and_push(monkeypatch, exporter, standard, endpoint, expected):
+    from vllm_frag_otel.export.telemetry import exporter_choice, serves_prometheus
+
+    for name in ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    if standard is not None:
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", standard)
+    if endpoint:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    settings = Settings(exporter=exporter)
+    assert (exporter_choice(settings, "metrics"), exporter_choice(settings, "traces"),
+            serves_prometheus(settings)) == expected
+
+
+@pytest.mark.parametrize("raw", ["otlp,console", "none,prometheus", "prometheus,prometheus", "zipkin", "logging"])
+def test_a_bad_otel_metrics_exporter_is_named_once(raw, caplog):
+    config._reported.clear()
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        for _ in range(3):
+            assert config.metrics_exporters({"OTEL_METRICS_EXPORTER": raw}) is None
+    (record,) = caplog.records
+    assert f"ignoring OTEL_METRICS_EXPORTER={raw!r}: expected {config.METRICS_EXPORTER_ACCEPTED}" in record.getMessage()
+    assert "VLLM_FRAG_OTEL_EXPORTER's choice" in record.getMessage()
+
+
+@pytest.mark.parametrize("env, address, bad", [
+    ({}, ("localhost", 9464), []),
+    ({"OTEL_EXPORTER_PROMETHEUS_HOST": "0.0.0.0", "OTEL_EXPORTER_PROMETHEUS_PORT": " 8000 "}, ("0.0.0.0", 8000), []),
+    ({"OTEL_EXPORTER_PROMETHEUS_HOST": "[::]"}, ("::", 9464), []),
+    ({"OTEL_EXPORTER_PROMETHEUS_PORT": "0"}, ("localhost", 9464), ["OTEL_EXPORTER_PROMETHEUS_PORT"]),
+    ({"OTEL_EXPORTER_PROMETHEUS_PORT": "65536"}, ("localhost", 9464), ["OTEL_EXPORTER_PROMETHEUS_PORT"]),
+    ({"OTEL_EXPORTER_PROMETHEUS_PORT": "9464.5"}, ("localhost", 9464), ["OTEL_EXPORTER_PROMETHEUS_PORT"]),
+    ({"OTEL_EXPORTER_PROMETHEUS_HOST": "http://x/"}, ("localhost", 9464), ["OTEL_EXPORTER_PROMETHEUS_HOST"]),
+])
+def test_prometheus_host_and_port(env, address, bad, caplog):
+    config._reported.clear()
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        assert config.prometheus_address(env) == address
+    assert [name for name in env if any(f"ignoring {name}=" in r.getMessage() for r in caplog.records)] == bad
+
+
+def test_the_readme_configuration_table_lists_every_variable():
+    """The README's Configuration table: one row per VLLM_FRAG_OTEL_* variable, each default as
+    Settings has it; the Prometheus variables are documented in the same section."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(VLLM_FRAG_OTEL_[A-Z_]+)` \| ([^|]+) \|", section, re.M))
+    assert set(rows) == set(VARIABLES)
+    defaults = Settings()
+    for name, (attr, _, _) in VARIABLES.items():
+        default = getattr(defaults, attr)
+        if name != "VLLM_FRAG_OTEL_FILE_DIR" and not isinstance(default, bool):
+            assert f"`{default:g}`" in rows[name] if isinstance(default, float) else f"`{default}`" in rows[name], name
+    for name in ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_PROMETHEUS_HOST", "OTEL_EXPORTER_PROMETHEUS_PORT",
+                 "vllm-frag-otel[prometheus]", "### Prometheus scrape (no Collector)"):
+        assert name in section, name
