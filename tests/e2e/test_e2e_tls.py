@@ -47,9 +47,15 @@ PROTOCOLS = ("grpc", "http/protobuf")
 NUM_REQUESTS = 40
 SIMULATE = ["--num-requests", str(NUM_REQUESTS), "--num-blocks", "160", "--max-num-seqs", "16", "--seed", "7"]
 RUN = "tls.test.run"  # the resource attribute naming the run a point or span came from
-# a refused run may take this much longer than the run without export (the plugin's bounded stop:
-# VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT 3 s inside simulate's 5 s final flush, plus the start of the exporters)
-REFUSED_EXTRA_SECONDS = 20
+
+
+# A refused run takes a few seconds longer than the run without export (the plugin's stop waits out
+# VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT, 3 s, inside simulate's 5 s final flush; a stop past that makes
+# simulate say "did not finish within", also checked). Its wall time is checked loosely, as the runs
+# share two cores with each other (and CI with anything else); exports that held the scheduler's
+# steps (the SDK retries each one for up to 10 s) would exceed it many times over.
+def _refused_time_limit(baseline_seconds: float) -> float:
+    return 1.5 * baseline_seconds + 15
 
 
 # -- certificates ----------------------------------------------------------------------------
@@ -322,7 +328,8 @@ def _assert_refused(outcome: Outcome, name: str) -> None:
     assert not delivered, f"{name} delivered telemetry"
     # vLLM is unaffected: the same scheduling as without export, in bounded time
     assert _scheduling(run) == _scheduling(baseline)
-    assert run.seconds < baseline.seconds + REFUSED_EXTRA_SECONDS, (run.seconds, baseline.seconds)
+    assert run.seconds < _refused_time_limit(baseline.seconds), (run.seconds, baseline.seconds)
+    assert "did not finish within" not in run.stderr  # simulate's bound on the final flush was not needed
     # and the operator is told: the SDK exporter's error, with the reason ...
     assert re.search(r"Transient error .* encountered while exporting (metrics|spans)", run.stderr), run.stderr[-3000:]
     case = CASES[name]
@@ -377,6 +384,7 @@ def test_collectors_accepted_exactly_what_the_delivering_runs_sent(outcome):
 def test_collector_logs_the_refused_https_handshakes(outcome):
     """The collector's side of a refused OTLP/HTTP connection is in its log, with the reason (it
     logs nothing for a refused gRPC handshake at its default level)."""
-    assert re.search(r"http: TLS handshake error from 127\.0\.0\.1:\d+", outcome.collector_logs["tls"])
+    # (not the EOF of wait_ready's port probe: a client that gave up on the certificate)
+    assert re.search(r"http: TLS handshake error from 127\.0\.0\.1:\d+: (?!EOF\s)", outcome.collector_logs["tls"])
     assert re.search(r"http: TLS handshake error from 127\.0\.0\.1:\d+: tls: client didn't provide a certificate",
                      outcome.collector_logs["mtls"])
