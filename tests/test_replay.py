@@ -250,7 +250,7 @@ def _simulated_seconds(run: Path):
     wall = np.array([int(w) for w, _ in rows], dtype=np.int64)
     simulated = np.array([float(s) for _, s in rows])
     slope = float(np.max(np.diff(simulated) / np.maximum(np.diff(wall), 1)))
-    return (lambda ns: float(np.interp(ns - wall[0], wall - wall[0], simulated))), 2 * 1024 * slope
+    return (lambda ns: float(np.interp(ns - wall[0], wall - wall[0], simulated))), 2 * 512 * slope
 
 
 @pytest.fixture(scope="module")

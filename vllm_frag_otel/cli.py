@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         help="read the plugin's OTLP/JSON files and write a summary, CSV/JSON series, PNG charts and an HTML report",
         description="Files, or directories searched for *.json and *.jsonl (metrics and traces lines; a"
                     " Collector's file exporter output works too). Bad lines are reported by file and line and"
-                    " skipped.",
+                    " skipped. With request spans it also writes workload.jsonl, the traffic they saw, for"
+                    " `simulate --sweep --workload-file`.",
     )
     report.add_argument("paths", nargs="*", type=Path, metavar="PATH",
                         help="default: the plugin's file directory (VLLM_FRAG_OTEL_FILE_DIR, else"

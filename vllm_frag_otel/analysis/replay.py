@@ -155,11 +155,13 @@ def write_workload(found: Workload, path: Path) -> Path:
     return path
 
 
-def workload_text(found: Workload | None, untraced: int = 0) -> list[str]:
-    """The report's replay section: where the workload is, how to replay it, what it cannot hold."""
+def workload_text(found: Workload | None, untraced: float = 0, why_none: str = "") -> list[str]:
+    """The report's replay section: where the workload is, how to replay it, what it cannot hold
+    (`why_none`: why there is no workload, when the input has spans)."""
     title = "Replay this traffic (the request spans as a workload file)"
     if found is None:
-        return [title, "  no request spans in the input (give the traces files too): no workload file"]
+        return [title, f"  {why_none or 'no request spans in the input (give the traces files too)'}:"
+                       " no workload file"]
     if not found.lines:
         return [title, f"  none of the {found.skipped} request spans has an output token: no workload file"]
     where = str(found.path) if found.path is not None else WORKLOAD_FILE

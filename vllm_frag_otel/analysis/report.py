@@ -185,7 +185,8 @@ class PoolReport:
     groups: list[GroupReport] = field(default_factory=list)  # empty when the input has no per-group metrics
     workload: replay.Workload | None = None  # the request spans as a workload file (written by `build`)
     request_latency: list[replay.LatencyRow] = field(default_factory=list)  # events against latency, per class
-    untraced: float = 0.0  # requests the plugin followed without a span
+    untraced: float = 0.0  # requests the plugin did not follow with a span
+    unassigned_spans: int = 0  # request spans of the process that cannot be given to one of its several pools
 
     @property
     def final(self) -> dict[str, float]:
@@ -290,6 +291,8 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
         report.hotspots = hotspots(report)
     # spans name their process, not their pool: they belong to a process's only pool
     pools_of_instance = [p for p in telemetry.pools() if p.instance == source.instance]
+    if len(pools_of_instance) > 1:
+        report.unassigned_spans = sum(1 for r in telemetry.spans if r.instance == source.instance)
     if len(pools_of_instance) == 1:
         report.requests = [r for r in telemetry.spans if r.instance == source.instance]
         report.classes = request_classes(report.requests, report.block_size)
@@ -503,7 +506,9 @@ def render_text(report: PoolReport) -> str:
     if report.request_latency:
         lines += ["", *replay.latency_text(report.request_latency, len(report.requests),
                                            report.clock.steps is not None)]
-    lines += ["", *replay.workload_text(report.workload, report.untraced)]
+    several_pools = (f"the process's {report.unassigned_spans} request spans do not say which of its pools a request"
+                     " used" if report.unassigned_spans else "")
+    lines += ["", *replay.workload_text(report.workload, report.untraced, several_pools)]
     if report.block_layout is not None:
         lines += ["", *layout_lines(report)]
     return "\n".join(lines)
