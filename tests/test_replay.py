@@ -320,3 +320,38 @@ def test_the_workload_of_a_run_under_pressure_keeps_every_request(tight):
     assert sorted((len(s.prompt_tokens), s.output_len) for s in specs) == \
         sorted((line["prompt_len"], line["output_len"]) for line in lines)
     assert lines[0]["arrival_time"] == 0.0 and max(line["arrival_time"] for line in lines) > 0  # some waited
+
+
+# -- requests that never finished -----------------------------------------------------------
+
+
+def test_aborted_and_unfinished_requests(tmp_path):
+    """A request aborted before its first token is left out of the workload and counted;
+    aborted and engine-stopped ones with output stay, with the output they had, and are
+    counted; the latency rows leave out every request that did not finish."""
+    from vllm_frag_otel.analysis import replay
+    from vllm_frag_otel.analysis.otlp_read import RequestSpan
+    from vllm_frag_otel.analysis.report import Clock
+
+    def span(n: int, status: str, output: int | None, start_s: float, end_s: float, preemptions: int = 0):
+        return RequestSpan(instance="i", request_id=f"r{n}", prompt_tokens=100 + n, output_tokens=output,
+                           hit_tokens=0 if n % 2 else 32, peak_blocks=0, allocated_slots=0, unused_slots=0,
+                           preemptions=preemptions, allocation_failures=0, finish_status=status, groups=1,
+                           released_blocks=0, resumed_hit_tokens=0, start_ns=int(start_s * 1e9),
+                           end_ns=int(end_s * 1e9))
+
+    spans = [span(0, "finished_length_capped", 10, 5.0, 6.0), span(1, "finished_aborted", 0, 5.5, 5.6),
+             span(2, "finished_aborted", 4, 5.25, 9.0, preemptions=1), span(3, "engine_stopped", 7, 6.0, 8.0),
+             span(4, "finished_stopped", 20, 7.0, 9.0, preemptions=1), span(5, "finished_length_capped", None, 8, 9)]
+    found = replay.workload(spans, Clock(0))
+    assert (len(found.lines), found.skipped, found.partial, found.step_seconds) == (4, 2, 2, None)
+    assert [(line.arrival_time, line.prompt_len, line.output_len, line.prefix_len) for line in found.lines] == \
+        [(0.0, 100, 10, 32), (0.25, 102, 4, 32), (1.0, 103, 7, None), (2.0, 104, 20, 32)]
+    path = replay.write_workload(found, tmp_path / "workload.jsonl")
+    assert [len(s.prompt_tokens) for s in workloads.load_trace(path, [])] == [100, 102, 103, 104]
+    text = "\n".join(replay.workload_text(found, untraced=3))
+    assert "left out: 2 request span(s) without an output token" in text
+    assert "2 aborted or engine-stopped request(s) are in it" in text and "3 request(s) had no span" in text
+    (class_row,) = [r for r in replay.latency_rows(spans, Clock(0)) if r.event == "preempted"]
+    assert (class_row.met.requests, class_row.spared.requests) == (1, 1)  # spans 4 and 0: complete only
+    assert class_row.met.per_token[0] == pytest.approx(2.0 / 20) and class_row.spared.duration[0] == pytest.approx(1)
