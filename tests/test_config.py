@@ -305,3 +305,23 @@ def test_the_readme_configuration_table_lists_every_variable():
     for name in ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_PROMETHEUS_HOST", "OTEL_EXPORTER_PROMETHEUS_PORT",
                  "vllm-frag-otel[prometheus]", "### Prometheus scrape (no Collector)"):
         assert name in section, name
+
+
+@pytest.mark.parametrize("env, unusable", [
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_COMPRESSION": "none"}, ["OTEL_EXPORTER_OTLP_COMPRESSION"]),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP"}, []),
+    ({"OTEL_EXPORTER_OTLP_COMPRESSION": "deflate"}, []),  # OTLP/HTTP takes deflate and none
+    ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION": "none"}, []),
+    ({"OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION": "Deflate"},
+     ["OTEL_EXPORTER_OTLP_LOGS_COMPRESSION"]),
+    ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_COMPRESSION": "none"},
+     ["OTEL_EXPORTER_OTLP_COMPRESSION"]),  # the common one reaches the gRPC span exporter
+])
+def test_compression_the_grpc_exporters_would_raise_on_is_named(env, unusable):
+    """The gRPC exporters raise at construction on anything but gzip (found by the fuzzed test)."""
+    config._reported.clear()
+    with _plugin_warnings() as records:
+        assert config.unusable_otel_variables(env) == unusable
+    for name in unusable:
+        assert any(f"ignoring {name}=" in r.getMessage() and "gzip with the gRPC protocol" in r.getMessage()
+                   for r in records)

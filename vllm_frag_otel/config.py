@@ -288,6 +288,15 @@ def unusable_otel_variables(environ: Mapping[str, str] | None = None) -> list[st
         except (ValueError, OverflowError):
             warn_bad_value(name, raw, accepted, "the OpenTelemetry SDK default")
             unusable.append(name)
+    # the gRPC exporters take only gzip (deflate and none make them raise; HTTP takes all three)
+    for form in _SIGNAL_FORMS:
+        name = f"OTEL_EXPORTER_OTLP{form}_COMPRESSION"
+        raw = env.get(name)
+        forms = (form,) if form else ("_METRICS", "_TRACES", "_LOGS")
+        if (raw is not None and name not in unusable and raw.strip().lower() not in ("", "gzip")
+                and any(_grpc(env, f, unusable) for f in forms)):
+            warn_bad_value(name, raw, "gzip with the gRPC protocol", "no compression")
+            unusable.append(name)
     # the SDK also requires batch size <= queue size (defaults 512 and 2048), per batch processor
     for processor in ("BSP", "BLRP"):
         batch, queue = f"OTEL_{processor}_MAX_EXPORT_BATCH_SIZE", f"OTEL_{processor}_MAX_QUEUE_SIZE"
