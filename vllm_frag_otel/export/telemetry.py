@@ -773,7 +773,8 @@ class Runtime:
         host, base = prometheus_address()
         rank = int(engine_attributes.get("vllm.data_parallel.rank") or 0)
         port = base + rank
-        where = f"{host}:{port} (OTEL_EXPORTER_PROMETHEUS_PORT={base} + data-parallel rank {rank})"
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address
+        where = f"{shown}:{port} (OTEL_EXPORTER_PROMETHEUS_PORT={base} + data-parallel rank {rank})"
         try:
             if port > 65535:
                 raise OSError(f"port {port} is beyond 65535")
