@@ -325,3 +325,14 @@ def test_compression_the_grpc_exporters_would_raise_on_is_named(env, unusable):
     for name in unusable:
         assert any(f"ignoring {name}=" in r.getMessage() and "gzip with the gRPC protocol" in r.getMessage()
                    for r in records)
+
+
+def test_region_metric_variables():
+    """Off by default with 32 regions; 1-1024 regions accepted."""
+    assert (Settings().region_metric, Settings().regions) == (False, 32)
+    settings = load_settings({"VLLM_FRAG_OTEL_REGION_METRIC": "on", "VLLM_FRAG_OTEL_REGIONS": " 1024 "})
+    assert (settings.region_metric, settings.regions) == (True, 1024)
+    assert load_settings({"VLLM_FRAG_OTEL_REGIONS": "1"}).regions == 1
+    config._reported.clear()
+    assert load_settings({"VLLM_FRAG_OTEL_REGIONS": "1025"}).regions == 32
+    assert load_settings({"VLLM_FRAG_OTEL_REGIONS": "-3"}).regions == 32

@@ -42,6 +42,8 @@ class Settings:
     max_open_spans: int = 16384
     block_map_interval: float = 0.0  # seconds between block-layout maps; 0: none
     block_map_max_cells: int = 4096
+    region_metric: bool = False  # the live heat map's vllm.kv_cache.region.block.count gauge
+    regions: int = 32  # its block-id regions per pool
     allocation_sample_rate: float = 0.01  # share of allocate_slots calls timed for the duration histogram
     shutdown_timeout: float = 3.0  # seconds the flush at engine stop may hold vLLM's stop (see README "On stop")
 
@@ -88,6 +90,16 @@ def _parse_positive_int(raw: str) -> int:
     return value
 
 
+MAX_REGIONS = 1024
+
+
+def _parse_regions(raw: str) -> int:
+    value = int(raw.strip())
+    if not 1 <= value <= MAX_REGIONS:
+        raise ValueError
+    return value
+
+
 def _parse_seconds(raw: str) -> float:
     value = float(raw.strip())
     if not 0 <= value < float("inf"):
@@ -130,6 +142,8 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
         "block_map_interval", _parse_seconds, "a number of seconds >= 0 (0: no block-layout maps)"
     ),
     "VLLM_FRAG_OTEL_BLOCK_MAP_MAX_CELLS": ("block_map_max_cells", _parse_positive_int, "a whole number >= 1"),
+    "VLLM_FRAG_OTEL_REGION_METRIC": ("region_metric", _parse_bool, "one of " + ", ".join(_TRUE + _FALSE)),
+    "VLLM_FRAG_OTEL_REGIONS": ("regions", _parse_regions, f"a whole number in 1-{MAX_REGIONS}"),
     "VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE": (
         "allocation_sample_rate", _parse_share, "a number in (0, 1] (1: time every allocate_slots call)"
     ),

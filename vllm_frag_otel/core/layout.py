@@ -58,10 +58,8 @@ class BlockMap:
         n = int(states.size)
         bin_size = max(1, -(-n // max_cells))
         cells = -(-n // bin_size) if n else 0
-        dtype = _count_dtype(bin_size)
-        cell_of = np.arange(n) // bin_size
-        flat = np.bincount(states.astype(np.intp) * cells + cell_of, minlength=len(BLOCK_STATES) * cells)
-        return cls(time_unix_nano, n, bin_size, flat.reshape(len(BLOCK_STATES), cells).astype(dtype))
+        counts = state_counts(states, np.arange(n) // bin_size, cells)
+        return cls(time_unix_nano, n, bin_size, counts.astype(_count_dtype(bin_size)))
 
     def encode(self) -> tuple[bytes, dict[str, object]]:
         """The compressed payload and the attributes needed to read it back."""
@@ -98,6 +96,30 @@ class BlockMap:
         if not np.array_equal(counts.sum(axis=0), cell_sizes(num_blocks, bin_size)):
             raise ValueError("block map counts do not add up to the blocks of each cell")
         return cls(time_unix_nano, num_blocks, bin_size, counts.astype(counts.dtype.newbyteorder("=")))
+
+
+def state_counts(states: np.ndarray, cell_of: np.ndarray, cells: int) -> np.ndarray:
+    """(len(BLOCK_STATES), cells) int64: how many blocks of each cell are in each
+    state; `cell_of[i]`: the cell of block `states[i]`."""
+    flat = np.bincount(states.astype(np.intp) * cells + cell_of, minlength=len(BLOCK_STATES) * cells)
+    return flat.reshape(len(BLOCK_STATES), cells)
+
+
+def live_region_bounds(num_blocks: int, regions: int) -> np.ndarray:
+    """(R + 1,) where each live-metric region starts, as an index into the usable
+    blocks (block id 1 is index 0), and the end: R = min(regions, num_blocks)
+    regions of num_blocks // R or one more blocks, region r covering indices
+    r * num_blocks // R up to (r + 1) * num_blocks // R - 1."""
+    count = min(regions, num_blocks)
+    return np.arange(count + 1, dtype=np.int64) * num_blocks // max(count, 1)
+
+
+def region_counts(states: np.ndarray, regions: int) -> np.ndarray:
+    """(len(BLOCK_STATES), R) int64 blocks per state in each of `live_region_bounds`'
+    R regions; `states`: one code per usable block (block id 1 first)."""
+    bounds = live_region_bounds(int(states.size), regions)
+    region_of = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))
+    return state_counts(states, region_of, bounds.size - 1)
 
 
 def _count_dtype(bin_size: int) -> np.dtype:

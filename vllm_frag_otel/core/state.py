@@ -654,23 +654,37 @@ class KVCacheState:
         any request's table, e.g. a copy-on-write source).
         """
         with self._collect_lock:
-            partial = self._sync_tables()
-            full = self._full_holders_view[1:] > 0
-            for g, layout in enumerate(self.groups):
-                if not layout.token_slots:
-                    ids = [b for cached in self._cache[g].values() for b in cached if b]
-                    full[np.asarray(ids, dtype=np.intp) - 1] = True
-            tails = [b for group in partial for b in group]
+            held = self._held_states(self._sync_tables())
         with self.lock:
             free = self._free_view[1:].copy()
             hashed = self._hashed_view[1:].copy()
+        return _state_codes(free, hashed, held)
+
+    def _held_states(self, partial: list[dict[int, int]]) -> np.ndarray:
+        """FULL, PARTIAL or EMPTY for every usable block, as if held; callers hold
+        `_collect_lock`, `partial` from `_sync_tables`."""
+        full = self._full_holders_view[1:] > 0
+        for g, layout in enumerate(self.groups):
+            if not layout.token_slots:
+                ids = [b for cached in self._cache[g].values() for b in cached if b]
+                full[np.asarray(ids, dtype=np.intp) - 1] = True
         codes = np.where(full, FULL, EMPTY)
-        codes[np.asarray(tails, dtype=np.intp) - 1] = PARTIAL
-        return np.where(free == 1, np.where(hashed == 1, CACHED, FREE), codes).astype(np.uint8)
+        codes[np.asarray([b for group in partial for b in group], dtype=np.intp) - 1] = PARTIAL
+        return codes
 
     def snapshot(self) -> FragmentationSnapshot:
+        return self._snapshot(False)[0]
+
+    def snapshot_with_states(self) -> tuple[FragmentationSnapshot, np.ndarray]:
+        """`snapshot()` and `block_states()` from the same reads of the pool: the
+        states' free, cached and held (full + partial + empty) totals equal the
+        snapshot's free - cached, cached and used blocks."""
+        return self._snapshot(True)  # type: ignore[return-value]
+
+    def _snapshot(self, with_states: bool) -> tuple[FragmentationSnapshot, np.ndarray | None]:
         with self.lock:
             free_mask = self._free_view[1:].copy()
+            hashed = self._hashed_view[1:].copy() if with_states else None
             cached_blocks = int(np.count_nonzero(free_mask & self._hashed_view[1:]))
             free_blocks = self._free_count
             self.check_due = True
@@ -684,6 +698,7 @@ class KVCacheState:
             partial = self._sync_tables()
             holding = {r for cache in self._cache for r, cached in cache.items() if cached.real}
             group_blocks, group_full = list(self._group_blocks), list(self._group_full)
+            states = _state_codes(free_mask, hashed, self._held_states(partial)) if with_states else None
         for g, layout in enumerate(self.groups):
             used_blocks_g = group_blocks[g]
             if layout.token_slots:
@@ -742,7 +757,12 @@ class KVCacheState:
             preemptions=self.preemptions,
             drift_repairs=self.drift_repairs,
             groups=tuple(groups),
-        )
+        ), states
+
+
+def _state_codes(free: np.ndarray, hashed: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """Per-block state codes: free or cached where `free`, else the `held` code."""
+    return np.where(free == 1, np.where(hashed == 1, CACHED, FREE), held).astype(np.uint8)
 
 
 def _byte_run_tables() -> tuple[np.ndarray, np.ndarray]:

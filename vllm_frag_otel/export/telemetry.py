@@ -66,7 +66,7 @@ from vllm_frag_otel.config import (
     prometheus_address,
     unusable_otel_variables,
 )
-from vllm_frag_otel.core.layout import EVENT_NAME, BlockMap
+from vllm_frag_otel.core.layout import BLOCK_STATES, EVENT_NAME, BlockMap, region_counts
 from vllm_frag_otel.core.state import BucketHistogram, FragmentationSnapshot, KVCacheState
 from vllm_frag_otel.core.stories import RequestStories, RequestStory
 
@@ -78,6 +78,7 @@ POOL = "vllm.kv_cache.pool"
 GROUP = "vllm.kv_cache.group"
 GROUP_KIND = "vllm.kv_cache.group.kind"
 STATE = "vllm.kv_cache.block.state"
+REGION = "vllm.kv_cache.region"
 SLOT_STATE = "vllm.kv_cache.slot.state"
 SOURCE = "vllm.kv_cache.block.source"
 REASON = "vllm.kv_cache.eviction.reason"
@@ -95,12 +96,14 @@ class _Observed:
     state: KVCacheState
     snapshot: FragmentationSnapshot
     stories: RequestStories | None
+    states: Any = None  # per-block state codes read with the snapshot, with the region metric on
 
 
 class KVCacheMetrics:
     """All plugin instruments, observing every attached pool."""
 
-    def __init__(self, meter: Meter, guard=None):
+    def __init__(self, meter: Meter, guard=None, regions: int = 0):
+        self.regions = regions  # > 0: export vllm.kv_cache.region.block.count with that many regions
         self._pools: list[tuple[weakref.ref[KVCacheState], dict[str, Any], RequestStories | None]] = []
         self._latest: list[_Observed] = []
         self._guard = guard
@@ -112,6 +115,10 @@ class KVCacheMetrics:
         # runs callbacks in creation order within one collection.
         gauge("vllm.kv_cache.block.count", [self._observe_block_count], "{block}",
               "KV-cache blocks by state: used (ref_cnt > 0), cached (free, holding a reusable prefix), free (empty)")
+        if regions > 0:
+            gauge("vllm.kv_cache.region.block.count", [self._observe_regions], "{block}",
+                  f"Blocks by state (free, cached, full, partial, empty) in each of up to {regions} equal "
+                  "block-id regions of the pool (null block excluded)")
         self._simple_gauges = {
             "vllm.kv_cache.block.limit": ("{block}", "Usable KV-cache blocks (null block excluded)", "num_blocks"),
             "vllm.kv_cache.free_run.count": ("{run}", "Maximal runs of consecutive free block ids", "free_runs"),
@@ -176,7 +183,11 @@ class KVCacheMetrics:
             for state, attrs, stories in pools:
                 if state is None:
                     continue
-                latest.append(_Observed(attrs, state, state.snapshot(), stories))
+                if self.regions > 0:  # one read of the pool for both: the region totals equal block.count
+                    snapshot, states = state.snapshot_with_states()
+                    latest.append(_Observed(attrs, state, snapshot, stories, states))
+                else:
+                    latest.append(_Observed(attrs, state, state.snapshot(), stories))
                 with self.histogram_lock:
                     state.fold_histograms(time_ns())
         self._latest = latest
@@ -199,6 +210,15 @@ class KVCacheMetrics:
             yield Observation(s.used_blocks, {**o.attributes, STATE: "used"})
             yield Observation(s.cached_blocks, {**o.attributes, STATE: "cached"})
             yield Observation(s.free_blocks - s.cached_blocks, {**o.attributes, STATE: "free"})
+
+    def _observe_regions(self, options: CallbackOptions) -> Iterable[Observation]:
+        for o in self._latest:
+            if o.states is None:
+                continue
+            counts = region_counts(o.states, self.regions).tolist()
+            for s, name in enumerate(BLOCK_STATES):
+                for r, count in enumerate(counts[s]):
+                    yield Observation(count, {**o.attributes, REGION: r, STATE: name})
 
     def _field_callback(self, field: str):
         def callback(options: CallbackOptions) -> Iterable[Observation]:
@@ -732,7 +752,8 @@ class Runtime:
             # shutdown_on_exit=False on every provider: the SDK's exit handlers would retry a dead
             # collector without bound; the plugin's own stop (bounded) is the only shutdown path
             self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
-            self.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard)
+            self.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard,
+                                          regions=settings.regions if settings.region_metric else 0)
             for histograms in (self._histograms, getattr(scrape, "histograms", None)):
                 if histograms is not None:
                     histograms.metrics = self.metrics
