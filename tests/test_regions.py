@@ -167,3 +167,32 @@ def test_a_bad_value_is_named_with_the_accepted_values(runtime_from, caplog, nam
         assert {p.attributes["vllm.kv_cache.region"] for p in points[METRIC]} == set(range(32))
     else:  # the default: off
         assert METRIC not in points
+
+
+class _CountingLock:
+    def __init__(self, lock):
+        self.lock, self.taken = lock, 0
+
+    def __enter__(self):
+        self.taken += 1
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def test_one_read_of_the_pool_per_collection(runtime_from):
+    """The region points and vllm.kv_cache.block.count come from the same copy of the
+    pool's flags: a collection takes the pool lock as often as it does without the
+    metric (a second read would let a live scheduler change the pool in between)."""
+    taken = {}
+    for on in ("false", "true"):
+        runtime, metrics = runtime_from({"VLLM_FRAG_OTEL_REGION_METRIC": on})
+        scheduler = _pressured()
+        sim.step(scheduler, random.Random(0))
+        analyzer = analyzer_for(scheduler)
+        analyzer.lock = counting = _CountingLock(analyzer.lock)
+        points = _collect(runtime, metrics)
+        assert (METRIC in points) == (on == "true")
+        taken[on] = counting.taken
+    assert taken["true"] == taken["false"] > 0, taken
