@@ -185,6 +185,7 @@ def _vllm_env(s: Stack) -> dict[str, str]:
         "OTEL_BSP_SCHEDULE_DELAY": "500",
         "OTEL_BLRP_SCHEDULE_DELAY": "500",
         "VLLM_FRAG_OTEL_BLOCK_MAP_INTERVAL": str(BLOCK_MAP_INTERVAL_S),
+        "VLLM_FRAG_OTEL_REGION_METRIC": "true", "VLLM_FRAG_OTEL_REGIONS": "8",  # the live heat map's panel
     }
 
 

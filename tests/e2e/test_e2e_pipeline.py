@@ -139,6 +139,39 @@ def test_metric_names_match_what_arrives(stack, arrived):
     assert expected <= names, sorted(expected - names)
 
 
+REGIONS = 8  # VLLM_FRAG_OTEL_REGIONS in conftest._vllm_env
+
+
+def test_region_metric_is_bounded_and_adds_up_to_the_pool(stack, arrived):
+    """vllm.kv_cache.region.block.count: R x 5 series per engine, no more; each region's states
+    add up to its share of the pool and, the engine idle after the workload, the per-state
+    totals equal vllm.kv_cache.block.count's."""
+    from vllm_frag_otel.core.layout import BLOCK_STATES
+
+    q = stack.promql
+    series = q.query("vllm_kv_cache_region_block_count")
+    limits = {s["metric"]["service_instance_id"]: int(float(s["value"][1])) for s in q.query("vllm_kv_cache_block_limit")}
+    assert series and limits
+    by_engine: dict[str, dict[tuple[int, str], float]] = {}
+    for s in series:
+        m = s["metric"]
+        key = (int(m["vllm_kv_cache_region"]), m["vllm_kv_cache_block_state"])
+        points = by_engine.setdefault(m["service_instance_id"], {})
+        assert key not in points, m
+        points[key] = float(s["value"][1])
+    assert by_engine.keys() == limits.keys()
+    for engine, points in by_engine.items():
+        n, regions = limits[engine], min(REGIONS, limits[engine])
+        assert set(points) == {(r, state) for r in range(regions) for state in BLOCK_STATES}
+        sizes = [sum(points[(r, state)] for state in BLOCK_STATES) for r in range(regions)]
+        assert sizes == [(r + 1) * n // regions - r * n // regions for r in range(regions)], sizes
+        totals = {s["metric"]["vllm_kv_cache_block_state"]: float(s["value"][1]) for s in
+                  q.query(f'vllm_kv_cache_block_count{{service_instance_id="{engine}"}}')}
+        by_state = {state: sum(v for (_, st), v in points.items() if st == state) for state in BLOCK_STATES}
+        assert (by_state["free"], by_state["cached"]) == (totals["free"], totals["cached"]), (by_state, totals)
+        assert by_state["full"] + by_state["partial"] + by_state["empty"] == totals["used"], (by_state, totals)
+
+
 def _promtool_parses(exprs: dict[str, str], tmp_path) -> None:
     """Prometheus' own PromQL parser (promtool 2.42) on each expression."""
     import yaml
