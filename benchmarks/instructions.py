@@ -9,7 +9,12 @@ and the plugin's collections; not the set-up), the plugin against no plugin and
 against vLLM's own KV-cache metrics. Instructions are not time (cache misses and
 branch mispredictions are not counted), so the README shows both.
 
-    python benchmarks/instructions.py [--json OUT]     # about 25 minutes (vLLM's import under callgrind is most of it)
+    python benchmarks/instructions.py [--json OUT]     # about 35 minutes
+
+Counts are taken only inside operator.call (callgrind's --toggle-collect), which
+holds the stepping alone: the same run twice differs by a few hundred
+instructions. On seqs256 the plugin's extra is also split by hook group
+(hook_profile.HOOK_GROUPS), each unwrapped in turn.
 
 Needs valgrind (callgrind, callgrind_control).
 """
@@ -17,8 +22,8 @@ Needs valgrind (callgrind, callgrind_control).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import operator
 import os
 import re
 import subprocess
@@ -28,6 +33,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("baseline", "plugin", "plugin_spans", "vllm_kv_metrics")
+# where the plugin's cost is split by hook group (hook_profile.HOOK_GROUPS)
+ABLATED = "seqs256"
+FINAL_COLLECTION = "final collection"
 
 
 def _scenarios(step):
@@ -38,22 +46,35 @@ def _scenarios(step):
     }
 
 
-def _callgrind(*args: str) -> None:
-    """Ask callgrind (which runs this process) to zero or dump its counters. It
-    handles the request while this process executes code, so spin, not wait."""
-    control = subprocess.Popen(["callgrind_control", *args, str(os.getpid())],
+def _dump(label: str) -> None:
+    """Ask callgrind (which runs this process) to write out and reset its
+    counters. It handles the request while this process executes code, so
+    spin, not wait (the spinning is not counted: collection is on only inside
+    operator.call)."""
+    control = subprocess.Popen(["callgrind_control", f"--dump={label}", str(os.getpid())],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while control.poll() is None:
         pass
     if control.returncode:
-        raise SystemExit(f"callgrind_control {' '.join(args)} failed: is this process running under callgrind?")
+        raise SystemExit("callgrind_control failed: is this process running under callgrind?")
+
+
+def _counted(label: str):
+    """An around_steps for StepBench.run: the stepping runs inside operator.call,
+    the only place callgrind counts (--toggle-collect), then the count is dumped."""
+    def around_steps(run) -> None:
+        operator.call(run)
+        _dump(label)
+    return around_steps
 
 
 def inside() -> None:
-    """Under callgrind: every scenario and variant, counters zeroed before a run
-    and dumped after it, labelled '<scenario> <variant>'."""
+    """Under callgrind: every scenario and variant, then, on `ABLATED`, the
+    plugin with each group of hooks unwrapped in turn and without its final
+    collection; one dump per run, labelled '<scenario> <variant>'."""
     sys.path.insert(0, str(HERE))
     import step
+    from hook_profile import HOOK_GROUPS
 
     bench = step.StepBench(collect_every=1000)
     scenarios = _scenarios(step)
@@ -61,21 +82,23 @@ def inside() -> None:
     warm = bench.workloads.generate("sharegpt", 10, seed=1, max_len=4096)
     for variant in VARIANTS:  # every code path imported and warmed before counting
         bench.run(variant, scenarios["pressured"], warm, seed=1)
+    bench._set_instrumented(True)
+    hooked = {f"{cls.__name__}.{method}": (cls, method) for cls, method in bench.instrumentor._wrapped}
     for name, scenario in scenarios.items():
+        runs = [(variant, variant, {}) for variant in VARIANTS]
+        if name == ABLATED:
+            runs += [(f"-{group}", "plugin", {"ablate": [hooked[q] for q in qualnames]})
+                     for group, qualnames in HOOK_GROUPS.items()]
+            runs.append((f"-{FINAL_COLLECTION}", "plugin", {"collect": False}))
         steps = set()
-        for variant in VARIANTS:
-
-            @contextlib.contextmanager
-            def counted():  # the stepping alone: not the scheduler's or the exporters' set-up
-                _callgrind("--zero")
-                yield
-                _callgrind(f"--dump={name} {variant}")
-
-            result = bench.run(variant, scenario, specs[name], around_steps=counted)
+        for label, variant, options in runs:
+            result = bench.run(variant, scenario, specs[name], around_steps=_counted(f"{name} {label}"), **options)
+            if result.get("hook_errors"):
+                raise SystemExit(f"{name} {label}: the plugin's hooks raised {result['hook_errors']} errors")
             steps.add(result["steps"])
-            print(f"{name} {variant}: {result['steps']} steps", file=sys.stderr, flush=True)
+            print(f"{name} {label}: {result['steps']} steps", file=sys.stderr, flush=True)
         if len(steps) != 1:
-            raise SystemExit(f"{name}: the variants disagree on the number of steps: {steps}")
+            raise SystemExit(f"{name}: the runs disagree on the number of steps: {steps}")
 
 
 def counts(out_dir: Path) -> dict[str, dict[str, int]]:
@@ -102,8 +125,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
         subprocess.run(
-            ["valgrind", "--tool=callgrind", "--vgdb=yes", f"--callgrind-out-file={out_dir}/callgrind.out.%p",
-             sys.executable, __file__, "--inside"],
+            ["valgrind", "--tool=callgrind", "--vgdb=yes", "--collect-atstart=no", "--toggle-collect=_operator_call",
+             f"--callgrind-out-file={out_dir}/callgrind.out.%p", sys.executable, __file__, "--inside"],
             check=True, stdout=sys.stderr, stderr=subprocess.DEVNULL if not os.environ.get("VERBOSE") else None,
         )
         found = counts(out_dir)
@@ -111,10 +134,20 @@ def main(argv=None) -> int:
     print(f"{'scenario':10s} {'variant':16s} {'instructions':>16s} {'ratio':>7s}")
     for scenario, by_variant in found.items():
         base = by_variant["baseline"]
-        result[scenario] = {v: {"instructions": n, "ratio": n / base} for v, n in by_variant.items()}
+        result[scenario] = {v: {"instructions": n, "ratio": n / base} for v, n in by_variant.items() if v in VARIANTS}
         for variant in VARIANTS:
             n = by_variant[variant]
             print(f"{scenario:10s} {variant:16s} {n:16,d} {n / base:7.4f}")
+    by_variant = found[ABLATED]
+    base, plugin = by_variant["baseline"], by_variant["plugin"]
+    breakdown = {label[1:]: plugin - n for label, n in by_variant.items() if label.startswith("-")}
+    breakdown["rest (hooks' set-up, interactions)"] = plugin - base - sum(breakdown.values())
+    print(f"\nwhere the plugin's {plugin - base:,d} extra instructions go ({ABLATED}, metrics only: "
+          f"plugin - plugin without that part)")
+    for part, n in breakdown.items():
+        print(f"  {part:36s} {n:14,d}  {n / base * 100:6.2f}% of vLLM's")
+    result[ABLATED]["plugin_breakdown"] = {part: {"instructions": n, "pct_of_baseline": n / base * 100}
+                                           for part, n in breakdown.items()}
     if args.json:
         args.json.write_text(json.dumps({"instructions": result}, indent=2) + "\n")
     return 0

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common import BLOCK_SIZE, _quantiles, log
@@ -86,6 +86,10 @@ QUICK = Config(
 )
 
 
+def _call(run: Callable[[], None]) -> None:
+    run()
+
+
 class StepBench:
     """Runs one workload to completion under one variant, timing the scheduler."""
 
@@ -159,11 +163,11 @@ class StepBench:
     # -- one run ------------------------------------------------------------------
 
     def run(self, variant: str, scenario: Scenario, specs, seed: int = 0, collect: bool = True, ablate=None,
-            around_steps=contextlib.nullcontext) -> dict:
+            around_steps=_call) -> dict:
         """One run to completion. `collect=False`: no metrics collection at all
         (hooks only); `ablate=[(cls, method), ...]`: those hooks unwrapped (profiling);
-        `around_steps()`: a context entered around the stepping alone (the scheduler's
-        steps and the plugin's collections, not the set-up), e.g. an instruction count."""
+        `around_steps(run)`: calls `run()`, the stepping alone (the scheduler's steps and
+        the plugin's collections, not the set-up), e.g. inside an instruction count."""
         plugin = variant.startswith("plugin")
         # instrumentation first, then the scheduler: pools built unhooked are not tracked
         self._set_instrumented(plugin)
@@ -233,11 +237,12 @@ class StepBench:
         fake_output = sim.fake_model_output
         clock = time.perf_counter
         collect_every = self.collect_every
-        step_s = collect_s = 0.0
-        collections = steps = 0
-        gc.collect()
-        with around_steps():
+        totals: dict = {}
+
+        def run_to_completion() -> None:
             cpu_start = time.process_time()  # every thread of the process: span export threads too
+            step_s = collect_s = 0.0
+            collections = steps = 0
             while scheduler.has_requests():
                 t0 = clock()
                 scheduler_output = schedule()
@@ -260,7 +265,13 @@ class StepBench:
                 collect_once()
                 collect_s += clock() - t0
                 collections += 1
-            cpu_s = time.process_time() - cpu_start
+            totals.update(step_s=step_s, collect_s=collect_s, collections=collections, steps=steps,
+                          cpu_s=time.process_time() - cpu_start)
+
+        gc.collect()
+        around_steps(run_to_completion)
+        step_s, collect_s, steps, cpu_s = totals["step_s"], totals["collect_s"], totals["steps"], totals["cpu_s"]
+        collections = totals["collections"]
 
         result = {
             "variant": variant,

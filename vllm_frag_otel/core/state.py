@@ -382,10 +382,17 @@ class KVCacheState:
         return {request_id: self.moved.pop(request_id)} if request_id in self.moved else {}
 
     def on_block_hashed(self, block_id: int, now: float) -> None:
-        if not self._hashed[block_id]:
-            self._hashed[block_id] = 1
-            self._cached_at[block_id] = _ms(now)
-            self._reused[block_id] = 0
+        self.on_blocks_hashed((block_id,), now)
+
+    def on_blocks_hashed(self, block_ids: Iterable[int], now: float) -> None:
+        """Blocks whose content got a prefix-cache entry (a block already cached keeps its age)."""
+        hashed, cached_at, reused = self._hashed, self._cached_at, self._reused
+        now_ms = _ms(now)
+        for b in block_ids:
+            if not hashed[b]:
+                hashed[b] = 1
+                cached_at[b] = now_ms
+                reused[b] = 0
 
     def on_block_unhashed(self, block_id: int, reason: str, now: float) -> None:
         if self._hashed[block_id]:

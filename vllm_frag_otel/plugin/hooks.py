@@ -178,9 +178,15 @@ _GET_NEW_BLOCKS = _Forwarder("""
 """)
 
 
+# The per-event helpers below contain errors with try/except rather than
+# `with _guard`: entering and leaving the guard are two Python calls per event.
+
 def _blocks_allocated(state: KVCacheState, blocks) -> None:
-    with _guard, state.lock:
-        state.on_blocks_allocated([b.block_id for b in blocks], monotonic())
+    try:
+        with state.lock:
+            state.on_blocks_allocated([b.block_id for b in blocks], monotonic())
+    except Exception as exc:
+        _guard.failed(exc)
 
 
 _MAYBE_EVICT_CACHED_BLOCK = _Forwarder("""
@@ -198,8 +204,11 @@ def _entry_replaced(pool, block) -> None:
     one test."""
     state = _pool_state(pool)
     if state is not None and not state.evictions_counted_by_caller:
-        with _guard, state.lock:
-            state.on_block_unhashed(block.block_id, "replaced", monotonic())
+        try:
+            with state.lock:
+                state.on_block_unhashed(block.block_id, "replaced", monotonic())
+        except Exception as exc:
+            _guard.failed(exc)
 
 
 _TOUCH = _Forwarder("""
@@ -212,8 +221,11 @@ _TOUCH = _Forwarder("""
 def _blocks_touched(pool, blocks) -> None:
     state = _pool_state(pool)
     if state is not None:
-        with _guard, state.lock:
-            state.on_blocks_touched([b.block_id for b in blocks if not b.is_null])
+        try:
+            with state.lock:
+                state.on_blocks_touched([b.block_id for b in blocks if not b.is_null])
+        except Exception as exc:
+            _guard.failed(exc)
 
 
 # free_blocks / unpin_blocks: blocks whose ref_cnt reaches 0 become free. vLLM
@@ -231,11 +243,14 @@ _RELEASE = _Forwarder("""
 
 
 def _blocks_released(state: KVCacheState, pool, blocks: list) -> None:
-    with _guard, state.lock:
-        state.on_blocks_released(
-            [b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool],
-            monotonic(),
-        )
+    try:
+        with state.lock:
+            state.on_blocks_released(
+                [b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool],
+                monotonic(),
+            )
+    except Exception as exc:
+        _guard.failed(exc)
 
 
 _CACHE_FULL_BLOCKS = _Forwarder("""
@@ -248,11 +263,13 @@ _CACHE_FULL_BLOCKS = _Forwarder("""
 def _blocks_hashed(pool, blocks, first: int, end: int) -> None:
     state = _pool_state(pool)
     if state is not None:
-        with _guard, state.lock:
-            now = monotonic()
-            for block in blocks[first:end]:
-                if not block.is_null and block.block_hash is not None:
-                    state.on_block_hashed(block.block_id, now)
+        try:
+            with state.lock:
+                state.on_blocks_hashed(
+                    [b.block_id for b in blocks[first:end] if not b.is_null and b.block_hash is not None], monotonic()
+                )
+        except Exception as exc:
+            _guard.failed(exc)
 
 
 def _cache_partial_block(wrapped, pool, args, kwargs):
@@ -416,8 +433,11 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
 # step boundary; the duration is timed for a random sample of calls
 # (VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE).
 _ALLOCATE_SLOTS = _Forwarder("""
-    hooks = self.__dict__.get(_STATE)
-    if hooks is None or not _guard.active:
+    try:
+        hooks = self._vllm_frag_otel  # _STATE; an attribute read costs a third of __dict__.get()
+    except AttributeError:  # a manager built before instrumentation
+        return original({arguments})
+    if not _guard.active:
         return original({arguments})
     state = hooks.state
     state.allocating = request
