@@ -14,6 +14,8 @@ from common import BLOCK_SIZE, _quantiles
 from vllm_frag_otel.core.layout import BlockMap
 
 
+REGIONS = 32  # the region metric's default (VLLM_FRAG_OTEL_REGIONS)
+
 HISTOGRAM_METRICS = (
     "vllm.kv_cache.allocation.duration",
     "vllm.kv_cache.block.cache.duration",
@@ -57,7 +59,7 @@ class Collector:
     handed to an exporter that drops them.
     """
 
-    def __init__(self, state, guard=None):
+    def __init__(self, state, guard=None, regions: int = 0):
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
@@ -68,7 +70,7 @@ class Collector:
         self.provider = MeterProvider(
             metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=10**9)]
         )
-        exporter.metrics = KVCacheMetrics(self.provider.get_meter(SCOPE, "bench"), guard)
+        exporter.metrics = KVCacheMetrics(self.provider.get_meter(SCOPE, "bench"), guard, regions=regions)
         exporter.metrics.add_pool(state, {POOL: "0"})
         self.collect = self.provider.force_flush
 
@@ -192,6 +194,22 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         collector.collect()
         collection_ms.append((clock() - t) * 1e3)
     collector.shutdown()
+    # the opt-in live heat map (vllm.kv_cache.region.block.count, REGIONS regions): the same
+    # collection with and without it, alternating; regions_ms is what it adds
+    plain, with_regions = Collector(state), Collector(state, regions=REGIONS)
+    for c in (plain, with_regions):
+        c.collect()
+    if "vllm.kv_cache.region.block.count" not in with_regions.exported_metric_names():
+        raise SystemExit("a collection with the region metric on exported no vllm.kv_cache.region.block.count")
+    plain_ms, regions_on_ms = [], []
+    for _ in range(reps):
+        for c, times in ((plain, plain_ms), (with_regions, regions_on_ms)):
+            _advance(requests)
+            t = clock()
+            c.collect()
+            times.append((clock() - t) * 1e3)
+    for c in (plain, with_regions):
+        c.shutdown()
     codes_ms, encode_ms = [], []
     for _ in range(reps):
         _advance(requests)
@@ -213,6 +231,9 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         "snapshot_ms": statistics.median(snapshot_ms),
         "collection_ms": statistics.median(collection_ms),
         "collection_ms_p75": _quantiles(collection_ms)["p75"],
+        "regions": REGIONS,
+        "collection_regions_ms": statistics.median(regions_on_ms),
+        "regions_ms": statistics.median(regions_on_ms) - statistics.median(plain_ms),
         "block_map_codes_ms": statistics.median(codes_ms),
         "block_map_encode_ms": statistics.median(encode_ms),
         "block_map_bytes": len(payload),

@@ -101,8 +101,10 @@ class BlockMap:
 def state_counts(states: np.ndarray, cell_of: np.ndarray, cells: int) -> np.ndarray:
     """(len(BLOCK_STATES), cells) int64: how many blocks of each cell are in each
     state; `cell_of[i]`: the cell of block `states[i]`."""
-    flat = np.bincount(states.astype(np.intp) * cells + cell_of, minlength=len(BLOCK_STATES) * cells)
-    return flat.reshape(len(BLOCK_STATES), cells)
+    index = states.astype(np.intp)
+    index *= cells
+    index += cell_of
+    return np.bincount(index, minlength=len(BLOCK_STATES) * cells).reshape(len(BLOCK_STATES), cells)
 
 
 def live_region_bounds(num_blocks: int, regions: int) -> np.ndarray:

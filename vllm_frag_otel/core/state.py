@@ -675,7 +675,7 @@ class KVCacheState:
             if not layout.token_slots:
                 ids = [b for cached in self._cache[g].values() for b in cached if b]
                 full[np.asarray(ids, dtype=np.intp) - 1] = True
-        codes = np.where(full, FULL, EMPTY)
+        codes = np.where(full, np.uint8(FULL), np.uint8(EMPTY))
         codes[np.asarray([b for group in partial for b in group], dtype=np.intp) - 1] = PARTIAL
         return codes
 
@@ -769,7 +769,8 @@ class KVCacheState:
 
 def _state_codes(free: np.ndarray, hashed: np.ndarray, held: np.ndarray) -> np.ndarray:
     """Per-block state codes: free or cached where `free`, else the `held` code."""
-    return np.where(free == 1, np.where(hashed == 1, CACHED, FREE), held).astype(np.uint8)
+    unheld = np.where(hashed == 1, np.uint8(CACHED), np.uint8(FREE))
+    return np.where(free == 1, unheld, held).astype(np.uint8, copy=False)
 
 
 def _byte_run_tables() -> tuple[np.ndarray, np.ndarray]:
