@@ -68,6 +68,27 @@ def test_unsupported_vllm_version_warns_once_and_leaves_vllm_untouched():
     assert "vLLM 0.31.2 is not supported" in warning and ">=0.32,<0.34" in warning
 
 
+def test_a_newer_untested_vllm_whose_hook_points_match_is_instrumented_with_one_warning():
+    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.34.1'")
+    assert "WRAPPED" in stdout and "SINGLE" in stdout
+    (warning,) = _warnings(stderr)
+    assert "vLLM 0.34.1 is newer than the versions this plugin is tested with (>=0.32,<0.34)" in warning
+    assert "vllm.frag_otel.drift" in warning
+
+
+def test_a_newer_vllm_with_a_missing_hook_point_is_refused():
+    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.35.0rc1'\n"
+                            "from vllm.v1.core.block_pool import BlockPool; del BlockPool.move_block_hashes")
+    assert "UNTOUCHED" in stdout
+    (warning,) = _warnings(stderr)
+    assert "vLLM 0.35.0rc1: vllm.v1.core.block_pool.BlockPool.move_block_hashes is missing" in warning
+
+
+def test_a_tested_vllm_is_instrumented_without_a_warning():
+    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.33.2.dev5+gabc'")
+    assert "WRAPPED" in stdout and not _warnings(stderr)
+
+
 def test_missing_hook_point_warns_and_leaves_vllm_untouched():
     stdout, stderr = _probe("from vllm.v1.core.block_pool import BlockPool; del BlockPool.move_block_hashes")
     assert "UNTOUCHED" in stdout

@@ -31,6 +31,7 @@ from vllm_frag_otel.plugin.versions import (
     BLOCK_ONLY_MANAGERS,
     GROWING_TABLE_MANAGERS,
     HOOK_POINTS,
+    OLDEST_VLLM,
     SUPPORTED_VLLM,
     TOKEN_SLOT_MANAGERS,
     HookPoint,
@@ -774,6 +775,15 @@ class KVCacheInstrumentor:
         for (cls, method), hook in zip(problem, hooked):
             setattr(cls, method, hook)
             self._wrapped.append((cls, method))
+        untested = _untested_version()
+        if untested and not self._warned:
+            self._warned = True
+            logger.warning(
+                "vllm-frag-otel: vLLM %s is newer than the versions this plugin is tested with (%s); every hook "
+                "point matches, so it instruments. Its self-check compares the ledger with vLLM's block pool at "
+                "each export and counts any drift in vllm.frag_otel.drift; please report drift or hook errors.",
+                untested, SUPPORTED_VLLM,
+            )
         return True
 
     def _refuse(self, problem: str) -> bool:
@@ -797,8 +807,8 @@ class KVCacheInstrumentor:
             version = Version(vllm.__version__)
         except (InvalidVersion, AttributeError, TypeError) as exc:
             return f"cannot read the vLLM version ({exc})"
-        if Version(version.base_version) not in SpecifierSet(SUPPORTED_VLLM):
-            return f"vLLM {vllm.__version__} is not supported (supported: {SUPPORTED_VLLM})"
+        if Version(version.base_version) < OLDEST_VLLM:
+            return f"vLLM {vllm.__version__} is not supported (supported: {SUPPORTED_VLLM}, and newer ones whose hook points match)"
         resolved = []
         for point in HOOK_POINTS:
             target = _resolve(point)
@@ -806,6 +816,15 @@ class KVCacheInstrumentor:
                 return f"vLLM {vllm.__version__}: {target}"
             resolved.append(target)
         return resolved
+
+
+def _untested_version() -> str | None:
+    """vLLM's version if it is newer than every tested one (instrumented all the same
+    when its hook points match: the self-check is the safety net)."""
+    import vllm
+
+    version = Version(Version(vllm.__version__).base_version)
+    return None if version in SpecifierSet(SUPPORTED_VLLM) else vllm.__version__
 
 
 instrumentor = KVCacheInstrumentor()

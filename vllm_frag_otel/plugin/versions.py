@@ -1,17 +1,23 @@
 """The vLLM versions this plugin instruments and the hook points it needs.
 
-One place to update when vLLM moves: `SUPPORTED_VLLM` is checked at run time
+One place to update when vLLM moves: the version is checked at run time
 (vLLM is not an install requirement), and every hook point's leading
 parameter names are compared with the installed vLLM before anything is
-wrapped. If one point is missing or changed, nothing is wrapped.
+wrapped. If one point is missing or changed, nothing is wrapped. A vLLM older
+than `OLDEST_VLLM` is refused; one newer than `SUPPORTED_VLLM` (the tested
+versions) is instrumented when every point matches, with one warning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-_instruments = ("vllm >= 0.32, < 0.34",)
+from packaging.version import Version
+
+_instruments = ("vllm >= 0.32",)
+# tested; a newer vLLM is instrumented too when every hook point below matches (one warning)
 SUPPORTED_VLLM = ">=0.32,<0.34"
+OLDEST_VLLM = Version("0.32")
 
 
 @dataclass(frozen=True)
