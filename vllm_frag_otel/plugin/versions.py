@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from packaging.version import Version
 
-_instruments = ("vllm >= 0.32",)
+_instruments = ("vllm >= 0.30",)
 # tested; a newer vLLM is instrumented too when every hook point below matches (one warning)
-SUPPORTED_VLLM = ">=0.32,<0.34"
-OLDEST_VLLM = Version("0.32")
+SUPPORTED_VLLM = ">=0.30,<0.34"
+OLDEST_VLLM = Version("0.30")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ BLOCK_ONLY_MANAGERS = frozenset({
     "HiSparseSourceManager",
     "HiSparseHotManager",
     "HiSparseResidentManager",
+    "KpoolTailManager",  # vLLM 0.30-0.31: a one-block circular scratch (a CircularBufferManager)
 })
 # Managers whose tables only grow while a request runs (a copy-on-write swaps
 # one block for another): a request's block peak is what it holds at its end.
