@@ -59,6 +59,11 @@ def _dump(label: str) -> None:
         raise SystemExit("callgrind_control failed: is this process running under callgrind?")
 
 
+def _slug(name: str) -> str:
+    """A dump label callgrind_control takes whole (no spaces or slashes)."""
+    return re.sub(r"\W+", "_", name).strip("_")
+
+
 def _counted(label: str):
     """An around_steps for StepBench.run: the stepping runs inside operator.call,
     the only place callgrind counts (--toggle-collect), then the count is dumped."""
@@ -87,9 +92,9 @@ def inside() -> None:
     for name, scenario in scenarios.items():
         runs = [(variant, variant, {}) for variant in VARIANTS]
         if name == ABLATED:
-            runs += [(f"-{group}", "plugin", {"ablate": [hooked[q] for q in qualnames]})
+            runs += [(f"-{_slug(group)}", "plugin", {"ablate": [hooked[q] for q in qualnames]})
                      for group, qualnames in HOOK_GROUPS.items()]
-            runs.append((f"-{FINAL_COLLECTION}", "plugin", {"collect": False}))
+            runs.append((f"-{_slug(FINAL_COLLECTION)}", "plugin", {"collect": False}))
         steps = set()
         for label, variant, options in runs:
             result = bench.run(variant, scenario, specs[name], around_steps=_counted(f"{name} {label}"), **options)
@@ -138,9 +143,16 @@ def main(argv=None) -> int:
         for variant in VARIANTS:
             n = by_variant[variant]
             print(f"{scenario:10s} {variant:16s} {n:16,d} {n / base:7.4f}")
+    from hook_profile import HOOK_GROUPS
+
     by_variant = found[ABLATED]
+    parts = [*HOOK_GROUPS, FINAL_COLLECTION]
+    expected = {(scenario, v) for scenario in found for v in VARIANTS} | {(ABLATED, f"-{_slug(p)}") for p in parts}
+    missing = expected - {(scenario, v) for scenario, counted in found.items() for v in counted}
+    if missing or len(found) != 3:
+        raise SystemExit(f"callgrind wrote no count for {sorted(missing)} (scenarios {sorted(found)})")
     base, plugin = by_variant["baseline"], by_variant["plugin"]
-    breakdown = {label[1:]: plugin - n for label, n in by_variant.items() if label.startswith("-")}
+    breakdown = {part: plugin - by_variant[f"-{_slug(part)}"] for part in parts}
     breakdown["rest (hooks' set-up, interactions)"] = plugin - base - sum(breakdown.values())
     print(f"\nwhere the plugin's {plugin - base:,d} extra instructions go ({ABLATED}, metrics only: "
           f"plugin - plugin without that part)")
