@@ -100,10 +100,13 @@ def render(result: dict) -> str:
         add("")
         add("2. one collection on a synthetic block map (512 requests; median of repetitions)")
         add(f"   {'blocks':>9s} {'used':>8s} {'cached':>8s} {'free runs':>9s} {'snapshot ms':>12s} "
-            f"{'collection ms':>14s} {'cold 1st snapshot ms':>21s}")
+            f"{'collection ms':>14s} {'cold 1st snapshot ms':>21s} {'+region metric ms':>18s}")
         for c in result["collection"].values():
             add(f"   {c['num_blocks']:9d} {c['used']:8d} {c['cached']:8d} {c['free_runs']:9d} "
-                f"{c['snapshot_ms']:12.3f} {c['collection_ms']:14.3f} {c['first_snapshot_ms']:21.1f}")
+                f"{c['snapshot_ms']:12.3f} {c['collection_ms']:14.3f} {c['first_snapshot_ms']:21.1f} "
+                f"{c['regions_ms']:18.3f}")
+        add(f"   (+region metric: what the opt-in vllm.kv_cache.region.block.count adds to a collection, "
+            f"{next(iter(result['collection'].values()))['regions']} regions)")
         add("   one block-layout map (opt-in, on the plugin's thread): state codes (the pool lock is held for"
             " part of it), then binning to 4096 cells and zlib")
         add(f"   {'blocks':>9s} {'codes ms':>9s} {'bin+zlib ms':>12s} {'bytes':>8s}")
