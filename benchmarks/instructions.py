@@ -60,7 +60,8 @@ def _dump(label: str) -> None:
 
 
 def _slug(name: str) -> str:
-    """A dump label callgrind_control takes whole (no spaces or slashes)."""
+    """A dump label callgrind_control takes whole: no slashes or parentheses (and no word may
+    start with "-", which it reads as an option and drops the dump)."""
     return re.sub(r"\W+", "_", name).strip("_")
 
 
@@ -92,9 +93,9 @@ def inside() -> None:
     for name, scenario in scenarios.items():
         runs = [(variant, variant, {}) for variant in VARIANTS]
         if name == ABLATED:
-            runs += [(f"-{_slug(group)}", "plugin", {"ablate": [hooked[q] for q in qualnames]})
+            runs += [(f"minus_{_slug(group)}", "plugin", {"ablate": [hooked[q] for q in qualnames]})
                      for group, qualnames in HOOK_GROUPS.items()]
-            runs.append((f"-{_slug(FINAL_COLLECTION)}", "plugin", {"collect": False}))
+            runs.append((f"minus_{_slug(FINAL_COLLECTION)}", "plugin", {"collect": False}))
         steps = set()
         for label, variant, options in runs:
             result = bench.run(variant, scenario, specs[name], around_steps=_counted(f"{name} {label}"), **options)
@@ -147,12 +148,12 @@ def main(argv=None) -> int:
 
     by_variant = found[ABLATED]
     parts = [*HOOK_GROUPS, FINAL_COLLECTION]
-    expected = {(scenario, v) for scenario in found for v in VARIANTS} | {(ABLATED, f"-{_slug(p)}") for p in parts}
+    expected = {(scenario, v) for scenario in found for v in VARIANTS} | {(ABLATED, f"minus_{_slug(p)}") for p in parts}
     missing = expected - {(scenario, v) for scenario, counted in found.items() for v in counted}
     if missing or len(found) != 3:
         raise SystemExit(f"callgrind wrote no count for {sorted(missing)} (scenarios {sorted(found)})")
     base, plugin = by_variant["baseline"], by_variant["plugin"]
-    breakdown = {part: plugin - by_variant[f"-{_slug(part)}"] for part in parts}
+    breakdown = {part: plugin - by_variant[f"minus_{_slug(part)}"] for part in parts}
     breakdown["rest (hooks' set-up, interactions)"] = plugin - base - sum(breakdown.values())
     print(f"\nwhere the plugin's {plugin - base:,d} extra instructions go ({ABLATED}, metrics only: "
           f"plugin - plugin without that part)")
