@@ -68,9 +68,10 @@ def _slug(name: str) -> str:
 def _counted(label: str):
     """An around_steps for StepBench.run: the stepping runs inside operator.call,
     the only place callgrind counts (--toggle-collect), then the count is dumped."""
-    def around_steps(run) -> None:
-        operator.call(run)
+    def around_steps(run):
+        result = operator.call(run)
         _dump(label)
+        return result
     return around_steps
 
 

@@ -86,8 +86,8 @@ QUICK = Config(
 )
 
 
-def _call(run: Callable[[], None]) -> None:
-    run()
+def _call(run: Callable[[], dict]) -> dict:
+    return run()
 
 
 class StepBench:
@@ -166,7 +166,7 @@ class StepBench:
             around_steps=_call) -> dict:
         """One run to completion. `collect=False`: no metrics collection at all
         (hooks only); `ablate=[(cls, method), ...]`: those hooks unwrapped (profiling);
-        `around_steps(run)`: calls `run()`, the stepping alone (the scheduler's steps and
+        `around_steps(run)`: returns `run()`, the stepping alone (the scheduler's steps and
         the plugin's collections, not the set-up), e.g. inside an instruction count."""
         plugin = variant.startswith("plugin")
         # instrumentation first, then the scheduler: pools built unhooked are not tracked
@@ -237,9 +237,7 @@ class StepBench:
         fake_output = sim.fake_model_output
         clock = time.perf_counter
         collect_every = self.collect_every
-        totals: dict = {}
-
-        def run_to_completion() -> None:
+        def run_to_completion() -> dict:
             cpu_start = time.process_time()  # every thread of the process: span export threads too
             step_s = collect_s = 0.0
             collections = steps = 0
@@ -265,24 +263,12 @@ class StepBench:
                 collect_once()
                 collect_s += clock() - t0
                 collections += 1
-            totals.update(step_s=step_s, collect_s=collect_s, collections=collections, steps=steps,
-                          cpu_s=time.process_time() - cpu_start)
+            return {"steps": steps, "step_s": step_s, "collect_s": collect_s, "collections": collections,
+                    "total_s": step_s + collect_s, "cpu_s": time.process_time() - cpu_start}
 
         gc.collect()
-        around_steps(run_to_completion)
-        step_s, collect_s, steps, cpu_s = totals["step_s"], totals["collect_s"], totals["steps"], totals["cpu_s"]
-        collections = totals["collections"]
-
-        result = {
-            "variant": variant,
-            "steps": steps,
-            "step_s": step_s,
-            "collect_s": collect_s,
-            "collections": collections,
-            "total_s": step_s + collect_s,
-            "cpu_s": cpu_s,
-            "preemptions": sum(r.num_preemptions for r in requests),
-        }
+        result = {"variant": variant, **around_steps(run_to_completion),
+                  "preemptions": sum(r.num_preemptions for r in requests)}
         if plugin:
             g = self.guard()
             result["hook_errors"] = g.errors

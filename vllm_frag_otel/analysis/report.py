@@ -29,7 +29,7 @@ from vllm_frag_otel.sim import simclock
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.analysis.otlp_read import RequestSpan, Series, Source, Telemetry
 # request size classes (tokens): below 128, 128-511, 512-2047, 2048 and more
-from vllm_frag_otel.analysis.replay import SIZE_EDGES, size_class  # noqa: F401
+from vllm_frag_otel.analysis.replay import size_class
 from vllm_frag_otel.analysis.plots import Chart, Line, Panel, render as draw
 from vllm_frag_otel.analysis.summary import GROUP_FIELDS, gauge_lines, group_lines, pct, statistics, totals_lines
 from vllm_frag_otel.export.telemetry import (
