@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,3 +52,12 @@ def simulate_into(out: Path, args: list[str], export_every: int) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def trace_spans(run: Path) -> Iterator[dict]:
+    """Every span, as OTLP/JSON, of a run's telemetry/traces-*.jsonl files."""
+    for path in (run / "telemetry").glob("traces-*.jsonl"):
+        for line in path.read_text().splitlines():
+            for rs in json.loads(line)["resourceSpans"]:
+                for ss in rs["scopeSpans"]:
+                    yield from ss["spans"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, trace_spans
 
 from vllm_frag_otel import cli
 from vllm_frag_otel.sim import workloads
@@ -64,19 +64,14 @@ def _lines(path: Path) -> list[dict]:
 def _raw_spans(run: Path) -> list[dict]:
     """Every request span of the run's traces files: attributes, times, in start order."""
     spans = []
-    for path in (run / "telemetry").glob("traces-*.jsonl"):
-        for line in path.read_text().splitlines():
-            for rs in json.loads(line)["resourceSpans"]:
-                for ss in rs["scopeSpans"]:
-                    for span in ss["spans"]:
-                        if span["name"] != "vllm.kv_cache.request":
-                            continue
-                        attributes = {}
-                        for a in span["attributes"]:
-                            (kind, raw), = a["value"].items()
-                            attributes[a["key"]] = int(raw) if kind == "intValue" else raw
-                        spans.append({**attributes, "start": int(span["startTimeUnixNano"]),
-                                      "end": int(span["endTimeUnixNano"])})
+    for span in trace_spans(run):
+        if span["name"] != "vllm.kv_cache.request":
+            continue
+        attributes = {}
+        for a in span["attributes"]:
+            (kind, raw), = a["value"].items()
+            attributes[a["key"]] = int(raw) if kind == "intValue" else raw
+        spans.append({**attributes, "start": int(span["startTimeUnixNano"]), "end": int(span["endTimeUnixNano"])})
     return sorted(spans, key=lambda s: s["start"])
 
 

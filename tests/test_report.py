@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, trace_spans
 
 from vllm_frag_otel import cli, jsonlines
 from vllm_frag_otel.analysis import otlp_read
@@ -133,15 +133,8 @@ def first_time(run: Path) -> int:
 
 
 def raw_spans(run: Path) -> list[dict]:
-    spans = []
-    for path in (run / "telemetry").glob("traces-*.jsonl"):
-        for line in path.read_text().splitlines():
-            for rs in json.loads(line)["resourceSpans"]:
-                for ss in rs["scopeSpans"]:
-                    for span in ss["spans"]:
-                        spans.append({a["key"]: _value(a["value"]) for a in span["attributes"]}
-                                     | {"events": span.get("events", [])})
-    return spans
+    return [{a["key"]: _value(a["value"]) for a in span["attributes"]} | {"events": span.get("events", [])}
+            for span in trace_spans(run)]
 
 
 def _read_csv(path: Path) -> list[dict]:
