@@ -51,9 +51,11 @@ def _runs_by_walking(mask: list[int]) -> tuple[int, int]:
     return runs, longest
 
 
-# masks of short and long runs: a run across several wholly free bytes takes
-# the packed path, a mask of short runs the big-integer one
-_runs = st.lists(st.tuples(st.booleans(), st.one_of(st.integers(1, 9), st.integers(10, 90))), max_size=40)
+# masks of short and long runs: a run across several wholly free 64-block words
+# takes the word path, one across bytes the byte path, short runs the big-integer one
+_runs = st.lists(
+    st.tuples(st.booleans(), st.one_of(st.integers(1, 9), st.integers(10, 90), st.integers(100, 400))), max_size=40
+)
 
 
 @given(_runs)
