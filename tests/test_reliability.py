@@ -79,15 +79,21 @@ def runtime_for(plugin, monkeypatch):
         telemetry.install(previous)
 
 
-def _step_times(steps: int = 250, seed: int = 3) -> list[float]:
-    """Wall time of each scheduler step (schedule + update) on a pressured workload."""
+def _step_times(until, seed: int = 3, limit_s: float = 30.0) -> list[float]:
+    """Wall time of each scheduler step (schedule + update) on a pressured workload, at
+    least 250 steps and until `until()` holds (new requests arrive whenever it drains)."""
     scheduler = sim.build_scheduler(SHAPE)
-    specs = workloads.generate("sharegpt", 60, seed=seed, max_len=900)
-    for request in sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], SHAPE.block_size):
-        scheduler.add_request(request)
     rng = random.Random(seed)
-    times = []
-    for _ in range(steps):
+    times: list[float] = []
+    deadline = time.monotonic() + limit_s
+    while len(times) < 250 or not until():
+        if time.monotonic() > deadline:
+            break
+        if not scheduler.has_requests():
+            specs = workloads.generate("sharegpt", 60, seed=seed + len(times), max_len=900)
+            batch = [(s.prompt_tokens, s.output_len) for s in specs]
+            for request in sim.make_requests(batch, SHAPE.block_size, id_prefix=f"batch{len(times)}"):
+                scheduler.add_request(request)
         start = time.perf_counter()
         sim.step(scheduler, rng)
         times.append(time.perf_counter() - start)
@@ -103,7 +109,7 @@ def test_an_unusable_collector_costs_the_scheduler_nothing(runtime_for, fault):
         endpoint = f"http://127.0.0.1:{hole.port if fault == 'black_hole' else _closed_port()}"
         exporter = _ThreadRecordingExporter(endpoint=endpoint, insecure=True, timeout=1.0)
         runtime = runtime_for(endpoint, timeout_s=1.0, metric_exporter=exporter)
-        faulty = _step_times()
+        faulty = _step_times(until=lambda: exporter.threads)
         assert exporter.threads, "no export was attempted while the scheduler ran"
         assert threading.get_ident() not in exporter.threads, "an export ran on the scheduler's thread"
         assert max(faulty) < 0.5, max(faulty)  # no step waited for an export's 1 s timeout

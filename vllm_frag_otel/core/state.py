@@ -272,7 +272,6 @@ class KVCacheState:
 
         # resumed (re-admitted after preemption) -> [queried, hit] tokens
         self.prefix_lookups = {False: [0, 0], True: [0, 0]}
-        self.allocation_calls = 0
         self.allocation_failures = 0
         self.preemptions = 0
         self.block_sources = dict.fromkeys(BLOCK_SOURCES, 0)
@@ -284,10 +283,14 @@ class KVCacheState:
         # set by the hook layer while a pool call that counts its own evictions runs
         self.evictions_counted_by_caller = False
         # allocate_slots is timed for an unbiased random sample of its calls: each
-        # call with probability `allocation_sample_rate`, whatever its place in a step
+        # call with probability `allocation_sample_rate`, whatever its place in a step.
+        # The hook counts down the untimed calls of the current gap; the calls are
+        # counted by gap (the countdown is the hot path's only write per call).
         self.allocation_sample_rate = 1.0
         self._sampler = random.Random(0)  # seeded: a rerun times the same calls
         self.calls_until_timed = 0
+        self._gap = 0  # untimed calls of the current gap, before its timed one
+        self._calls_before_gap = 0
         # raw measurements since the last fold (the hot path only appends) ...
         self._allocation_durations: dict[str, array] = {o: array("d") for o in ALLOCATION_OUTCOMES}
         # ... with an opaque tag per duration (the span layer's context for exemplars), or None
@@ -324,21 +327,21 @@ class KVCacheState:
 
     # -- block events ----------------------------------------------------------
 
-    def on_blocks_allocated(self, block_ids: Iterable[int], now: float) -> None:
+    def on_blocks_allocated(self, block_ids: Sequence[int], now: float) -> None:
         """Blocks popped from the free list; any cached content they held is gone."""
-        free, hashed, sources = self._free, self._hashed, self.block_sources
-        count, recycled_before = 0, sources["recycled"]
+        free, hashed = self._free, self._hashed
+        recycled = 0
         for b in block_ids:
-            count += 1
             if hashed[b]:
                 self._evict(b, "capacity", now)
-                sources["recycled"] += 1
-            else:
-                sources["fresh"] += 1
+                recycled += 1
             free[b] = 0
+        count = len(block_ids)
+        self.block_sources["recycled"] += recycled
+        self.block_sources["fresh"] += count - recycled
         self._free_count -= count
         if self.allocating is not None:
-            self._blocks_moved(self.allocating.request_id, sources["recycled"] - recycled_before)
+            self._blocks_moved(self.allocating.request_id, recycled)
 
     def on_blocks_touched(self, block_ids: Iterable[int]) -> None:
         """Prefix-cache hits: cached blocks gain a holder (and leave the free list)."""
@@ -425,10 +428,13 @@ class KVCacheState:
     def _evict(self, b: int, reason: str, now: float) -> None:
         self._hashed[b] = 0
         self.evictions[(reason, self._reused[b] > 0)] += 1
-        now_ms = _ms(now)
-        self._buffer(self._block_cache_durations, (((now_ms - self._cached_at[b]) & _MS_MASK) / 1000.0,))
-        idle = ((now_ms - self._released_at[b]) & _MS_MASK) / 1000.0 if self._free[b] else 0.0
-        self._buffer(self._block_idle_durations, (idle,))
+        cache, idle = self._block_cache_durations, self._block_idle_durations  # always of one length
+        if len(cache) < HISTOGRAM_BUFFER_LIMIT:
+            now_ms = _ms(now)
+            cache.append(((now_ms - self._cached_at[b]) & _MS_MASK) / 1000.0)
+            idle.append(((now_ms - self._released_at[b]) & _MS_MASK) / 1000.0 if self._free[b] else 0.0)
+        else:
+            self.dropped_measurements += 2
 
     # -- request events and per-request views ----------------------------------
 
@@ -469,13 +475,18 @@ class KVCacheState:
         totals[1] += hit_tokens
 
     @property
+    def allocation_calls(self) -> int:
+        """allocate_slots calls counted so far: whole gaps, and the current one's untimed calls."""
+        return self._calls_before_gap + self._gap - self.calls_until_timed
+
+    @property
     def allocations(self) -> dict[str, int]:
         """allocate_slots calls by outcome."""
         return {"success": self.allocation_calls - self.allocation_failures, "failure": self.allocation_failures}
 
     def on_allocation(self, succeeded: bool, duration_s: float, tag: object = None) -> None:
         """An allocate_slots call, counted and timed."""
-        self.allocation_calls += 1
+        self._calls_before_gap += 1
         self.allocation_failures += not succeeded
         self.buffer_allocation_duration(succeeded, duration_s, tag)
 
@@ -491,9 +502,15 @@ class KVCacheState:
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"a sample rate is in (0, 1], not {rate}")
         self.allocation_sample_rate = rate
-        self.calls_until_timed = self.next_timed_gap()
+        self._calls_before_gap = self.allocation_calls
+        self._gap = self.calls_until_timed = self._next_timed_gap()
 
-    def next_timed_gap(self) -> int:
+    def on_timed_call(self) -> None:
+        """The hook timed a call (its countdown was 0): count the gap and start the next."""
+        self._calls_before_gap += self._gap + 1
+        self._gap = self.calls_until_timed = self._next_timed_gap()
+
+    def _next_timed_gap(self) -> int:
         """Calls to leave untimed before the next timed one: geometric gaps time
         each call independently with probability `allocation_sample_rate`."""
         rate = self.allocation_sample_rate

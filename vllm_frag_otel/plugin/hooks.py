@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import multiprocessing
+import operator
 import random
 import re
 import textwrap
@@ -163,31 +164,35 @@ def _pool_init(wrapped, pool, args, kwargs):
 
 
 # The hooks called for every block event are `_Forwarder`s: their bodies take
-# vLLM's own parameter names ({first}: the first after self).
+# vLLM's own parameter names ({first}: the first after self). Each frame
+# counts on this path, so the state lookup and the event are inlined (a hook
+# error is contained with try/except: entering and leaving the guard would be
+# two more Python calls per event).
 
-_GET_NEW_BLOCKS = _Forwarder("""
-    state = _pool_state(self)
-    if state is None:
+_POOL_STATE = """
+    try:
+        state = self._vllm_frag_otel  # _STATE; an attribute read costs a third of __dict__.get()
+    except AttributeError:  # a pool built before instrumentation
         return original({arguments})
+    if not _guard.active:
+        return original({arguments})
+"""
+
+_GET_NEW_BLOCKS = _Forwarder(_POOL_STATE + """
     state.evictions_counted_by_caller = True  # popped cached blocks are counted below, as capacity evictions
     try:
         blocks = original({arguments})
     finally:
         state.evictions_counted_by_caller = False
-    _blocks_allocated(state, blocks)
+    try:
+        with state.lock:
+            state.on_blocks_allocated(list(map(_block_id, blocks)), monotonic())
+    except Exception as exc:
+        _guard.failed(exc)
     return blocks
 """)
 
-
-# The per-event helpers below contain errors with try/except rather than
-# `with _guard`: entering and leaving the guard are two Python calls per event.
-
-def _blocks_allocated(state: KVCacheState, blocks) -> None:
-    try:
-        with state.lock:
-            state.on_blocks_allocated([b.block_id for b in blocks], monotonic())
-    except Exception as exc:
-        _guard.failed(exc)
+_block_id = operator.attrgetter("block_id")
 
 
 _MAYBE_EVICT_CACHED_BLOCK = _Forwarder("""
@@ -212,65 +217,48 @@ def _entry_replaced(pool, block) -> None:
             _guard.failed(exc)
 
 
-_TOUCH = _Forwarder("""
+_TOUCH = _Forwarder(_POOL_STATE + """
     result = original({arguments})
-    _blocks_touched(self, blocks)
+    try:
+        with state.lock:
+            state.on_blocks_touched([b.block_id for b in blocks if not b.is_null])
+    except Exception as exc:
+        _guard.failed(exc)
     return result
 """)
-
-
-def _blocks_touched(pool, blocks) -> None:
-    state = _pool_state(pool)
-    if state is not None:
-        try:
-            with state.lock:
-                state.on_blocks_touched([b.block_id for b in blocks if not b.is_null])
-        except Exception as exc:
-            _guard.failed(exc)
 
 
 # free_blocks / unpin_blocks: blocks whose ref_cnt reaches 0 become free. vLLM
 # passes a one-shot `reversed(...)` iterator: it is materialised once and the
 # list handed on, so vLLM and the hook see the same blocks.
-_RELEASE = _Forwarder("""
-    state = _pool_state(self)
-    if state is None:
-        return original({arguments})
+_RELEASE = _Forwarder(_POOL_STATE + """
     {first} = list({first})
     result = original({arguments})
-    _blocks_released(state, self, {first})
-    return result
-""")
-
-
-def _blocks_released(state: KVCacheState, pool, blocks: list) -> None:
     try:
         with state.lock:
             state.on_blocks_released(
-                [b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", pool) is pool],
+                [b.block_id for b in {first} if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", self) is self],
                 monotonic(),
             )
     except Exception as exc:
         _guard.failed(exc)
-
-
-_CACHE_FULL_BLOCKS = _Forwarder("""
-    result = original({arguments})
-    _blocks_hashed(self, blocks, num_cached_blocks, num_full_blocks)
     return result
 """)
 
 
-def _blocks_hashed(pool, blocks, first: int, end: int) -> None:
-    state = _pool_state(pool)
-    if state is not None:
-        try:
-            with state.lock:
-                state.on_blocks_hashed(
-                    [b.block_id for b in blocks[first:end] if not b.is_null and b.block_hash is not None], monotonic()
-                )
-        except Exception as exc:
-            _guard.failed(exc)
+_CACHE_FULL_BLOCKS = _Forwarder(_POOL_STATE + """
+    result = original({arguments})
+    try:
+        with state.lock:
+            state.on_blocks_hashed(
+                [b.block_id for b in blocks[num_cached_blocks:num_full_blocks]
+                 if not b.is_null and b.block_hash is not None],
+                monotonic(),
+            )
+    except Exception as exc:
+        _guard.failed(exc)
+    return result
+""")
 
 
 def _cache_partial_block(wrapped, pool, args, kwargs):
@@ -443,9 +431,11 @@ _ALLOCATE_SLOTS = _Forwarder("""
     state = hooks.state
     state.allocating = request
     try:
-        if state.calls_until_timed:
+        if state.calls_until_timed:  # counts the call too (KVCacheState.allocation_calls)
             state.calls_until_timed -= 1
             result = original({arguments})
+            if result is not None:
+                return result
             duration = None
         else:
             start = perf_counter()
@@ -453,9 +443,7 @@ _ALLOCATE_SLOTS = _Forwarder("""
             duration = perf_counter() - start
     finally:
         state.allocating = None
-    state.allocation_calls += 1
-    if result is None or duration is not None:
-        _uncommon_allocation(hooks, self, request, result is not None, duration)
+    _uncommon_allocation(hooks, self, request, result is not None, duration)
     return result
 """)
 
@@ -464,6 +452,8 @@ def _uncommon_allocation(hooks: _ManagerHooks, manager, request, succeeded: bool
     """A failed or a timed allocation: counted, timed, told to the request's story."""
     state, stories = hooks.state, hooks.stories
     with _guard, state.lock:
+        if duration is not None:
+            state.on_timed_call()  # first: the calls are counted by gap
         story = stories.open.get(request.request_id) if stories is not None else None
         if not succeeded:
             state.allocation_failures += 1
@@ -472,7 +462,6 @@ def _uncommon_allocation(hooks: _ManagerHooks, manager, request, succeeded: bool
                 stories.allocation_failed(story, manager.block_pool.get_num_free_blocks())
         if duration is not None:
             state.buffer_allocation_duration(succeeded, duration, story.exemplar if story is not None else None)
-            state.calls_until_timed = state.next_timed_gap()
 
 
 def _settle_moves(hooks: _ManagerHooks, request_id: str | None = None) -> None:
