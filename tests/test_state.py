@@ -241,3 +241,31 @@ def test_counters():
     assert (snap.prefix_queried_tokens, snap.prefix_hit_tokens) == (150, 80)
     assert (snap.prefix_resumed_queried_tokens, snap.prefix_resumed_hit_tokens) == (50, 48)
     assert (snap.allocation_attempts, snap.allocation_failures, snap.preemptions) == (1, 1, 1)
+
+
+def test_allocation_calls_are_counted_by_the_sampling_countdown():
+    """The allocate_slots hook only counts down the untimed calls of a gap; the
+    calls are counted by gap, exactly, also across a change of the rate."""
+    s = KVCacheState(4, [4])
+    s.set_allocation_sample_rate(0.2)
+    timed = 0
+
+    def call() -> None:  # what the hook does per call
+        nonlocal timed
+        if s.calls_until_timed:
+            s.calls_until_timed -= 1
+        else:
+            s.on_timed_call()
+            timed += 1
+
+    for i in range(1, 1001):
+        call()
+        assert s.allocation_calls == i
+    assert 140 < timed < 260  # each call timed with probability 0.2: 200 +- 4 sd
+    s.set_allocation_sample_rate(1.0)
+    for i in range(1001, 1101):
+        call()
+        assert s.allocation_calls == i
+    assert s.calls_until_timed == 0
+    s.on_allocation(False, 1e-5)  # counted and timed directly (the hook-free API)
+    assert (s.allocation_calls, s.allocations["failure"]) == (1101, 1)
