@@ -488,19 +488,26 @@ def _remove_skipped_blocks(wrapped, manager, args, kwargs):
     return result
 
 
-def _record_prefix_cache_stats(wrapped, manager, args, kwargs):
+_RECORD_PREFIX_CACHE_STATS = _Forwarder("""
+    result = original({arguments})
+    try:
+        hooks = self._vllm_frag_otel
+    except AttributeError:
+        return result
+    if _guard.active:
+        _prefix_lookup(hooks, self, request, num_hits)
+    return result
+""")
+
+
+def _prefix_lookup(hooks: _ManagerHooks, manager, request, hits: int) -> None:
     """vLLM counts a lookup when it admits the request; so do we, whatever log_stats says."""
-    wrapped(manager, *args, **kwargs)
-    hooks = _manager_hooks(manager)
-    if hooks is not None:
-        with _guard, hooks.state.lock:
-            request = _arg(args, kwargs, 0, "request")
-            if manager.prefix_cache_lookup_enabled(request):
-                hits = _arg(args, kwargs, 1, "num_hits")
-                hooks.state.on_prefix_lookup(request.num_tokens, hits, request.num_preemptions > 0)
-                story = _story(hooks, request)
-                if story is not None:
-                    hooks.stories.admitted(story, hits)
+    with _guard, hooks.state.lock:
+        if manager.prefix_cache_lookup_enabled(request):
+            hooks.state.on_prefix_lookup(request.num_tokens, hits, request.num_preemptions > 0)
+            story = _story(hooks, request)
+            if story is not None:
+                hooks.stories.admitted(story, hits)
 
 
 # -- Scheduler -------------------------------------------------------------------
@@ -686,7 +693,7 @@ WRAPPERS: dict[str, Callable | _Forwarder] = {
     "KVCacheManager.get_computed_blocks": _get_computed_blocks,
     "KVCacheManager.allocate_slots": _ALLOCATE_SLOTS,
     "KVCacheManager.remove_skipped_blocks": _remove_skipped_blocks,
-    "KVCacheManager.record_prefix_cache_stats": _record_prefix_cache_stats,
+    "KVCacheManager.record_prefix_cache_stats": _RECORD_PREFIX_CACHE_STATS,
     "Scheduler.__init__": _scheduler_init,
     "Scheduler.schedule": _schedule,
     "Scheduler._preempt_request": _preempt_request,
