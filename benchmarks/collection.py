@@ -346,15 +346,20 @@ def bench_memory(num_requests: int) -> dict:
     traced_half = traced_state(half)[1]
     state, traced = traced_state(n)
     marginal = (traced - traced_half) / (n - half)
-    # the per-block buffers themselves: every attribute owning one item per block
-    # (numpy arrays, bytearray, array.array); memoryviews over one of those
-    # share its memory and are listed apart, not counted again
+    # the per-block buffers themselves: every attribute owning memory for every block
+    # (numpy arrays, bytearray, array.array; flags may be stored as 64-bit words of 8);
+    # views and memoryviews over one of those share its memory and are listed apart,
+    # not counted again
     attributes = vars(state)
     arrays, dtypes, views = {}, {}, {}
     for name, value in attributes.items():
         if isinstance(value, np.ndarray):
-            if value.base is None and value.shape == (n,):
+            if value.base is None and value.nbytes >= n:
                 arrays[name], dtypes[name] = value.nbytes, str(value.dtype)
+            elif value.shape == (n,):
+                owner = next((k for k, v in attributes.items() if v is value.base), None)
+                if owner is not None:
+                    views[name] = owner
         elif isinstance(value, memoryview):
             if len(value) != n:
                 continue

@@ -132,7 +132,7 @@ def render(result: dict) -> str:
         add("     " + ", ".join(f"{k} {m['per_block_array_types'].get(k, '')} {v}"
                                 for k, v in m["per_block_arrays"].items()))
         if m.get("memoryviews"):
-            add("     + memoryviews sharing their memory (not counted again): "
+            add("     + views sharing their memory (not counted again): "
                 + ", ".join(f"{k}->{v}" for k, v in m["memoryviews"].items()))
         add(f"   per request: {m['bytes_per_request']:.0f} bytes ({m['requests']} in-flight requests, "
             f"{m['blocks_per_request']:.1f} blocks each on average)")
@@ -186,6 +186,12 @@ def evaluate_targets(result: dict) -> dict:
         put("bytes_per_block", f"<= {TARGET_BYTES_PER_BLOCK} bytes per block", b <= TARGET_BYTES_PER_BLOCK,
             f"{b:.2f} bytes at 1M blocks ({m['bytes_per_block_marginal']:.2f} per block + "
             f"{m['fixed_bytes'] / 1e3:.1f} kB fixed)")
+    if "serving" in result:
+        t = result["serving"]["target"]
+        put("serving", f"real serving: throughput loss <= {t['throughput_loss_max_pct']:g}% (serving.py)",
+            None if not t["resolved"] else t["status"] == "met",
+            f"{result['serving']['throughput_loss_pct']:+.2f}% (serving_overhead_ratio "
+            f"{result['serving_overhead_ratio']:.4f}; {t['status']})")
     return targets
 
 
@@ -197,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, quick 3)")
     parser.add_argument("--collect-every", type=int, help="steps between two metrics collections (default 1000)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the plugin's costs")
+    parser.add_argument("--serving", metavar="FILE",
+                        help="a JSON written by serving.py --json: its ratios join this run's JSON and targets")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -274,6 +282,11 @@ def main(argv=None) -> int:
         result["memory"] = memory
         result["bytes_per_block"] = memory["bytes_per_block"]
         result["bytes_per_request"] = memory["bytes_per_request"]
+    if args.serving:
+        serving = json.loads(Path(args.serving).read_text())
+        result["serving_overhead_ratio"] = serving["serving_overhead_ratio"]
+        result["serving"] = {key: serving[key] for key in ("throughput_loss_pct", "ttft_ratio", "itl_ratio", "target",
+                                                            "config", "versions")}
     result["wall_s"] = time.perf_counter() - T0
     result["targets"] = evaluate_targets(result)
     print(render(result), flush=True)
