@@ -428,7 +428,8 @@ class KVCacheState:
     def _evict(self, b: int, reason: str, now: float) -> None:
         self._hashed[b] = 0
         self.evictions[(reason, self._reused[b] > 0)] += 1
-        cache, idle = self._block_cache_durations, self._block_idle_durations  # always of one length
+        # `_buffer` inlined (once per evicted block); the two buffers always have one length
+        cache, idle = self._block_cache_durations, self._block_idle_durations
         if len(cache) < HISTOGRAM_BUFFER_LIMIT:
             now_ms = _ms(now)
             cache.append(((now_ms - self._cached_at[b]) & _MS_MASK) / 1000.0)

@@ -169,14 +169,20 @@ def _pool_init(wrapped, pool, args, kwargs):
 # error is contained with try/except: entering and leaving the guard would be
 # two more Python calls per event).
 
-_POOL_STATE = """
+def _tracked_or_original(name: str) -> str:
+    """A forwarder's opening: `name` = what the plugin keeps on `self` (_STATE), or
+    straight to vLLM's original when `self` is not tracked or the plugin is off."""
+    return f"""
     try:
-        state = self._vllm_frag_otel  # _STATE; an attribute read costs a third of __dict__.get()
-    except AttributeError:  # a pool built before instrumentation
-        return original({arguments})
+        {name} = self._vllm_frag_otel  # _STATE; an attribute read costs a third of __dict__.get()
+    except AttributeError:  # built before instrumentation
+        return original({{arguments}})
     if not _guard.active:
-        return original({arguments})
+        return original({{arguments}})
 """
+
+
+_POOL_STATE = _tracked_or_original("state")
 
 _GET_NEW_BLOCKS = _Forwarder(_POOL_STATE + """
     state.evictions_counted_by_caller = True  # popped cached blocks are counted below, as capacity evictions
@@ -421,13 +427,7 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
 # move meanwhile to `state.allocating`; request stories catch up at the next
 # step boundary; the duration is timed for a random sample of calls
 # (VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE).
-_ALLOCATE_SLOTS = _Forwarder("""
-    try:
-        hooks = self._vllm_frag_otel  # _STATE; an attribute read costs a third of __dict__.get()
-    except AttributeError:  # a manager built before instrumentation
-        return original({arguments})
-    if not _guard.active:
-        return original({arguments})
+_ALLOCATE_SLOTS = _Forwarder(_tracked_or_original("hooks") + """
     state = hooks.state
     state.allocating = request
     try:
