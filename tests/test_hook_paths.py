@@ -125,6 +125,7 @@ def _nonzero(counts) -> dict:
 def _check_pool(analyzer, scheduler, ledger: PoolLedger, where: str, reasons: bool = True) -> None:
     """Block counts against the brute force, eviction counts against the ledger."""
     snapshot = analyzer.snapshot()
+    analyzer.check_due = True  # as a collection asks: the self-check runs at the next step boundary
     expected = brute_force(scheduler)
     for field in ("used_blocks", "cached_blocks", "free_blocks"):
         assert getattr(snapshot, field) == expected[field], f"{where}: {field}"

@@ -65,14 +65,15 @@ def test_unsupported_vllm_version_warns_once_and_leaves_vllm_untouched():
     stdout, stderr = _probe("import vllm; vllm.__version__ = '0.29.1'")
     assert "UNTOUCHED" in stdout
     (warning,) = _warnings(stderr)
-    assert "vLLM 0.29.1 is not supported" in warning and ">=0.30,<0.34" in warning
+    assert "vLLM 0.29.1 is not supported" in warning and ">=0.30,<0.35" in warning
 
 
 def test_a_newer_untested_vllm_whose_hook_points_match_is_instrumented_with_one_warning():
-    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.34.1'")
+    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.35.1'")
     assert "WRAPPED" in stdout and "SINGLE" in stdout
     (warning,) = _warnings(stderr)
-    assert "vLLM 0.34.1 is newer than the versions this plugin is tested with (>=0.30,<0.34)" in warning
+    assert "vLLM 0.35.1 is newer than the versions this plugin is tested with (>=0.30,<0.35)" in warning
+    assert "a scripted run of its block pool and KV-cache manager kept the ledger exact" in warning
     assert "vllm.frag_otel.drift" in warning
 
 
@@ -85,7 +86,7 @@ def test_a_newer_vllm_with_a_missing_hook_point_is_refused():
 
 
 def test_a_tested_vllm_is_instrumented_without_a_warning():
-    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.33.2.dev5+gabc'")
+    stdout, stderr = _probe("import vllm; vllm.__version__ = '0.34.2.dev5+gabc'")
     assert "WRAPPED" in stdout and not _warnings(stderr)
 
 

@@ -163,6 +163,7 @@ def test_snapshot_matches_brute_force_at_every_step(plugin, workload):
             if output.scheduler_stats is not None:
                 _add_prefix_stats(vllm_stats, output.scheduler_stats.prefix_cache_stats)
         snapshot = analyzer.snapshot()
+        analyzer.check_due = True  # as a collection asks: the self-check runs at the next step boundary
         _check(snapshot, brute_force(scheduler), f"step {step} after update")
         _check_block_states(analyzer, scheduler, f"step {step} after update")
         _check_requests(analyzer, scheduler, f"step {step} after update")

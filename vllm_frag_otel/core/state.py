@@ -17,7 +17,7 @@ import random
 import threading
 from operator import attrgetter, countOf
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -257,6 +257,9 @@ class KVCacheState:
         )
         self.groups: list[GroupLayout] = []
         self._tables: list[BlockTables] = []
+        # set by the hook layer: attaches the groups' tables again if vLLM moved a
+        # group to another pool (True when it did); run before every table sync
+        self.refresh_groups: Callable[[], bool] | None = None
         self._requests: Mapping[str, HasComputedTokens] = {}
         self.attach_tables([GroupLayout("full_attention", size) for size in block_sizes], [{} for _ in block_sizes])
         # requests whose tables vLLM may have edited in place since the last collection
@@ -277,8 +280,13 @@ class KVCacheState:
         self.block_sources = dict.fromkeys(BLOCK_SOURCES, 0)
         # (reason, reused since cached) -> evicted blocks
         self.evictions = {(r, reused): 0 for r in EVICTION_REASONS for reused in (False, True)}
-        # self-check: set at each collection, cleared by whoever compares with the allocator
+        # self-check (the hook layer's, `self_check()`: compares the ledger with the
+        # allocator and repairs it): a collection asks for it before it reads values
+        # (`check_before_reading`); the scheduler runs it at its next step boundary
         self.check_due = False
+        self.self_check: Callable[[], object] | None = None
+        self.stepping_thread: int | None = None  # the thread that runs the scheduler's steps
+        self._checked = threading.Event()
         self.drift_repairs = 0
         # set by the hook layer while a pool call that counts its own evictions runs
         self.evictions_counted_by_caller = False
@@ -524,6 +532,27 @@ class KVCacheState:
 
     # -- self-check --------------------------------------------------------------
 
+    def check_before_reading(self, timeout_s: float) -> bool:
+        """Have the self-check run before a collection reads the ledger, so no
+        export carries a value it would have repaired. The scheduler runs it at
+        its next step boundary (nothing of vLLM's is mid-change there), waited
+        for up to `timeout_s`; on the scheduler's own thread (a flush at stop,
+        the simulator's exports) it runs here. False if no step came in time
+        (an idle engine: nothing changed since the last check)."""
+        if self.self_check is None:
+            return True
+        if threading.get_ident() == self.stepping_thread:
+            self.self_check()
+            return True
+        self._checked.clear()
+        self.check_due = True
+        return self._checked.wait(timeout_s)
+
+    def check_done(self) -> None:
+        """The self-check compared and, if needed, repaired the ledger."""
+        self.check_due = False
+        self._checked.set()
+
     def drift(self, free_blocks: int, probes: Iterable[tuple[int, bool, bool]]) -> list[str]:
         """Where the ledger disagrees with the allocator: its free-block count, and
         (block id, free, cached) as the allocator sees a sample of blocks."""
@@ -546,6 +575,16 @@ class KVCacheState:
         self._hashed_view[:] = np.asarray(cached, dtype=np.uint8)
         self._hashed_view[NULL_BLOCK_ID] = 0
         self._free_count = int(np.count_nonzero(free_now))
+
+    def groups_moved(self) -> bool:
+        """Whether `refresh_groups` found a group on another pool (and attached
+        the tables again). Skipped (False) while a collection runs: it does the same."""
+        if self.refresh_groups is None or not self._collect_lock.acquire(blocking=False):
+            return False
+        try:
+            return self.refresh_groups()
+        finally:
+            self._collect_lock.release()
 
     def table_drift(self, sample: int, rng: random.Random) -> list[str]:
         """Compare up to `sample` tables per group, as last read, with vLLM's: one
@@ -612,6 +651,8 @@ class KVCacheState:
         counted twice. Returns, per group, the fill of each partly computed
         block not full for anyone (most any holder computed).
         """
+        if self.refresh_groups is not None:
+            self.refresh_groups()
         edited, self._edited = self._edited, set()
         requests = self._requests
         lives = [dict(tables) for tables in self._tables]  # atomic copies: the scheduler may be adding
@@ -718,7 +759,6 @@ class KVCacheState:
             hashed = self._hashed_view[1:].copy() if with_states else None
             cached_blocks = int(np.bitwise_count(self._free_words & self._hashed_words).sum())
             free_blocks = self._free_count
-            self.check_due = True
         usable = self.num_blocks - 1
         used_blocks = usable - free_blocks
         free_runs, largest = _free_run_stats(free_bits)

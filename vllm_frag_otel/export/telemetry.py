@@ -90,6 +90,12 @@ ENGINE_STOPPED = "vllm.kv_cache.engine_stopped"
 ENGINE_STOPPED_STATUS = "engine_stopped"  # vllm.request.finish_status of a span ended by the engine's stop
 
 
+# How long a collection waits for the scheduler's next step boundary, where the
+# self-check compares the ledger with vLLM's pool before values are read (an idle
+# engine has no step: nothing changed, the values are read as they are).
+SELF_CHECK_WAIT_SECONDS = 0.25
+
+
 @dataclass
 class _Observed:
     attributes: dict[str, Any]
@@ -183,6 +189,7 @@ class KVCacheMetrics:
             for state, attrs, stories in pools:
                 if state is None:
                     continue
+                state.check_before_reading(SELF_CHECK_WAIT_SECONDS)
                 if self.regions > 0:  # one read of the pool for both: the region totals equal block.count
                     snapshot, states = state.snapshot_with_states()
                     latest.append(_Observed(attrs, state, snapshot, stories, states))

@@ -19,6 +19,7 @@ import random
 import re
 import textwrap
 import threading
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from time import monotonic, perf_counter
@@ -201,6 +202,14 @@ _GET_NEW_BLOCKS = _Forwarder(_POOL_STATE + """
 _block_id = operator.attrgetter("block_id")
 
 
+def _owned(pool_blocks: list, block) -> bool:
+    """Whether `block` is this pool's own: its id names it in the pool. How a
+    block records its pool changed (0.33: the pool, 0.34: a weak reference),
+    what a pool's block list holds did not."""
+    block_id = block.block_id
+    return block_id < len(pool_blocks) and pool_blocks[block_id] is block
+
+
 _MAYBE_EVICT_CACHED_BLOCK = _Forwarder("""
     evicted = original({arguments})
     if evicted:
@@ -215,7 +224,7 @@ def _entry_replaced(pool, block) -> None:
     called for every block get_new_blocks pops, so its hook's common path is
     one test."""
     state = _pool_state(pool)
-    if state is not None and not state.evictions_counted_by_caller:
+    if state is not None and not state.evictions_counted_by_caller and _owned(pool.blocks, block):
         try:
             with state.lock:
                 state.on_block_unhashed(block.block_id, "replaced", monotonic())
@@ -227,7 +236,8 @@ _TOUCH = _Forwarder(_POOL_STATE + """
     result = original({arguments})
     try:
         with state.lock:
-            state.on_blocks_touched([b.block_id for b in blocks if not b.is_null])
+            own = self.blocks
+            state.on_blocks_touched([b.block_id for b in blocks if not b.is_null and _owned(own, b)])
     except Exception as exc:
         _guard.failed(exc)
     return result
@@ -236,15 +246,17 @@ _TOUCH = _Forwarder(_POOL_STATE + """
 
 # free_blocks / unpin_blocks: blocks whose ref_cnt reaches 0 become free. vLLM
 # passes a one-shot `reversed(...)` iterator: it is materialised once and the
-# list handed on, so vLLM and the hook see the same blocks.
+# list handed on, so vLLM and the hook see the same blocks. A table can hold
+# another pool's blocks (a HiSparse host group): vLLM hands those on to their
+# own pool, whose hook counts them.
 _RELEASE = _Forwarder(_POOL_STATE + """
     {first} = list({first})
     result = original({arguments})
     try:
+        own = self.blocks
         with state.lock:
             state.on_blocks_released(
-                [b.block_id for b in {first} if b.ref_cnt == 0 and not b.is_null and getattr(b, "pool", self) is self],
-                monotonic(),
+                [b.block_id for b in {first} if b.ref_cnt == 0 and not b.is_null and _owned(own, b)], monotonic()
             )
     except Exception as exc:
         _guard.failed(exc)
@@ -255,10 +267,11 @@ _RELEASE = _Forwarder(_POOL_STATE + """
 _CACHE_FULL_BLOCKS = _Forwarder(_POOL_STATE + """
     result = original({arguments})
     try:
+        own = self.blocks
         with state.lock:
             state.on_blocks_hashed(
                 [b.block_id for b in blocks[num_cached_blocks:num_full_blocks]
-                 if not b.is_null and b.block_hash is not None],
+                 if not b.is_null and b.block_hash is not None and _owned(own, b)],
                 monotonic(),
             )
     except Exception as exc:
@@ -271,15 +284,18 @@ def _cache_partial_block(wrapped, pool, args, kwargs):
     result = wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if state is not None:
-        with _guard, state.lock:
+        with _guard:
             block = _arg(args, kwargs, 1, "block")
-            now = monotonic()
-            # new content in place: the block's earlier entries are gone (a partial
-            # entry growing into a full one of the same content is no eviction)
-            if _arg(args, kwargs, 5, "replace_existing_hashes", False) and not block.is_null:
-                state.on_block_unhashed(block.block_id, "replaced", now)
-            if block.block_hash is not None:
-                state.on_block_hashed(block.block_id, now)
+            if block.is_null or not _owned(pool.blocks, block):
+                return result
+            with state.lock:
+                now = monotonic()
+                # new content in place: the block's earlier entries are gone (a partial
+                # entry growing into a full one of the same content is no eviction)
+                if _arg(args, kwargs, 5, "replace_existing_hashes", False):
+                    state.on_block_unhashed(block.block_id, "replaced", now)
+                if block.block_hash is not None:
+                    state.on_block_hashed(block.block_id, now)
     return result
 
 
@@ -287,10 +303,12 @@ def _move_block_hashes(wrapped, pool, args, kwargs):
     wrapped(pool, *args, **kwargs)
     state = _pool_state(pool)
     if state is not None:
-        with _guard, state.lock:
+        with _guard:
             src = _arg(args, kwargs, 0, "src_block")
             dst = _arg(args, kwargs, 1, "dst_block")
-            state.on_block_hash_moved(src.block_id, dst.block_id)
+            if _owned(pool.blocks, src) and _owned(pool.blocks, dst):
+                with state.lock:
+                    state.on_block_hash_moved(src.block_id, dst.block_id)
 
 
 def _evict_blocks(wrapped, pool, args, kwargs):
@@ -342,6 +360,15 @@ def _manager_hooks(manager) -> _ManagerHooks | None:
     return manager.__dict__.get(_STATE) if _guard.active else None
 
 
+class _Probing(threading.local):
+    """Set while the start-up probe drives its own vLLM objects: they are not exported."""
+
+    active = False
+
+
+probing = _Probing()
+
+
 def _manager_init(wrapped, manager, args, kwargs):
     wrapped(manager, *args, **kwargs)
     with _guard:
@@ -349,13 +376,47 @@ def _manager_init(wrapped, manager, args, kwargs):
         if state is None:
             return
         group_managers = manager.coordinator.single_type_managers
-        layouts = [_group_layout(g, m, manager.block_pool) for g, m in enumerate(group_managers)]
-        tables = [m.req_to_blocks if m.block_pool is manager.block_pool else {} for m in group_managers]
-        state.attach_tables(layouts, tables)
-        stories = telemetry.attach(state, _engine_context.take(), _guard)
+        watch = _ManagerWatch(weakref.ref(manager))
+        state.refresh_groups, state.self_check = watch.refresh_groups, watch.self_check
+        state.refresh_groups()
+        stories = None if probing.active else telemetry.attach(state, _engine_context.take(), _guard)
         state.follow_moves = stories is not None
         shrinking = any(type(m).__name__ not in GROWING_TABLE_MANAGERS for m in group_managers)
-        manager.__dict__[_STATE] = _ManagerHooks(state, len(layouts), stories, stories is not None and shrinking)
+        manager.__dict__[_STATE] = _ManagerHooks(state, len(group_managers), stories, stories is not None and shrinking)
+
+
+@dataclass
+class _ManagerWatch:
+    """What the ledger asks of its KVCacheManager, through a weak reference (the
+    ledger lives on the pool; it must not keep the manager alive)."""
+
+    manager: weakref.ref
+    pools: tuple = ()  # each group's pool when its tables were last attached
+
+    def refresh_groups(self) -> bool:
+        """Attach the tables of the groups that allocate from the manager's pool
+        again if a group's pool changed: vLLM can move a group to another pool
+        after building the manager (a HiSparse source group gets a host pool
+        when the KV connector binds it). True when it did."""
+        manager = self.manager()
+        if manager is None:
+            return False
+        pool, group_managers = manager.block_pool, manager.coordinator.single_type_managers
+        now = tuple(m.block_pool for m in group_managers)
+        if len(now) == len(self.pools) and all(a is b for a, b in zip(now, self.pools)):
+            return False
+        pool.__dict__[_STATE].attach_tables(
+            [_group_layout(g, m, pool) for g, m in enumerate(group_managers)],
+            [m.req_to_blocks if m.block_pool is pool else {} for m in group_managers],
+        )
+        self.pools = now
+        return True
+
+    def self_check(self) -> list[str]:
+        manager = self.manager()
+        if manager is None:
+            return []
+        return self_check(manager.block_pool.__dict__[_STATE], manager.block_pool)
 
 
 def _group_layout(group: int, group_manager, pool) -> GroupLayout:
@@ -551,6 +612,7 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
     if hooks is not None:
         with _guard:
             hooks.state.attach_requests(scheduler.requests)
+            hooks.state.stepping_thread = threading.get_ident()  # until a step boundary says otherwise
             _warn_if_stop_cannot_flush(_arg(args, kwargs, 0, "vllm_config"))
 
 
@@ -585,7 +647,8 @@ def _schedule(wrapped, scheduler, args, kwargs):
     hooks = _manager_hooks(scheduler.kv_cache_manager)
     if hooks is not None and hooks.state.check_due:
         with _guard:
-            self_check(hooks.state, scheduler.kv_cache_manager.block_pool)
+            hooks.state.stepping_thread = threading.get_ident()
+            hooks.state.self_check()
     output = wrapped(scheduler, *args, **kwargs)
     if hooks is not None and hooks.settle_each_step and hooks.state.moved:
         with _guard, hooks.state.lock:
@@ -594,29 +657,45 @@ def _schedule(wrapped, scheduler, args, kwargs):
 
 
 def self_check(state: KVCacheState, pool) -> list[str]:
-    """Compare the ledger's block flags with the pool's, and a sample of the
-    block tables as last read with vLLM's; on drift, log what differed, count
-    it, take every flag from the pool and read the differing tables again.
-    Returns the differences."""
-    state.check_due = False
-    blocks = pool.blocks
-    probes = [
-        (b, blocks[b].ref_cnt == 0, blocks[b].block_hash is not None)
-        for b in _probe_rng.sample(range(1, len(blocks)), min(SELF_CHECK_PROBES, len(blocks) - 1))
-    ]
-    with state.lock:
-        found = state.drift(pool.get_num_free_blocks(), probes)
-        if found:
-            state.resync([b.ref_cnt == 0 for b in blocks], [b.block_hash is not None for b in blocks])
-    found += state.table_drift(SELF_CHECK_PROBES, _probe_rng)
+    """Compare the ledger's block flags with the pool's, which groups use the
+    pool, and a sample of the block tables as last read with vLLM's; on drift,
+    count it, take every flag from the pool and read the differing tables
+    again (logged once per process). Returns the differences."""
+    try:
+        blocks = pool.blocks
+        probes = [
+            (b, blocks[b].ref_cnt == 0, blocks[b].block_hash is not None)
+            for b in _probe_rng.sample(range(1, len(blocks)), min(SELF_CHECK_PROBES, len(blocks) - 1))
+        ]
+        with state.lock:
+            found = state.drift(pool.get_num_free_blocks(), probes)
+            if found:
+                state.resync([b.ref_cnt == 0 for b in blocks], [b.block_hash is not None for b in blocks])
+        if state.groups_moved():
+            found.append("a KV-cache group moved to another block pool")
+        found += state.table_drift(SELF_CHECK_PROBES, _probe_rng)
+    finally:
+        state.check_done()
     if found:
         state.drift_repairs += 1
-        logger.warning(
-            "vllm-frag-otel: the ledger drifted from vLLM's block pool (%s); resynchronised from the pool "
-            "(repair %d). Please report this with your vLLM version.",
-            "; ".join(found[:3]) + (f"; {len(found) - 3} more" if len(found) > 3 else ""), state.drift_repairs,
-        )
+        _warn_drift_once(found)
     return found
+
+
+_drift_logged = False
+
+
+def _warn_drift_once(found: list[str]) -> None:
+    global _drift_logged
+    if _drift_logged:
+        logger.debug("vllm-frag-otel: ledger drift repaired: %s", "; ".join(found))
+        return
+    _drift_logged = True
+    logger.warning(
+        "vllm-frag-otel: the ledger drifted from vLLM's block pool (%s); resynchronised from the pool. Later "
+        "repairs are counted in vllm.frag_otel.drift, not logged. Please report this with your vLLM version.",
+        "; ".join(found[:3]) + (f"; {len(found) - 3} more" if len(found) > 3 else ""),
+    )
 
 
 def _preempt_request(wrapped, scheduler, args, kwargs):
@@ -772,14 +851,31 @@ class KVCacheInstrumentor:
             setattr(cls, method, hook)
             self._wrapped.append((cls, method))
         untested = _untested_version()
-        if untested and not self._warned:
-            self._warned = True
-            logger.warning(
-                "vllm-frag-otel: vLLM %s is newer than the versions this plugin is tested with (%s); every hook "
-                "point matches, so it instruments. Its self-check compares the ledger with vLLM's block pool at "
-                "each export and counts any drift in vllm.frag_otel.drift; please report drift or hook errors.",
-                untested, SUPPORTED_VLLM,
-            )
+        if untested:
+            from vllm_frag_otel.plugin.probe import first_difference
+
+            probing.active = True  # set here: the probe cannot import this module (an import cycle)
+            try:
+                difference = first_difference()
+            except Exception as exc:  # the probe itself must never reach vLLM
+                difference = f"the start-up probe failed ({type(exc).__name__}: {exc})"
+            finally:
+                probing.active = False
+            if difference is not None:
+                self.uninstrument()
+                return self._refuse(
+                    f"vLLM {untested} is newer than the versions this plugin is tested with ({SUPPORTED_VLLM}) and "
+                    f"its KV cache does not behave as the plugin expects: {difference}"
+                )
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "vllm-frag-otel: vLLM %s is newer than the versions this plugin is tested with (%s); every hook "
+                    "point matches and a scripted run of its block pool and KV-cache manager kept the ledger exact, "
+                    "so it instruments. Its self-check compares the ledger with vLLM's block pool before each "
+                    "export and counts any drift in vllm.frag_otel.drift; please report drift or hook errors.",
+                    untested, SUPPORTED_VLLM,
+                )
         return True
 
     def _refuse(self, problem: str) -> bool:

@@ -16,7 +16,7 @@ from packaging.version import Version
 
 _instruments = ("vllm >= 0.30",)
 # tested; a newer vLLM is instrumented too when every hook point below matches (one warning)
-SUPPORTED_VLLM = ">=0.30,<0.34"
+SUPPORTED_VLLM = ">=0.30,<0.35"
 OLDEST_VLLM = Version("0.30")
 
 

@@ -7,6 +7,7 @@ scheduler, KV cache manager and block pool are vLLM's own, unmodified.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections import deque
@@ -223,6 +224,16 @@ def make_requests(prompts: Iterable[tuple[list[int], int]], block_size: int, id_
     ]
 
 
+@functools.cache
+def _runner_output_has_index() -> bool:
+    """vLLM 0.34 dropped ModelRunnerOutput.req_id_to_index (the order of req_ids says it)."""
+    import dataclasses
+
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    return any(f.name == "req_id_to_index" for f in dataclasses.fields(ModelRunnerOutput))
+
+
 def fake_model_output(scheduler_output, scheduler, rng: random.Random):
     """One sampled token per request whose prefill completed this step."""
     from vllm.v1.outputs import ModelRunnerOutput
@@ -233,9 +244,10 @@ def fake_model_output(scheduler_output, scheduler, rng: random.Random):
         request = scheduler.requests[req_id]
         done = request.num_computed_tokens >= request.num_tokens
         sampled.append([rng.randrange(3, 32000)] if done else [])
-    return ModelRunnerOutput(
-        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
-    )
+    fields = {"req_ids": req_ids, "sampled_token_ids": sampled}
+    if _runner_output_has_index():
+        fields["req_id_to_index"] = {r: i for i, r in enumerate(req_ids)}
+    return ModelRunnerOutput(**fields)
 
 
 def step(scheduler, rng: random.Random):
