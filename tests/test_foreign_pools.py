@@ -82,14 +82,18 @@ def test_blocks_of_another_pool_are_ignored_by_every_hook(plugin):
     scheduler = sim.build_scheduler(sim.EngineShape(num_blocks=40, block_size=SHAPE.block_size))
     pool, other = scheduler.kv_cache_manager.block_pool, _second_pool(40)
     ledger, other_ledger = analyzer_for(pool), analyzer_for(other)
+    held = pool.get_new_blocks(3)  # the same ids as three of the foreign blocks, held here
     foreign = other.get_new_blocks(6)
     assert other_ledger.snapshot().used_blocks == 6
+    assert {b.block_id for b in held} < {b.block_id for b in foreign}
     [request] = sim.make_requests([(list(range(3, 3 + 6 * SHAPE.block_size)), 1)], scheduler.hash_block_size)
-    pool.cache_full_blocks(request, foreign, 0, 6, SHAPE.block_size, 0)  # ids 1-6 are free in `pool`
+    pool.cache_full_blocks(request, foreign, 0, 6, SHAPE.block_size, 0)
     pool.touch(foreign[:2])  # vLLM raises or not, depending on the release; the ledger must stay right
     pool.free_blocks(foreign[:2])
     pool.free_blocks(list(reversed(foreign)))  # vLLM hands them on to `other`
     expected = brute_force(scheduler)
+    assert expected["used_blocks"] == 3
     _check(ledger.snapshot(), expected, "the scheduler's pool")
-    assert ledger.snapshot().cached_blocks == 0 and ledger.snapshot().evictions == 0
+    after = ledger.snapshot()
+    assert (after.cached_blocks, after.evictions, after.blocks_prefix_hit) == (0, 0, 0)
     assert other_ledger.snapshot().free_blocks == other.get_num_free_blocks() == 39

@@ -205,7 +205,8 @@ _block_id = operator.attrgetter("block_id")
 def _owned(pool_blocks: list, block) -> bool:
     """Whether `block` is this pool's own: its id names it in the pool. How a
     block records its pool changed (0.33: the pool, 0.34: a weak reference),
-    what a pool's block list holds did not."""
+    what a pool's block list holds did not. (The per-block forwarders inline
+    the same test: a call per block is a Python frame per block.)"""
     block_id = block.block_id
     return block_id < len(pool_blocks) and pool_blocks[block_id] is block
 
@@ -236,8 +237,10 @@ _TOUCH = _Forwarder(_POOL_STATE + """
     result = original({arguments})
     try:
         with state.lock:
-            own = self.blocks
-            state.on_blocks_touched([b.block_id for b in blocks if not b.is_null and _owned(own, b)])
+            own, size = self.blocks, len(self.blocks)
+            state.on_blocks_touched(
+                [b.block_id for b in blocks if not b.is_null and b.block_id < size and own[b.block_id] is b]
+            )
     except Exception as exc:
         _guard.failed(exc)
     return result
@@ -253,10 +256,12 @@ _RELEASE = _Forwarder(_POOL_STATE + """
     {first} = list({first})
     result = original({arguments})
     try:
-        own = self.blocks
+        own, size = self.blocks, len(self.blocks)
         with state.lock:
             state.on_blocks_released(
-                [b.block_id for b in {first} if b.ref_cnt == 0 and not b.is_null and _owned(own, b)], monotonic()
+                [b.block_id for b in {first}
+                 if b.ref_cnt == 0 and not b.is_null and b.block_id < size and own[b.block_id] is b],
+                monotonic(),
             )
     except Exception as exc:
         _guard.failed(exc)
@@ -267,11 +272,11 @@ _RELEASE = _Forwarder(_POOL_STATE + """
 _CACHE_FULL_BLOCKS = _Forwarder(_POOL_STATE + """
     result = original({arguments})
     try:
-        own = self.blocks
+        own, size = self.blocks, len(self.blocks)
         with state.lock:
             state.on_blocks_hashed(
                 [b.block_id for b in blocks[num_cached_blocks:num_full_blocks]
-                 if not b.is_null and b.block_hash is not None and _owned(own, b)],
+                 if not b.is_null and b.block_hash is not None and b.block_id < size and own[b.block_id] is b],
                 monotonic(),
             )
     except Exception as exc:
