@@ -396,7 +396,7 @@ class _ManagerWatch:
     ledger lives on the pool; it must not keep the manager alive)."""
 
     manager: weakref.ref
-    pools: tuple = ()  # each group's pool when its tables were last attached
+    pools: tuple[weakref.ref, ...] = ()  # each group's pool when its tables were last attached
 
     def refresh_groups(self) -> bool:
         """Attach the tables of the groups that allocate from the manager's pool
@@ -408,13 +408,13 @@ class _ManagerWatch:
             return False
         pool, group_managers = manager.block_pool, manager.coordinator.single_type_managers
         now = tuple(m.block_pool for m in group_managers)
-        if len(now) == len(self.pools) and all(a is b for a, b in zip(now, self.pools)):
+        if len(now) == len(self.pools) and all(a is b() for a, b in zip(now, self.pools)):
             return False
         pool.__dict__[_STATE].attach_tables(
             [_group_layout(g, m, pool) for g, m in enumerate(group_managers)],
             [m.req_to_blocks if m.block_pool is pool else {} for m in group_managers],
         )
-        self.pools = now
+        self.pools = tuple(map(weakref.ref, now))
         return True
 
     def self_check(self) -> list[str]:
@@ -857,15 +857,7 @@ class KVCacheInstrumentor:
             self._wrapped.append((cls, method))
         untested = _untested_version()
         if untested:
-            from vllm_frag_otel.plugin.probe import first_difference
-
-            probing.active = True  # set here: the probe cannot import this module (an import cycle)
-            try:
-                difference = first_difference()
-            except Exception as exc:  # the probe itself must never reach vLLM
-                difference = f"the start-up probe failed ({type(exc).__name__}: {exc})"
-            finally:
-                probing.active = False
+            difference = _probe_difference()
             if difference is not None:
                 self.uninstrument()
                 return self._refuse(
@@ -913,6 +905,21 @@ class KVCacheInstrumentor:
                 return f"vLLM {vllm.__version__}: {target}"
             resolved.append(target)
         return resolved
+
+
+def _probe_difference() -> str | None:
+    """The start-up probe's first difference on this vLLM, hooks on; a hook error
+    it provoked is one too. Its manager starts no telemetry."""
+    from vllm_frag_otel.plugin.probe import first_difference
+
+    probing.active = True  # set here: the probe cannot import this module (an import cycle)
+    try:
+        difference = first_difference()
+    finally:
+        probing.active = False
+    if difference is None and _guard.errors:
+        difference = f"its hooks raised {_guard.errors} error(s) in the scripted run"
+    return difference
 
 
 def _untested_version() -> str | None:
