@@ -1,5 +1,5 @@
 # The two commands of the README.
-.PHONY: test simulate setup e2e test-rules stack-up stack-down test-vllm-newest
+.PHONY: test simulate setup e2e test-rules stack-up stack-down test-vllm-newest test-vllm-peer
 
 setup:
 	bash scripts/setup-venv.sh
@@ -19,6 +19,10 @@ e2e: setup
 # Release-day canary: every exactness suite on the newest vLLM on the package index (minutes).
 test-vllm-newest: setup
 	.venv/bin/python scripts/vllm_newest.py
+
+# vLLM's own tests/v1/core, with and without the plugin, on every supported release (~20 min).
+test-vllm-peer: setup
+	.venv/bin/python scripts/vllm_peer_suite.py
 
 # promtool unit tests of the alert rules.
 test-rules:

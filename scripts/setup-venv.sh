@@ -58,7 +58,7 @@ if [ "${1:-}" = "--torch-source" ]; then
   torch_source
   exit 0
 fi
-want=$(cat pyproject.toml requirements/vllm-runtime.txt scripts/setup-venv.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/vllm-runtime.txt requirements/vllm-tests.txt scripts/setup-venv.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
@@ -80,6 +80,9 @@ pip --no-deps vllm==0.33.0
 echo "[setup] vLLM's runtime dependencies"
 pip -r requirements/vllm-runtime.txt
 pip --no-deps xgrammar==0.2.8
+echo "[setup] what vLLM's own KV-cache tests import (scripts/vllm_peer_suite.py)"
+pip -r requirements/vllm-tests.txt
+pip --no-deps mistral_common==1.13.1
 echo "[setup] vllm-frag-otel (editable), its report and prometheus extras and test tools"
 pip -e '.[test,report,prometheus]'
 "$VENV/bin/python" -c "import vllm, vllm_frag_otel, torch; print('[setup] vllm', vllm.__version__, 'torch', torch.__version__)"

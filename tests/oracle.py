@@ -23,9 +23,15 @@ TOKEN_SLOT_MANAGERS = {
 
 
 def _groups(scheduler):
-    """(block size, token slots?, {req_id: table}) per KV-cache group."""
+    """(block size, token slots?, {req_id: table}) per KV-cache group; a group
+    that allocates from another pool (a HiSparse host group) holds none of this pool's blocks."""
+    pool = scheduler.kv_cache_manager.block_pool
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    return [(m.block_size, type(m).__name__ in TOKEN_SLOT_MANAGERS, m.req_to_blocks) for m in managers]
+    return [
+        (m.block_size, type(m).__name__ in TOKEN_SLOT_MANAGERS, m.req_to_blocks) if m.block_pool is pool
+        else (m.block_size, False, {})
+        for m in managers
+    ]
 
 
 def _computed(scheduler, req_id: str) -> int:
@@ -51,63 +57,7 @@ def _fills(scheduler) -> list[tuple[int, bool, dict[int, int]]]:
 
 def brute_force(scheduler) -> dict:
     manager = scheduler.kv_cache_manager
-    pool = manager.block_pool
-    blocks = pool.blocks[1:]  # block 0 is the null block
-    used = [b for b in blocks if b.ref_cnt > 0]
-    free = [b for b in blocks if b.ref_cnt == 0]
-    cached = [b for b in free if b.block_hash is not None]
-
-    runs, current = [], 0
-    for b in blocks:
-        if b.ref_cnt == 0:
-            current += 1
-        elif current:
-            runs.append(current)
-            current = 0
-    if current:
-        runs.append(current)
-
-    groups = []
-    utilised = 0.0
-    for g, (block_size, token_slots, fill) in enumerate(_fills(scheduler)):
-        allocated = len(fill) * block_size if token_slots else 0
-        used_slots = sum(fill.values()) if token_slots else 0
-        utilised += sum(f / block_size for f in fill.values())
-        groups.append({
-            "group": g,
-            "block_size": block_size,
-            "token_slots": token_slots,
-            "used_blocks": len(fill),
-            "allocated_slots": allocated,
-            "used_slots": used_slots,
-            "unused_slots": allocated - used_slots,
-            "partial_blocks": sum(1 for f in fill.values() if 0 < f < block_size) if token_slots else 0,
-            "internal_fragmentation": (allocated - used_slots) / allocated if allocated else 0.0,
-        })
-    allocated = sum(g["allocated_slots"] for g in groups)
-    used_slots = sum(g["used_slots"] for g in groups)
-    holders = {
-        req_id for _, _, tables in _groups(scheduler) for req_id, table in tables.items()
-        if any(not b.is_null for b in table)
-    }
-    return {
-        "num_blocks": len(blocks),
-        "used_blocks": len(used),
-        "cached_blocks": len(cached),
-        "free_blocks": len(free),
-        "free_runs": len(runs),
-        "largest_free_run": max(runs, default=0),
-        "mean_free_run": (sum(runs) / len(runs)) if runs else 0.0,
-        "external_fragmentation": (1 - max(runs) / len(free)) if free else 0.0,
-        "allocated_slots": allocated,
-        "used_slots": used_slots,
-        "unused_slots": allocated - used_slots,
-        "partial_blocks": sum(g["partial_blocks"] for g in groups),
-        "internal_fragmentation": ((allocated - used_slots) / allocated) if allocated else 0.0,
-        "slot_utilization": utilised / len(blocks),
-        "tracked_requests": len(holders),
-        "groups": groups,
-    }
+    return brute_force_pool(manager.block_pool, manager.coordinator.single_type_managers, scheduler.requests)
 
 
 def request_blocks_held(scheduler, req_id: str) -> int:
@@ -152,3 +102,82 @@ def block_states(scheduler) -> list[str]:
         else:
             states.append("empty")
     return states
+
+
+def brute_force_pool(pool, group_managers=(), requests=None) -> dict:
+    """The recount for one block pool of any owner: `group_managers` are the
+    per-group managers of the KVCacheManager built on `pool` (none: a bare
+    pool, pool-level numbers only), `requests` the live requests by id of the
+    Scheduler that built that manager (none: nobody has computed anything). A
+    group whose manager allocates from another pool (a HiSparse host group) is
+    left out of this pool's numbers: no blocks, no token slots.
+    """
+    requests = requests if requests is not None else {}
+    blocks = pool.blocks[1:]  # block 0 is the null block
+    free = [b for b in blocks if b.ref_cnt == 0]
+    runs, current = [], 0
+    for b in blocks:
+        if b.ref_cnt == 0:
+            current += 1
+        elif current:
+            runs.append(current)
+            current = 0
+    if current:
+        runs.append(current)
+    result = {
+        "num_blocks": len(blocks),
+        "used_blocks": len(blocks) - len(free),
+        "cached_blocks": sum(1 for b in free if b.block_hash is not None),
+        "free_blocks": len(free),
+        "free_runs": len(runs),
+        "largest_free_run": max(runs, default=0),
+        "mean_free_run": (sum(runs) / len(runs)) if runs else 0.0,
+        "external_fragmentation": (1 - max(runs) / len(free)) if free else 0.0,
+    }
+    if not group_managers:
+        return result
+
+    groups = []
+    holders = set()
+    utilised = 0.0
+    for g, m in enumerate(group_managers):
+        own = m.block_pool is pool
+        token_slots = own and type(m).__name__ in TOKEN_SLOT_MANAGERS
+        block_size = m.block_size
+        fill: dict[int, int] = {}  # held block id -> most tokens any holder computed in it
+        for req_id, table in (m.req_to_blocks.items() if own else ()):
+            request = requests.get(req_id)
+            computed = request.num_computed_tokens if request is not None else 0
+            for i, block in enumerate(table):
+                if block.is_null:
+                    continue
+                holders.add(req_id)
+                held = min(block_size, max(0, computed - i * block_size)) if token_slots else block_size
+                fill[block.block_id] = max(fill.get(block.block_id, 0), held)
+        allocated = len(fill) * block_size if token_slots else 0
+        used_slots = sum(fill.values()) if token_slots else 0
+        utilised += sum(f / block_size for f in fill.values())
+        groups.append({
+            "group": g,
+            "block_size": block_size,
+            "token_slots": token_slots,
+            "used_blocks": len(fill),
+            "allocated_slots": allocated,
+            "used_slots": used_slots,
+            "unused_slots": allocated - used_slots,
+            "partial_blocks": sum(1 for f in fill.values() if 0 < f < block_size) if token_slots else 0,
+            "internal_fragmentation": (allocated - used_slots) / allocated if allocated else 0.0,
+        })
+    allocated = sum(g["allocated_slots"] for g in groups)
+    used_slots = sum(g["used_slots"] for g in groups)
+    return {
+        **result,
+        "allocated_slots": allocated,
+        "used_slots": used_slots,
+        "unused_slots": allocated - used_slots,
+        "partial_blocks": sum(g["partial_blocks"] for g in groups),
+        "internal_fragmentation": ((allocated - used_slots) / allocated) if allocated else 0.0,
+        "slot_utilization": utilised / len(blocks),
+        "tracked_requests": len(holders),
+        "groups": groups,
+    }

@@ -264,6 +264,8 @@ class KVCacheState:
         self.attach_tables([GroupLayout("full_attention", size) for size in block_sizes], [{} for _ in block_sizes])
         # requests whose tables vLLM may have edited in place since the last collection
         self._edited: set[str] = set()
+        self._reread_tables = False  # ... or any table
+        self._readable: set[int] = set()  # unpinned blocks, readable until reused
         # the request whose allocate_slots is running (set by the hook layer): pool
         # events in the meantime are its blocks moving
         self.allocating: HasRequestId | None = None
@@ -344,6 +346,9 @@ class KVCacheState:
                 self._evict(b, "capacity", now)
                 recycled += 1
             free[b] = 0
+        if self._readable and not self._readable.isdisjoint(block_ids):
+            self._readable.difference_update(block_ids)
+            self._reread_tables = True
         count = len(block_ids)
         self.block_sources["recycled"] += recycled
         self.block_sources["fresh"] += count - recycled
@@ -377,6 +382,15 @@ class KVCacheState:
                 self._free_count += 1
         if self.allocating is not None:
             self._blocks_moved(self.allocating.request_id, 0)
+
+    def on_blocks_unpinned(self, block_ids: Sequence[int], now: float) -> None:
+        """Released blocks that stay readable until reused (vLLM's HiSparse
+        resident pages): a table may still name them, and when one is handed
+        out again vLLM rewrites that table in place without a report (0.30-0.31
+        null the entry from inside get_new_blocks), so every table is read
+        again at the next collection."""
+        self.on_blocks_released(block_ids, now)
+        self._readable.update(block_ids)
 
     def _blocks_moved(self, request_id: str, recycled: int) -> None:
         """Blocks of this request moved: its tables may have been edited in place."""
@@ -654,6 +668,9 @@ class KVCacheState:
         if self.refresh_groups is not None:
             self.refresh_groups()
         edited, self._edited = self._edited, set()
+        if self._reread_tables:
+            self._reread_tables = False
+            edited.update(r for cache in self._cache for r in cache)
         requests = self._requests
         lives = [dict(tables) for tables in self._tables]  # atomic copies: the scheduler may be adding
         changed: list[list[str]] = []

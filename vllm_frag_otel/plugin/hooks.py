@@ -252,13 +252,17 @@ _TOUCH = _Forwarder(_POOL_STATE + """
 # list handed on, so vLLM and the hook see the same blocks. A table can hold
 # another pool's blocks (a HiSparse host group): vLLM hands those on to their
 # own pool, whose hook counts them.
-_RELEASE = _Forwarder(_POOL_STATE + """
+
+
+def _release(event: str) -> _Forwarder:
+    """A hook of a release method that reports the blocks it freed as `event`."""
+    return _Forwarder(_POOL_STATE + """
     {first} = list({first})
     result = original({arguments})
     try:
         own, size = self.blocks, len(self.blocks)
         with state.lock:
-            state.on_blocks_released(
+            state.EVENT(
                 [b.block_id for b in {first}
                  if b.ref_cnt == 0 and not b.is_null and b.block_id < size and own[b.block_id] is b],
                 monotonic(),
@@ -266,7 +270,7 @@ _RELEASE = _Forwarder(_POOL_STATE + """
     except Exception as exc:
         _guard.failed(exc)
     return result
-""")
+""".replace("EVENT", event))
 
 
 _CACHE_FULL_BLOCKS = _Forwarder(_POOL_STATE + """
@@ -765,8 +769,8 @@ WRAPPERS: dict[str, Callable | _Forwarder] = {
     "BlockPool.__init__": _pool_init,
     "BlockPool.get_new_blocks": _GET_NEW_BLOCKS,
     "BlockPool.touch": _TOUCH,
-    "BlockPool.free_blocks": _RELEASE,
-    "BlockPool.unpin_blocks": _RELEASE,
+    "BlockPool.free_blocks": _release("on_blocks_released"),
+    "BlockPool.unpin_blocks": _release("on_blocks_unpinned"),
     "BlockPool.cache_full_blocks": _CACHE_FULL_BLOCKS,
     "BlockPool.cache_partial_block": _cache_partial_block,
     "BlockPool.move_block_hashes": _move_block_hashes,
