@@ -38,6 +38,9 @@ ABLATED = "seqs256"
 FINAL_COLLECTION = "final collection"
 
 
+_SCENARIO_NAMES = ("pressured", "seqs256", "seqs1024")
+
+
 def _scenarios(step):
     return {
         "pressured": step.Scenario(384, num_requests=60),
@@ -75,7 +78,7 @@ def _counted(label: str):
     return around_steps
 
 
-def inside() -> None:
+def inside(only: list[str] | None = None, breakdown: bool = True, variants: tuple[str, ...] = VARIANTS) -> None:
     """Under callgrind: every scenario and variant, then, on `ABLATED`, the
     plugin with each group of hooks unwrapped in turn and without its final
     collection; one dump per run, labelled '<scenario> <variant>'."""
@@ -84,17 +87,18 @@ def inside() -> None:
     from hook_profile import HOOK_GROUPS
 
     bench = step.StepBench(collect_every=1000)
-    scenarios = _scenarios(step)
+    every = _scenarios(step)
+    scenarios = {name: s for name, s in every.items() if not only or name in only}
     specs = {name: scenario.specs(bench.workloads) for name, scenario in scenarios.items()}
     warm = bench.workloads.generate("sharegpt", 10, seed=1, max_len=4096)
-    for variant in VARIANTS:  # every code path imported and warmed before counting
-        bench.run(variant, scenarios["pressured"], warm, seed=1)
+    for variant in variants:  # every code path imported and warmed before counting
+        bench.run(variant, every["pressured"], warm, seed=1)
     bench._set_instrumented(True)
     hooked = {f"{cls.__name__}.{method}": (cls, method) for cls, method in bench.instrumentor._wrapped}
     for name, scenario in scenarios.items():
-        runs = [(variant, variant, {}) for variant in VARIANTS]
-        if name == ABLATED:
-            runs += [(f"minus_{_slug(group)}", "plugin", {"ablate": [hooked[q] for q in qualnames]})
+        runs = [(variant, variant, {}) for variant in variants]
+        if name == ABLATED and breakdown:
+            runs += [(f"minus_{_slug(group)}", "plugin", {"ablate": [hooked.get(q, q) for q in qualnames]})
                      for group, qualnames in HOOK_GROUPS.items()]
             runs.append((f"minus_{_slug(FINAL_COLLECTION)}", "plugin", {"collect": False}))
         steps = set()
@@ -124,16 +128,23 @@ def counts(out_dir: Path) -> dict[str, dict[str, int]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the counts and ratios as JSON to this file")
+    parser.add_argument("--scenarios", help="comma-separated subset of " + ", ".join(_SCENARIO_NAMES))
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-hook-group split (faster)")
+    parser.add_argument("--variants", help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline always)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    only = args.scenarios.split(",") if args.scenarios else None
+    variants = VARIANTS if not args.variants else ("baseline", *[v for v in args.variants.split(",") if v != "baseline"])
     if args.inside:
-        inside()
+        inside(only, not args.no_breakdown, variants)
         return 0
+    partial = bool(only) or args.no_breakdown or variants != VARIANTS
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
         subprocess.run(
             ["valgrind", "--tool=callgrind", "--vgdb=yes", "--collect-atstart=no", "--toggle-collect=_operator_call",
-             f"--callgrind-out-file={out_dir}/callgrind.out.%p", sys.executable, __file__, "--inside"],
+             f"--callgrind-out-file={out_dir}/callgrind.out.%p", sys.executable, __file__, "--inside",
+             *(argv or sys.argv[1:])],
             check=True, stdout=sys.stderr, stderr=subprocess.DEVNULL if not os.environ.get("VERBOSE") else None,
         )
         found = counts(out_dir)
@@ -142,9 +153,13 @@ def main(argv=None) -> int:
     for scenario, by_variant in found.items():
         base = by_variant["baseline"]
         result[scenario] = {v: {"instructions": n, "ratio": n / base} for v, n in by_variant.items() if v in VARIANTS}
-        for variant in VARIANTS:
+        for variant in variants:
             n = by_variant[variant]
             print(f"{scenario:10s} {variant:16s} {n:16,d} {n / base:7.4f}")
+    if partial:
+        if args.json:
+            args.json.write_text(json.dumps({"instructions": result}, indent=2) + "\n")
+        return 0
     from hook_profile import HOOK_GROUPS
 
     by_variant = found[ABLATED]

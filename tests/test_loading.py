@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.metadata
 import textwrap
 
+import pytest
+
 from helpers import run_python
 
 # Prints whether vLLM's BlockPool is wrapped after vLLM loaded its plugins.
@@ -21,9 +23,9 @@ PROBE = textwrap.dedent(
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.sched.scheduler import Scheduler
     wrapped = [hasattr(cls.__dict__[m], "__vllm_frag_otel_hook__")
-               for cls, m in ((BlockPool, "get_new_blocks"), (Scheduler, "_preempt_request"))]
+               for cls, m in ((BlockPool, "free_blocks"), (Scheduler, "_preempt_request"))]
     print("WRAPPED" if all(wrapped) else "UNTOUCHED" if not any(wrapped) else "PARTIAL")
-    inner = BlockPool.__dict__["get_new_blocks"]
+    inner = BlockPool.__dict__["free_blocks"]
     print("DOUBLE" if hasattr(getattr(inner, "__wrapped__", None), "__vllm_frag_otel_hook__") else "SINGLE")
     """
 )
@@ -100,12 +102,12 @@ def test_missing_hook_point_warns_and_leaves_vllm_untouched():
 def test_changed_hook_signature_warns_and_leaves_vllm_untouched():
     stdout, stderr = _probe(
         "from vllm.v1.core.block_pool import BlockPool\n"
-        "def touch(self, block_list): pass\n"
-        "BlockPool.touch = touch"
+        "def unpin_blocks(self, block_list, on_reuse): pass\n"
+        "BlockPool.unpin_blocks = unpin_blocks"
     )
     assert "UNTOUCHED" in stdout
     (warning,) = _warnings(stderr)
-    assert "BlockPool.touch takes ('block_list',), expected ('blocks',)" in warning
+    assert "BlockPool.unpin_blocks takes ('block_list',), expected ('blocks',)" in warning
 
 
 def test_a_hot_hook_whose_parameter_names_clash_leaves_vllm_untouched():
@@ -135,3 +137,15 @@ def test_bad_settings_are_named_and_defaults_used():
     assert "VLLM_FRAG_OTEL_EXPORTER='kafka'" in warnings and "auto, otlp, file, console, none" in warnings
     assert "VLLM_FRAG_OTEL_MAX_HOOK_ERRORS='-3'" in warnings and "a whole number >= 1" in warnings
     assert len(_warnings(stderr)) == 3
+
+
+def test_a_hook_variable_bound_by_walrus_or_as_clashes_too():
+    from vllm_frag_otel.plugin import hooks
+
+    def free_blocks(self, ordered_blocks, events): ...
+
+    def release(self, ordered_blocks, exc): ...
+
+    for original, name in ((free_blocks, "events"), (release, "exc")):  # `events :=` in {settle}; `except ... as exc`
+        with pytest.raises(ValueError, match=f"named like the hook's own variables: \\['{name}'\\]"):
+            hooks._compile(original, hooks._release("on_blocks_released"))
