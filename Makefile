@@ -1,5 +1,5 @@
 # The two commands of the README.
-.PHONY: test simulate setup e2e test-rules stack-up stack-down test-vllm-newest test-vllm-peer
+.PHONY: test simulate setup e2e test-rules stack-up stack-down test-vllm-newest test-vllm-peer mutate
 
 setup:
 	bash scripts/setup-venv.sh
@@ -34,3 +34,15 @@ stack-up:
 
 stack-down:
 	bash scripts/stack.sh stop
+
+# Mutation testing with mutmut (not part of `make test`; CONTRIBUTING.md): in a copy of the tree
+# (.mutation/), against the fast unit tests; stops after MUTATE_BUDGET seconds and resumes where it
+# stopped on the next run. One module: make mutate MODULE=vllm_frag_otel/core/layout.py
+MODULE ?= vllm_frag_otel/core vllm_frag_otel/plugin vllm_frag_otel/export vllm_frag_otel/analysis
+MUTATE_TESTS ?= tests/
+MUTATE_BUDGET ?= 1800
+MUTATE_JOBS ?= 1
+mutate: setup
+	.venv/bin/pip install -q --disable-pip-version-check -r requirements/dev.txt
+	.venv/bin/python scripts/mutate.py $(foreach m,$(MODULE),--module $(m)) $(foreach t,$(MUTATE_TESTS),--tests $(t)) \
+		--budget $(MUTATE_BUDGET) --jobs $(MUTATE_JOBS)

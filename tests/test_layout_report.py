@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -591,6 +592,177 @@ def test_layout_analysis_matches_brute_force(seed, bin_size):
         [t for h in expected for t in (h["since"], h["until"])])
 
 
+# -- layout's building blocks, alone (no simulation: fast enough for `make mutate`) ---------------------
+
+
+@pytest.mark.parametrize("blocks, max_cells, bin_size, dtype", [
+    (0, 8, 1, "uint8"),  # an empty map: no cell
+    (41, 14, 3, "uint8"),  # the last cell short
+    (255 * 4, 4, 255, "uint8"),  # 255 blocks a cell: the largest count a byte holds
+    (256 * 3, 3, 256, "uint16"),
+    (65536 * 2, 2, 65536, "uint32"),
+])
+def test_a_block_map_round_trips_in_the_smallest_count_type(blocks, max_cells, bin_size, dtype):
+    """A map's per-cell counts travel in the smallest unsigned type that holds a full cell
+    (the payload of every map of every pool, every few seconds), and decode to what was counted."""
+    rng = np.random.default_rng(blocks)
+    states = rng.integers(0, len(BLOCK_STATES), blocks).astype(np.uint8)
+    block_map = BlockMap.from_states(states, 123, max_cells)
+    assert (block_map.num_blocks, block_map.bin_size, block_map.cells) == (blocks, bin_size, -(-blocks // bin_size))
+    assert block_map.counts.dtype == np.dtype(dtype)
+    expected = cell_counts(states.tolist(), bin_size) if blocks else [[] for _ in BLOCK_STATES]
+    assert block_map.counts.tolist() == expected
+    payload, attributes = block_map.encode()
+    assert attributes == {layout.A_ENCODING: layout.ENCODING, layout.A_STATES: "free,cached,full,partial,empty",
+                          layout.A_DTYPE: dtype, layout.A_BLOCKS: blocks, layout.A_BIN: bin_size,
+                          layout.A_CELLS: block_map.cells}
+    assert len(zlib.decompress(payload)) == len(BLOCK_STATES) * block_map.cells * np.dtype(dtype).itemsize
+    decoded = BlockMap.decode(payload, {k: str(v) for k, v in attributes.items()}, 456)
+    assert (decoded.time_unix_nano, decoded.num_blocks, decoded.bin_size) == (456, blocks, bin_size)
+    assert decoded.counts.dtype == np.dtype(dtype) and decoded.counts.tolist() == expected
+
+
+def test_count_types_switch_exactly_at_their_limits():
+    """Beyond the cells a test can build: a cell of 2**32 blocks needs 64-bit counts."""
+    from vllm_frag_otel.core.layout import _count_dtype
+
+    assert [_count_dtype(n).name for n in (1, 255, 256, 65535, 65536, 2**32 - 1, 2**32)] == [
+        "uint8", "uint8", "uint16", "uint16", "uint32", "uint32", "uint64"]
+
+
+def test_a_malformed_block_map_is_refused_saying_what_is_wrong():
+    """Every check of `decode`, each with the message the report shows next to the file and line."""
+    states = np.array([0, 1, 2, 3, 4, 0, 0], dtype=np.uint8)
+    payload, attributes = BlockMap.from_states(states, 1, 3).encode()  # 3 cells of 3, the last one short
+    good = {k: str(v) for k, v in attributes.items()}
+    counts = np.frombuffer(zlib.decompress(payload), dtype=np.uint8).reshape(5, 3)
+    cases = [
+        ({**good, layout.A_ENCODING: "gzip"}, payload, "unknown block map encoding 'gzip'"),
+        ({k: v for k, v in good.items() if k != layout.A_ENCODING}, payload, "unknown block map encoding None"),
+        ({**good, layout.A_STATES: "free,cached,full"}, payload, "unknown block states 'free,cached,full'"),
+        ({k: v for k, v in good.items() if k != layout.A_STATES}, payload, "unknown block states None"),
+        ({k: v for k, v in good.items() if k != layout.A_BIN}, payload,
+         f"unreadable block map (KeyError: '{layout.A_BIN}')"),
+        (good, b"not zlib", "unreadable block map (error: Error -3 while decompressing data: incorrect header check)"),
+        ({**good, layout.A_DTYPE: "int8"}, payload, "inconsistent block map shape: 7 blocks, bin 3, 3 cells"),
+        ({**good, layout.A_BIN: "0"}, payload, "inconsistent block map shape: 7 blocks, bin 0, 3 cells"),
+        ({**good, layout.A_CELLS: "4"}, payload, "inconsistent block map shape: 7 blocks, bin 3, 4 cells"),
+        (good, zlib.compress(counts.tobytes()[:-1]), "block map payload has 14 bytes, expected 15"),
+        (good, zlib.compress((counts + np.eye(5, 3, dtype=np.uint8)).tobytes()),
+         "block map counts do not add up to the blocks of each cell"),
+    ]
+    for attrs, data, message in cases:
+        with pytest.raises(ValueError) as raised:
+            BlockMap.decode(data, attrs, 1)
+        assert str(raised.value) == message
+    assert BlockMap.decode(payload, good, 1).counts.tolist() == cell_counts(states.tolist(), 3)
+
+
+def test_stack_keeps_the_latest_shape_once_per_time_and_thins_evenly():
+    """A restarted engine may have resized its pool: only the latest shape's maps count, each
+    time once, in time order; beyond `max_maps`, evenly spaced ones, the first and last kept."""
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 5, 10).astype(np.uint8) for _ in range(61)]
+    maps = [BlockMap.from_states(r, 1_000 + 7 * t, 4) for t, r in enumerate(rows)]
+    old = [BlockMap.from_states(rng.integers(0, 5, 12).astype(np.uint8), 1_001 + 7 * t, 4) for t in range(5)]
+    shuffled = [maps[i] for i in rng.permutation(61)] + old + maps[:3]  # out of order, some twice
+    lay = layout.stack(shuffled)
+    assert (lay.num_blocks, lay.bin_size, lay.cells, lay.maps_seen) == (10, 3, 4, 61)
+    assert lay.times.dtype == np.int64 and lay.times.tolist() == [1_000 + 7 * t for t in range(61)]
+    assert lay.counts.dtype == np.int32 and lay.counts.tolist() == [cell_counts(r.tolist(), 3) for r in rows]
+    thinned = layout.stack(shuffled, max_maps=7)
+    kept = [0, 10, 20, 30, 40, 50, 60]  # round(i * 60 / 6)
+    assert thinned.maps_seen == 61 and thinned.times.tolist() == [1_000 + 7 * t for t in kept]
+    assert thinned.counts.tolist() == [cell_counts(rows[t].tolist(), 3) for t in kept]
+    assert layout.stack(shuffled, max_maps=61).times.tolist() == lay.times.tolist()
+    assert layout.stack([]) is None
+    assert [(lay.first_block(c), lay.last_block(c)) for c in range(4)] == [(1, 3), (4, 6), (7, 9), (10, 10)]
+
+
+def test_the_heat_map_mixes_each_cells_state_colours_by_their_share_of_its_blocks():
+    """41 blocks in cells of 3: the last cell's one block is all of it (not a third)."""
+    states, _, lay = _random_layout(2, 41, 5, 3)
+    picture = layout.image(lay)
+    assert picture.shape == (14, 5, 3) and picture.dtype == np.float32
+    sizes = [3] * 13 + [2]
+    for t, row in enumerate(states):
+        counts = cell_counts(row, 3)
+        for c in range(14):
+            mix = sum(counts[s][c] / sizes[c] * layout.STATE_COLOURS[s] for s in range(5))
+            assert picture[c, t].tolist() == pytest.approx(mix.tolist(), abs=1e-6)
+
+
+def test_heat_map_columns_reach_halfway_to_their_neighbours():
+    assert layout.column_edges(np.array([0.0, 1.0, 3.0])).tolist() == [-0.5, 0.5, 2.0, 4.0]
+    assert layout.column_edges(np.array([2.0, 2.5])).tolist() == [1.75, 2.25, 2.75]
+    assert layout.column_edges(np.array([5.0])).tolist() == [4.5, 5.5]  # one map: one second wide
+    assert layout.column_edges(np.array([])).tolist() == []
+
+
+@pytest.mark.parametrize("blocks, regions", [(10, 4), (7, 7), (5, 8), (1000, 32), (1001, 3), (9, 1), (1, 4)])
+def test_live_regions_split_the_usable_blocks_evenly(blocks, regions):
+    """Region r covers blocks [r * n // R, (r + 1) * n // R), R = min(regions, n): sizes differ by
+    at most one; the counts per state of each region are a recount of its blocks."""
+    bounds = layout.live_region_bounds(blocks, regions)
+    count = min(regions, blocks)
+    assert bounds.tolist() == [r * blocks // count for r in range(count + 1)]
+    assert bounds[0] == 0 and bounds[-1] == blocks and max(np.diff(bounds)) - min(np.diff(bounds)) <= 1
+    states = np.random.default_rng(blocks).integers(0, 5, blocks).astype(np.uint8)
+    found = layout.region_counts(states, regions)
+    assert found.shape == (5, count)
+    for r in range(count):
+        part = states[bounds[r]:bounds[r + 1]].tolist()
+        assert found[:, r].tolist() == [part.count(s) for s in range(5)]
+
+
+def test_quiet_regions_and_windows_are_not_listed():
+    """A pool where only blocks 1-3 change, and only between the first maps: fewer hot regions
+    and windows than asked for, each with its share and rate, and nothing for the quiet rest."""
+    quiet = [0] * 9
+    states = [[0, 0, 0] + quiet, [2, 2, 2] + quiet] + [[3, 3, 2] + quiet] * 4  # 3 changes, then 2, then none
+    maps = [BlockMap.from_states(np.array(r, dtype=np.uint8), 1_000 + t, 12) for t, r in enumerate(states)]
+    lay = layout.stack(maps)
+    seconds = np.array([0.0, 0.5, 1.5, 2.0, 2.5, 4.0])
+    regions = layout.hot_regions(lay, 4, top=3)
+    assert [(r.first_block, r.last_block, r.changes, r.share, r.changes_per_block) for r in regions] == [
+        (1, 3, 5, 1.0, pytest.approx(5 / 3))]
+    windows = layout.hot_windows(lay, seconds, 5, top=3)
+    assert [(w.start_s, w.end_s, w.changes, w.share, w.changes_per_second) for w in windows] == [
+        (0.0, 0.5, 3, 0.6, 6.0), (0.5, 1.5, 2, 0.4, 2.0)]
+    # two maps at the same simulated second (a clock flat before its first step): a rate without a duration
+    flat = layout.hot_windows(lay, np.array([0.0, 0.0, 1.5, 2.0, 2.5, 4.0]), 5, top=1)
+    assert [(w.changes, w.changes_per_second) for w in flat] == [(3, float("inf"))]
+
+
+def test_holes_tie_broken_by_width_and_open_until_a_flat_end():
+    """Holes of equal idle memory rank the widest first, then the lowest block id; and a hole
+    still unheld at the last map is open even when the last maps share one time (a simulated
+    clock reads maps after its last step as that step), not ended at an earlier sighting."""
+    F, H = FREE, FULL
+    states = [
+        [H, H, H, H, H, H, H],
+        [F, H, H, F, F, H, H],  # block 1 and blocks 4-5 become unheld
+        [F, H, H, F, F, H, F],  # block 7 too
+        [F, H, H, F, F, H, F],
+        [H, H, H, F, F, H, F],  # block 1 held again
+    ]
+    seconds = [0.0, 1.0, 2.0, 3.0, 3.0]  # the last two maps at one time
+    maps = [BlockMap.from_states(np.array(r, dtype=np.uint8), 1_000 + t, 7) for t, r in enumerate(states)]
+    lay = layout.stack(maps)
+    found = layout.long_lived_holes(lay, np.array(seconds), top=5)
+    expected = brute_holes(states, 1, seconds)
+    assert [(h.first_block, h.last_block, h.since_s, h.until_s, h.kind) for h in found] == [
+        (h["first"], h["last"], h["since"], h["until"], h["status"]) for h in expected]
+    # blocks 4-5 (2 x 2 s) before block 7 (1 x 1 s) and block 1 (1 x 2 s, ended at the 4th map)
+    assert [(h.first_block, h.last_block, h.kind) for h in found] == [(4, 5, "open"), (1, 1, "ended"),
+                                                                       (7, 7, "open")]
+    # equal idle memory: 2 blocks x 1 s against 1 block x 2 s, the narrow one at lower block ids
+    states = [[H] * 6, [F, H, H, H, H, H], [F, H, H, H, F, F], [F, H, H, H, F, F]]
+    maps = [BlockMap.from_states(np.array(r, dtype=np.uint8), 2_000 + t, 6) for t, r in enumerate(states)]
+    ranked = layout.long_lived_holes(layout.stack(maps), np.array([0.0, 1.0, 2.0, 3.0]), top=5)
+    assert [(h.first_block, h.last_block, h.seconds) for h in ranked] == [(5, 6, 1.0), (1, 1, 2.0)]
+
+
 def _report_with_maps(run, tmp_path, states, times, max_cells):
     """The simulated pool's report with these maps instead of the generated ones."""
     (metrics,) = run.inputs.glob("metrics-*.jsonl")
@@ -626,6 +798,21 @@ def test_binned_maps_are_reported_per_cell(run, tmp_path):
     edges = equal_edges(34, 32)
     assert churn.image.tolist() == [[sum(changes[t][lo:hi]) for t in range(MAPS - 1)]
                                     for lo, hi in zip(edges, edges[1:])]
+
+
+def test_binned_state_shares_are_of_the_pools_blocks_not_of_its_cells(run, tmp_path):
+    """100 blocks in 34 cells of 3: the last cell holds one block, not three. The shares of
+    blocks by state are of the 100 blocks (they add up to 100%), each equal to a count of the
+    generated per-block states; cells x bin size (102) would show every share too small and a
+    sum of 98%, which no one-block-per-cell test can see."""
+    r = _report_with_maps(run, tmp_path, run.states, run.times, max_cells=34)
+    assert (r.block_layout.cells, r.block_layout.bin_size) == (34, 3) and 34 * 3 != BLOCKS
+    (line,) = [x for x in _section(report.render_text(r)) if x.startswith("  blocks by state, averaged over the maps: ")]
+    shown = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
+    totals = Counter(s for row in run.states for s in row)
+    assert shown == {name: f"{100 * totals[code] / (MAPS * BLOCKS):.1f}%" for code, name in enumerate(BLOCK_STATES)}
+    # five shares rounded to 0.1%: their sum is 100% within 5 x 0.05%
+    assert abs(sum(float(v.rstrip("%")) for v in shown.values()) - 100) <= 0.25
 
 
 def test_a_single_map_has_no_churn_to_show(run, tmp_path):

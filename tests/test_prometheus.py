@@ -249,6 +249,56 @@ def test_every_point_the_otlp_path_exports_is_served_with_the_same_value(engine_
     assert _value(samples, "vllm_kv_cache_block_idle_duration_seconds_count") > 0
 
 
+def _promoted_by_the_otlp_path() -> list[str]:
+    """The resource attributes Prometheus' OTLP receiver promotes to labels, read from the
+    shipped deploy/prometheus/prometheus.yml (the other path to the same series)."""
+    import yaml
+
+    from helpers import REPO
+
+    config_file = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    return list(config_file["otlp"]["promote_resource_attributes"])
+
+
+def test_every_resource_attribute_the_otlp_path_promotes_is_a_label_of_every_scraped_series(engine_env,
+                                                                                               monkeypatch):
+    """The scrape path and the OTLP path (deploy/prometheus/prometheus.yml) must give the same
+    series the same labels, or rules and dashboards that select by, say, service_namespace find
+    the pushed series and miss the scraped ones. The list is read from the yml, not copied here:
+    an attribute added there and not to the scrape path fails this test. Every attribute is set
+    by the operator (OTEL_RESOURCE_ATTRIBUTES, which wins over the plugin's own values) to a
+    value of its own, so each label is checked for its value, on every series of the plugin (the
+    engine's own attributes, also on every point, keep the engine's values)."""
+    promoted = _promoted_by_the_otlp_path()
+    assert {"service.name", "service.namespace", "host.name"} <= set(promoted)  # the file was read
+    # the rank stays the engine's (0): it also picks the port
+    values = {name: "0" if name == "vllm.data_parallel.rank" else f"v{i}-{name.replace('.', '-')}"
+              for i, name in enumerate(promoted)}
+    port = engine_env(VLLM_FRAG_OTEL_EXPORTER="none,prometheus", VLLM_FRAG_OTEL_SPANS="false",
+                      OTEL_RESOURCE_ATTRIBUTES=",".join(f"{k}={v}" for k, v in values.items()))
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    scheduler = _pressured()
+    rng = random.Random(7)
+    for _ in range(20):
+        sim.step(scheduler, rng)
+    samples = _scrape(port)
+    # the engine's own attributes are also on every point, and a point's attribute wins over a
+    # promoted resource attribute of the same name on both paths (Prometheus' OTLP translation too)
+    from vllm_frag_otel.plugin.hooks import _engine_attributes
+
+    engine = _engine_attributes(scheduler.vllm_config)
+    assert "service.version" in engine  # (so the pool's series carry the engine's, not the operator's)
+    allowed = {name.replace(".", "_"): {value, str(engine.get(name, value))} for name, value in values.items()}
+    ours = [(name, dict(labels)) for name, labels in samples if name.startswith(("vllm_kv_cache", "vllm_frag_otel"))]
+    assert len(ours) > 50 and any(n.endswith("_bucket") for n, _ in ours)  # gauges, counters and histograms
+    for name, labels in ours:
+        for label, accepted in allowed.items():
+            assert labels.get(label) in accepted, (name, label, labels.get(label), accepted)
+    # and the process-wide series (no engine attributes on their points) carry the operator's values
+    (active,) = [labels for name, labels in ours if name == "vllm_frag_otel_active_ratio"]
+    assert {label: active.get(label) for label in allowed} == {n.replace(".", "_"): v for n, v in values.items()}
+
+
 def test_the_port_is_the_base_port_plus_the_data_parallel_rank(engine_env, monkeypatch, caplog):
     """The hooks read the rank from vLLM's ParallelConfig; engines of ranks 0..N-1 on one host
     listen on base..base+N-1."""

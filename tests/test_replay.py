@@ -350,3 +350,104 @@ def test_aborted_and_unfinished_requests(tmp_path):
     (class_row,) = [r for r in replay.latency_rows(spans, Clock(0)) if r.event == "preempted"]
     assert (class_row.met.requests, class_row.spared.requests) == (1, 1)  # spans 4 and 0: complete only
     assert class_row.met.per_token[0] == pytest.approx(2.0 / 20) and class_row.spared.duration[0] == pytest.approx(1)
+
+
+# -- the workload from hand-made spans: arrivals and the prefix estimate --------------------------
+
+
+def _span(n: int, start_ns: int, hits: int = 0, resumed_hits: int = 0, preemptions: int = 0):
+    from vllm_frag_otel.analysis.otlp_read import RequestSpan
+
+    return RequestSpan(instance="i", request_id=f"r{n}", prompt_tokens=200 + n, output_tokens=5 + n,
+                       hit_tokens=hits, peak_blocks=0, allocated_slots=0, unused_slots=0,
+                       preemptions=preemptions, allocation_failures=0, finish_status="finished_stopped", groups=1,
+                       released_blocks=0, resumed_hit_tokens=resumed_hits, start_ns=start_ns,
+                       end_ns=start_ns + 10**9)
+
+
+def test_arrivals_count_from_the_first_requests_step_not_from_step_0(tmp_path):
+    """A real server (or a simulator run's traffic) rarely sends its first request at step 0.
+    Arrivals are measured from the step of the first lookup: the first request arrives at 0.0
+    and every other one as many steps later as the clock file says, exactly (a replay puts each
+    request back in its own step: `floor(arrival / step_seconds)`). Every run of the round trip
+    above starts at step 0, so it cannot tell "since the first request" from "since step 0"; here
+    the first lookup is at step 10, and later ones at offsets 0..29 (29 steps of 0.02 s: 0.58 s,
+    where floating point puts a subtraction of two step starts one step early)."""
+    from vllm_frag_otel.analysis import replay
+    from vllm_frag_otel.analysis.report import Clock
+    from vllm_frag_otel.sim import simclock
+
+    step_s, base = 0.02, 1_700_000_000_000_000_000
+    # the clock file: one line after each of 60 steps, 1 ms of wall-clock time per step
+    wall = np.array([base + (k + 1) * 1_000_000 for k in range(60)], dtype=np.int64)
+    steps = simclock.StepClock(tmp_path / "clock-1-1.csv", "h", "1", step_s, wall,
+                               np.array([(k + 1) * step_s for k in range(60)]))
+    # (step of the first lookup, request): the example's three, then one request per step 10..39
+    arrivals = [(10, 0), (12, 1), (15, 2)] + [(10 + offset, 3 + offset) for offset in range(30)]
+    spans = [_span(n, int(wall[step - 1]) + 400_000) for step, n in arrivals]  # inside step `step`
+    found = replay.workload(spans[::-1], Clock(base, steps))  # any input order: sorted by arrival
+    assert found.step_seconds == step_s and not found.skipped
+    by_request = {line.request_id: line.arrival_time for line in found.lines}
+    assert [by_request[f"r{n}"] for n in (0, 1, 2)] == [0.0, 0.04, 0.1]
+    for step, n in arrivals:
+        assert math.floor(by_request[f"r{n}"] / step_s) == step - 10, (step, by_request[f"r{n}"])
+        assert by_request[f"r{n}"] == pytest.approx((step - 10) * step_s, abs=1e-8)
+    # and through the file, as simulate reads it
+    path = replay.write_workload(found, tmp_path / "workload.jsonl")
+    replayed = workloads.load_trace(path, [])
+    assert workloads.arrival_steps(replayed, step_s).tolist() == sorted(step - 10 for step, _ in arrivals)
+
+
+def _otlp_span(n: int, start_ns: int, hits: int, resumed_hits: list[int]) -> dict:
+    """A request span as the plugin's OTLP/JSON file exporter writes it: hits at the first
+    admission as attributes, each re-admission after a preemption as a "resumed" event."""
+    def attribute(key: str, value) -> dict:
+        return {"key": key, "value": {"intValue": str(value)} if isinstance(value, int) else {"stringValue": value}}
+
+    attributes = [attribute("vllm.request.id", f"r{n}"), attribute("gen_ai.usage.input_tokens", 300 + n),
+                  attribute("gen_ai.usage.output_tokens", 7), attribute("vllm.kv_cache.prefix_cache.hit_tokens", hits),
+                  attribute("gen_ai.usage.cache_read.input_tokens", hits),
+                  attribute("vllm.request.preemptions", len(resumed_hits)),
+                  attribute("vllm.request.finish_status", "finished_length_capped")]
+    events = []
+    for i, resumed in enumerate(resumed_hits):
+        events.append({"name": "preempted", "timeUnixNano": str(start_ns + 10 * i + 1),
+                       "attributes": [attribute("vllm.kv_cache.block.released", 5)]})
+        events.append({"name": "resumed", "timeUnixNano": str(start_ns + 10 * i + 2),
+                       "attributes": [attribute("vllm.kv_cache.prefix_cache.hit_tokens", resumed)]})
+    return {"traceId": f"{n + 1:032x}", "spanId": f"{n + 1:016x}", "name": "vllm.kv_cache.request",
+            "startTimeUnixNano": str(start_ns), "endTimeUnixNano": str(start_ns + 10**9),
+            "attributes": attributes, "events": events}
+
+
+def test_the_prefix_estimate_is_the_first_admissions_hits_not_the_resumptions(tmp_path):
+    """`prefix_len` says how much of a request's prompt an earlier request had cached when it
+    arrived. A preempted request hits its own blocks when it is re-admitted (whatever survived
+    of them in the prefix cache): those hits say nothing about sharing with other requests, and
+    counted in they would make a replay share prefixes the traffic never shared (a request that
+    shared nothing would get a prefix group). From the raw span lines, through the reader."""
+    from vllm_frag_otel.analysis import otlp_read, replay
+    from vllm_frag_otel.analysis.report import Clock
+
+    base = 1_700_000_000_000_000_000
+    # (first-admission hits, hits at each re-admission)
+    stories = [(0, [256, 112]), (64, [320]), (0, []), (32, [0, 48]), (0, [16])]
+    spans = [_otlp_span(n, base + n * 10**8, hits, resumed) for n, (hits, resumed) in enumerate(stories)]
+    record = {"resourceSpans": [{"resource": {"attributes": [
+        {"key": "service.instance.id", "value": {"stringValue": "a"}}]},
+        "scopeSpans": [{"scope": {"name": "vllm_frag_otel"}, "spans": spans}]}]}
+    path = tmp_path / "traces-1.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    telemetry = otlp_read.read([path])
+    assert telemetry.problems == []
+    read = {s.request_id: s for s in telemetry.spans}
+    for n, (hits, resumed) in enumerate(stories):
+        assert (read[f"r{n}"].hit_tokens, read[f"r{n}"].resumed_hit_tokens) == (hits, sum(resumed))
+    found = replay.workload(telemetry.spans, Clock(base))
+    assert [(line.request_id, line.prefix_len) for line in found.lines] == [
+        (f"r{n}", hits or None) for n, (hits, _) in enumerate(stories)]
+    replay.write_workload(found, tmp_path / "workload.jsonl")
+    lines = _lines(tmp_path / "workload.jsonl")
+    assert [line.get("prefix_len") for line in lines] == [None, 64, None, 32, None]
+    assert [line.get("prefix_group") for line in lines] == [None, "shared", None, "shared", None]
+    assert found.with_prefix == 2

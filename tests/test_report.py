@@ -318,6 +318,24 @@ def test_the_summary_answers_the_four_questions_with_the_recorded_numbers(cumula
     assert "block size 16" in text
 
 
+def test_the_share_of_failed_calls_is_of_all_calls_and_the_same_in_summary_and_advice(cumulative, built):
+    """The failed allocate_slots calls as a share of all calls (failures + successes), in the
+    "waiting" line and in the advice, recomputed here from the run's own summary.json: a share
+    of the successes only (324 of 2429 failed: 15.4% instead of 13.3%) would have the two lines
+    of one report disagree, and the count check above still pass."""
+    out, _ = built
+    final = {k: int(v["final"]) for k, v in _summary(cumulative)["fields"].items()}
+    failures, attempts = final["allocation_failures"], final["allocation_attempts"]
+    assert 0 < failures < attempts  # the run failed some calls, not all
+    share = f"{100 * failures / attempts:.1f}%"
+    assert share != f"{100 * failures / (attempts - failures):.1f}%"  # the two readings differ at this precision
+    text = (out / "summary.txt").read_text()
+    (waiting,) = [line for line in text.splitlines() if line.startswith("  - waiting: ")]
+    assert f"{failures} of {attempts} allocate_slots calls failed ({share});" in waiting
+    (advice,) = [line for line in text.splitlines() if "The pool runs out (" in line]
+    assert f"{failures} failed allocations, {share} of calls)" in advice
+
+
 def test_one_kv_cache_group_gets_one_line_not_a_section(cumulative, built):
     """A single-group pool: the header names its group; no groups table, no groups
     chart; groups.csv has its one row, as recounted from the raw points."""

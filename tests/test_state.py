@@ -269,3 +269,44 @@ def test_allocation_calls_are_counted_by_the_sampling_countdown():
     assert s.calls_until_timed == 0
     s.on_allocation(False, 1e-5)  # counted and timed directly (the hook-free API)
     assert (s.allocation_calls, s.allocations["failure"]) == (1101, 1)
+
+
+def test_timed_calls_are_a_random_sample_not_every_nth_call():
+    """The allocate_slots sample must be random per call, not one call in 1/rate:
+    vLLM makes about as many calls per step as it runs requests, so a fixed gap
+    times the same batch position every time (4 calls a step, rate 0.01: a gap
+    of 99 lands every timed call on one position) and the latency histogram and
+    its exemplars describe that position only. Driven as the hook drives it
+    (plugin/hooks.py `_ALLOCATE_SLOTS`): count down the untimed calls of a gap,
+    `on_timed_call()` when the countdown is 0. The gaps must look geometric:
+    P(gap = 0) = rate, mean (1 - rate) / rate, variance (1 - rate) / rate**2."""
+    rate, per_step, steps = 0.01, 4, 100_000
+    s = KVCacheState(4, [4])
+    s.set_allocation_sample_rate(rate)
+    positions = [0] * per_step
+    gaps, untimed = [], 0
+    for _ in range(steps):
+        for position in range(per_step):
+            if s.calls_until_timed:  # the hook's untimed path
+                s.calls_until_timed -= 1
+                untimed += 1
+            else:  # the hook's timed path
+                s.on_timed_call()
+                positions[position] += 1
+                gaps.append(untimed)
+                untimed = 0
+    timed = sum(positions)
+    assert s.allocation_calls == steps * per_step  # counts stay exact whatever the gaps
+    assert abs(timed - rate * steps * per_step) < 4 * (steps * per_step * rate * (1 - rate)) ** 0.5  # 4000 +- 4 sd
+    # spread over the batch positions: each about a quarter (chi-square, 3 degrees of freedom, p = 0.001: 16.3)
+    expected = timed / per_step
+    chi_square = sum((n - expected) ** 2 / expected for n in positions)
+    assert chi_square < 16.3, positions
+    assert all(0.15 < n / timed < 0.35 for n in positions), positions
+    # the gaps (untimed calls before each timed one; the first one follows the rate change) are geometric
+    gaps = np.array(gaps[1:], dtype=np.float64)
+    mean, variance = (1 - rate) / rate, (1 - rate) / rate**2
+    assert abs(gaps.mean() - mean) < 4 * (variance / gaps.size) ** 0.5
+    assert 0.8 * variance < gaps.var() < 1.2 * variance  # a fixed gap has variance 0
+    zeros = int((gaps == 0).sum())  # a call right after a timed one is timed with probability `rate`
+    assert abs(zeros - rate * gaps.size) < 4 * (gaps.size * rate * (1 - rate)) ** 0.5, zeros
