@@ -10,12 +10,14 @@ import numpy as np
 
 from collection import Collector, _advance, build_block_map
 from common import log
-from step import BLOCK_EVENTS, Config, Scenario, StepBench
+from step import Config, Scenario, StepBench
 
 
 HOOK_GROUPS = {
     "allocate_slots": ("KVCacheManager.allocate_slots",),
-    "block alloc/free/touch": (BLOCK_EVENTS, "BlockPool.free_blocks", "BlockPool.unpin_blocks"),
+    "block alloc/free/touch": (
+        "BlockPool.get_new_blocks", "BlockPool.touch", "BlockPool.free_blocks", "BlockPool.unpin_blocks",
+    ),
     "prefix-cache hash/evict": (
         "BlockPool.cache_full_blocks", "BlockPool.cache_partial_block", "BlockPool.move_block_hashes",
         "BlockPool.evict_blocks", "BlockPool.reset_prefix_cache",
@@ -206,7 +208,6 @@ def profile(bench: StepBench, cfg: Config, pairs: int = 5, self_time_runs: int =
         qualname = f"{cls.__name__}.{method}"
         name = next((g for g, members in HOOK_GROUPS.items() if qualname in members), "other")
         groups[name].append((cls, method))
-    groups[next(g for g, members in HOOK_GROUPS.items() if BLOCK_EVENTS in members)].append(BLOCK_EVENTS)
     groups = {g: pts for g, pts in groups.items() if pts}
     log(f"profile: ablation of {len(groups)} hook groups x {pairs} pairs")
     base, full_all, saved = [], [], {g: [] for g in groups}
@@ -228,7 +229,7 @@ def profile(bench: StepBench, cfg: Config, pairs: int = 5, self_time_runs: int =
     for g, pts in groups.items():
         s = statistics.median(saved[g])
         note = f" ({errors[g]} contained hook errors without them)" if errors[g] else ""
-        members = ", ".join(p if p == BLOCK_EVENTS else f"{p[0].__name__}.{p[1]}" for p in pts)
+        members = ", ".join(f"{c.__name__}.{m}" for c, m in pts)
         share = f"{s / hooks_s * 100:12.1f}%" if hooks_s > 0 else f"{'n/a':>13s}"
         out(f"{g:28s} {s:8.3f} {share} {s / baseline_s * 100:11.1f}%  {members}{note}\n")
 

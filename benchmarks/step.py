@@ -90,10 +90,6 @@ def _call(run: Callable[[], dict]) -> dict:
     return run()
 
 
-# An `ablate` entry: not a wrapped method but the plugin's tap on vLLM's per-block seam.
-BLOCK_EVENTS = "BlockPool.metrics_collector"
-
-
 class StepBench:
     """Runs one workload to completion under one variant, timing the scheduler."""
 
@@ -149,8 +145,8 @@ class StepBench:
             g.active, g.errors = True, 0
         else:
             self.instrumentor.uninstrument()
-        hooked = getattr(self.BlockPool.__dict__["free_blocks"], "__vllm_frag_otel_hook__", False)
-        assert hooked == on, f"BlockPool.free_blocks hooked={hooked}, expected {on}"
+        hooked = getattr(self.BlockPool.__dict__["get_new_blocks"], "__vllm_frag_otel_hook__", False)
+        assert hooked == on, f"BlockPool.get_new_blocks hooked={hooked}, expected {on}"
 
     def _spans_runtime(self):
         import dataclasses
@@ -170,15 +166,12 @@ class StepBench:
             around_steps=_call) -> dict:
         """One run to completion. `collect=False`: no metrics collection at all
         (hooks only); `ablate=[(cls, method), ...]`: those hooks unwrapped (profiling);
-        `BLOCK_EVENTS` in `ablate`: the plugin's tap on vLLM's per-block seam detached;
         `around_steps(run)`: returns `run()`, the stepping alone (the scheduler's steps and
         the plugin's collections, not the set-up), e.g. inside an instruction count."""
         plugin = variant.startswith("plugin")
         # instrumentation first, then the scheduler: pools built unhooked are not tracked
         self._set_instrumented(plugin)
         restore = runtime = previous_runtime = span_exporter = None
-        events_off = BLOCK_EVENTS in (ablate or ())
-        ablate = [point for point in ablate or () if point != BLOCK_EVENTS]
         if ablate:
             restore = [(cls, m, cls.__dict__[m]) for cls, m in ablate]
             for cls, m, hook in restore:
@@ -201,8 +194,6 @@ class StepBench:
             finally:
                 if runtime is not None:
                     self.telemetry.install(previous_runtime)
-            if events_off:
-                scheduler.kv_cache_manager.block_pool.metrics_collector.detach()
             result = self._run(variant, scheduler, specs, seed, collect, around_steps)
         finally:
             for cls, m, hook in restore or ():

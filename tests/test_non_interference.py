@@ -52,7 +52,7 @@ def test_scheduler_outputs_identical_with_and_without_plugin(plugin, request):
     request.getfixturevalue("unhooked")
     from vllm.v1.core.block_pool import BlockPool
 
-    assert not hasattr(BlockPool.__dict__["free_blocks"], "__wrapped__")
+    assert not hasattr(BlockPool.__dict__["get_new_blocks"], "__wrapped__")
     without_plugin = _trace()
     assert len(with_plugin) > 100
     assert with_plugin == without_plugin

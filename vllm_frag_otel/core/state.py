@@ -97,12 +97,6 @@ class BucketHistogram:
         return window
 
 
-class PendingEvents(Protocol):
-    """Block events buffered by the hook layer, not yet reported to the ledger."""
-
-    def settle(self) -> None: ...
-
-
 class HasComputedTokens(Protocol):
     """What the core reads of a request: how many of its tokens are computed."""
 
@@ -296,9 +290,8 @@ class KVCacheState:
         self.stepping_thread: int | None = None  # the thread that runs the scheduler's steps
         self._checked = threading.Event()
         self.drift_repairs = 0
-        # set by the hook layer: block events it buffers, reported by `settle()` on
-        # the scheduler's thread (a collection there settles them first)
-        self.block_events: PendingEvents | None = None
+        # set by the hook layer while a pool call that counts its own evictions runs
+        self.evictions_counted_by_caller = False
         # allocate_slots is timed for an unbiased random sample of its calls: each
         # call with probability `allocation_sample_rate`, whatever its place in a step.
         # The hook counts down the untimed calls of the current gap; the calls are
@@ -748,8 +741,6 @@ class KVCacheState:
         some holder computed one, else empty (not yet computed, or held outside
         any request's table, e.g. a copy-on-write source).
         """
-        with self.lock:
-            self._settle_pending()
         with self._collect_lock:
             held = self._held_states(self._sync_tables())
         with self.lock:
@@ -778,16 +769,8 @@ class KVCacheState:
         snapshot's free - cached, cached and used blocks."""
         return self._snapshot(True)  # type: ignore[return-value]
 
-    def _settle_pending(self) -> None:
-        """Report buffered block events first when on the scheduler's thread (or
-        with no scheduler); elsewhere they wait for its next settlement: the
-        scheduler may be between an eviction and its allocation. Callers hold `lock`."""
-        if self.block_events is not None and self.stepping_thread in (None, threading.get_ident()):
-            self.block_events.settle()
-
     def _snapshot(self, with_states: bool) -> tuple[FragmentationSnapshot, np.ndarray | None]:
         with self.lock:
-            self._settle_pending()
             free_bits = np.packbits(self._free_view[1:].view(bool))
             free_mask = self._free_view[1:].copy() if with_states else None
             hashed = self._hashed_view[1:].copy() if with_states else None

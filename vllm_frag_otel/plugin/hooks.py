@@ -72,7 +72,6 @@ class HookGuard:
         logger.debug("vllm-frag-otel hook error", exc_info=exc)
         if self.active and self.errors >= self.max_errors:
             self.active = False
-            _detach_taps()
             logger.warning(
                 "vllm-frag-otel: disabled after %d hook errors (last: %s: %s at %s); "
                 "vLLM is unaffected, KV-cache telemetry stops.",
@@ -118,8 +117,7 @@ class _Forwarder:
     same hook adds 1,800 (callgrind).
 
     `body` is the function body; `{arguments}` becomes the original's
-    arguments, `{first}` the name of its first parameter after self and
-    `{settle}` settles the pool's buffered block events (`BlockEvents`); it
+    arguments and `{first}` the name of its first parameter after self; it
     may read `original` and the module's globals.
     """
 
@@ -146,7 +144,7 @@ def _compile(original: Callable, forwarder: _Forwarder) -> Callable:
         ))
         prefix = {kinds.VAR_POSITIONAL: "*", kinds.VAR_KEYWORD: "**", kinds.KEYWORD_ONLY: f"{name}="}.get(p.kind, "")
         arguments.append(prefix + name)
-    bound = re.findall(r"^\s*(\w+) = |(\w+) := |\bas (\w+)", forwarder.body + "\n" + _SETTLE, re.M)
+    bound = re.findall(r"^\s*(\w+) = |(\w+) := |\bas (\w+)", forwarder.body, re.M)
     clash = ({name for names in bound for name in names if name} | {"original", "_defaults", "hooked"}) & {
         p.name for p in parameters
     }
@@ -154,9 +152,7 @@ def _compile(original: Callable, forwarder: _Forwarder) -> Callable:
         raise ValueError(f"{original.__qualname__} has parameters named like the hook's own variables: {sorted(clash)}")
     header = signature.replace(parameters=parameters, return_annotation=signature.empty)
     first = parameters[1].name if len(parameters) > 1 else ""
-    body = textwrap.indent(
-        textwrap.dedent(forwarder.body).format(arguments=", ".join(arguments), first=first, settle=_SETTLE), " " * 8
-    )
+    body = textwrap.indent(textwrap.dedent(forwarder.body).format(arguments=", ".join(arguments), first=first), " " * 8)
     source = (
         f"def factory(original, _defaults):\n    def hooked{header}:\n{body}\n    return hooked\n"
     )
@@ -170,147 +166,14 @@ def _pool_init(wrapped, pool, args, kwargs):
     with _guard:
         if pool.num_gpu_blocks < 2:  # a lookup-only view (a KV connector's), no pool to count
             return
-        state = pool.__dict__[_STATE] = KVCacheState(pool.num_gpu_blocks, [pool.hash_block_size])
-        BlockEvents.install(pool, state)
+        pool.__dict__[_STATE] = KVCacheState(pool.num_gpu_blocks, [pool.hash_block_size])
 
 
-class BlockEvents:
-    """vLLM's own seam for per-block events, in place of wrapping the methods
-    that make them: a BlockPool calls its `metrics_collector`'s
-    `on_block_allocated` (get_new_blocks), `on_block_accessed` (a prefix hit
-    in touch) and `on_block_evicted` (_maybe_evict_cached_block) inline, for
-    every block. Bound to lists' `append`, an event costs no Python frame; the
-    ledger settles the buffered blocks on the scheduler's thread: at the end
-    of allocate_slots (so a request's blocks are attributed to it), before
-    every hooked pool call, at the self-check and at a collection.
-
-    vLLM's own collector (--kv-cache-metrics) is chained and keeps working.
-    Never define `__bool__` or `__len__`: vLLM tests `if self.metrics_collector:`.
-    """
-
-    __slots__ = ("on_block_allocated", "on_block_accessed", "on_block_evicted", "allocated", "accessed", "evicted",
-                 "chained", "_pool", "_state", "__weakref__")
-
-    def __init__(self, pool, state: KVCacheState, chained=None):
-        self.allocated: list = []
-        self.accessed: list = []
-        self.evicted: list = []
-        self.chained = chained
-        self._pool = weakref.ref(pool)
-        self._state = state
-        for name, buffer in (("on_block_allocated", self.allocated), ("on_block_accessed", self.accessed),
-                             ("on_block_evicted", self.evicted)):
-            setattr(self, name, buffer.append if chained is None else _chain(buffer.append, getattr(chained, name)))
-
-    @classmethod
-    def install(cls, pool, state: KVCacheState) -> BlockEvents:
-        """Put a tap on `pool`, chaining the collector vLLM gave it, unless that
-        collector exists only because of another pool's tap (vLLM builds a
-        HiSparse host pool's collector from the device pool's `sample_rate`)."""
-        chained = pool.metrics_collector
-        if chained is not None and getattr(chained, "sample_rate", None) == UNCHAINED_SAMPLE_RATE:
-            chained = None
-        tap = state.block_events = pool.metrics_collector = cls(pool, state, chained)
-        _taps.add(tap)
-        return tap
-
-    @property
-    def sample_rate(self) -> float:
-        return self.chained.sample_rate if self.chained is not None else UNCHAINED_SAMPLE_RATE
-
-    def reset(self) -> None:
-        if self.chained is not None:
-            self.chained.reset()
-
-    def drain_events(self) -> list:
-        return self.chained.drain_events() if self.chained is not None else []
-
-    def settle(self) -> None:
-        """Report the buffered events to the ledger; on the scheduler's thread,
-        callers hold the ledger's lock. Each block get_new_blocks pops is named
-        by an eviction and then an allocation (capacity evictions are the
-        ledger's to count: it knows which popped blocks were cached); any
-        other eviction is vLLM dropping an entry directly (Mamba "align"
-        re-keys a checkpoint whose state it overwrites). A prefix hit cannot
-        share a settlement with an allocation or eviction of the same block:
-        a hit block stays held, and every release or new entry settles first.
-        An error is contained and counted, and the events are dropped (the
-        self-check repairs the flags they would have set)."""
-        allocated, accessed, evicted = self.allocated, self.accessed, self.evicted
-        try:
-            pool, state = self._pool(), self._state
-            if pool is None:
-                return
-            now = monotonic()
-            if evicted and len(evicted) != (len(allocated) if pool.enable_caching else 0):
-                popped = set(map(id, allocated))
-                own = pool.blocks
-                for block in evicted:
-                    if id(block) not in popped and _owned(own, block):
-                        state.on_block_unhashed(block.block_id, "replaced", now)
-            if allocated:
-                state.on_blocks_allocated(list(map(_block_id, allocated)), now)
-            if accessed:
-                own = pool.blocks
-                size = len(own)
-                state.on_blocks_touched([b.block_id for b in accessed if b.block_id < size and own[b.block_id] is b])
-        except Exception as exc:
-            _guard.failed(exc)
-        finally:
-            allocated.clear(), accessed.clear(), evicted.clear()
-
-    def detach(self) -> None:
-        """Give the pool back the collector vLLM gave it; nothing is buffered any more."""
-        pool = self._pool()
-        if pool is not None and pool.metrics_collector is self:
-            pool.metrics_collector = self.chained
-        self.allocated.clear(), self.accessed.clear(), self.evicted.clear()
-
-    def attached(self, pool) -> bool:
-        """Whether `pool` still reports its blocks here (vLLM could replace its collector)."""
-        return pool.metrics_collector is self
-
-
-# Every pool's tap, detached when the plugin turns itself off or is uninstrumented:
-# with no hook left to settle them, they would buffer without bound.
-_taps: weakref.WeakSet[BlockEvents] = weakref.WeakSet()
-
-
-def _detach_taps() -> None:
-    for tap in list(_taps):
-        tap.detach()
-    _taps.clear()
-
-
-# The `sample_rate` a tap without a chained vLLM collector shows; a collector
-# vLLM builds from it (for a HiSparse host pool) is not chained.
-UNCHAINED_SAMPLE_RATE = 2.0 ** -40
-
-
-def _chain(first: Callable, second: Callable) -> Callable:
-    def both(block) -> None:
-        first(block)
-        second(block)
-
-    return both
-
-
-_block_id = operator.attrgetter("block_id")
-
-
-def _owned(pool_blocks: list, block) -> bool:
-    """Whether `block` is this pool's own: its id names it in the pool. How a
-    block records its pool changed (0.33: the pool, 0.34: a weak reference),
-    what a pool's block list holds did not. (The per-block forwarders inline
-    the same test: a call per block is a Python frame per block.)"""
-    block_id = block.block_id
-    return block_id < len(pool_blocks) and pool_blocks[block_id] is block
-
-
-# The hooks of pool calls are `_Forwarder`s: their bodies take vLLM's own
-# parameter names ({first}: the first after self). The state lookup and the
-# event are inlined (a hook error is contained with try/except: entering and
-# leaving the guard would be two more Python calls per event).
+# The hooks called for every block event are `_Forwarder`s: their bodies take
+# vLLM's own parameter names ({first}: the first after self). Each frame
+# counts on this path, so the state lookup and the event are inlined (a hook
+# error is contained with try/except: entering and leaving the guard would be
+# two more Python calls per event).
 
 def _tracked_or_original(name: str) -> str:
     """A forwarder's opening: `name` = what the plugin keeps on `self` (_STATE), or
@@ -327,10 +190,66 @@ def _tracked_or_original(name: str) -> str:
 
 _POOL_STATE = _tracked_or_original("state")
 
+_GET_NEW_BLOCKS = _Forwarder(_POOL_STATE + """
+    state.evictions_counted_by_caller = True  # popped cached blocks are counted below, as capacity evictions
+    try:
+        blocks = original({arguments})
+    finally:
+        state.evictions_counted_by_caller = False
+    try:
+        with state.lock:
+            state.on_blocks_allocated(list(map(_block_id, blocks)), monotonic())
+    except Exception as exc:
+        _guard.failed(exc)
+    return blocks
+""")
 
-# Every hooked pool call first settles the block events buffered since the
-# last one (a forwarder's `{settle}`: the common case is three empty lists).
-_SETTLE = "if (events := state.block_events).allocated or events.accessed or events.evicted: events.settle()"
+_block_id = operator.attrgetter("block_id")
+
+
+def _owned(pool_blocks: list, block) -> bool:
+    """Whether `block` is this pool's own: its id names it in the pool. How a
+    block records its pool changed (0.33: the pool, 0.34: a weak reference),
+    what a pool's block list holds did not. (The per-block forwarders inline
+    the same test: a call per block is a Python frame per block.)"""
+    block_id = block.block_id
+    return block_id < len(pool_blocks) and pool_blocks[block_id] is block
+
+
+_MAYBE_EVICT_CACHED_BLOCK = _Forwarder("""
+    evicted = original({arguments})
+    if evicted:
+        _entry_replaced(self, block)
+    return evicted
+""")
+
+
+def _entry_replaced(pool, block) -> None:
+    """vLLM also calls `_maybe_evict_cached_block` directly (Mamba "align" drops
+    a transient checkpoint's entry: its state is overwritten in place); it is
+    called for every block get_new_blocks pops, so its hook's common path is
+    one test."""
+    state = _pool_state(pool)
+    if state is not None and not state.evictions_counted_by_caller and _owned(pool.blocks, block):
+        try:
+            with state.lock:
+                state.on_block_unhashed(block.block_id, "replaced", monotonic())
+        except Exception as exc:
+            _guard.failed(exc)
+
+
+_TOUCH = _Forwarder(_POOL_STATE + """
+    result = original({arguments})
+    try:
+        with state.lock:
+            own, size = self.blocks, len(self.blocks)
+            state.on_blocks_touched(
+                [b.block_id for b in blocks if not b.is_null and b.block_id < size and own[b.block_id] is b]
+            )
+    except Exception as exc:
+        _guard.failed(exc)
+    return result
+""")
 
 
 # free_blocks / unpin_blocks: blocks whose ref_cnt reaches 0 become free. vLLM
@@ -348,7 +267,6 @@ def _release(event: str) -> _Forwarder:
     try:
         own, size = self.blocks, len(self.blocks)
         with state.lock:
-            {settle}
             state.EVENT(
                 [b.block_id for b in {first}
                  if b.ref_cnt == 0 and not b.is_null and b.block_id < size and own[b.block_id] is b],
@@ -365,7 +283,6 @@ _CACHE_FULL_BLOCKS = _Forwarder(_POOL_STATE + """
     try:
         own, size = self.blocks, len(self.blocks)
         with state.lock:
-            {settle}
             state.on_blocks_hashed(
                 [b.block_id for b in blocks[num_cached_blocks:num_full_blocks]
                  if not b.is_null and b.block_hash is not None and b.block_id < size and own[b.block_id] is b],
@@ -386,7 +303,6 @@ def _cache_partial_block(wrapped, pool, args, kwargs):
             if block.is_null or not _owned(pool.blocks, block):
                 return result
             with state.lock:
-                state.block_events.settle()
                 now = monotonic()
                 # new content in place: the block's earlier entries are gone (a partial
                 # entry growing into a full one of the same content is no eviction)
@@ -406,7 +322,6 @@ def _move_block_hashes(wrapped, pool, args, kwargs):
             dst = _arg(args, kwargs, 1, "dst_block")
             if _owned(pool.blocks, src) and _owned(pool.blocks, dst):
                 with state.lock:
-                    state.block_events.settle()
                     state.on_block_hash_moved(src.block_id, dst.block_id)
 
 
@@ -418,11 +333,12 @@ def _evict_blocks(wrapped, pool, args, kwargs):
     if not isinstance(block_ids, Collection):  # only iterated by vLLM; read it twice
         block_ids = list(block_ids)
         args, kwargs = (block_ids,), {}
+    state.evictions_counted_by_caller = True
+    try:
+        wrapped(pool, *args, **kwargs)
+    finally:
+        state.evictions_counted_by_caller = False
     with _guard, state.lock:
-        state.block_events.settle()
-    wrapped(pool, *args, **kwargs)
-    with _guard, state.lock:
-        state.block_events.evicted.clear()  # its own evictions, counted below as explicit
         now = monotonic()
         for block_id in block_ids:
             if block_id != NULL_BLOCK_ID and pool.blocks[block_id].block_hash is None:
@@ -430,11 +346,8 @@ def _evict_blocks(wrapped, pool, args, kwargs):
 
 
 def _reset_prefix_cache(wrapped, pool, args, kwargs):
-    state = _pool_state(pool)
-    if state is not None:
-        with _guard, state.lock:
-            state.block_events.settle()
     done = wrapped(pool, *args, **kwargs)
+    state = _pool_state(pool)
     if done and state is not None:
         with _guard, state.lock:
             state.on_cache_reset(monotonic())
@@ -584,8 +497,7 @@ def _get_computed_blocks(wrapped, manager, args, kwargs):
 
 
 # vLLM calls allocate_slots for every running request on every step, so the
-# common path is a count, two attribute writes and a look at the pool's
-# buffered block events. Block tables are not copied
+# common path is a count and two attribute writes. Block tables are not copied
 # (collection reads vLLM's own); the pool's hooks attribute the blocks that
 # move meanwhile to `state.allocating`; request stories catch up at the next
 # step boundary; the duration is timed for a random sample of calls
@@ -597,18 +509,15 @@ _ALLOCATE_SLOTS = _Forwarder(_tracked_or_original("hooks") + """
         if state.calls_until_timed:  # counts the call too (KVCacheState.allocation_calls)
             state.calls_until_timed -= 1
             result = original({arguments})
+            if result is not None:
+                return result
             duration = None
         else:
             start = perf_counter()
             result = original({arguments})
             duration = perf_counter() - start
-        if (events := state.block_events).allocated or events.accessed or events.evicted:
-            with state.lock:  # while `allocating` names the request the blocks went to
-                events.settle()
     finally:
         state.allocating = None
-    if result is not None and duration is None:
-        return result
     _uncommon_allocation(hooks, self, request, result is not None, duration)
     return result
 """)
@@ -767,19 +676,13 @@ def self_check(state: KVCacheState, pool) -> list[str]:
     count it, take every flag from the pool and read the differing tables
     again (logged once per process). Returns the differences."""
     try:
-        found = []
-        with state.lock:
-            if not state.block_events.attached(pool):
-                found.append("vLLM replaced the block pool's metrics collector (the plugin's block events)")
-                BlockEvents.install(pool, state)
-            state.block_events.settle()
         blocks = pool.blocks
         probes = [
             (b, blocks[b].ref_cnt == 0, blocks[b].block_hash is not None)
             for b in _probe_rng.sample(range(1, len(blocks)), min(SELF_CHECK_PROBES, len(blocks) - 1))
         ]
         with state.lock:
-            found += state.drift(pool.get_num_free_blocks(), probes)
+            found = state.drift(pool.get_num_free_blocks(), probes)
             if found:
                 state.resync([b.ref_cnt == 0 for b in blocks], [b.block_hash is not None for b in blocks])
         if state.groups_moved():
@@ -869,6 +772,8 @@ def _scheduler_shutdown(wrapped, scheduler, args, kwargs):
 
 WRAPPERS: dict[str, Callable | _Forwarder] = {
     "BlockPool.__init__": _pool_init,
+    "BlockPool.get_new_blocks": _GET_NEW_BLOCKS,
+    "BlockPool.touch": _TOUCH,
     "BlockPool.free_blocks": _release("on_blocks_released"),
     "BlockPool.unpin_blocks": _release("on_blocks_unpinned"),
     "BlockPool.cache_full_blocks": _CACHE_FULL_BLOCKS,
@@ -876,6 +781,7 @@ WRAPPERS: dict[str, Callable | _Forwarder] = {
     "BlockPool.move_block_hashes": _move_block_hashes,
     "BlockPool.evict_blocks": _evict_blocks,
     "BlockPool.reset_prefix_cache": _reset_prefix_cache,
+    "BlockPool._maybe_evict_cached_block": _MAYBE_EVICT_CACHED_BLOCK,
     "KVCacheManager.__init__": _manager_init,
     "KVCacheManager.get_computed_blocks": _get_computed_blocks,
     "KVCacheManager.allocate_slots": _ALLOCATE_SLOTS,
@@ -985,7 +891,6 @@ class KVCacheInstrumentor:
         return False
 
     def uninstrument(self) -> None:
-        _detach_taps()
         for cls, method in reversed(self._wrapped):
             setattr(cls, method, cls.__dict__[method].__wrapped__)
         self._wrapped.clear()

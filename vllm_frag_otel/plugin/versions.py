@@ -29,6 +29,8 @@ class HookPoint:
 
 HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("vllm.v1.core.block_pool", "BlockPool.__init__", ("num_gpu_blocks", "enable_caching", "hash_block_size")),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.get_new_blocks", ("num_blocks",)),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool.touch", ("blocks",)),
     HookPoint("vllm.v1.core.block_pool", "BlockPool.free_blocks", ("ordered_blocks",)),
     HookPoint(
         "vllm.v1.core.block_pool",
@@ -40,6 +42,7 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("vllm.v1.core.block_pool", "BlockPool.cache_partial_block", ("request", "block")),
     HookPoint("vllm.v1.core.block_pool", "BlockPool.unpin_blocks", ("blocks",)),
     HookPoint("vllm.v1.core.block_pool", "BlockPool.move_block_hashes", ("src_block", "dst_block")),
+    HookPoint("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", ("block",)),
     HookPoint("vllm.v1.core.kv_cache_manager", "KVCacheManager.__init__", ("kv_cache_config",)),
     HookPoint(
         "vllm.v1.core.kv_cache_manager",
@@ -60,12 +63,6 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     # EngineCore.shutdown -> Scheduler.shutdown on every graceful stop: the last flush
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.shutdown", ()),
 )
-
-
-# Not wrapped: vLLM's own per-block seam. BlockPool.get_new_blocks, touch and
-# _maybe_evict_cached_block call the pool's `metrics_collector` for every
-# block; the plugin puts its `BlockEvents` there (chaining vLLM's own). A vLLM
-# that stops calling it is caught by the start-up probe, not by a name.
 
 
 # How each per-group manager lays out a request's block table (class names of
