@@ -130,6 +130,38 @@ def test_scheduler_shutdown_exports_the_final_point_and_ends_open_spans(installe
     assert len(metrics.exports) == 1 and len(spans.get_finished_spans()) == len(finished)
 
 
+def test_a_request_the_stop_ends_reports_its_slots_as_vllm_holds_them(installed):
+    """A request still running when the engine stops ends its span with the slots it holds at
+    that moment: allocated = block size x the blocks in its tables, unused = allocated minus
+    the slots its computed tokens fill. Recounted here from vLLM's own block tables and each
+    request's num_computed_tokens just before the stop (swapping used for unused would show
+    204 unused of 208 where 4 are)."""
+    spans = InMemorySpanExporter()
+    installed(Settings(exporter="none"), CapturingMetricExporter(), spans)
+    scheduler = _mid_run()
+    size = SHAPE.block_size
+    (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers
+    expected = {}
+    for request_id, request in scheduler.requests.items():
+        table = manager.req_to_blocks.get(request_id, [])
+        held = [i for i, b in enumerate(table) if not b.is_null]
+        used = sum(min(size, max(0, request.num_computed_tokens - i * size)) for i in held)
+        expected[request_id] = (size * len(held), size * len(held) - used)
+
+    scheduler.shutdown()
+
+    ended = {s.attributes["vllm.request.id"]: s.attributes for s in spans.get_finished_spans()
+             if s.attributes["vllm.request.finish_status"] == "engine_stopped"}
+    assert ended and set(ended) <= set(expected)
+    for request_id, attributes in ended.items():
+        shown = attributes["vllm.kv_cache.slot.allocated"], attributes["vllm.kv_cache.slot.unused"]
+        assert shown == expected[request_id], request_id
+    # not vacuous: requests holding blocks, mostly filled (unused far from used)
+    holding = [rid for rid in ended if expected[rid][0]]
+    assert len(holding) >= 3
+    assert any(expected[rid][1] < expected[rid][0] - expected[rid][1] for rid in holding)
+
+
 FILE_RUN = """
 import json, os, random
 from vllm.plugins import load_general_plugins

@@ -5,17 +5,22 @@ exemplars on the allocation-duration histogram."""
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter, defaultdict
 
 import pytest
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import StatusCode
 
 from vllm_frag_otel.sim import simulator as sim
 from vllm_frag_otel.export import telemetry
 from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.config import Settings
+from vllm_frag_otel.core.stories import RequestStory
 from vllm_frag_otel.plugin.hooks import guard
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -196,6 +201,110 @@ def test_allocation_histogram_carries_exemplars_of_request_spans(traced):
     assert len({e.span_id for e in exemplars}) > 1
 
 
+def _watch(runtime, monkeypatch) -> dict[str, dict]:
+    """Per request id: the exemplar its story got, when its story opened (the clock
+    before and after) and when its closing began."""
+    seen: dict[str, dict] = defaultdict(dict)
+    sink = runtime.spans
+    opened, closed = sink.opened, sink.closed
+
+    def watched_opened(story, trace_headers):
+        before = time.time_ns()
+        opened(story, trace_headers)
+        seen[story.request_id].update(exemplar=story.exemplar, opened=(before, time.time_ns()))
+
+    def watched_closed(story, failed):
+        seen[story.request_id]["closing"] = time.time_ns()
+        closed(story, failed)
+
+    monkeypatch.setattr(sink, "opened", watched_opened)
+    monkeypatch.setattr(sink, "closed", watched_closed)
+    return seen
+
+
+def test_each_requests_exemplar_is_its_exported_span(traced, monkeypatch):
+    runtime, exporter, metrics = traced()
+    seen = _watch(runtime, monkeypatch)
+    requests, *_ = _run()
+    runtime.force_flush()
+    spans = {s.attributes["vllm.request.id"]: s for s in exporter.get_finished_spans()}
+    assert set(spans) == set(seen) == {r.request_id for r in requests}
+    for request_id, span in spans.items():
+        exemplar = seen[request_id]["exemplar"]  # set when the request opened, long before its span exists
+        assert (exemplar.trace_id, exemplar.span_id) == (span.context.trace_id, span.context.span_id), request_id
+        assert exemplar.trace_flags.sampled and span.context.trace_flags.sampled
+    assert format(seen["req-0"]["exemplar"].trace_id, "032x") == TRACE_ID  # the caller's trace
+    histogram_exemplars = {
+        (e.trace_id, e.span_id) for d in metrics.exports for rm in d.resource_metrics for sm in rm.scope_metrics
+        for m in sm.metrics if m.name == "vllm.kv_cache.allocation.duration" for p in m.data.data_points
+        for e in p.exemplars
+    }
+    assert histogram_exemplars and histogram_exemplars <= {(s.context.trace_id, s.context.span_id)
+                                                           for s in spans.values()}
+
+
+def test_span_times_are_when_things_happened_not_when_the_span_was_built(traced, monkeypatch):
+    runtime, exporter, _ = traced()
+    seen = _watch(runtime, monkeypatch)
+    _run()
+    runtime.force_flush()
+    preempted = 0
+    for span in exporter.get_finished_spans():
+        times = seen[span.attributes["vllm.request.id"]]
+        assert times["opened"][0] <= span.start_time <= times["opened"][1]
+        assert span.end_time >= times["closing"]
+        for event in span.events:
+            assert span.start_time < event.timestamp < times["closing"], event.name
+            preempted += event.name == "preempted"
+    assert preempted > 0
+
+
+class _Flipping(Sampler):
+    """Samples every other call: decides otherwise when a request ends than when it opened."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):
+        self.calls += 1
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if self.calls % 2 == 0 else Decision.DROP, attributes)
+
+    def get_description(self) -> str:
+        return "flipping"
+
+
+@pytest.mark.parametrize("flags", ["01", "00"])
+def test_the_callers_sampling_decision_is_taken_when_the_request_opens(flags):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=telemetry.PresetIdGenerator())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sink = telemetry.KVCacheSpans(provider)
+    story = RequestStory("req-1", prompt_tokens=32, num_groups=1)
+    sink.opened(story, {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-{flags}"})
+    sink.event(story, "preempted", {"vllm.kv_cache.block.released": 2})
+    sink.closed(story, failed=False)
+    spans = exporter.get_finished_spans()
+    if flags == "00":  # the caller did not sample its trace: no exemplar, no span
+        assert story.exemplar is None and spans == ()
+        return
+    (span,) = spans
+    assert (story.exemplar.trace_id, story.exemplar.span_id) == (span.context.trace_id, span.context.span_id)
+    assert format(span.context.trace_id, "032x") == TRACE_ID and [e.name for e in span.events] == ["preempted"]
+
+
+def test_a_sampler_that_changes_its_mind_at_close_is_obeyed():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=_Flipping(), id_generator=telemetry.PresetIdGenerator())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sink = telemetry.KVCacheSpans(provider)
+    story = RequestStory("req-1", prompt_tokens=32, num_groups=1)
+    sink.opened(story, None)  # dropped at open: no exemplar
+    sink.closed(story, failed=False)  # sampled at close: exported all the same
+    assert story.exemplar is None and len(exporter.get_finished_spans()) == 1
+    with pytest.raises(TypeError):
+        telemetry.KVCacheSpans(TracerProvider())  # random ids only: exemplars would name no exported span
+
+
 def test_sampler_and_switch_are_honoured(traced, monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     runtime, exporter, metrics = traced()
@@ -223,3 +332,84 @@ def test_open_spans_are_bounded_and_the_rest_counted(traced):
         for m in sm.metrics if m.name == "vllm.frag_otel.requests.untraced" for p in m.data.data_points
     ]
     assert untraced and max(untraced) == len(requests) - len(traced_ids)  # requests, not lookups
+
+
+# a pool too small for the batch (preemptions) and a small token budget per step: a
+# re-admitted request recomputes its prompt a chunk at a time, so for several steps it
+# holds fewer blocks than it held when it was preempted
+PREEMPTING = sim.EngineShape(num_blocks=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=96)
+
+
+def _held(scheduler, request_id: str) -> int:
+    """Blocks in the request's tables now, every group, null entries left out: vLLM's own tables."""
+    return sum(sum(1 for b in m.req_to_blocks.get(request_id, ()) if not b.is_null)
+               for m in scheduler.kv_cache_manager.coordinator.single_type_managers)
+
+
+def _preempting_run(stop: bool):
+    """vLLM's real scheduler, preempting. Per request: the blocks it held just before each
+    preemption (read from vLLM's tables before vLLM frees them, by wrapping this scheduler's
+    `_preempt_request`, which calls through the plugin's hook), and the most it held at once
+    (between steps, and at each preemption: on full attention tables only grow in between).
+    `stop`: stop the engine (vLLM's `Scheduler.shutdown`) at the first step boundary where a
+    resumed request holds fewer blocks than its peak, while it runs."""
+    scheduler = sim.build_scheduler(PREEMPTING)
+    specs = workloads.generate("sharegpt", 30, seed=6, max_len=700)
+    requests = sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], PREEMPTING.block_size)
+    released: dict[str, list[int]] = defaultdict(list)
+    peak: Counter = Counter()
+    preempt = scheduler._preempt_request
+
+    def recounting_preempt(request, *args, **kwargs):
+        held = _held(scheduler, request.request_id)  # before vLLM frees them
+        released[request.request_id].append(held)
+        peak[request.request_id] = max(peak[request.request_id], held)
+        return preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = recounting_preempt
+    for request in requests:
+        scheduler.add_request(request)
+    rng = random.Random(6)
+    below_peak = []
+    while scheduler.has_requests():
+        sim.step(scheduler, rng)
+        for request in scheduler.running:
+            peak[request.request_id] = max(peak[request.request_id], _held(scheduler, request.request_id))
+        below_peak = [r.request_id for r in scheduler.running if r.num_preemptions
+                      and _held(scheduler, r.request_id) < peak[r.request_id]]
+        if stop and below_peak:
+            scheduler.shutdown()
+            break
+    return requests, released, peak, below_peak
+
+
+def test_a_preempted_events_released_blocks_are_what_the_request_held_before_preemption(traced):
+    """Each "preempted" event says how many blocks the request gave back: read before vLLM
+    frees them (after, the request holds none and every event would say 0). Compared, event
+    by event, with vLLM's own block tables read just before each preemption."""
+    runtime, exporter, _ = traced()
+    requests, released, _, _ = _preempting_run(stop=False)
+    runtime.force_flush()
+    spans = {s.attributes["vllm.request.id"]: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {r.request_id for r in requests}
+    assert sum(len(v) for v in released.values()) >= 5 and all(n > 0 for v in released.values() for n in v)
+    for request in requests:
+        events = [e.attributes["vllm.kv_cache.block.released"] for e in spans[request.request_id].events
+                  if e.name == "preempted"]
+        assert events == released.get(request.request_id, []), request.request_id
+
+
+def test_the_spans_block_peak_is_the_most_held_at_once_also_on_full_attention(traced):
+    """On full attention a request's table only grows while it runs, but a preemption empties
+    it and the re-admitted request recomputes its prompt a chunk per step: stopped in between,
+    it holds fewer blocks than at its peak. `vllm.kv_cache.block.peak` is the most it held at
+    once (vLLM's tables, recounted between steps and before each preemption), not the latest
+    count; for every request, those that finished and those the engine stop ended."""
+    runtime, exporter, _ = traced()
+    requests, _, peak, below_peak = _preempting_run(stop=True)
+    assert below_peak, "the run must stop while a resumed request is below its peak"
+    spans = {s.attributes["vllm.request.id"]: s for s in exporter.get_finished_spans()}
+    stopped = {rid for rid, s in spans.items() if s.attributes["vllm.request.finish_status"] == "engine_stopped"}
+    assert set(below_peak) <= stopped and len(spans) > len(stopped)  # ended by the stop, and finished ones
+    for request_id, span in spans.items():
+        assert span.attributes["vllm.kv_cache.block.peak"] == peak[request_id], request_id

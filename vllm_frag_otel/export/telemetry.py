@@ -51,8 +51,9 @@ from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from vllm_frag_otel import __version__
@@ -420,36 +421,85 @@ def external_request_id(request_id: str) -> str:
     return head if sep and len(tail) == 8 else request_id
 
 
-class KVCacheSpans:
-    """A StorySink: one span per request's KV-cache lifecycle, in the caller's trace."""
+class _PresetIds(threading.local):
+    ids: tuple[int, int] | None = None
 
-    def __init__(self, tracer: Tracer):
-        self._tracer = tracer
+
+class PresetIdGenerator(RandomIdGenerator):
+    """Random ids, except for the span created on this thread while `preset.ids`
+    holds a (trace id, span id) pair: a request's span is created when the
+    request ends, with the ids its exemplars have carried since it opened."""
+
+    def __init__(self):
+        self.preset = _PresetIds()
+
+    def generate_trace_id(self) -> int:
+        ids = self.preset.ids
+        return ids[0] if ids is not None else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids = self.preset.ids
+        return ids[1] if ids is not None else super().generate_span_id()
+
+
+@dataclass(slots=True)
+class _OpenSpan:
+    """A request's span while the request runs: plain data, about 0.5 kB and two
+    objects the GC tracks per request in flight, where a live SDK span held
+    about 3 kB in twelve (its attribute and event containers, locks)."""
+
+    parent: Context  # from the trace headers
+    attributes: dict[str, Any]  # those known at open (str and int only: a dict the GC does not track)
+    start_ns: int
+    trace_id: int
+    span_id: int
+    events: tuple[tuple[str, dict[str, Any], int], ...] = ()  # (name, attributes, time_ns); most have none
+
+
+_NO_PARENT = Context()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+class KVCacheSpans:
+    """A StorySink: one span per request's KV-cache lifecycle, in the caller's trace.
+
+    The span's ids and sampling decision are taken when the request opens (its
+    measurements carry them as exemplars); the span itself is created, filled
+    and ended when the request ends. `provider` must generate ids with a
+    `PresetIdGenerator`, which hands those ids to the SDK."""
+
+    def __init__(self, provider: TracerProvider):
+        if not isinstance(provider.id_generator, PresetIdGenerator):
+            raise TypeError("KVCacheSpans needs a TracerProvider(id_generator=PresetIdGenerator())")
+        self._ids: PresetIdGenerator = provider.id_generator
+        self._sampler = provider.sampler
+        self._tracer = provider.get_tracer(SCOPE, __version__)
 
     def opened(self, story: RequestStory, trace_headers) -> None:
-        parent = _PROPAGATOR.extract(trace_headers) if trace_headers else Context()
-        span = story.handle = self._tracer.start_span(
-            SPAN_NAME,
-            context=parent,
-            kind=SpanKind.INTERNAL,
-            attributes={
-                # vLLM's own span (`llm_request`) names the request `gen_ai.request.id` too: the join
-                "gen_ai.request.id": external_request_id(story.request_id),
-                "vllm.request.id": story.request_id,
-                "gen_ai.usage.input_tokens": story.prompt_tokens,  # was gen_ai.usage.prompt_tokens
-                "vllm.kv_cache.group.count": story.num_groups,
-            },
-        )
-        # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based)
-        context = span.get_span_context()
-        story.exemplar = context if context.trace_flags.sampled else None
+        parent = _PROPAGATOR.extract(trace_headers) if trace_headers else _NO_PARENT
+        parent_span = get_current_span(parent).get_span_context()
+        trace_id = parent_span.trace_id if parent_span.is_valid else self._ids.generate_trace_id()
+        span_id = self._ids.generate_span_id()
+        attributes = {
+            # vLLM's own span (`llm_request`) names the request `gen_ai.request.id` too: the join
+            "gen_ai.request.id": external_request_id(story.request_id),
+            "vllm.request.id": story.request_id,
+            "gen_ai.usage.input_tokens": story.prompt_tokens,  # was gen_ai.usage.prompt_tokens
+            "vllm.kv_cache.group.count": story.num_groups,
+        }
+        sampling = self._sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.INTERNAL, attributes)
+        story.handle = _OpenSpan(parent, attributes, time_ns(), trace_id, span_id)
+        # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based); the
+        # flags hold the sampled bit alone (the SDK may add the random-trace-id bit to the span's)
+        story.exemplar = SpanContext(trace_id, span_id, False, _SAMPLED) if sampling.decision.is_sampled() else None
 
     def event(self, story: RequestStory, name: str, attributes: dict[str, Any]) -> None:
-        story.handle.add_event(name, attributes)
+        record = story.handle
+        record.events += ((name, attributes, time_ns()),)
 
     def closed(self, story: RequestStory, failed: bool) -> None:
-        span = story.handle
-        span.set_attributes({
+        record = story.handle
+        attributes = record.attributes | {
             "vllm.kv_cache.prefix_cache.hit_tokens": story.hit_tokens,
             "gen_ai.usage.cache_read.input_tokens": story.hit_tokens,  # the same: prefix-cache hits at admission
             "vllm.kv_cache.block.peak": story.peak_blocks,
@@ -460,9 +510,18 @@ class KVCacheSpans:
             "vllm.kv_cache.block.evicted": story.evicted_blocks,
             "gen_ai.usage.output_tokens": story.output_tokens,  # was gen_ai.usage.completion_tokens
             "vllm.request.finish_status": story.finish_status,
-        })
+        }
         if story.finish_status == ENGINE_STOPPED_STATUS:
-            span.set_attribute(ENGINE_STOPPED, True)  # status stays UNSET: the request did not fail
+            attributes[ENGINE_STOPPED] = True  # status stays UNSET: the request did not fail
+        # the sampler decides again here: one that now decides otherwise than at open is obeyed
+        self._ids.preset.ids = (record.trace_id, record.span_id)
+        try:
+            span = self._tracer.start_span(SPAN_NAME, context=record.parent, kind=SpanKind.INTERNAL,
+                                           attributes=attributes, start_time=record.start_ns)
+        finally:
+            self._ids.preset.ids = None
+        for name, event_attributes, at in record.events:
+            span.add_event(name, event_attributes, timestamp=at)
         if failed:
             span.set_status(Status(StatusCode.ERROR, story.finish_status))
         span.end()
@@ -768,14 +827,15 @@ class Runtime:
                 self._serve(scrape, engine_attributes)
         if span_exporter is not None:
             # the SDK's own processor metrics (queue size, spans dropped when full) go with ours
-            self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+            self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False,
+                                                  id_generator=PresetIdGenerator())
             self._ended_spans = _EndedSpans()
             self._span_delivery = _Delivery(span_exporter)
             self.tracer_provider.add_span_processor(self._ended_spans)
             self.tracer_provider.add_span_processor(
                 BatchSpanProcessor(self._span_delivery, meter_provider=self.meter_provider)
             )
-            self.spans = KVCacheSpans(self.tracer_provider.get_tracer(SCOPE, __version__))
+            self.spans = KVCacheSpans(self.tracer_provider)
 
     @staticmethod
     def _scrape_reader():
