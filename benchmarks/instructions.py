@@ -22,6 +22,7 @@ Needs valgrind (callgrind, callgrind_control).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import operator
 import os
@@ -68,17 +69,26 @@ def _slug(name: str) -> str:
     return re.sub(r"\W+", "_", name).strip("_")
 
 
-def _counted(label: str):
+def _counted(label: str, gc_off: bool = False):
     """An around_steps for StepBench.run: the stepping runs inside operator.call,
-    the only place callgrind counts (--toggle-collect), then the count is dumped."""
+    the only place callgrind counts (--toggle-collect), then the count is dumped.
+    `gc_off`: no cyclic garbage collection while counting, so two codes are compared
+    by what they execute, not by where a collection of vLLM's objects happened to fall."""
     def around_steps(run):
-        result = operator.call(run)
+        if gc_off:
+            gc.collect()
+            gc.disable()
+        try:
+            result = operator.call(run)
+        finally:
+            gc.enable()
         _dump(label)
         return result
     return around_steps
 
 
-def inside(only: list[str] | None = None, breakdown: bool = True, variants: tuple[str, ...] = VARIANTS) -> None:
+def inside(only: list[str] | None = None, breakdown: bool = True, variants: tuple[str, ...] = VARIANTS,
+           gc_off: bool = False) -> None:
     """Under callgrind: every scenario and variant, then, on `ABLATED`, the
     plugin with each group of hooks unwrapped in turn and without its final
     collection; one dump per run, labelled '<scenario> <variant>'."""
@@ -103,7 +113,8 @@ def inside(only: list[str] | None = None, breakdown: bool = True, variants: tupl
             runs.append((f"minus_{_slug(FINAL_COLLECTION)}", "plugin", {"collect": False}))
         steps = set()
         for label, variant, options in runs:
-            result = bench.run(variant, scenario, specs[name], around_steps=_counted(f"{name} {label}"), **options)
+            result = bench.run(variant, scenario, specs[name], around_steps=_counted(f"{name} {label}", gc_off),
+                               **options)
             if result.get("hook_errors"):
                 raise SystemExit(f"{name} {label}: the plugin's hooks raised {result['hook_errors']} errors")
             steps.add(result["steps"])
@@ -131,14 +142,16 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", help="comma-separated subset of " + ", ".join(_SCENARIO_NAMES))
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-hook-group split (faster)")
     parser.add_argument("--variants", help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline always)")
+    parser.add_argument("--gc-off", action="store_true",
+                        help="no garbage collection while counting (compare two codes' paths, not GC timing)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     only = args.scenarios.split(",") if args.scenarios else None
     variants = VARIANTS if not args.variants else ("baseline", *[v for v in args.variants.split(",") if v != "baseline"])
     if args.inside:
-        inside(only, not args.no_breakdown, variants)
+        inside(only, not args.no_breakdown, variants, args.gc_off)
         return 0
-    partial = bool(only) or args.no_breakdown or variants != VARIANTS
+    partial = bool(only) or args.no_breakdown or variants != VARIANTS or args.gc_off
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
         subprocess.run(

@@ -445,6 +445,13 @@ def wait(version: str, runs: list[Run]) -> None:
 
 
 def run_release(version: str, args) -> dict:
+    """A second run of the same release (another checkout, a CI clone) waits: the
+    runs of one release share their results directory and vLLM's caches."""
+    with _locked(CACHE / version / "run.lock"):
+        return _run_release(version, args)
+
+
+def _run_release(version: str, args) -> dict:
     if not has_suite(version):
         log(f"{version}: its source archive carries no {SUITE}: nothing to run")
         return {"version": version, "ran": False, "ok": True}
