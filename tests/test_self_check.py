@@ -96,6 +96,31 @@ def test_a_collection_on_the_schedulers_thread_checks_at_once(plugin):
     _check(analyzer.snapshot(), brute_force(scheduler), "after the repair")
 
 
+def test_a_collection_the_schedulers_thread_waits_for_is_checked_first_and_not_waited_for(plugin):
+    """The simulator's flushes and the stop's exporters collect on another thread
+    while the scheduler's thread waits for them: no step boundary can come, so
+    the check runs before that wait (`hold`) and the collection reads at once."""
+    scheduler, _ = _running_scheduler()
+    analyzer = analyzer_for(scheduler)
+    _lose_releases(analyzer, scheduler.kv_cache_manager.block_pool, 3)
+    assert analyzer.hold()
+    try:
+        assert analyzer.drift_repairs == 1  # checked and repaired here, before the wait
+        result = []
+        collector = threading.Thread(target=lambda: result.append(analyzer.check_before_reading(30.0)))
+        collector.start()
+        collector.join(10)
+        assert result == [True]  # read at once: it did not wait for a step
+    finally:
+        analyzer.release()
+    _check(analyzer.snapshot(), brute_force(scheduler), "after the repair")
+    held_elsewhere = []
+    other = threading.Thread(target=lambda: held_elsewhere.append(analyzer.hold()))
+    other.start()
+    other.join(10)
+    assert held_elsewhere == [False]  # only the scheduler's own thread can promise no step comes
+
+
 def test_an_idle_scheduler_lets_the_collection_go_on(plugin):
     scheduler, _ = _running_scheduler()
     analyzer = analyzer_for(scheduler)

@@ -333,8 +333,11 @@ class _Flusher:
             finally:
                 done.set()
 
-        threading.Thread(target=run, name="vllm-frag-otel-flush", daemon=True).start()
-        return done.wait(seconds)
+        telemetry = runtime()
+        # the flush's collection would wait for a scheduler step that this thread holds back
+        with telemetry.stepping_held() if telemetry is not None else contextlib.nullcontext():
+            threading.Thread(target=run, name="vllm-frag-otel-flush", daemon=True).start()
+            return done.wait(seconds)
 
 
 def _report_unusable_otel_variables() -> None:

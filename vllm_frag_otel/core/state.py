@@ -289,6 +289,7 @@ class KVCacheState:
         self.self_check: Callable[[], object] | None = None
         self.stepping_thread: int | None = None  # the thread that runs the scheduler's steps
         self._checked = threading.Event()
+        self._held = False  # the stepping thread waits for a collection it started (`hold`)
         self.drift_repairs = 0
         # set by the hook layer while a pool call that counts its own evictions runs
         self.evictions_counted_by_caller = False
@@ -558,9 +559,25 @@ class KVCacheState:
         if threading.get_ident() == self.stepping_thread:
             self.self_check()
             return True
+        if self._held:
+            return True
         self._checked.clear()
         self.check_due = True
         return self._checked.wait(timeout_s)
+
+    def hold(self) -> bool:
+        """The stepping thread is about to wait for a collection on another thread
+        (a flush it started, the stop's exporters): check here, and until `release`
+        that collection reads at once instead of waiting for a step boundary that
+        cannot come before it ends. False (nothing held) on any other thread."""
+        if self.self_check is None or threading.get_ident() != self.stepping_thread:
+            return False
+        self.self_check()
+        self._held = True
+        return True
+
+    def release(self) -> None:
+        self._held = False
 
     def check_done(self) -> None:
         """The self-check compared and, if needed, repaired the ledger."""

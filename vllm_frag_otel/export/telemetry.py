@@ -21,7 +21,7 @@ import socket
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from time import monotonic, time_ns
 from typing import Any
@@ -894,6 +894,18 @@ class Runtime:
             )
         return self.block_maps
 
+    @contextlib.contextmanager
+    def stepping_held(self) -> Iterator[None]:
+        """Around a wait of the scheduler's thread for a collection it started on
+        another thread: that collection's self-check runs here, first
+        (`KVCacheState.hold`), so it does not wait for a step boundary."""
+        held = [state for state, _ in self._live_pools() if state.hold()]
+        try:
+            yield
+        finally:
+            for state in held:
+                state.release()
+
     def _live_pools(self) -> list[tuple[KVCacheState, dict[str, Any]]]:
         return [(state, attributes) for ref, attributes in list(self._pools) if (state := ref()) is not None]
 
@@ -984,10 +996,11 @@ class Runtime:
                              name="vllm-frag-otel-stop", daemon=True)
             for provider in self._providers()
         ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(max(0.0, deadline - monotonic()))
+        with self.stepping_held():
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(max(0.0, deadline - monotonic()))
         late = sum(worker.is_alive() for worker in workers)
         self.undelivered = self._count_undelivered(began)
         if late or any(self.undelivered.values()):
