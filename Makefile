@@ -4,9 +4,10 @@
 setup:
 	bash scripts/setup-venv.sh
 
-# Set up everything (first run: a few minutes) and run the whole test suite.
+# Set up everything (first run: a few minutes) and run the whole test suite, on both cores:
+# the long CPU-bound tests (marker cpu_heavy) in a second pytest process beside the rest.
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python scripts/run_tests.py
 
 # Run vLLM's real scheduler on a ShareGPT-like workload with the plugin and print the summary.
 simulate: setup

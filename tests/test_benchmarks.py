@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 
+@pytest.mark.cpu_heavy
 def test_quick_benchmark_runs_and_reports_every_headline(tmp_path):
     out = tmp_path / "bench.json"
     serving = tmp_path / "serving.json"  # the shape serving.py --json writes (its run takes minutes)

@@ -285,6 +285,7 @@ class DiscardingSpanExporter:
         return True
 
 
+@pytest.mark.cpu_heavy
 def test_soak_100k_requests_state_returns_to_empty_and_memory_stays_flat(plugin):
     """100k requests through the real scheduler, with preemptions and evictions,
     exported as they go (metrics and spans): invariants hold at every checked

@@ -17,10 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 VERSION = "0.34.0"
 
 
+@pytest.mark.cpu_heavy
 def test_vllm_own_kv_cache_tests_pass_alike_with_the_plugin_and_its_ledger_stays_exact(tmp_path):
     summary_file = tmp_path / "summary.json"
     run = subprocess.run(

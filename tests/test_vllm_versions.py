@@ -18,6 +18,7 @@ CORE_SUITES = ("tests/test_oracle.py", "tests/test_hook_paths.py", "tests/test_p
 MATRIX = {"0.30.0": CORE_SUITES, "0.31.0": CORE_SUITES, "0.34.0": EXACTNESS_SUITES}
 
 
+@pytest.mark.cpu_heavy
 @pytest.mark.parametrize("version", MATRIX)
 def test_exactness_on_vllm_release(version):
     loaded, where = loaded_version(environment(version))
