@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from helpers import run_python
@@ -243,3 +247,112 @@ def test_a_black_holed_collector_holds_the_stop_no_longer_than_the_deadline(inst
         assert "VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT=1s" in warnings[0].getMessage()
     finally:
         hole.close()
+
+
+# -- vLLM's default stop (abort mode): the stop hooks of plugin/stop.py --------------------------
+
+def test_engine_core_shutdown_flushes_before_vllm_tears_down(installed, monkeypatch):
+    """vLLM's own EngineCore.shutdown, on the parts it tears down: the final point and every
+    open span are out before the workers' exit begins (in abort mode the front end kills the
+    process during that exit), and the Scheduler.shutdown later in the teardown adds nothing."""
+    from vllm.v1.engine import core
+    from vllm.v1.engine.core import EngineCore
+
+    monkeypatch.setattr(core, "cleanup_dist_env_and_memory", lambda: None)  # a device's; there is none here
+
+    metrics, spans = CapturingMetricExporter(), InMemorySpanExporter()
+    installed(Settings(exporter="none"), metrics, spans)
+    scheduler = _mid_run()
+    still_open = set(scheduler.kv_cache_manager.__dict__["_vllm_frag_otel"].stories.open)
+    snap = analyzer_for(scheduler).snapshot()
+    at_workers_exit = {}
+
+    class Executor:
+        def shutdown(self):
+            at_workers_exit["exports"] = len(metrics.exports)
+            at_workers_exit["spans"] = len(spans.get_finished_spans())
+
+    engine_core = SimpleNamespace(scheduler=scheduler, model_executor=Executor(),
+                                  structured_output_manager=SimpleNamespace(clear_backend=lambda: None),
+                                  vllm_config=SimpleNamespace(shutdown_timeout=0))
+    EngineCore.shutdown(engine_core)
+
+    assert at_workers_exit == {"exports": 1, "spans": len(spans.get_finished_spans())}
+    assert len(metrics.exports) == 1
+    points = _points(metrics.exports[-1])
+    _assert_final_counters(lambda name, **a: _value(points, name, **a), snap)
+    ended = {s.attributes["vllm.request.id"] for s in spans.get_finished_spans()
+             if "vllm.kv_cache.engine_stopped" in s.attributes}
+    assert ended == still_open
+
+
+def test_the_flush_budget_ends_before_the_front_end_s_kill():
+    from vllm_frag_otel.plugin.stop import ABORT_RESERVE_S, flush_seconds
+
+    assert flush_seconds(0, 3.0) == 3.0 - ABORT_RESERVE_S  # abort mode: the front end kills at 3 s
+    assert flush_seconds(None, 3.0) == 3.0 - ABORT_RESERVE_S  # vLLM's window unknown
+    assert flush_seconds(15, 3.0) is None  # drain mode's window holds the whole timeout
+    assert flush_seconds(0, 0.4) == pytest.approx(0.2)
+    assert flush_seconds(0, 0.0) == 0.0
+
+
+def _slow_to_stop(ready, marker: str) -> None:
+    """An engine core stand-in: on SIGTERM it takes a second to flush, then exits."""
+    def on_sigterm(signum, frame):
+        time.sleep(1.0)
+        with open(marker, "w") as out:
+            out.write("flushed")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    ready.set()
+    while True:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("plugin_timeout, flushed", [("3", True), ("0", False)])
+def test_the_front_end_gives_the_engine_core_the_flush_s_time_before_its_kill(
+        plugin, tmp_path, monkeypatch, plugin_timeout, flushed):
+    """vLLM's own CoreEngineProcManager.shutdown with vLLM's default timeout 0 (abort mode):
+    SIGTERM, then SIGKILL at once, unless the plugin gives VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT
+    (0: no delay, the process is killed)."""
+    import multiprocessing
+
+    from vllm.v1.engine.utils import CoreEngineProcManager
+
+    monkeypatch.setenv("VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT", plugin_timeout)
+    context = multiprocessing.get_context("fork")
+    ready, marker = context.Event(), tmp_path / "flushed"
+    process = context.Process(target=_slow_to_stop, args=(ready, str(marker)), name="EngineCore_DP0")
+    process.start()
+    assert ready.wait(30)
+
+    class Finalizer:  # what weakref.finalize.detach() returns before the first shutdown
+        def detach(self):
+            return True
+
+    manager = SimpleNamespace(manager_stopped=threading.Event(), _finalizer=Finalizer(),
+                              _request_shutdown_timeout=0, processes=[process])
+    CoreEngineProcManager.shutdown(manager, timeout=0)
+    process.join(10)
+    if flushed:
+        assert process.exitcode == 0 and marker.read_text() == "flushed"
+    else:
+        assert process.exitcode == -signal.SIGKILL and not marker.exists()
+
+
+def test_a_sigterm_during_the_flush_waits_for_its_end():
+    """A process-group SIGINT reaches the engine core first; the front end's SIGTERM follows
+    while the engine core flushes, after vLLM restored SIGTERM's default action."""
+    proc = run_python(
+        "import os, signal, sys\n"
+        "from vllm_frag_otel.plugin.stop import sigterm_deferred\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "with sigterm_deferred():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('flushed', flush=True)\n"
+        "print('not reached', flush=True)\n",
+        timeout=120,
+    )
+    assert proc.stdout == "flushed\n", proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM  # then the SIGTERM's default action, as vLLM wanted

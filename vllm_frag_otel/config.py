@@ -107,13 +107,6 @@ def _parse_seconds(raw: str) -> float:
     return value
 
 
-def _parse_positive_seconds(raw: str) -> float:
-    value = float(raw.strip())
-    if not 0 < value < float("inf"):
-        raise ValueError
-    return value
-
-
 def _parse_share(raw: str) -> float:
     value = float(raw.strip())
     if not 0 < value <= 1:
@@ -147,7 +140,9 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "VLLM_FRAG_OTEL_ALLOCATION_SAMPLE_RATE": (
         "allocation_sample_rate", _parse_share, "a number in (0, 1] (1: time every allocate_slots call)"
     ),
-    "VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _parse_positive_seconds, "a number of seconds > 0"),
+    "VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT": (
+        "shutdown_timeout", _parse_seconds, "a number of seconds >= 0 (0: no flush holds vLLM's stop)"
+    ),
 }
 
 _reported: set[tuple[str, str]] = set()

@@ -952,11 +952,13 @@ class Runtime:
 
     # -- the engine's stop ------------------------------------------------------------
 
-    def engine_stopped(self, state: KVCacheState | None, requests=None) -> dict[str, int] | None:
+    def engine_stopped(self, state: KVCacheState | None, requests=None,
+                       seconds: float | None = None) -> dict[str, int] | None:
         """vLLM stopped the engine whose pool is `state`: end its open spans; once
-        every live pool's engine stopped, `stop()` this runtime. Returns what
-        the stop could not deliver, or None when no stop happened (now)."""
-        deadline = monotonic() + self.settings.shutdown_timeout
+        every live pool's engine stopped, `stop()` this runtime within `seconds`
+        (VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT unless given). Returns what the stop
+        could not deliver, or None when no stop happened (now)."""
+        deadline = monotonic() + (self.settings.shutdown_timeout if seconds is None else seconds)
         if state is not None:
             for ref, stories in list(self._ledgers):
                 if ref() is state:
@@ -1106,10 +1108,10 @@ def attach(state: KVCacheState, engine_attributes: dict[str, Any], guard) -> Req
         return _runtime.add_pool(state, engine_attributes)
 
 
-def engine_stopped(state: KVCacheState | None, requests=None) -> dict[str, int] | None:
-    """vLLM stopped the engine whose pool is `state` (its Scheduler shut down)."""
+def engine_stopped(state: KVCacheState | None, requests=None, seconds: float | None = None) -> dict[str, int] | None:
+    """vLLM stops the engine whose pool is `state`."""
     current = runtime()
-    return current.engine_stopped(state, requests) if current is not None else None
+    return current.engine_stopped(state, requests, seconds) if current is not None else None
 
 
 def _stop_at_exit() -> None:

@@ -638,14 +638,18 @@ VLLM_ENGINE_STOP_SECONDS = 7
 def _warn_if_stop_cannot_flush(vllm_config) -> None:
     """With --shutdown-timeout 0 (vLLM's default, "abort" mode) vLLM's process
     manager SIGKILLs an engine-core process right after its SIGTERM, before
-    `Scheduler.shutdown` can run: the last metrics and spans are lost."""
+    `Scheduler.shutdown` can run; only the stop hooks (plugin/stop.py) keep the
+    last metrics and spans then."""
+    from vllm_frag_otel.plugin.stop import stop_instrumentor  # it imports this module
+
     current = telemetry.runtime()
-    if current is None or getattr(vllm_config, "shutdown_timeout", None) != 0:
+    if current is None or stop_instrumentor.is_instrumented or getattr(vllm_config, "shutdown_timeout", None) != 0:
         return
     if multiprocessing.current_process().name.startswith("EngineCore"):
         _warn_once(
-            "vLLM runs with --shutdown-timeout 0 (its default): on SIGTERM it kills the engine core at once, so "
-            "the metrics, spans and block maps since the last export are lost; start vLLM with --shutdown-timeout "
+            f"vLLM runs with --shutdown-timeout 0 (its default) and the plugin cannot hook its stop "
+            f"({stop_instrumentor.problem}): on SIGTERM vLLM kills the engine core at once, so the metrics, spans "
+            "and block maps since the last export are lost; start vLLM with --shutdown-timeout "
             f"{math.ceil(current.settings.shutdown_timeout) + VLLM_ENGINE_STOP_SECONDS} or more to keep them"
         )
 
@@ -751,23 +755,30 @@ def _free_request(wrapped, scheduler, args, kwargs):
     return result
 
 
+def engine_stopped(scheduler, seconds: float | None = None) -> None:
+    """vLLM stops the engine of `scheduler`: end its pool's open spans and, once
+    every engine of this process stopped, export the last point, spans and block
+    maps within `seconds` (VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT unless given). Later
+    calls for the same engine do nothing."""
+    with _guard:
+        manager = getattr(scheduler, "kv_cache_manager", None)
+        hooks = manager.__dict__.get(_STATE) if manager is not None else None  # even if the guard gave up
+        if hooks is not None and hooks.stories is not None and _guard.active:
+            with hooks.state.lock:
+                _settle_moves(hooks)  # the open spans' peaks, before they end
+        telemetry.engine_stopped(hooks.state if hooks is not None else None, getattr(scheduler, "requests", None),
+                                 seconds)
+
+
 def _scheduler_shutdown(wrapped, scheduler, args, kwargs):
     """vLLM stops the engine: EngineCore.shutdown calls this on every graceful
     path (SIGTERM/SIGINT of the engine-core process, the API server's exit,
-    an offline LLM's finalizer). After vLLM's own shutdown, the plugin ends
-    the pool's open spans and, once every engine of this process stopped,
-    exports its last point, spans and block maps, bounded by
-    VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT."""
+    an offline LLM's finalizer). The stop hooks (plugin/stop.py) flush earlier
+    where they can; this covers a Scheduler stopped without its EngineCore."""
     try:
         return wrapped(scheduler, *args, **kwargs)
     finally:
-        with _guard:
-            manager = getattr(scheduler, "kv_cache_manager", None)
-            hooks = manager.__dict__.get(_STATE) if manager is not None else None  # even if the guard gave up
-            if hooks is not None and hooks.stories is not None and _guard.active:
-                with hooks.state.lock:
-                    _settle_moves(hooks)  # the open spans' peaks, before they end
-            telemetry.engine_stopped(hooks.state if hooks is not None else None, getattr(scheduler, "requests", None))
+        engine_stopped(scheduler)
 
 
 WRAPPERS: dict[str, Callable | _Forwarder] = {

@@ -64,6 +64,16 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("vllm.v1.core.sched.scheduler", "Scheduler.shutdown", ()),
 )
 
+# vLLM's stop in both of its processes (plugin/stop.py); optional: without them
+# the KV-cache hooks still run, and a stop in vLLM's default abort mode loses
+# what was not exported yet (one warning says so).
+STOP_HOOK_POINTS: tuple[HookPoint, ...] = (
+    # the engine core leaves its busy loop and tears down: the flush goes first
+    HookPoint("vllm.v1.engine.core", "EngineCore.shutdown", ()),
+    # the front end SIGTERMs its engine cores and SIGKILLs them after `timeout`
+    HookPoint("vllm.v1.engine.utils", "CoreEngineProcManager.shutdown", ("timeout",)),
+)
+
 
 # How each per-group manager lays out a request's block table (class names of
 # vllm.v1.core.single_type_kv_cache_manager). Entry i of a token-slot table
