@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -340,6 +341,36 @@ class _Flusher:
             return done.wait(seconds)
 
 
+class _CtrlC:
+    """Ctrl-C stops the run at the next step boundary, raised there as
+    KeyboardInterrupt: raised wherever the signal lands (inside vLLM's or an
+    exporter's code) it could be swallowed or cut a step in half. A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.pressed:
+            signal.default_int_handler(signum, frame)
+        self.pressed = True
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _report_unusable_otel_variables() -> None:
     """Say once, one line each, which OTEL_* values the plugin will not use (the
     same words it logs), and hide them from this process as the plugin hides them
@@ -404,7 +435,10 @@ def simulate(args) -> int:
     flush = _Flusher(files=telemetry_dir is not None)
     clock = _clock(telemetry_dir, args.step_seconds)
 
+    ctrl_c = _CtrlC()
+
     def export(steps: int) -> None:
+        ctrl_c.check()
         telemetry = runtime()
         if telemetry is not None:
             if args.export_every and steps % args.export_every == 0 and telemetry.meter_provider is not None:
@@ -418,7 +452,7 @@ def simulate(args) -> int:
 
     started = time.perf_counter()
     try:
-        with _progress_bar(total=len(specs), desc="requests finished", unit="req") as progress:
+        with ctrl_c, _progress_bar(total=len(specs), desc="requests finished", unit="req") as progress:
             result = sim.run_workload(shape, specs, step_seconds=args.step_seconds, seed=args.seed,
                                       progress=progress, on_step=export, keep_partial=True)
     except KeyboardInterrupt as exc:  # before the first step

@@ -328,8 +328,11 @@ class Proc:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(log, "w")
         self._stopped = False
+        # SIGINT as in a terminal, even when the test runner was started in the background (which
+        # ignores SIGINT, and children inherit that)
         self.popen = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, cwd=cwd or REPO, start_new_session=True)
+                                      env=env, cwd=cwd or REPO, start_new_session=True,
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     @property
     def alive(self) -> bool:

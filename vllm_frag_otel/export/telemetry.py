@@ -1012,6 +1012,9 @@ class Runtime:
                 ", ".join(f"{n} {what}" for what, n in self.undelivered.items() if n) or "nothing counted",
                 self.settings.shutdown_timeout, late,
             )
+        else:
+            logger.info("vllm-frag-otel: at engine stop, the final KV-cache telemetry was delivered in %.2fs.",
+                        (time_ns() - began) / 1e9)
         return self.undelivered
 
     def _end_stories(self, state: KVCacheState, stories: RequestStories, requests, deadline: float) -> int:
