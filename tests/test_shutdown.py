@@ -294,6 +294,29 @@ def test_the_flush_budget_ends_before_the_front_end_s_kill():
     assert flush_seconds(15, 3.0) is None  # drain mode's window holds the whole timeout
     assert flush_seconds(0, 0.4) == pytest.approx(0.2)
     assert flush_seconds(0, 0.0) == 0.0
+    # vLLM's stop path took 1 s from the first signal (a process-group SIGINT) to the flush
+    assert flush_seconds(0, 3.0, since_signal=1.0) == 2.0 - ABORT_RESERVE_S
+    assert flush_seconds(0, 3.0, since_signal=5.0) == 0.0
+
+
+def test_an_engine_core_notes_its_first_stop_signal_and_vllm_s_handler_still_runs():
+    proc = run_python(
+        "import multiprocessing, os, signal\n"
+        "from vllm_frag_otel.plugin import stop\n"
+        "seen = []\n"
+        "signal.signal(signal.SIGTERM, lambda n, f: seen.append(n))  # vLLM's handler\n"
+        "stop.note_stop_signals()  # not an engine core: nothing changes\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print(len(stop._first_stop_signal), seen)\n"
+        "multiprocessing.current_process().name = 'EngineCore_DP0'\n"
+        "stop.note_stop_signals()\n"
+        "stop.note_stop_signals()  # once\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print(len(stop._first_stop_signal), seen)\n",
+        timeout=120,
+    )
+    assert proc.stdout.splitlines() == ["0 [15]", "1 [15, 15, 15]"], proc.stdout + proc.stderr
 
 
 def _slow_to_stop(ready, marker: str) -> None:

@@ -47,13 +47,14 @@ pytestmark = pytest.mark.e2e
 NUM_REQUESTS = 8
 MAX_TOKENS = 256  # requests of up to 14 blocks, 7 at once, in a 31-block cache: preemptions
 KV_CACHE_BYTES = 1024 * 1024  # 32 blocks of 32 tokens for the tiny model (bf16), one the null block
-PLUGIN_DEADLINE_S = 3.0  # VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT's default (not set here)
+PLUGIN_DEADLINE_S = 3.0  # VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT's default (not set for a signal to the API server)
+# a signal to the process group also stops vLLM's worker, and the engine core waits for its exit
+# (3-4 s) before it stops: what the README asks to set there
+GROUP_SIGNAL_DEADLINE_S = 8.0
 VLLM_ABORT_STOP_S = 1.0  # vLLM 0.32's own stop in abort mode, API server gone: 0.4 s measured
 STOP_MARGIN_S = 1.5  # scheduling noise on a loaded 2-core machine
-STOP_LIMIT_S = PLUGIN_DEADLINE_S + VLLM_ABORT_STOP_S + STOP_MARGIN_S
 ONLY_THE_STOP = {"OTEL_METRIC_EXPORT_INTERVAL": "600000", "OTEL_BSP_SCHEDULE_DELAY": "600000",
                  "OTEL_BLRP_SCHEDULE_DELAY": "600000"}
-UNDELIVERED = "could not be delivered within VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT=3s"
 
 
 @dataclass
@@ -100,13 +101,15 @@ def servers(stack, tmp_path_factory):
     started: dict[str, Server] = {}
     try:
         with h.TIMINGS.stage(f"start: {len(SERVERS)} vLLM servers for the stop tests"):
-            for name, (collector, _) in SERVERS.items():
+            for name, (collector, how) in SERVERS.items():
                 port = h.free_port()
                 env = {**h.vllm_base_env(), **ONLY_THE_STOP, "VLLM_FRAG_OTEL_FILE_DIR": str(run_dir / name),
                        # vLLM's teardown steps in the log: where the plugin's stop ran
                        "VLLM_LOGGING_LEVEL": "DEBUG"}
                 if endpoints[collector]:
                     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoints[collector]
+                if how == "sigint-group":
+                    env["VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT"] = f"{GROUP_SIGNAL_DEADLINE_S:g}"
                 model_name = f"tiny-llama-stop-{name}"
                 # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the plugin
                 # must come from the installed package (or a PYTHONPATH copy, for mutation checks)
@@ -177,19 +180,31 @@ def _stop(server: Server) -> float:
     server.stop_s = time.monotonic() - start
     server.proc.stop()  # whatever the group left (nothing, normally)
     h.TIMINGS.record(f"stop: {server.name}, exit after signal", server.stop_s)
-    print(f"\n{server.name}: exit {server.stop_s:.2f} s after {how} (limit {STOP_LIMIT_S:g} s); "
+    limit = _deadline(server) + VLLM_ABORT_STOP_S + STOP_MARGIN_S
+    print(f"\n{server.name}: exit {server.stop_s:.2f} s after {how} (limit {limit:g} s); "
           f"vLLM's counters {server.vllm_counters}")
-    assert server.stop_s <= STOP_LIMIT_S, (server.stop_s, server.proc.tail())
+    assert server.stop_s <= limit, (server.stop_s, server.proc.tail())
     return server.stop_s
 
 
+def _deadline(server: Server) -> float:
+    """The server's VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT."""
+    return GROUP_SIGNAL_DEADLINE_S if SERVERS[server.name][1] == "sigint-group" else PLUGIN_DEADLINE_S
+
+
 def _flushed_before_vllm_s_teardown(server: Server, line: str) -> None:
-    """`line` of the plugin's stop is in the engine's log before vLLM's teardown began (the
-    stop hook in EngineCore.shutdown did it, not the atexit fallback, which a kill never runs)."""
+    """`line` of the plugin's stop is in the engine's log after its busy loop ended and before
+    vLLM's teardown began (the stop hook in EngineCore.shutdown did it, not the atexit fallback,
+    which a kill never runs). After a process-group SIGINT the front end's SIGTERM, held during
+    the flush, ends the engine core right after it: vLLM's teardown never begins."""
     lines = server.log.splitlines()
     at = {what: next((i for i, text in enumerate(lines) if what in text), None)
           for what in ("[shutdown] EngineCore: exiting busy loop", line,
                        "[shutdown] EngineCore: tearing down local resources")}
+    teardown = at.pop("[shutdown] EngineCore: tearing down local resources")
+    if SERVERS[server.name][1] == "sigterm":
+        assert teardown is not None, server.proc.tail()
+        at["teardown"] = teardown
     assert None not in at.values() and sorted(at.values()) == list(at.values()), (at, server.proc.tail())
 
 
@@ -351,6 +366,7 @@ def test_an_unreachable_collector_holds_the_stop_at_most_the_deadline(servers, c
     warnings = _engine_lines(server, "could not be delivered")
     print("\n".join(warnings))
     assert len(warnings) == 1, warnings
-    assert UNDELIVERED in warnings[0] and "EngineCore" in warnings[0], warnings[0]
+    undelivered = f"could not be delivered within VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT={_deadline(server):g}s"
+    assert undelivered in warnings[0] and "EngineCore" in warnings[0], warnings[0]
     assert re.search(rf"\b{len(server.request_ids)} spans", warnings[0]), warnings[0]
     _flushed_before_vllm_s_teardown(server, "could not be delivered")

@@ -627,7 +627,7 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
         with _guard:
             hooks.state.attach_requests(scheduler.requests)
             hooks.state.stepping_thread = threading.get_ident()  # until a step boundary says otherwise
-            _warn_if_stop_cannot_flush(_arg(args, kwargs, 0, "vllm_config"))
+            _prepare_stop(_arg(args, kwargs, 0, "vllm_config"))
 
 
 # What vLLM's engine core spends on its stop besides the plugin's flush, measured
@@ -635,15 +635,21 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
 VLLM_ENGINE_STOP_SECONDS = 7
 
 
-def _warn_if_stop_cannot_flush(vllm_config) -> None:
+def _prepare_stop(vllm_config) -> None:
     """With --shutdown-timeout 0 (vLLM's default, "abort" mode) vLLM's process
     manager SIGKILLs an engine-core process right after its SIGTERM, before
     `Scheduler.shutdown` can run; only the stop hooks (plugin/stop.py) keep the
-    last metrics and spans then."""
-    from vllm_frag_otel.plugin.stop import stop_instrumentor  # it imports this module
+    last metrics and spans then: they time the flush from the first stop signal,
+    or, missing, the engine core warns once."""
+    from vllm_frag_otel.plugin.stop import note_stop_signals, stop_instrumentor  # they import this module
 
     current = telemetry.runtime()
-    if current is None or stop_instrumentor.is_instrumented or getattr(vllm_config, "shutdown_timeout", None) != 0:
+    if current is None:
+        return
+    if stop_instrumentor.is_instrumented:
+        note_stop_signals()
+        return
+    if getattr(vllm_config, "shutdown_timeout", None) != 0:
         return
     if multiprocessing.current_process().name.startswith("EngineCore"):
         _warn_once(

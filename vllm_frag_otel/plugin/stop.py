@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from time import monotonic
 
 from vllm_frag_otel.config import load_settings
 from vllm_frag_otel.plugin.hooks import _arg, _hooked, _resolve, engine_stopped, guard
@@ -40,13 +42,40 @@ logger = logging.getLogger("vllm.frag_otel")
 ABORT_RESERVE_S = 0.5
 
 
-def flush_seconds(vllm_window: float | None, timeout: float) -> float | None:
+def flush_seconds(vllm_window: float | None, timeout: float, since_signal: float = 0.0) -> float | None:
     """How long the engine core's flush may take: VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT
     (None) when vLLM's own stop window holds it, else what the front end's grace
-    leaves before its kill."""
+    leaves before its kill, `since_signal` seconds after this process's first stop
+    signal (vLLM's own stop path took them)."""
     if vllm_window is not None and vllm_window >= timeout + ABORT_RESERVE_S:
         return None
-    return max(0.0, timeout - min(ABORT_RESERVE_S, timeout / 2))
+    return max(0.0, timeout - min(ABORT_RESERVE_S, timeout / 2) - since_signal)
+
+
+_first_stop_signal: list[float] = []  # when this engine core got its first SIGTERM or SIGINT
+
+
+def note_stop_signals() -> None:
+    """In an engine-core process, after vLLM installed its SIGTERM and SIGINT
+    handlers: note when the first one comes (then call vLLM's). A signal to the
+    whole process group reaches the engine core before the front end's SIGTERM,
+    and vLLM's stop path may take seconds to reach EngineCore.shutdown; the
+    flush's budget counts from that first signal."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not multiprocessing.current_process().name.startswith("EngineCore"):
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        vllm_handler = signal.getsignal(signum)
+        if not callable(vllm_handler) or getattr(vllm_handler, "__vllm_frag_otel_hook__", False):
+            continue
+
+        def noted(number, frame, vllm_handler=vllm_handler):
+            if not _first_stop_signal:
+                _first_stop_signal.append(monotonic())
+            return vllm_handler(number, frame)
+
+        noted.__vllm_frag_otel_hook__ = True
+        signal.signal(signum, noted)
 
 
 @contextlib.contextmanager
@@ -79,7 +108,8 @@ def _flush_first(wrapped, engine_core, args, kwargs):
         seconds = None
         with guard():
             window = getattr(getattr(engine_core, "vllm_config", None), "shutdown_timeout", None)
-            seconds = flush_seconds(window, load_settings().shutdown_timeout)
+            since_signal = monotonic() - _first_stop_signal[0] if _first_stop_signal else 0.0
+            seconds = flush_seconds(window, load_settings().shutdown_timeout, since_signal)
         with sigterm_deferred():
             engine_stopped(scheduler, seconds)
     return wrapped(engine_core, *args, **kwargs)
