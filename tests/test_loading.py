@@ -148,28 +148,24 @@ def test_a_hook_variable_bound_by_except_as_clashes_too():
         hooks._compile(free_blocks, hooks._release("on_blocks_released"))
 
 
-ENGINE_CORE_STARTS = (
-    "import multiprocessing\n"
+ENGINE_CORE = "import multiprocessing; multiprocessing.current_process().name = 'EngineCore_DP0'"
+STOP_HOOKED = (
     "from vllm_frag_otel.plugin.stop import stop_instrumentor\n"
     "print('STOP HOOKED' if stop_instrumentor.is_instrumented else 'STOP NOT HOOKED')\n"
-    "multiprocessing.current_process().name = 'EngineCore_DP0'\n"
-    "from vllm_frag_otel.sim import simulator as sim\n"
-    "for _ in range(2):\n"
-    "    sim.build_scheduler(sim.EngineShape(num_blocks=64, block_size=16, max_num_seqs=4))\n"
 )
 
 
 def test_the_stop_is_hooked_with_the_kv_cache_so_vllm_s_default_stop_needs_no_warning():
-    stdout, stderr = _probe(after=ENGINE_CORE_STARTS, VLLM_FRAG_OTEL_EXPORTER="none")
+    stdout, stderr = _probe(ENGINE_CORE, after=STOP_HOOKED)
     assert "WRAPPED" in stdout and "STOP HOOKED" in stdout
     assert not _warnings(stderr), _warnings(stderr)
 
 
 def test_a_vllm_whose_stop_moved_keeps_the_kv_cache_hooks_and_says_once_what_its_stop_loses():
-    stdout, stderr = _probe("from vllm.v1.engine.core import EngineCore; del EngineCore.shutdown",
-                            after=ENGINE_CORE_STARTS, VLLM_FRAG_OTEL_EXPORTER="none")
+    stdout, stderr = _probe(ENGINE_CORE + "\nfrom vllm.v1.engine.core import EngineCore; del EngineCore.shutdown",
+                            after="import vllm_frag_otel; vllm_frag_otel.register()\n" + STOP_HOOKED)
     assert "WRAPPED" in stdout and "STOP NOT HOOKED" in stdout
-    (warning,) = _warnings(stderr)  # the engine core's, once for its two schedulers
-    assert "--shutdown-timeout 0 (its default)" in warning, warning
-    assert "vllm.v1.engine.core.EngineCore.shutdown is missing" in warning, warning
+    (warning,) = _warnings(stderr)  # the engine core's, once though vLLM loads the plugin twice
+    assert "cannot hook vLLM's stop (vllm.v1.engine.core.EngineCore.shutdown is missing)" in warning, warning
+    assert "--shutdown-timeout 0 (vLLM's default)" in warning, warning
     assert "start vLLM with --shutdown-timeout 10 or more" in warning, warning

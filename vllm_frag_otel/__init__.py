@@ -17,13 +17,13 @@ def register() -> None:
     """vLLM's plugin entry point: idempotent and cheap, safe in every process."""
     from vllm_frag_otel.config import load_settings
     from vllm_frag_otel.plugin.hooks import instrumentor
-    from vllm_frag_otel.plugin.stop import stop_instrumentor
+    from vllm_frag_otel.plugin import stop
 
     if instrumentor.is_instrumented:
         return
     settings = load_settings()
     if settings.enabled and instrumentor.instrument(max_hook_errors=settings.max_hook_errors):
-        stop_instrumentor.instrument()
+        stop.install()
 
 
 def analyzer_for(obj) -> KVCacheState:

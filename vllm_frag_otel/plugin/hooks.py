@@ -12,8 +12,6 @@ import functools
 import importlib
 import inspect
 import logging
-import math
-import multiprocessing
 import operator
 import random
 import re
@@ -627,37 +625,6 @@ def _scheduler_init(wrapped, scheduler, args, kwargs):
         with _guard:
             hooks.state.attach_requests(scheduler.requests)
             hooks.state.stepping_thread = threading.get_ident()  # until a step boundary says otherwise
-            _prepare_stop(_arg(args, kwargs, 0, "vllm_config"))
-
-
-# What vLLM's engine core spends on its stop besides the plugin's flush, measured
-# with the CPU server: the workers' exit (3-4 s) and its own teardown (2-3 s).
-VLLM_ENGINE_STOP_SECONDS = 7
-
-
-def _prepare_stop(vllm_config) -> None:
-    """With --shutdown-timeout 0 (vLLM's default, "abort" mode) vLLM's process
-    manager SIGKILLs an engine-core process right after its SIGTERM, before
-    `Scheduler.shutdown` can run; only the stop hooks (plugin/stop.py) keep the
-    last metrics and spans then: they time the flush from the first stop signal,
-    or, missing, the engine core warns once."""
-    from vllm_frag_otel.plugin.stop import note_stop_signals, stop_instrumentor  # they import this module
-
-    current = telemetry.runtime()
-    if current is None:
-        return
-    if stop_instrumentor.is_instrumented:
-        note_stop_signals()
-        return
-    if getattr(vllm_config, "shutdown_timeout", None) != 0:
-        return
-    if multiprocessing.current_process().name.startswith("EngineCore"):
-        _warn_once(
-            f"vLLM runs with --shutdown-timeout 0 (its default) and the plugin cannot hook its stop "
-            f"({stop_instrumentor.problem}): on SIGTERM vLLM kills the engine core at once, so the metrics, spans "
-            "and block maps since the last export are lost; start vLLM with --shutdown-timeout "
-            f"{math.ceil(current.settings.shutdown_timeout) + VLLM_ENGINE_STOP_SECONDS} or more to keep them"
-        )
 
 
 # Blocks whose flags the self-check compares with vLLM's, per check.

@@ -13,15 +13,17 @@ plugin's flush. Two hooks make the flush hold whatever the mode:
   less. A process that exits sooner ends the wait sooner.
 
 So vLLM's stop takes at most VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT longer (0: no
-longer, and nothing is flushed in abort mode). Both hooks are optional: where
-vLLM moved them, the KV-cache hooks run all the same and the engine core warns
-once that a stop in abort mode loses what was not exported yet.
+longer, and nothing is flushed in abort mode). The flush's budget counts from
+the engine core's first stop signal. Both hooks are optional: where vLLM moved
+them, the KV-cache hooks run all the same and the engine core warns once that a
+stop in abort mode loses what was not exported yet.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -174,3 +176,21 @@ class StopInstrumentor:
 
 
 stop_instrumentor = StopInstrumentor()
+
+# What vLLM's engine core spends on its stop besides the plugin's flush, measured
+# with the CPU server: the workers' exit (3-4 s) and its own teardown (2-3 s).
+VLLM_ENGINE_STOP_SECONDS = 7
+
+
+def install() -> None:
+    """register()'s part, after the KV-cache hooks: the stop hooks, noting the
+    engine core's first stop signal; or, in an engine core, one warning why not."""
+    if stop_instrumentor.instrument():
+        note_stop_signals()
+    elif multiprocessing.current_process().name.startswith("EngineCore"):
+        logger.warning(
+            "vllm-frag-otel: the plugin cannot hook vLLM's stop (%s): with --shutdown-timeout 0 (vLLM's default) "
+            "vLLM kills the engine core at once on SIGTERM, so the metrics, spans and block maps since the last "
+            "export are lost; start vLLM with --shutdown-timeout %d or more to keep them.",
+            stop_instrumentor.problem, math.ceil(load_settings().shutdown_timeout) + VLLM_ENGINE_STOP_SECONDS,
+        )
