@@ -365,6 +365,12 @@ def test_an_unreachable_collector_holds_the_stop_at_most_the_deadline(servers, c
     _stop(server)  # within the limit
     warnings = _engine_lines(server, "could not be delivered")
     print("\n".join(warnings))
+    if how == "sigint-group" and not warnings:
+        # vLLM's engine core, blocked in C on its worker that the SIGINT stopped, may run its
+        # signal handlers seconds late: the flush then starts late and the front end's kill can
+        # come before its report of what was lost (nothing could have been delivered)
+        assert _engine_lines(server, "force killing"), server.proc.tail()
+        return
     assert len(warnings) == 1, warnings
     undelivered = f"could not be delivered within VLLM_FRAG_OTEL_SHUTDOWN_TIMEOUT={_deadline(server):g}s"
     assert undelivered in warnings[0] and "EngineCore" in warnings[0], warnings[0]
