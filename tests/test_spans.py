@@ -260,7 +260,7 @@ def test_span_times_are_when_things_happened_not_when_the_span_was_built(traced,
 
 
 class _Flipping(Sampler):
-    """Samples every other call: decides otherwise when a request ends than when it opened."""
+    """Samples every other call."""
 
     def __init__(self):
         self.calls = 0
@@ -273,12 +273,17 @@ class _Flipping(Sampler):
         return "flipping"
 
 
+def _sink(sampler=None) -> tuple[telemetry.KVCacheSpans, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    return telemetry.KVCacheSpans(provider, processor), exporter
+
+
 @pytest.mark.parametrize("flags", ["01", "00"])
 def test_the_callers_sampling_decision_is_taken_when_the_request_opens(flags):
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(id_generator=telemetry.PresetIdGenerator())
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    sink = telemetry.KVCacheSpans(provider)
+    sink, exporter = _sink()
     story = RequestStory("req-1", prompt_tokens=32, num_groups=1)
     sink.opened(story, {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-{flags}"})
     sink.event(story, "preempted", {"vllm.kv_cache.block.released": 2})
@@ -292,17 +297,78 @@ def test_the_callers_sampling_decision_is_taken_when_the_request_opens(flags):
     assert format(span.context.trace_id, "032x") == TRACE_ID and [e.name for e in span.events] == ["preempted"]
 
 
-def test_a_sampler_that_changes_its_mind_at_close_is_obeyed():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=_Flipping(), id_generator=telemetry.PresetIdGenerator())
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    sink = telemetry.KVCacheSpans(provider)
-    story = RequestStory("req-1", prompt_tokens=32, num_groups=1)
-    sink.opened(story, None)  # dropped at open: no exemplar
-    sink.closed(story, failed=False)  # sampled at close: exported all the same
-    assert story.exemplar is None and len(exporter.get_finished_spans()) == 1
-    with pytest.raises(TypeError):
-        telemetry.KVCacheSpans(TracerProvider())  # random ids only: exemplars would name no exported span
+def test_the_sampler_decides_once_when_the_request_opens_so_every_exemplar_names_an_exported_span():
+    sampler = _Flipping()
+    sink, exporter = _sink(sampler)
+    dropped, sampled = (RequestStory(f"req-{i}", prompt_tokens=32, num_groups=1) for i in range(2))
+    sink.opened(dropped, None)  # the sampler drops it: no exemplar, and no span later
+    sink.opened(sampled, None)
+    for story in (dropped, sampled):
+        sink.event(story, "preempted", {"vllm.kv_cache.block.released": 2})
+        sink.closed(story, failed=False)  # the flipping sampler is not asked again
+    assert dropped.exemplar is None and sampled.exemplar is not None and sampler.calls == 2
+    (span,) = exporter.get_finished_spans()
+    assert (span.context.trace_id, span.context.span_id) == (sampled.exemplar.trace_id, sampled.exemplar.span_id)
+
+
+def _through_the_sdks_tracer(provider: TracerProvider, record, failed: bool, description: str):
+    """The span as the SDK's own tracer builds it from the same record."""
+    from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, set_span_in_context
+
+    class _Preset(provider.id_generator.__class__):
+        def generate_span_id(self):
+            return record.context.span_id
+
+        def generate_trace_id(self):
+            return record.context.trace_id
+
+    provider.id_generator = _Preset()
+    tracer = provider.get_tracer(telemetry.SCOPE, telemetry.__version__)
+    parent = set_span_in_context(NonRecordingSpan(record.parent)) if record.parent is not None else None
+    span = tracer.start_span(telemetry.SPAN_NAME, context=parent, kind=SpanKind.INTERNAL,
+                             attributes=record.attributes, start_time=record.start_ns)
+    for name, attributes, at in record.events:
+        span.add_event(name, attributes, timestamp=at)
+    if failed:
+        span.set_status(Status(StatusCode.ERROR, description))
+    span.end()
+
+
+@pytest.mark.parametrize("limits", [{}, {"OTEL_SPAN_EVENT_COUNT_LIMIT": "2", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "5",
+                                         "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "3"}])
+@pytest.mark.parametrize("traceparent", [None, f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"])
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_span_is_exported_exactly_as_the_sdks_tracer_would_export_it(monkeypatch, limits, traceparent, failed):
+    """The span is built without a live SDK span (cheaper on vLLM's scheduler
+    thread): its OTLP encoding must equal the tracer's, field by field, for any
+    SDK installed, with the span limits of the environment."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    for name, value in limits.items():
+        monkeypatch.setenv(name, value)
+    sink, ours = _sink()
+    story = RequestStory("req-1-abcdefgh", prompt_tokens=32, num_groups=2)
+    sink.opened(story, {"traceparent": traceparent} if traceparent else None)
+    for i in range(3):
+        sink.event(story, "preempted", {"vllm.kv_cache.block.released": i, "why": "the pool is full"})
+    story.hit_tokens, story.peak_blocks, story.finish_status = 16, 7, "finished_aborted" if failed else "finished_stopped"
+    record = story.handle
+    sink.closed(story, failed=failed)
+    sdk = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(sdk))
+    _through_the_sdks_tracer(provider, record, failed, story.finish_status)
+    (mine,), (theirs,) = ours.get_finished_spans(), sdk.get_finished_spans()
+    assert mine.end_time >= mine.start_time
+    assert (mine.context, mine.parent) == (theirs.context, theirs.parent)  # trace flags are not in OTLP
+    encoded = [encode_spans([span]) for span in (mine, theirs)]
+    for request in encoded:
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    span.end_time_unix_nano = 0  # when each was ended
+    assert encoded[0] == encoded[1]
+    assert len(mine.events) == (2 if limits else 3) and len(mine.attributes) == (5 if limits else len(SPAN_KEYS))
 
 
 def test_sampler_and_switch_are_honoured(traced, monkeypatch):

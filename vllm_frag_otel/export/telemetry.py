@@ -50,8 +50,17 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    SpanLimits,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+)
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -421,65 +430,60 @@ def external_request_id(request_id: str) -> str:
     return head if sep and len(tail) == 8 else request_id
 
 
-class _PresetIds(threading.local):
-    ids: tuple[int, int] | None = None
-
-
-class PresetIdGenerator(RandomIdGenerator):
-    """Random ids, except for the span created on this thread while `preset.ids`
-    holds a (trace id, span id) pair: a request's span is created when the
-    request ends, with the ids its exemplars have carried since it opened."""
-
-    def __init__(self):
-        self.preset = _PresetIds()
-
-    def generate_trace_id(self) -> int:
-        ids = self.preset.ids
-        return ids[0] if ids is not None else super().generate_trace_id()
-
-    def generate_span_id(self) -> int:
-        ids = self.preset.ids
-        return ids[1] if ids is not None else super().generate_span_id()
-
-
 @dataclass(slots=True)
 class _OpenSpan:
-    """A request's span while the request runs: plain data, about 0.5 kB and two
-    objects the GC tracks per request in flight, where a live SDK span held
-    about 3 kB in twelve (its attribute and event containers, locks)."""
+    """A sampled request's span while the request runs: plain data, about 0.5 kB
+    and two objects the GC tracks per request in flight, where a live SDK span
+    held about 3 kB in twelve (its attribute and event containers, locks)."""
 
-    parent: Context  # from the trace headers
+    parent: SpanContext | None  # from the trace headers
     attributes: dict[str, Any]  # those known at open (str and int only: a dict the GC does not track)
     start_ns: int
-    trace_id: int
-    span_id: int
+    context: SpanContext
     events: tuple[tuple[str, dict[str, Any], int], ...] = ()  # (name, attributes, time_ns); most have none
 
 
 _NO_PARENT = Context()
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# SDKs before 1.40 know no random-trace-id flag
+_RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+# attributes a span gets at most: ours and a sampler's few
+_SPAN_ATTRIBUTES = 32
 
 
 class KVCacheSpans:
     """A StorySink: one span per request's KV-cache lifecycle, in the caller's trace.
 
-    The span's ids and sampling decision are taken when the request opens (its
-    measurements carry them as exemplars); the span itself is created, filled
-    and ended when the request ends. `provider` must generate ids with a
-    `PresetIdGenerator`, which hands those ids to the SDK."""
+    When a request opens, its span's ids are drawn and the sampler decides, as
+    the SDK's tracer does when a span starts (its measurements carry the ids
+    as exemplars, so those name exported spans only). When it ends, its span
+    is built as the tracer would have built and ended it (the span limits
+    applied) and handed to `processor`'s `on_end`. Built directly, not through
+    a live SDK span, it skips the tracer's per-value attribute cleaning and
+    locks: most of a span's cost on vLLM's scheduler thread (our values are
+    str, int and bool already)."""
 
-    def __init__(self, provider: TracerProvider):
-        if not isinstance(provider.id_generator, PresetIdGenerator):
-            raise TypeError("KVCacheSpans needs a TracerProvider(id_generator=PresetIdGenerator())")
-        self._ids: PresetIdGenerator = provider.id_generator
+    def __init__(self, provider: TracerProvider, processor: SpanProcessor):
+        self._ids = provider.id_generator
         self._sampler = provider.sampler
-        self._tracer = provider.get_tracer(SCOPE, __version__)
+        self._resource = provider.resource
+        self._processor = processor
+        self._scope = InstrumentationScope(SCOPE, __version__)
+        self._limits = limits = SpanLimits()  # OTEL_SPAN_* / OTEL_ATTRIBUTE_* limits, read as the tracer reads them
+        # no value is cut and no attribute dropped: the span's attributes go as they are
+        self._attributes_as_they_are = limits.max_span_attribute_length is None and (
+            limits.max_span_attributes is None or limits.max_span_attributes >= _SPAN_ATTRIBUTES
+        )
+        is_random = getattr(self._ids, "is_trace_id_random", None)
+        self._random_root = _RANDOM_TRACE_ID if is_random is not None and is_random() else 0
 
     def opened(self, story: RequestStory, trace_headers) -> None:
         parent = _PROPAGATOR.extract(trace_headers) if trace_headers else _NO_PARENT
         parent_span = get_current_span(parent).get_span_context()
-        trace_id = parent_span.trace_id if parent_span.is_valid else self._ids.generate_trace_id()
-        span_id = self._ids.generate_span_id()
+        if parent_span.is_valid:
+            trace_id, flags = parent_span.trace_id, parent_span.trace_flags & _RANDOM_TRACE_ID
+        else:
+            parent_span, trace_id, flags = None, self._ids.generate_trace_id(), self._random_root
         attributes = {
             # vLLM's own span (`llm_request`) names the request `gen_ai.request.id` too: the join
             "gen_ai.request.id": external_request_id(story.request_id),
@@ -488,18 +492,29 @@ class KVCacheSpans:
             "vllm.kv_cache.group.count": story.num_groups,
         }
         sampling = self._sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.INTERNAL, attributes)
-        story.handle = _OpenSpan(parent, attributes, time_ns(), trace_id, span_id)
-        # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based); the
-        # flags hold the sampled bit alone (the SDK may add the random-trace-id bit to the span's)
-        story.exemplar = SpanContext(trace_id, span_id, False, _SAMPLED) if sampling.decision.is_sampled() else None
+        if not sampling.decision.is_recording():
+            story.handle = story.exemplar = None
+            return
+        sampled = sampling.decision.is_sampled()
+        context = SpanContext(trace_id, self._ids.generate_span_id(), False,
+                              TraceFlags(flags | (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)),
+                              sampling.trace_state)
+        story.handle = _OpenSpan(parent_span, dict(sampling.attributes or {}), time_ns(), context)
+        # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based); their
+        # flags hold the sampled bit alone
+        story.exemplar = SpanContext(trace_id, context.span_id, False, _SAMPLED) if sampled else None
 
     def event(self, story: RequestStory, name: str, attributes: dict[str, Any]) -> None:
         record = story.handle
-        record.events += ((name, attributes, time_ns()),)
+        if record is not None:
+            record.events += ((name, attributes, time_ns()),)
 
     def closed(self, story: RequestStory, failed: bool) -> None:
         record = story.handle
-        attributes = record.attributes | {
+        if record is None:
+            return
+        attributes = record.attributes
+        attributes.update({
             "vllm.kv_cache.prefix_cache.hit_tokens": story.hit_tokens,
             "gen_ai.usage.cache_read.input_tokens": story.hit_tokens,  # the same: prefix-cache hits at admission
             "vllm.kv_cache.block.peak": story.peak_blocks,
@@ -510,21 +525,40 @@ class KVCacheSpans:
             "vllm.kv_cache.block.evicted": story.evicted_blocks,
             "gen_ai.usage.output_tokens": story.output_tokens,  # was gen_ai.usage.completion_tokens
             "vllm.request.finish_status": story.finish_status,
-        }
+        })
         if story.finish_status == ENGINE_STOPPED_STATUS:
             attributes[ENGINE_STOPPED] = True  # status stays UNSET: the request did not fail
-        # the sampler decides again here: one that now decides otherwise than at open is obeyed
-        self._ids.preset.ids = (record.trace_id, record.span_id)
-        try:
-            span = self._tracer.start_span(SPAN_NAME, context=record.parent, kind=SpanKind.INTERNAL,
-                                           attributes=attributes, start_time=record.start_ns)
-        finally:
-            self._ids.preset.ids = None
-        for name, event_attributes, at in record.events:
-            span.add_event(name, event_attributes, timestamp=at)
-        if failed:
-            span.set_status(Status(StatusCode.ERROR, story.finish_status))
-        span.end()
+        self._processor.on_end(self._finished_span(record, failed, story.finish_status))
+
+    def _finished_span(self, record: _OpenSpan, failed: bool, description: str) -> ReadableSpan:
+        limits = self._limits
+        attributes = record.attributes
+        if not self._attributes_as_they_are:
+            attributes = BoundedAttributes(limits.max_span_attributes, attributes, immutable=True,
+                                           max_value_len=limits.max_span_attribute_length)
+        events = tuple(  # few: most requests have none
+            Event(name, BoundedAttributes(limits.max_event_attributes, event_attributes, immutable=True,
+                                          max_value_len=limits.max_attribute_length), at)
+            for name, event_attributes, at in record.events
+        )
+        if limits.max_events is not None and len(events) > limits.max_events:
+            events = BoundedList.from_seq(limits.max_events, events)  # the latest, as the SDK keeps them
+        return ReadableSpan(
+            name=SPAN_NAME,
+            context=record.context,
+            parent=record.parent,
+            resource=self._resource,
+            attributes=attributes,
+            events=events,
+            kind=SpanKind.INTERNAL,
+            status=Status(StatusCode.ERROR, description) if failed else _UNSET,
+            start_time=record.start_ns,
+            end_time=time_ns(),
+            instrumentation_scope=self._scope,
+        )
+
+
+_UNSET = Status(StatusCode.UNSET)
 
 
 # -- block-layout maps ---------------------------------------------------------------
@@ -827,15 +861,15 @@ class Runtime:
                 self._serve(scrape, engine_attributes)
         if span_exporter is not None:
             # the SDK's own processor metrics (queue size, spans dropped when full) go with ours
-            self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False,
-                                                  id_generator=PresetIdGenerator())
+            self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
             self._ended_spans = _EndedSpans()
             self._span_delivery = _Delivery(span_exporter)
-            self.tracer_provider.add_span_processor(self._ended_spans)
-            self.tracer_provider.add_span_processor(
-                BatchSpanProcessor(self._span_delivery, meter_provider=self.meter_provider)
-            )
-            self.spans = KVCacheSpans(self.tracer_provider)
+            # the spans go to these processors straight (KVCacheSpans); the provider flushes and stops them
+            processors = SynchronousMultiSpanProcessor()
+            processors.add_span_processor(self._ended_spans)
+            processors.add_span_processor(BatchSpanProcessor(self._span_delivery, meter_provider=self.meter_provider))
+            self.tracer_provider.add_span_processor(processors)
+            self.spans = KVCacheSpans(self.tracer_provider, processors)
 
     @staticmethod
     def _scrape_reader():
