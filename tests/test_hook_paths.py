@@ -439,6 +439,28 @@ def test_mamba_prefill_checkpoint_evictions_are_seen(plugin):
         assert ledger.evictions[("replaced", False)] + ledger.evictions[("replaced", True)] > 0
 
 
+def test_only_pools_that_a_group_drops_entries_from_directly_carry_that_hook(plugin):
+    """get_new_blocks calls `_maybe_evict_cached_block` for every block it hands
+    out and counts those evictions itself: the hook that catches a Mamba
+    group's direct calls sits on the pools such a group allocates from, not on
+    the class (a frame per block handed out elsewhere). Unhooking takes it off."""
+    method = "_maybe_evict_cached_block"
+    attention = sim.build_scheduler(sim.EngineShape(num_blocks=64, block_size=16, max_num_seqs=4))
+    mamba = build_variant(sim.EngineShape(num_blocks=64, block_size=16, max_num_seqs=4, max_num_batched_tokens=64,
+                                          max_model_len=1024, layout="full,mamba_align"),
+                          prefix_match_unit=4, mamba_checkpoints=True)
+    from vllm.v1.core.block_pool import BlockPool
+
+    assert not getattr(vars(BlockPool)[method], "__vllm_frag_otel_hook__", False)
+    assert method not in vars(attention.kv_cache_manager.block_pool)
+    assert getattr(vars(mamba.kv_cache_manager.block_pool)[method], "__vllm_frag_otel_hook__", False)
+    plugin.uninstrument()
+    try:
+        assert method not in vars(mamba.kv_cache_manager.block_pool)
+    finally:
+        assert plugin.instrument()
+
+
 def test_unpin_blocks_releases_to_the_free_list(plugin):
     """BlockPool.unpin_blocks' only caller is vLLM's HiSparse coordinator, which
     unpins GPU pages once a worker has spilled them to a host pool: that needs

@@ -29,6 +29,7 @@ from packaging.version import InvalidVersion, Version
 from vllm_frag_otel.export import telemetry
 from vllm_frag_otel.plugin.versions import (
     BLOCK_ONLY_MANAGERS,
+    DIRECT_EVICTION_MANAGERS,
     GROWING_TABLE_MANAGERS,
     HOOK_POINTS,
     OLDEST_VLLM,
@@ -165,6 +166,7 @@ def _pool_init(wrapped, pool, args, kwargs):
         if pool.num_gpu_blocks < 2:  # a lookup-only view (a KV connector's), no pool to count
             return
         pool.__dict__[_STATE] = KVCacheState(pool.num_gpu_blocks, [pool.hash_block_size])
+        _hook_pool(pool)  # until its KV-cache manager says none of its groups needs it
 
 
 # The hooks called for every block event are `_Forwarder`s: their bodies take
@@ -220,6 +222,34 @@ _MAYBE_EVICT_CACHED_BLOCK = _Forwarder("""
         _entry_replaced(self, block)
     return evicted
 """)
+
+# Hooks set on a pool instance, not on the class: vLLM calls
+# `_maybe_evict_cached_block` for every block get_new_blocks hands out (the
+# caller counts those evictions itself), and directly only from the managers
+# in DIRECT_EVICTION_MANAGERS; a pool serves none of those unless a Mamba
+# group (or a manager this version does not know) allocates from it, and a
+# hook frame per block handed out is not paid where it is not needed.
+PER_POOL_HOOKS: dict[str, _Forwarder] = {"BlockPool._maybe_evict_cached_block": _MAYBE_EVICT_CACHED_BLOCK}
+_per_pool_hooks: dict[str, Callable] = {}  # method name -> compiled hook, while instrumented
+_pools_hooked: weakref.WeakSet = weakref.WeakSet()
+
+
+def _hook_pool(pool) -> None:
+    for method, hook in _per_pool_hooks.items():
+        pool.__dict__[method] = hook.__get__(pool)
+    if _per_pool_hooks:
+        _pools_hooked.add(pool)
+
+
+def _unhook_pool(pool) -> None:
+    for method in _per_pool_hooks:
+        pool.__dict__.pop(method, None)
+    _pools_hooked.discard(pool)
+
+
+def _calls_evictions_directly(group_manager) -> bool:
+    manager_class = type(group_manager).__name__
+    return manager_class in DIRECT_EVICTION_MANAGERS or manager_class not in TOKEN_SLOT_MANAGERS | BLOCK_ONLY_MANAGERS
 
 
 def _entry_replaced(pool, block) -> None:
@@ -421,6 +451,13 @@ class _ManagerWatch:
             [_group_layout(g, m, pool) for g, m in enumerate(group_managers)],
             [m.req_to_blocks if m.block_pool is pool else {} for m in group_managers],
         )
+        direct = [m.block_pool for m in group_managers if _calls_evictions_directly(m)]
+        for group_pool in {id(p): p for p in (pool, *now)}.values():
+            if _STATE in group_pool.__dict__:
+                if any(p is group_pool for p in direct):
+                    _hook_pool(group_pool)
+                elif group_pool is pool:
+                    _unhook_pool(group_pool)
         self.pools = tuple(map(weakref.ref, now))
         return True
 
@@ -765,7 +802,6 @@ WRAPPERS: dict[str, Callable | _Forwarder] = {
     "BlockPool.move_block_hashes": _move_block_hashes,
     "BlockPool.evict_blocks": _evict_blocks,
     "BlockPool.reset_prefix_cache": _reset_prefix_cache,
-    "BlockPool._maybe_evict_cached_block": _MAYBE_EVICT_CACHED_BLOCK,
     "KVCacheManager.__init__": _manager_init,
     "KVCacheManager.get_computed_blocks": _get_computed_blocks,
     "KVCacheManager.allocate_slots": _ALLOCATE_SLOTS,
@@ -837,15 +873,19 @@ class KVCacheInstrumentor:
         problem = self._check()
         if isinstance(problem, str):
             return self._refuse(problem)
+        targets = dict(zip((point.qualname for point in HOOK_POINTS), problem))
         try:
-            hooked = [_hooked(cls.__dict__[method], WRAPPERS[point.qualname]) for (cls, method), point in zip(
-                problem, HOOK_POINTS)]
+            hooked = [(targets[name], _hooked(vars(targets[name][0])[targets[name][1]], wrapper))
+                      for name, wrapper in WRAPPERS.items()]
+            per_pool = {targets[name][1]: _hooked(vars(targets[name][0])[targets[name][1]], forwarder)
+                        for name, forwarder in PER_POOL_HOOKS.items()}
         except (ValueError, SyntaxError) as exc:
             return self._refuse(str(exc))
         _guard.max_errors = max_hook_errors
         _guard.active = True
         _guard.errors = 0
-        for (cls, method), hook in zip(problem, hooked):
+        _per_pool_hooks.update(per_pool)
+        for (cls, method), hook in hooked:
             setattr(cls, method, hook)
             self._wrapped.append((cls, method))
         untested = _untested_version()
@@ -878,6 +918,9 @@ class KVCacheInstrumentor:
         for cls, method in reversed(self._wrapped):
             setattr(cls, method, cls.__dict__[method].__wrapped__)
         self._wrapped.clear()
+        for pool in list(_pools_hooked):
+            _unhook_pool(pool)
+        _per_pool_hooks.clear()
 
     @staticmethod
     def _check() -> list[tuple[type, str]] | str:

@@ -97,6 +97,10 @@ BLOCK_ONLY_MANAGERS = frozenset({
     "HiSparseResidentManager",
     "KpoolTailManager",  # vLLM 0.30-0.31: a one-block circular scratch (a CircularBufferManager)
 })
+# Managers that drop a block's prefix-cache entry through the pool's private
+# `_maybe_evict_cached_block` themselves (Mamba "align": a transient
+# checkpoint's state is overwritten in place); their pools are hooked for it.
+DIRECT_EVICTION_MANAGERS = frozenset({"MambaManager"})
 # Managers whose tables only grow while a request runs (a copy-on-write swaps
 # one block for another): a request's block peak is what it holds at its end.
 GROWING_TABLE_MANAGERS = frozenset({"FullAttentionManager", "SinkFullAttentionManager"})
