@@ -421,10 +421,15 @@ SPAN_NAME = "vllm.kv_cache.request"
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-def external_request_id(request_id: str) -> str:
-    """The id the client sent, as on vLLM's `llm_request` span: vLLM appends
-    "-" and 8 random characters unless VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set."""
-    if os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "").lower() in ("1", "true"):
+def _request_ids_randomized() -> bool:
+    """Whether vLLM appends "-" and 8 random characters to the id a client sent
+    (unless VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set)."""
+    return os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "").lower() not in ("1", "true")
+
+
+def external_request_id(request_id: str, randomized: bool = True) -> str:
+    """The id the client sent, as on vLLM's `llm_request` span."""
+    if not randomized:
         return request_id
     head, sep, tail = request_id.rpartition("-")
     return head if sep and len(tail) == 8 else request_id
@@ -474,6 +479,7 @@ class KVCacheSpans:
         self._attributes_as_they_are = limits.max_span_attribute_length is None and (
             limits.max_span_attributes is None or limits.max_span_attributes >= _SPAN_ATTRIBUTES
         )
+        self._randomized_ids = _request_ids_randomized()
         is_random = getattr(self._ids, "is_trace_id_random", None)
         self._random_root = _RANDOM_TRACE_ID if is_random is not None and is_random() else 0
 
@@ -486,7 +492,7 @@ class KVCacheSpans:
             parent_span, trace_id, flags = None, self._ids.generate_trace_id(), self._random_root
         attributes = {
             # vLLM's own span (`llm_request`) names the request `gen_ai.request.id` too: the join
-            "gen_ai.request.id": external_request_id(story.request_id),
+            "gen_ai.request.id": external_request_id(story.request_id, self._randomized_ids),
             "vllm.request.id": story.request_id,
             "gen_ai.usage.input_tokens": story.prompt_tokens,  # was gen_ai.usage.prompt_tokens
             "vllm.kv_cache.group.count": story.num_groups,
@@ -499,10 +505,10 @@ class KVCacheSpans:
         context = SpanContext(trace_id, self._ids.generate_span_id(), False,
                               TraceFlags(flags | (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)),
                               sampling.trace_state)
-        story.handle = _OpenSpan(parent_span, dict(sampling.attributes or {}), time_ns(), context)
-        # exemplars come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based); their
-        # flags hold the sampled bit alone
-        story.exemplar = SpanContext(trace_id, context.span_id, False, _SAMPLED) if sampled else None
+        story.handle = _OpenSpan(parent_span, dict(sampling.attributes) if sampling.attributes else {}, time_ns(),
+                                 context)
+        # exemplars (their trace and span ids) come from sampled spans only (OTEL_METRICS_EXEMPLAR_FILTER=trace_based)
+        story.exemplar = context if sampled else None
 
     def event(self, story: RequestStory, name: str, attributes: dict[str, Any]) -> None:
         record = story.handle

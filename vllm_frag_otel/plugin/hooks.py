@@ -521,14 +521,22 @@ def _story(hooks: _ManagerHooks, request):
     )
 
 
-def _get_computed_blocks(wrapped, manager, args, kwargs):
-    """The scheduler's first look at a request: where its KV-cache story starts."""
-    result = wrapped(manager, *args, **kwargs)
-    hooks = _manager_hooks(manager)
-    if hooks is not None and hooks.stories is not None:
-        with _guard, hooks.state.lock:
-            _story(hooks, _arg(args, kwargs, 0, "request"))
+_GET_COMPUTED_BLOCKS = _Forwarder("""
+    result = original({arguments})
+    try:
+        hooks = self._vllm_frag_otel
+    except AttributeError:
+        return result
+    if hooks.stories is not None and _guard.active:
+        _story_begins(hooks, {first})
     return result
+""")
+
+
+def _story_begins(hooks: _ManagerHooks, request) -> None:
+    """The scheduler's first look at a request (get_computed_blocks): where its KV-cache story starts."""
+    with _guard, hooks.state.lock:
+        _story(hooks, request)
 
 
 # vLLM calls allocate_slots for every running request on every step, so the
@@ -745,24 +753,38 @@ def _preempt_request(wrapped, scheduler, args, kwargs):
     return result
 
 
-def _free_request(wrapped, scheduler, args, kwargs):
-    """A finished or aborted request: its story ends (its blocks may be freed later)."""
-    hooks = _manager_hooks(scheduler.kv_cache_manager)
-    if hooks is None or hooks.stories is None:
-        return wrapped(scheduler, *args, **kwargs)
-    request = _arg(args, kwargs, 0, "request")
-    slots = (0, 0)
+_FREE_REQUEST = _Forwarder("""
+    try:
+        hooks = self.kv_cache_manager._vllm_frag_otel
+    except AttributeError:
+        return original({arguments})
+    if hooks.stories is None or not _guard.active:
+        return original({arguments})
+    slots = _story_ending(hooks, {first})
+    result = original({arguments})
+    _story_ended(hooks, {first}, slots)
+    return result
+""")
+
+
+def _story_ending(hooks: _ManagerHooks, request) -> tuple[int, int]:
+    """A finished or aborted request, before vLLM lets go of it: its (allocated,
+    used) slots, and its peak before it gives its blocks back."""
     with _guard, hooks.state.lock:
         slots = hooks.state.request_slots(request.request_id)
-        _settle_moves(hooks, request.request_id)  # its peak, before it gives its blocks back
-    result = wrapped(scheduler, *args, **kwargs)
+        _settle_moves(hooks, request.request_id)
+        return slots
+    return (0, 0)  # the guard contained an error
+
+
+def _story_ended(hooks: _ManagerHooks, request, slots: tuple[int, int]) -> None:
+    """Its story ends (its blocks may be freed later)."""
     with _guard, hooks.state.lock:
         status = request.status.name.lower()
         hooks.stories.finished(
             request.request_id, status, slots[0], slots[0] - slots[1], request.num_output_tokens,
             failed=("aborted" in status or "error" in status),
         )
-    return result
 
 
 def engine_stopped(scheduler, seconds: float | None = None) -> None:
@@ -803,14 +825,14 @@ WRAPPERS: dict[str, Callable | _Forwarder] = {
     "BlockPool.evict_blocks": _evict_blocks,
     "BlockPool.reset_prefix_cache": _reset_prefix_cache,
     "KVCacheManager.__init__": _manager_init,
-    "KVCacheManager.get_computed_blocks": _get_computed_blocks,
+    "KVCacheManager.get_computed_blocks": _GET_COMPUTED_BLOCKS,
     "KVCacheManager.allocate_slots": _ALLOCATE_SLOTS,
     "KVCacheManager.remove_skipped_blocks": _remove_skipped_blocks,
     "KVCacheManager.record_prefix_cache_stats": _RECORD_PREFIX_CACHE_STATS,
     "Scheduler.__init__": _scheduler_init,
     "Scheduler.schedule": _schedule,
     "Scheduler._preempt_request": _preempt_request,
-    "Scheduler._free_request": _free_request,
+    "Scheduler._free_request": _FREE_REQUEST,
     "Scheduler.shutdown": _scheduler_shutdown,
 }
 
