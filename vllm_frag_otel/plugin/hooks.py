@@ -521,13 +521,23 @@ def _story(hooks: _ManagerHooks, request):
     )
 
 
-_GET_COMPUTED_BLOCKS = _Forwarder("""
-    result = original({arguments})
+def _original_then_tracked(name: str) -> str:
+    """A forwarder's opening for hooks that report after vLLM's call: `result`,
+    then `name` = what the plugin keeps on `self`, or the result straight back
+    when `self` is not tracked or the plugin is off."""
+    return f"""
+    result = original({{arguments}})
     try:
-        hooks = self._vllm_frag_otel
+        {name} = self._vllm_frag_otel
     except AttributeError:
         return result
-    if hooks.stories is not None and _guard.active:
+    if not _guard.active:
+        return result
+"""
+
+
+_GET_COMPUTED_BLOCKS = _Forwarder(_original_then_tracked("hooks") + """
+    if hooks.stories is not None:
         _story_begins(hooks, {first})
     return result
 """)
@@ -606,14 +616,8 @@ def _remove_skipped_blocks(wrapped, manager, args, kwargs):
     return result
 
 
-_RECORD_PREFIX_CACHE_STATS = _Forwarder("""
-    result = original({arguments})
-    try:
-        hooks = self._vllm_frag_otel
-    except AttributeError:
-        return result
-    if _guard.active:
-        _prefix_lookup(hooks, self, request, num_hits)
+_RECORD_PREFIX_CACHE_STATS = _Forwarder(_original_then_tracked("hooks") + """
+    _prefix_lookup(hooks, self, request, num_hits)
     return result
 """)
 
