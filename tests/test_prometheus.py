@@ -493,3 +493,24 @@ def test_concurrent_scrapes_while_the_scheduler_steps_are_each_whole_and_consist
     print(f"\n{len(answers)} scrapes during {len(step_times)} steps: scrape median "
           f"{durations[len(durations) // 2] * 1e3:.1f} ms, max {durations[-1] * 1e3:.1f} ms; "
           f"step median {sorted(step_times)[len(step_times) // 2] * 1e3:.2f} ms")
+
+
+def test_a_stopped_reader_serves_nothing_more_and_stopping_twice_is_quiet():
+    """shutdown takes the reader's collector out of its registry (a scrape that
+    races the stop gets nothing, not a collection of a stopped provider), and
+    the runtime's stop may call it again."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import generate_latest
+
+    from vllm_frag_otel.export.prometheus import ScrapeReader
+
+    reader = ScrapeReader(lambda metrics_data: metrics_data)
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    provider.get_meter("test").create_counter("vllm.kv_cache.test", unit="{block}").add(3)
+    served = [line for line in generate_latest(reader.registry).decode().splitlines()
+              if line.startswith("vllm_kv_cache_test")]
+    assert served and served[0].endswith(" 3.0")
+    reader.shutdown()
+    assert "vllm_kv_cache_test" not in generate_latest(reader.registry).decode()
+    reader.shutdown()
+    provider.shutdown()
