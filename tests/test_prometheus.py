@@ -499,18 +499,72 @@ def test_a_stopped_reader_serves_nothing_more_and_stopping_twice_is_quiet():
     """shutdown takes the reader's collector out of its registry (a scrape that
     races the stop gets nothing, not a collection of a stopped provider), and
     the runtime's stop may call it again."""
+    reader, provider, counter = _reader_with_a_counter()
+    counter.add(3)
+    assert _served(reader)[0].endswith(" 3.0")
+    reader.shutdown()
+    assert _served(reader) == []
+    reader.shutdown()
+    provider.shutdown()
+
+
+def _reader_with_a_counter():
     from opentelemetry.sdk.metrics import MeterProvider
-    from prometheus_client import generate_latest
 
     from vllm_frag_otel.export.prometheus import ScrapeReader
 
     reader = ScrapeReader(lambda metrics_data: metrics_data)
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    provider.get_meter("test").create_counter("vllm.kv_cache.test", unit="{block}").add(3)
-    served = [line for line in generate_latest(reader.registry).decode().splitlines()
-              if line.startswith("vllm_kv_cache_test")]
-    assert served and served[0].endswith(" 3.0")
-    reader.shutdown()
-    assert "vllm_kv_cache_test" not in generate_latest(reader.registry).decode()
+    counter = provider.get_meter("test").create_counter("vllm.kv_cache.test", unit="{block}")
+    return reader, provider, counter
+
+
+def _served(reader) -> list[str]:
+    from prometheus_client import generate_latest
+
+    return [line for line in generate_latest(reader.registry).decode().splitlines()
+            if line.startswith("vllm_kv_cache_test")]
+
+
+def test_a_failing_scrape_answers_empty_and_warns_once_naming_the_error(caplog):
+    reader, provider, counter = _reader_with_a_counter()
+    counter.add(2)
+
+    def broken(metrics_data):
+        raise ZeroDivisionError("no blocks")
+
+    reader._add_histograms = broken
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        assert _served(reader) == [] and _served(reader) == []
+    (warning,) = [r.getMessage() for r in caplog.records if "scrape failed" in r.getMessage()]
+    assert "ZeroDivisionError: no blocks" in warning and "Prometheus" in warning
+    reader._add_histograms = lambda metrics_data: metrics_data
+    assert _served(reader)[0].endswith(" 2.0")  # the next healthy scrape answers in full
     reader.shutdown()
     provider.shutdown()
+
+
+def test_only_a_scrape_collects_for_the_reader_not_a_flush_after_one():
+    """The simulator's and the engine stop's force_flush collect from every reader
+    of the provider; this one answers scrapes only, also right after one."""
+    reader, provider, counter = _reader_with_a_counter()
+    counter.add(1)
+    assert _served(reader)[0].endswith(" 1.0")
+    collected = []
+    reader._add_histograms = lambda metrics_data: collected.append(metrics_data) or metrics_data
+    provider.force_flush()
+    assert collected == []
+    assert _served(reader) and len(collected) == 1
+    reader.shutdown()
+    provider.shutdown()
+
+
+def test_the_scrape_endpoint_listens_on_the_configured_host_only():
+    from vllm_frag_otel.export.prometheus import ScrapeReader
+
+    reader = ScrapeReader(lambda metrics_data: metrics_data)
+    reader.serve(HOST, 0)
+    try:
+        assert reader.address[0] == HOST != "0.0.0.0"
+    finally:
+        reader.shutdown()

@@ -81,7 +81,6 @@ class ScrapeReader(PrometheusMetricReader):
         self._failed = False
         self.server = None
         self.thread: threading.Thread | None = None
-        self.scrapes = 0
         translate = self._collector.collect
 
         def collect():  # what the registry calls on each scrape
@@ -97,7 +96,6 @@ class ScrapeReader(PrometheusMetricReader):
                     families = []
                 finally:
                     self._local.scraping = False
-                self.scrapes += 1
                 return families
 
         self._collector.collect = collect
