@@ -449,7 +449,6 @@ class _OpenSpan:
 
 
 _NO_PARENT = Context()
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # SDKs before 1.40 know no random-trace-id flag
 _RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
 # attributes a span gets at most: ours and a sampler's few

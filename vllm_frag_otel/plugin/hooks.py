@@ -451,13 +451,14 @@ class _ManagerWatch:
             [_group_layout(g, m, pool) for g, m in enumerate(group_managers)],
             [m.req_to_blocks if m.block_pool is pool else {} for m in group_managers],
         )
-        direct = [m.block_pool for m in group_managers if _calls_evictions_directly(m)]
-        for group_pool in {id(p): p for p in (pool, *now)}.values():
-            if _STATE in group_pool.__dict__:
-                if any(p is group_pool for p in direct):
-                    _hook_pool(group_pool)
-                elif group_pool is pool:
-                    _unhook_pool(group_pool)
+        direct = {id(m.block_pool) for m in group_managers if _calls_evictions_directly(m)}
+        for group_pool in (pool, *now):
+            if _STATE not in group_pool.__dict__:
+                continue
+            if id(group_pool) in direct:
+                _hook_pool(group_pool)
+            elif group_pool is pool:  # another manager's pool keeps what its own groups need
+                _unhook_pool(group_pool)
         self.pools = tuple(map(weakref.ref, now))
         return True
 
@@ -900,11 +901,14 @@ class KVCacheInstrumentor:
         if isinstance(problem, str):
             return self._refuse(problem)
         targets = dict(zip((point.qualname for point in HOOK_POINTS), problem))
+
+        def hook_of(name: str, wrapper: Callable | _Forwarder) -> Callable:
+            cls, method = targets[name]
+            return _hooked(vars(cls)[method], wrapper)
+
         try:
-            hooked = [(targets[name], _hooked(vars(targets[name][0])[targets[name][1]], wrapper))
-                      for name, wrapper in WRAPPERS.items()]
-            per_pool = {targets[name][1]: _hooked(vars(targets[name][0])[targets[name][1]], forwarder)
-                        for name, forwarder in PER_POOL_HOOKS.items()}
+            hooked = [(targets[name], hook_of(name, wrapper)) for name, wrapper in WRAPPERS.items()]
+            per_pool = {targets[name][1]: hook_of(name, forwarder) for name, forwarder in PER_POOL_HOOKS.items()}
         except (ValueError, SyntaxError) as exc:
             return self._refuse(str(exc))
         _guard.max_errors = max_hook_errors
