@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 import numpy as np
 
 from vllm_frag_otel.core import state as state_module
+from vllm_frag_otel.core.layout import CACHED
 from vllm_frag_otel.core.state import BucketHistogram, GroupLayout, KVCacheState, free_run_stats
 
 
@@ -51,8 +52,8 @@ def _runs_by_walking(mask: list[int]) -> tuple[int, int]:
     return runs, longest
 
 
-# masks of short and long runs: a run across several wholly free 64-block words
-# takes the word path, one across bytes the byte path, short runs the big-integer one
+# masks of short and long runs: a run across wholly free 64-block words takes the
+# whole-word path, one across a word boundary the boundary path, short runs the in-word one
 _runs = st.lists(
     st.tuples(st.booleans(), st.one_of(st.integers(1, 9), st.integers(10, 90), st.integers(100, 400))), max_size=40
 )
@@ -62,6 +63,35 @@ _runs = st.lists(
 def test_free_run_stats_match_a_walk_over_the_mask(runs):
     mask = [int(free) for free, length in runs for _ in range(length)]
     assert free_run_stats(np.array(mask, dtype=np.uint8)) == _runs_by_walking(mask)
+
+
+def test_free_run_stats_of_single_runs_and_gaps_at_word_edges():
+    """A run, or a used stretch in a free pool, from and to either side of each
+    word edge over three words (block i of the mask is bit i + 1: the null block first)."""
+    n = 150
+    edges = sorted({0, 1, 30, n - 1, n} | {edge + d for edge in (63, 127) for d in range(-2, 3)})
+    for start in edges:
+        for end in (e for e in edges if e > start):
+            for used in (0, 1):
+                mask = [used] * n
+                mask[start:end] = [1 - used] * (end - start)
+                assert free_run_stats(np.array(mask, dtype=np.uint8)) == _runs_by_walking(mask), (start, end, used)
+
+
+@pytest.mark.parametrize(
+    "runs, longest",
+    [
+        # inside one word, touching neither edge: one longer than a run across an edge
+        ([(64, 62), (159, 61)], 62),
+        # across an edge, 63 blocks either side: one longer than a run over a wholly free word
+        ([(64, 126), (225, 125)], 126),
+    ],
+)
+def test_free_run_stats_find_the_longest_run_however_it_lies_in_words(runs, longest):
+    mask = np.zeros(400, dtype=np.uint8)  # block i of the mask is bit i + 1 (the null block first)
+    for start, length in runs:
+        mask[start : start + length] = 1
+    assert free_run_stats(mask) == (len(runs), longest)
 
 
 def test_free_runs_and_external_fragmentation():
@@ -163,6 +193,56 @@ def test_a_drifted_ledger_is_found_and_resynchronised():
     s.resync(pool_free, pool_cached)
     assert s.drift(3, probes) == []
     assert (s.snapshot().free_blocks, s.snapshot().used_blocks) == (3, 2)
+
+
+_block_events = st.lists(
+    st.tuples(
+        st.sampled_from(["allocate", "touch", "release", "unpin", "hash", "unhash", "move", "reset", "resync"]),
+        st.lists(st.integers(1, 5), max_size=4),
+        st.lists(st.booleans(), min_size=6, max_size=6),
+    ),
+    max_size=30,
+)
+
+
+@given(_block_events)
+def test_cached_blocks_are_the_free_hashed_blocks_after_any_events(events):
+    """The cached count is kept by the events, not recounted: after any of them,
+    in any order and on blocks in any state, it is the blocks the flags say are cached."""
+    s = KVCacheState(6, [4])  # few blocks: events meet blocks in every state
+    for event, blocks, flags in events:
+        if event == "allocate":
+            s.on_blocks_allocated(blocks, now=1.0)
+        elif event == "touch":
+            s.on_blocks_touched(blocks)
+        elif event == "release":
+            s.on_blocks_released(blocks, now=1.0)
+        elif event == "unpin":
+            s.on_blocks_unpinned(blocks, now=1.0)
+        elif event == "hash":
+            s.on_blocks_hashed(blocks, now=1.0)
+        elif event == "unhash":
+            for b in blocks:
+                s.on_block_unhashed(b, "explicit", now=1.0)
+        elif event == "move":
+            for src, dst in zip(blocks, blocks[1:] + blocks[:1]):  # also onto a cached block, and onto itself
+                s.on_block_hash_moved(src, dst)
+        elif event == "reset":
+            s.on_cache_reset(now=1.0)
+        else:
+            s.resync(flags, flags[::-1])
+        assert s.snapshot().cached_blocks == np.count_nonzero(s.block_states() == CACHED), event
+
+
+def test_a_hash_moved_onto_itself_or_onto_a_cached_block():
+    s = KVCacheState(6, [4])
+    s.on_blocks_allocated([1, 2], now=0.0)
+    s.on_blocks_hashed([1, 2], now=0.0)
+    s.on_blocks_released([1, 2], now=1.0)
+    s.on_block_hash_moved(1, 1)
+    assert s.snapshot().cached_blocks == 2
+    s.on_block_hash_moved(1, 2)  # block 2 keeps one entry: one cached block is left
+    assert s.snapshot().cached_blocks == 1
 
 
 def test_evictions_by_reason_reuse_and_durations():

@@ -235,12 +235,15 @@ class KVCacheState:
         n = num_blocks
         # 15 bytes per block: numpy arrays for the vectorised collection work,
         # memoryviews over the same memory for the per-event item access.
-        # the free and cached flags also as 64-bit words of 8 flags (zero-padded), to
-        # count the cached blocks eight at a time
-        self._free_view, self._free_words = _flags(n)
+        # The free flags start a zeroed buffer of whole 64-block words with a block to
+        # spare: packed as they are (`_packed_words`), the first word holds the null
+        # block and the last one padding, neither ever free (as `_free_run_stats` needs).
+        self._free_padded = np.zeros(_WORD * (n // _WORD + 1), dtype=np.uint8)
+        self._free_view = self._free_padded[:n]
         self._free_view[NULL_BLOCK_ID + 1 :] = 1
         self._free_count = n - 1
-        self._hashed_view, self._hashed_words = _flags(n)
+        self._hashed_view = np.zeros(n, dtype=np.uint8)
+        self._cached_count = 0  # blocks both free and hashed: kept by the events, not recounted per collection
         self._reused_view = np.zeros(n, dtype=np.uint8)  # hit since it was cached
         # milliseconds of the monotonic clock, modulo 2**32: durations up to 49 days
         self._cached_at_view = np.zeros(n, dtype=np.uint32)
@@ -327,6 +330,8 @@ class KVCacheState:
             raise ValueError(f"{len(groups)} groups but {len(tables)} block-table maps")
         self.groups, self._tables = list(groups), list(tables)
         self._cache: list[dict[str, _CachedTable]] = [{} for _ in self.groups]
+        # request id -> its cached tables naming a block (any group): the tracked requests
+        self._holding: dict[str, int] = {}
         self._group_blocks = [0] * len(self.groups)  # blocks named by the group's tables
         self._group_full = [0] * len(self.groups)  # ... of them fully computed by some holder
         self._in_tables_view[:] = 0
@@ -359,14 +364,17 @@ class KVCacheState:
 
     def on_blocks_touched(self, block_ids: Iterable[int]) -> None:
         """Prefix-cache hits: cached blocks gain a holder (and leave the free list)."""
-        free, reused = self._free, self._reused
-        count = 0
+        free, reused, hashed = self._free, self._reused, self._hashed
+        count = taken = cached = 0
         for b in block_ids:
             count += 1
             reused[b] = 1
             if free[b]:
                 free[b] = 0
-                self._free_count -= 1
+                taken += 1
+                cached += hashed[b]
+        self._free_count -= taken
+        self._cached_count -= cached
         self.block_sources["prefix_hit"] += count
         if self.allocating is not None:
             self._blocks_moved(self.allocating.request_id, 0)
@@ -374,13 +382,17 @@ class KVCacheState:
     def on_blocks_released(self, block_ids: Iterable[int], now: float) -> None:
         """Blocks whose last holder let go (ref_cnt reached 0); called for every
         release, also one that freed none (a holder let go all the same)."""
-        free, released_at = self._free, self._released_at
+        free, released_at, hashed = self._free, self._released_at, self._hashed
         now_ms = _ms(now)
+        freed = cached = 0
         for b in block_ids:
             if not free[b]:
                 free[b] = 1
                 released_at[b] = now_ms
-                self._free_count += 1
+                freed += 1
+                cached += hashed[b]
+        self._free_count += freed
+        self._cached_count += cached
         if self.allocating is not None:
             self._blocks_moved(self.allocating.request_id, 0)
 
@@ -414,13 +426,16 @@ class KVCacheState:
 
     def on_blocks_hashed(self, block_ids: Iterable[int], now: float) -> None:
         """Blocks whose content got a prefix-cache entry (a block already cached keeps its age)."""
-        hashed, cached_at, reused = self._hashed, self._cached_at, self._reused
+        hashed, cached_at, reused, free = self._hashed, self._cached_at, self._reused, self._free
         now_ms = _ms(now)
+        cached = 0
         for b in block_ids:
             if not hashed[b]:
                 hashed[b] = 1
                 cached_at[b] = now_ms
                 reused[b] = 0
+                cached += free[b]
+        self._cached_count += cached
 
     def on_block_unhashed(self, block_id: int, reason: str, now: float) -> None:
         if self._hashed[block_id]:
@@ -430,7 +445,10 @@ class KVCacheState:
         """The prefix-cache entry of `src` now lives in `dst`; nothing was evicted."""
         if self._hashed[src]:
             self._hashed[src] = 0
-            self._hashed[dst] = 1
+            self._cached_count -= self._free[src]
+            if not self._hashed[dst]:
+                self._hashed[dst] = 1
+                self._cached_count += self._free[dst]
             self._cached_at[dst] = self._cached_at[src]
             self._reused[dst] = self._reused[src]
 
@@ -447,16 +465,19 @@ class KVCacheState:
         self._buffer(self._block_cache_durations, ((now_ms - self._cached_at_view[ids]) / 1000.0).tolist())
         self._buffer(self._block_idle_durations, idle.tolist())
         self._hashed_view[ids] = 0
+        self._cached_count = 0
 
     def _evict(self, b: int, reason: str, now: float) -> None:
+        free = self._free[b]
         self._hashed[b] = 0
+        self._cached_count -= free
         self.evictions[(reason, self._reused[b] > 0)] += 1
         # `_buffer` inlined (once per evicted block); the two buffers always have one length
         cache, idle = self._block_cache_durations, self._block_idle_durations
         if len(cache) < HISTOGRAM_BUFFER_LIMIT:
             now_ms = _ms(now)
             cache.append(((now_ms - self._cached_at[b]) & _MS_MASK) / 1000.0)
-            idle.append(((now_ms - self._released_at[b]) & _MS_MASK) / 1000.0 if self._free[b] else 0.0)
+            idle.append(((now_ms - self._released_at[b]) & _MS_MASK) / 1000.0 if free else 0.0)
         else:
             self.dropped_measurements += 2
 
@@ -606,6 +627,7 @@ class KVCacheState:
         self._hashed_view[:] = np.asarray(cached, dtype=np.uint8)
         self._hashed_view[NULL_BLOCK_ID] = 0
         self._free_count = int(np.count_nonzero(free_now))
+        self._cached_count = int(np.count_nonzero(free_now & self._hashed_view))
 
     def groups_moved(self) -> bool:
         """Whether `refresh_groups` found a group on another pool (and attached
@@ -693,12 +715,11 @@ class KVCacheState:
         changed: list[list[str]] = []
         for g, live in enumerate(lives):
             cache = self._cache[g]
-            for request_id, cached in list(cache.items()):
-                table = live.get(request_id)
-                if table is not cached.table or len(table) != len(cached) or request_id in edited:
-                    self._take_back(g, cached)
-                    del cache[request_id]
-            changed.append([r for r, t in live.items() if t and r not in cache])
+            stale = [r for r, c in cache.items() if live.get(r) is not c.table or len(c.table) != len(c) or r in edited]
+            for request_id in stale:
+                self._take_back(g, request_id, cache.pop(request_id))
+            # each entry left names a live table, not empty: as many of them as live tables, none is new
+            changed.append([r for r, t in live.items() if t and r not in cache] if len(cache) < len(live) else [])
         for g, request_ids in enumerate(changed):
             for request_id in request_ids:
                 self._give(g, request_id, lives[g][request_id])
@@ -711,8 +732,14 @@ class KVCacheState:
             for request_id, ids in self._cache[g].items():
                 request = requests.get(request_id)
                 computed = request.num_computed_tokens if request is not None else 0
-                length, full = len(ids), ids.full
-                target = min(length, computed // size)
+                target, tail = divmod(computed, size)
+                if target >= len(ids):
+                    target = len(ids)
+                elif tail:
+                    b = ids[target]
+                    if b and tails.get(b, 0) < tail:
+                        tails[b] = tail
+                full = ids.full
                 if target != full:
                     for i in range(full, target):
                         b = ids[i]
@@ -725,22 +752,24 @@ class KVCacheState:
                             holders[b] -= 1
                             full_counts[g] -= holders[b] == 0
                     ids.full = target
-                tail = computed - target * size
-                if tail > 0 and target < length:
-                    b = ids[target]
-                    if b and tails.get(b, 0) < tail:
-                        tails[b] = tail
         return [{b: fill for b, fill in tails.items() if not holders[b]} for tails in partial]
 
     def _give(self, g: int, request_id: str, table: Sequence[HasBlockId]) -> None:
         cached = self._cache[g][request_id] = _CachedTable(table)
+        if cached.real:
+            self._holding[request_id] = self._holding.get(request_id, 0) + 1
         in_tables, blocks = self._in_tables, self._group_blocks
         for b in cached:
             if b:
                 in_tables[b] += 1
                 blocks[g] += in_tables[b] == 1
 
-    def _take_back(self, g: int, cached: _CachedTable) -> None:
+    def _take_back(self, g: int, request_id: str, cached: _CachedTable) -> None:
+        if cached.real:
+            if self._holding[request_id] == 1:
+                del self._holding[request_id]
+            else:
+                self._holding[request_id] -= 1
         in_tables, holders, blocks, full = self._in_tables, self._full_holders, self._group_blocks, self._group_full
         for i, b in enumerate(cached):
             if b:
@@ -788,20 +817,20 @@ class KVCacheState:
 
     def _snapshot(self, with_states: bool) -> tuple[FragmentationSnapshot, np.ndarray | None]:
         with self.lock:
-            free_bits = np.packbits(self._free_view[1:].view(bool))
+            free_words = _packed_words(self._free_padded)
             free_mask = self._free_view[1:].copy() if with_states else None
             hashed = self._hashed_view[1:].copy() if with_states else None
-            cached_blocks = int(np.bitwise_count(self._free_words & self._hashed_words).sum())
+            cached_blocks = self._cached_count
             free_blocks = self._free_count
         usable = self.num_blocks - 1
         used_blocks = usable - free_blocks
-        free_runs, largest = _free_run_stats(free_bits)
+        free_runs, largest = _free_run_stats(free_words)
 
         groups = []
         utilised = 0.0  # blocks' worth of used slots, each block weighed by its own group's size
         with self._collect_lock:
             partial = self._sync_tables()
-            holding = {r for cache in self._cache for r, cached in cache.items() if cached.real}
+            tracked_requests = len(self._holding)
             group_blocks, group_full = list(self._group_blocks), list(self._group_full)
             states = _state_codes(free_mask, hashed, self._held_states(partial)) if with_states else None
         for g, layout in enumerate(self.groups):
@@ -847,7 +876,7 @@ class KVCacheState:
             partial_blocks=sum(gs.partial_blocks for gs in groups),
             internal_fragmentation=_ratio(allocated_slots - used_slots, allocated_slots),
             slot_utilization=_ratio(utilised, usable),
-            tracked_requests=len(holding),
+            tracked_requests=tracked_requests,
             prefix_queried_tokens=self.prefix_lookups[False][0] + self.prefix_lookups[True][0],
             prefix_hit_tokens=self.prefix_lookups[False][1] + self.prefix_lookups[True][1],
             prefix_resumed_queried_tokens=self.prefix_lookups[True][0],
@@ -870,12 +899,6 @@ def _state_codes(free: np.ndarray, hashed: np.ndarray, held: np.ndarray) -> np.n
     return _select(free == 1, _select(hashed == 1, np.uint8(CACHED), np.uint8(FREE)), held)
 
 
-def _flags(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n zeroed uint8 flags, and the same memory as uint64 words (zero-padded to a whole word)."""
-    words = np.zeros(-(-n // 8), dtype=np.uint64)
-    return words.view(np.uint8)[:n], words
-
-
 def _select(condition: np.ndarray, a, b) -> np.ndarray:
     """np.where(condition, a, b) for uint8 values (arrays or np.uint8 scalars), as byte
     masks: ten times faster than np.where here (0.4 ms against 5 ms at a million blocks)."""
@@ -883,79 +906,90 @@ def _select(condition: np.ndarray, a, b) -> np.ndarray:
     return (mask & a) | (~mask & b)
 
 
+_WORD = 64  # blocks per packed word
+_ALL_FREE = np.iinfo(np.uint64).max
+
+
+def _packed_words(flags: np.ndarray) -> np.ndarray:
+    """0/1 uint8 flags, a whole number of words of them, packed a bit each:
+    flag i at bit i % 64 of word i // 64."""
+    return np.packbits(flags.view(bool), bitorder="little").view("<u8")
+
+
 def free_run_stats(free: np.ndarray) -> tuple[int, int]:
     """(runs, longest run) of free blocks in a 0/1 uint8 mask of block ids.
 
     Listing every run edge of a million-block mask costs milliseconds (an
     index per edge). Instead the mask is packed one bit a block and handled
-    64 blocks a word: runs are counted as their first blocks, a bit per run.
-    The longest run is found among the gaps between words not wholly free
-    (then bytes, for a pool whose free runs are shorter); when no run spans
-    two wholly free bytes, runs are short and are measured on the mask as
-    one big integer.
+    64 blocks a word, in a few numpy calls over the words (each call has a
+    fixed cost of microseconds): runs are counted as their first blocks, a
+    bit per run; the longest run is measured where runs cross words, and
+    inside single words only when no run crossing words is a word long.
     """
-    return _free_run_stats(np.packbits(free.view(bool)))
+    padded = np.zeros(_WORD * ((free.size + 1) // _WORD + 1), dtype=np.uint8)
+    padded[1 : free.size + 1] = free  # laid out as `KVCacheState` keeps its flags: a used block first
+    return _free_run_stats(_packed_words(padded))
 
 
-def _free_run_stats(packed: np.ndarray) -> tuple[int, int]:
-    """`free_run_stats` of a mask packed a bit a block (the last byte's padding counts as used)."""
-    words = np.concatenate((packed, np.zeros(-packed.size % 8, dtype=np.uint8))).view(">u8").astype(np.uint64)
-    # a run starts at a free block after a used one (the previous word's last bit carried in)
-    before = (words >> np.uint64(1)) | (np.concatenate((_NO_WORD, words[:-1])) << np.uint64(63))
+def _free_run_stats(words: np.ndarray) -> tuple[int, int]:
+    """`free_run_stats` of `_packed_words` flags whose first and last words each hold a used block."""
+    before = words << 1  # bit i: the block before is free (the previous word's last bit carried in)
+    before[1:] |= words[:-1] >> 63
     runs = int(np.bitwise_count(words & ~before).sum())
     if not runs:
         return 0, 0
-    for units in (words, packed):
-        longest = _longest_run_across_gaps(units)
-        if longest is not None:
-            return runs, longest
-    return runs, _longest_set_run(int.from_bytes(packed.tobytes(), "big"))
+    # A run across k wholly free words is 64k to 64k + 126 long, one across a
+    # word boundary alone at most 126, one touching no boundary at most 62:
+    # each narrower measure is taken only while its runs could be the longest.
+    longest = _longest_across_free_words(words)
+    if longest < 2 * (_WORD - 1):
+        longest = max(longest, int((_ending(words[:-1]) + _starting(words[1:])).max(initial=0)))
+        if longest < _WORD - 2:
+            longest = max(longest, _longest_inside_a_word(words))
+    return runs, longest
 
 
-_NO_WORD = np.zeros(1, dtype=np.uint64)
-
-
-def _longest_run_across_gaps(units: np.ndarray) -> int | None:
-    """The longest run of set bits in unsigned `units` (first bit the highest)
-    when some gap between units not wholly set spans two or more, else None.
-
-    A run across g wholly set units of b bits is bg to bg + 2(b - 1) long:
-    only the widest gaps, and those one unit narrower, can hold the longest.
-    """
-    bits = units.dtype.itemsize * 8
-    none = np.zeros(1, dtype=units.dtype)
-    framed = np.concatenate((none, units, none))
-    partial = np.flatnonzero(framed != np.iinfo(units.dtype).max)
-    gaps = np.diff(partial) - 1
-    widest = int(gaps.max())
-    if widest < 2:
-        return None
-    pick = np.flatnonzero(gaps >= widest - 1)
-    before, after = framed[partial[pick]], framed[partial[pick + 1]]
-    # set bits ending `before`: below its lowest clear bit; starting `after`: above its highest clear one
-    ending = np.bitwise_count((~before & (before + 1)) - 1).astype(np.int64)
-    clear = ~after
-    for shift in (1, 2, 4, 8, 16, 32)[: bits.bit_length() - 1]:
-        clear |= clear >> shift
-    starting = bits - np.bitwise_count(clear).astype(np.int64)
-    return int((ending + bits * gaps[pick] + starting).max())
-
-
-def _longest_set_run(bits: int) -> int:
-    """The longest run of set bits: double a length while some run is that
-    long, then add back halves (about 2 log2(longest) shifts of the integer)."""
-    if not bits:
+def _longest_across_free_words(words: np.ndarray) -> int:
+    """The longest run across one or more wholly free words (0 if no word is)."""
+    whole = np.flatnonzero(words == _ALL_FREE)
+    if not whole.size:
         return 0
-    shorter: list[int] = []  # runs of length >= 1, 2, 4, ... (bit i: bits i.. are set)
-    length = 1
-    while longer := bits & (bits >> length):
-        shorter.append(bits)
-        bits, length = longer, 2 * length
+    apart = np.diff(whole) != 1  # between two stretches of wholly free words
+    firsts = whole[np.concatenate(([True], apart))]
+    lasts = whole[np.concatenate((apart, [True]))]
+    # the first and last words hold a used block, so every stretch has a word either side
+    return int((_ending(words[firsts - 1]) + _WORD * (lasts - firsts + 1) + _starting(words[lasts + 1])).max())
+
+
+def _starting(words: np.ndarray) -> np.ndarray:
+    """Free blocks each word starts with: its trailing one bits."""
+    return np.bitwise_count((~words & (words + 1)) - 1)
+
+
+def _ending(words: np.ndarray) -> np.ndarray:
+    """Free blocks each word ends with: 63 - its highest used bit (64 if none),
+    read from the float exponent of that bit (numpy has no bit length)."""
+    used = ~words
+    # the highest used bit, and no two adjacent bits: converting to float cannot round up to the next power of two
+    top = used & ~(used >> 1)
+    exponent = top.astype(np.float64).view(np.int64) >> 52  # 1023 + the highest bit; 0 for no bit
+    return np.minimum(1023 + 63 - exponent, _WORD)
+
+
+def _longest_inside_a_word(words: np.ndarray) -> int:
+    """The longest run of set bits inside one word, of words none all set (so
+    no shift reaches 64) and some not all clear: double a length while some run
+    is that long, then add back halves (about 2 log2(longest) passes)."""
+    shorter: list[np.ndarray] = []  # runs of length >= 1, 2, 4, ... (bit i: bits i.. are set)
+    runs, length = words, 1
+    while (longer := runs & (runs >> length)).any():
+        shorter.append(runs)
+        runs, length = longer, 2 * length
     step = length // 2
-    for runs in reversed(shorter):
-        longer = bits & (runs >> length)
-        if longer:
-            bits, length = longer, length + step
+    for at_least in reversed(shorter):
+        longer = runs & (at_least >> length)
+        if longer.any():
+            runs, length = longer, length + step
         step //= 2
     return length
 
