@@ -52,21 +52,21 @@ class Collector:
     """The plugin's metrics pipeline over one pool, exporting to nowhere.
 
     `collect()` is one collection: MeterProvider.force_flush() on a
-    PeriodicExportingMetricReader(HistogramExporter(discarding exporter)) that
-    never fires on its own: the KVCacheMetrics callbacks (snapshot, then the
-    numpy fold of the histogram values buffered since the last one), the SDK's
-    gauge and counter points, the OTLP histogram points HistogramExporter adds,
-    handed to an exporter that drops them.
+    PeriodicExportingMetricReader(PointsExporter(discarding exporter)) that
+    never fires on its own: the SDK's one instrument of the plugin (its liveness
+    gauge), then what PointsExporter adds (a snapshot of the pool, the numpy
+    fold of the histogram values buffered since the last one, the gauge,
+    counter and histogram points), handed to an exporter that drops them.
     """
 
     def __init__(self, state, guard=None, regions: int = 0):
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        from vllm_frag_otel.export.telemetry import POOL, SCOPE, HistogramExporter, KVCacheMetrics
+        from vllm_frag_otel.export.telemetry import POOL, SCOPE, PointsExporter, KVCacheMetrics
 
         self.sink = _discarding_exporter()
-        exporter = HistogramExporter(self.sink)
+        exporter = PointsExporter(self.sink)
         self.provider = MeterProvider(
             metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=10**9)]
         )

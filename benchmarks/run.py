@@ -14,10 +14,10 @@ Measures, side by side in one process:
                       every --collect-every steps and once at the end of the
                       run, all counted in the plugin's time. One collection is
                       what the plugin's exporter runs: MeterProvider.force_flush()
-                      on a PeriodicExportingMetricReader(HistogramExporter(a
-                      MetricExporter that discards)): KVCacheMetrics callbacks
-                      (snapshot + numpy fold of the buffered histogram values)
-                      and the OTLP histogram points built at export
+                      on a PeriodicExportingMetricReader(PointsExporter(a
+                      MetricExporter that discards)): a snapshot of the pool,
+                      the numpy fold of the buffered histogram values and every
+                      gauge, counter and histogram point, built at export
      plugin_spans     as plugin, with per-request spans going to an in-memory
                       span exporter (only if this plugin version has spans)
      vllm_kv_metrics  vLLM's own KVCacheMetricsCollector, sample rate 1.0
@@ -188,12 +188,10 @@ def evaluate_targets(result: dict) -> dict:
             f"{m['fixed_bytes'] / 1e3:.1f} kB fixed)")
     if "serving" in result:
         serving = result["serving"]
-        t = serving["target"]
-        if isinstance(t, dict):  # serving.py before one-server-at-a-time rounds (pairs, no interval)
-            limit, status, resolved, interval = t["throughput_loss_max_pct"], t["status"], t["resolved"], ""
-        else:  # the verdict: met, NOT MET or not resolved (...), from the 95% interval of the median loss
-            limit, status, resolved = serving["target_loss_max_pct"], t, t in ("met", "NOT MET")
-            interval = " [{:+.2f} .. {:+.2f}]".format(*serving["loss_ci95_pct"])
+        # the verdict: met, NOT MET or not resolved (...), from the 95% interval of the median loss
+        limit, status = serving["target_loss_max_pct"], serving["target"]
+        resolved = status in ("met", "NOT MET")
+        interval = " [{:+.2f} .. {:+.2f}]".format(*serving["loss_ci95_pct"])
         put("serving", f"real serving: median throughput loss <= {limit:g}% (serving.py)",
             status == "met" if resolved else None,
             f"{serving['throughput_loss_pct']:+.2f}%{interval} (serving_overhead_ratio "

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
+from opentelemetry.metrics import Observation
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from test_spans import CapturingMetricExporter
 
@@ -14,7 +16,7 @@ from vllm_frag_otel.sim import simulator as sim
 from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.plugin.hooks import guard
 from vllm_frag_otel.core.state import ALLOCATION_BUCKETS
-from vllm_frag_otel.export.telemetry import SCOPE, HistogramExporter, KVCacheMetrics
+from vllm_frag_otel.export.telemetry import SCOPE, PointsExporter, KVCacheMetrics
 
 GAUGE_FIELDS = {
     "vllm.kv_cache.block.limit": "num_blocks",
@@ -33,7 +35,7 @@ class Pipeline:
 
     def __init__(self, analyzer, attributes, delta: bool = False):
         self.captured = CapturingMetricExporter({Histogram: AggregationTemporality.DELTA} if delta else None)
-        exporter = HistogramExporter(self.captured)
+        exporter = PointsExporter(self.captured)
         assert exporter.delta == delta
         self.provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, 10**9)])
         exporter.metrics = KVCacheMetrics(self.provider.get_meter(SCOPE, "test"), guard())
@@ -158,3 +160,71 @@ def test_histograms_get_every_eviction(pressured_run):
     _, duration_points = points["vllm.kv_cache.allocation.duration"]
     assert sum(p.count for p in duration_points) == after.allocation_attempts - before.allocation_attempts
     pipeline.provider.shutdown()
+
+
+_DELTA_PREFERENCE = {
+    Counter: AggregationTemporality.DELTA, ObservableCounter: AggregationTemporality.DELTA,
+    Histogram: AggregationTemporality.DELTA,
+}
+
+
+def _sdk_twin(metrics: KVCacheMetrics, preference) -> tuple[MeterProvider, CapturingMetricExporter]:
+    """The plugin's gauges and counters as the SDK's own observable instruments,
+    observing the same points: what the SDK would export for them."""
+    captured = CapturingMetricExporter(preference)
+    provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(captured, 10**9)])
+    meter = provider.get_meter(SCOPE, "test")
+    for stream in metrics.streams:
+        create = meter.create_observable_counter if stream.monotonic else meter.create_observable_gauge
+        callback = lambda options, stream=stream: [Observation(value, attrs) for value, attrs in stream.points()]
+        create(stream.name, [callback], stream.unit, stream.description)
+    return provider, captured
+
+
+def _encoded(data, names) -> dict:
+    """The OTLP protobuf of the named metrics, times checked for presence and then cleared."""
+    request = encode_metrics(data)
+    found = {}
+    for resource_metrics in request.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                if metric.name not in names:
+                    continue
+                kind = metric.WhichOneof("data")
+                points = getattr(metric, kind).data_points
+                for point in points:
+                    assert point.time_unix_nano > 0, metric.name
+                    assert (point.start_time_unix_nano > 0) == (kind == "sum"), metric.name
+                    point.time_unix_nano = point.start_time_unix_nano = 0
+                ordered = sorted(points, key=lambda p: p.SerializeToString(deterministic=True))
+                del points[:]
+                points.extend(ordered)
+                found[metric.name] = metric.SerializeToString(deterministic=True)
+    return found
+
+
+@pytest.mark.parametrize("preference", [None, _DELTA_PREFERENCE], ids=["cumulative", "delta"])
+def test_points_are_exported_exactly_as_the_sdks_observable_instruments_would_export_them(pressured_run, preference):
+    """The plugin builds its gauge and counter points itself (the SDK's
+    observable instruments cost more than a million-block snapshot); the
+    OTLP encoding must be what the SDK's instruments give for the same values,
+    cumulative and delta (a second collection after more steps)."""
+    analyzer = analyzer_for(pressured_run)
+    captured = CapturingMetricExporter(preference)
+    exporter = PointsExporter(captured)
+    ours = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, 10**9)])
+    exporter.metrics = KVCacheMetrics(ours.get_meter(SCOPE, "test"), guard(), regions=4)
+    exporter.metrics.add_pool(analyzer, {"vllm.kv_cache.pool": "0"})
+    twin, twin_captured = _sdk_twin(exporter.metrics, preference)
+    names = {stream.name for stream in exporter.metrics.streams}
+    rng = random.Random(5)
+    for collection in range(3):
+        ours.force_flush()  # a snapshot, then the points built from it
+        twin.force_flush()  # the SDK's instruments observe the same snapshot
+        expected = _encoded(twin_captured.exports[-1], names)
+        assert set(expected) == names - {"vllm.frag_otel.requests.untraced"}  # no stories: no point
+        assert _encoded(captured.exports[-1], names) == expected, f"collection {collection}"
+        for _ in range(7):
+            sim.step(pressured_run, rng)
+    ours.shutdown()
+    twin.shutdown()

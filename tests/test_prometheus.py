@@ -533,12 +533,12 @@ def test_a_failing_scrape_answers_empty_and_warns_once_naming_the_error(caplog):
     def broken(metrics_data):
         raise ZeroDivisionError("no blocks")
 
-    reader._add_histograms = broken
+    reader._add_points = broken
     with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
         assert _served(reader) == [] and _served(reader) == []
     (warning,) = [r.getMessage() for r in caplog.records if "scrape failed" in r.getMessage()]
     assert "ZeroDivisionError: no blocks" in warning and "Prometheus" in warning
-    reader._add_histograms = lambda metrics_data: metrics_data
+    reader._add_points = lambda metrics_data: metrics_data
     assert _served(reader)[0].endswith(" 2.0")  # the next healthy scrape answers in full
     reader.shutdown()
     provider.shutdown()
@@ -551,7 +551,7 @@ def test_only_a_scrape_collects_for_the_reader_not_a_flush_after_one():
     counter.add(1)
     assert _served(reader)[0].endswith(" 1.0")
     collected = []
-    reader._add_histograms = lambda metrics_data: collected.append(metrics_data) or metrics_data
+    reader._add_points = lambda metrics_data: collected.append(metrics_data) or metrics_data
     provider.force_flush()
     assert collected == []
     assert _served(reader) and len(collected) == 1

@@ -4,9 +4,9 @@ Prometheus (or VictoriaMetrics, an OTel Collector's prometheus receiver...) to s
 OpenTelemetry's `PrometheusMetricReader` (the `prometheus` extra), with what the
 plugin needs on top of it:
 
-- the histograms: the plugin does not record them through SDK instruments (see
-  `telemetry.HistogramExporter`); `add_histograms` adds the same ready-made
-  points on every scrape that the OTLP path adds on every export;
+- the plugin's points: it does not record them through SDK instruments (see
+  `telemetry.PointsExporter`); `add_points` adds the same ready-made points
+  on every scrape that the OTLP path adds on every export;
 - the same series names and labels as the OTLP path stored by Prometheus or
   VictoriaMetrics (deploy/prometheus/prometheus.yml): gauges in unit "1" get the
   `_ratio` suffix, and the resource attributes the dashboards select by
@@ -65,7 +65,7 @@ def for_prometheus(metrics_data: MetricsData) -> MetricsData:
 class ScrapeReader(PrometheusMetricReader):
     """A PrometheusMetricReader on a private registry, collecting once per scrape."""
 
-    def __init__(self, add_histograms: Callable[[MetricsData], MetricsData]):
+    def __init__(self, add_points: Callable[[MetricsData], MetricsData]):
         self.registry = CollectorRegistry(auto_describe=False)
         if "registry" in inspect.signature(PrometheusMetricReader.__init__).parameters:
             super().__init__(registry=self.registry)
@@ -75,7 +75,7 @@ class ScrapeReader(PrometheusMetricReader):
             super().__init__()
             REGISTRY.unregister(self._collector)
             self.registry.register(self._collector)
-        self._add_histograms = add_histograms
+        self._add_points = add_points
         self._scrape_lock = threading.Lock()
         self._local = threading.local()
         self._failed = False
@@ -107,7 +107,7 @@ class ScrapeReader(PrometheusMetricReader):
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> None:
         if metrics_data is not None:
-            super()._receive_metrics(for_prometheus(self._add_histograms(metrics_data)), timeout_millis, **kwargs)
+            super()._receive_metrics(for_prometheus(self._add_points(metrics_data)), timeout_millis, **kwargs)
 
     def serve(self, host: str, port: int) -> None:
         """Listen on host:port (raises OSError, e.g. when the port is in use)."""

@@ -1,9 +1,10 @@
 """The OpenTelemetry layer: instruments over pool states, providers, exporters.
 
-Gauges and counters are observed at collection time from the pools' state, so
-the scheduler's hot path never calls into the OTel SDK. Histogram values are
-buffered by the state, folded into bucket counts with numpy at collection, and
-added to each export as ready-made OTLP histogram points (`HistogramExporter`).
+Gauges and counters are read at collection time from one snapshot of each
+pool's state, so the scheduler's hot path never calls into the OTel SDK.
+Histogram values are buffered by the state and folded into bucket counts with
+numpy at collection. All of them are added to each export as ready-made OTLP
+points (`PointsExporter`).
 
 The plugin keeps its own MeterProvider (vLLM owns the global tracer provider);
 it starts once per process, in the process that builds a KV cache manager.
@@ -21,7 +22,7 @@ import socket
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from time import monotonic, time_ns
 from typing import Any
@@ -35,17 +36,21 @@ from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRe
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+from opentelemetry.sdk.metrics import ObservableCounter
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     ConsoleMetricExporter,
+    Gauge,
     HistogramDataPoint,
     Metric,
     MetricExporter,
     MetricExportResult,
     MetricsData,
+    NumberDataPoint,
     PeriodicExportingMetricReader,
     ResourceMetrics,
     ScopeMetrics,
+    Sum,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
@@ -62,7 +67,7 @@ from opentelemetry.sdk.trace import (
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from vllm_frag_otel import __version__
@@ -115,8 +120,30 @@ class _Observed:
     states: Any = None  # per-block state codes read with the snapshot, with the region metric on
 
 
+Points = list[tuple[float, dict[str, Any]]]  # (value, attributes) of a metric's points
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One gauge or counter of the plugin, its points read from the latest snapshots."""
+
+    name: str
+    unit: str
+    description: str
+    monotonic: bool  # a counter (an OTLP monotonic sum), else a gauge
+    points: Callable[[], Points]
+
+
 class KVCacheMetrics:
-    """All plugin instruments, observing every attached pool."""
+    """The plugin's gauges, counters and histograms over every attached pool.
+
+    Their points are built from one snapshot per pool at collection time
+    (`collect`), not through the SDK's observable instruments: thirty-odd
+    measurements through the SDK's callbacks, attribute checks and exemplar
+    reservoirs cost more than the snapshot of a million-block pool. Only the
+    liveness gauge `vllm.frag_otel.active` is an SDK instrument: it puts the
+    plugin's scope into every collection the SDK hands to a reader.
+    """
 
     def __init__(self, meter: Meter, guard=None, regions: int = 0):
         self.regions = regions  # > 0: export vllm.kv_cache.region.block.count with that many regions
@@ -126,16 +153,25 @@ class KVCacheMetrics:
         self._lock = threading.Lock()
         # folds, and the reads of the folded counts: two readers (OTLP, Prometheus) may collect at once
         self.histogram_lock = threading.Lock()
-        gauge, counter = meter.create_observable_gauge, meter.create_observable_counter
-        # The first callback refreshes the snapshots the others read: the SDK
-        # runs callbacks in creation order within one collection.
-        gauge("vllm.kv_cache.block.count", [self._observe_block_count], "{block}",
-              "KV-cache blocks by state: used (ref_cnt > 0), cached (free, holding a reusable prefix), free (empty)")
+        meter.create_observable_gauge("vllm.frag_otel.active", [self._observe_active], "1",
+                                      "1 while the plugin's hooks are live, 0 once it disabled itself")
+
+        def gauge(name: str, points: Callable[[], Points], unit: str, description: str) -> Stream:
+            return Stream(name, unit, description, False, points)
+
+        def counter(name: str, points: Callable[[], Points], unit: str, description: str) -> Stream:
+            return Stream(name, unit, description, True, points)
+
+        streams = [
+            gauge("vllm.kv_cache.block.count", self._block_count, "{block}",
+                  "KV-cache blocks by state: used (ref_cnt > 0), cached (free, holding a reusable prefix), "
+                  "free (empty)"),
+        ]
         if regions > 0:
-            gauge("vllm.kv_cache.region.block.count", [self._observe_regions], "{block}",
-                  f"Blocks by state (free, cached, full, partial, empty) in each of up to {regions} equal "
-                  "block-id regions of the pool (null block excluded)")
-        self._simple_gauges = {
+            streams.append(gauge("vllm.kv_cache.region.block.count", self._regions, "{block}",
+                                 f"Blocks by state (free, cached, full, partial, empty) in each of up to {regions} "
+                                 "equal block-id regions of the pool (null block excluded)"))
+        simple_gauges = {
             "vllm.kv_cache.block.limit": ("{block}", "Usable KV-cache blocks (null block excluded)", "num_blocks"),
             "vllm.kv_cache.free_run.count": ("{run}", "Maximal runs of consecutive free block ids", "free_runs"),
             "vllm.kv_cache.free_run.largest": ("{block}", "Length of the largest run of consecutive free blocks", "largest_free_run"),
@@ -144,37 +180,39 @@ class KVCacheMetrics:
             "vllm.kv_cache.slot.utilization": ("1", "Token slots holding computed tokens / all token slots", "slot_utilization"),
             "vllm.kv_cache.request.count": ("{request}", "Requests holding KV-cache blocks", "tracked_requests"),
         }
-        for name, (unit, description, field) in self._simple_gauges.items():
-            gauge(name, [self._field_callback(field)], unit, description)
-        gauge("vllm.kv_cache.group.block.count", [self._observe_group_blocks], "{block}",
-              "Blocks in requests' block tables, per KV-cache group (a Mamba group's are state blocks)")
-        gauge("vllm.kv_cache.slot.count", [self._observe_slots], "{token}",
-              "Token slots in used blocks: used (hold a computed token) or unused, per KV-cache group "
-              "with token slots")
-        gauge("vllm.kv_cache.block.partial.count", [self._observe_partial], "{block}",
-              "Used blocks that are partly filled, per KV-cache group with token slots")
-        counter("vllm.kv_cache.prefix_cache.queried", [self._prefix_callback(0)], "{token}",
-                "Tokens looked up in the prefix cache at admission (resumed: re-admitted after preemption)")
-        counter("vllm.kv_cache.prefix_cache.hit", [self._prefix_callback(1)], "{token}",
-                "Tokens found in the prefix cache at admission (resumed: re-admitted after preemption)")
-        counter("vllm.kv_cache.block.evictions", [self._observe_evictions], "{block}",
-                "Cached blocks whose prefix-cache entry was dropped, by reason and whether it was ever reused")
-        counter("vllm.kv_cache.block.allocations", [self._observe_sources], "{block}",
-                "Blocks handed to requests: fresh, recycled (evicting cached content) or prefix_hit (reused)")
-        counter("vllm.kv_cache.allocation.attempts", [self._observe_attempts], "{attempt}",
-                "allocate_slots calls by outcome (failure: not enough free blocks)")
-        counter("vllm.kv_cache.preemptions", [self._counter_callback("preemptions")], "{preemption}",
-                "Requests preempted by the scheduler for lack of KV-cache blocks")
-        counter("vllm.frag_otel.measurements.dropped", [self._observe_dropped], "{measurement}",
-                "Histogram measurements dropped because the buffer between collections was full")
-        counter("vllm.frag_otel.requests.untraced", [self._observe_untraced], "{request}",
-                "Requests without a span because VLLM_FRAG_OTEL_MAX_OPEN_SPANS spans were already open")
-        counter("vllm.frag_otel.hook.errors", [self._observe_hook_errors], "{error}",
-                "Exceptions raised and contained inside the plugin's hooks")
-        gauge("vllm.frag_otel.active", [self._observe_active], "1",
-              "1 while the plugin's hooks are live, 0 once it disabled itself")
-        counter("vllm.frag_otel.drift", [self._counter_callback("drift_repairs")], "{repair}",
-                "Times the self-check found the ledger's block flags differing from vLLM's pool and resynchronised")
+        streams += [gauge(name, self._field(field), unit, description)
+                    for name, (unit, description, field) in simple_gauges.items()]
+        streams += [
+            gauge("vllm.kv_cache.group.block.count", self._group_blocks, "{block}",
+                  "Blocks in requests' block tables, per KV-cache group (a Mamba group's are state blocks)"),
+            gauge("vllm.kv_cache.slot.count", self._slots, "{token}",
+                  "Token slots in used blocks: used (hold a computed token) or unused, per KV-cache group "
+                  "with token slots"),
+            gauge("vllm.kv_cache.block.partial.count", self._partial, "{block}",
+                  "Used blocks that are partly filled, per KV-cache group with token slots"),
+            counter("vllm.kv_cache.prefix_cache.queried", self._prefix(0), "{token}",
+                    "Tokens looked up in the prefix cache at admission (resumed: re-admitted after preemption)"),
+            counter("vllm.kv_cache.prefix_cache.hit", self._prefix(1), "{token}",
+                    "Tokens found in the prefix cache at admission (resumed: re-admitted after preemption)"),
+            counter("vllm.kv_cache.block.evictions", self._evictions, "{block}",
+                    "Cached blocks whose prefix-cache entry was dropped, by reason and whether it was ever reused"),
+            counter("vllm.kv_cache.block.allocations", self._sources, "{block}",
+                    "Blocks handed to requests: fresh, recycled (evicting cached content) or prefix_hit (reused)"),
+            counter("vllm.kv_cache.allocation.attempts", self._attempts, "{attempt}",
+                    "allocate_slots calls by outcome (failure: not enough free blocks)"),
+            counter("vllm.kv_cache.preemptions", self._field("preemptions"), "{preemption}",
+                    "Requests preempted by the scheduler for lack of KV-cache blocks"),
+            counter("vllm.frag_otel.measurements.dropped", self._dropped, "{measurement}",
+                    "Histogram measurements dropped because the buffer between collections was full"),
+            counter("vllm.frag_otel.requests.untraced", self._untraced, "{request}",
+                    "Requests without a span because VLLM_FRAG_OTEL_MAX_OPEN_SPANS spans were already open"),
+            counter("vllm.frag_otel.hook.errors", self._hook_errors, "{error}",
+                    "Exceptions raised and contained inside the plugin's hooks"),
+            counter("vllm.frag_otel.drift", self._field("drift_repairs"), "{repair}",
+                    "Times the self-check found the ledger's block flags differing from vLLM's pool and "
+                    "resynchronised"),
+        ]
+        self.streams: tuple[Stream, ...] = tuple(streams)
 
     def add_pool(self, state: KVCacheState, attributes: dict[str, Any], stories: RequestStories | None = None) -> None:
         with self._lock:
@@ -186,6 +224,12 @@ class KVCacheMetrics:
             self._latest = []
 
     # -- collection ----------------------------------------------------------------
+
+    def collect(self) -> list[tuple[Stream, Points]]:
+        """One snapshot of every pool (and the histograms folded), then every
+        gauge's and counter's points from it; streams without points are left out."""
+        self._refresh()
+        return [(stream, points) for stream in self.streams if (points := stream.points())]
 
     def _tracking(self) -> bool:
         return self._guard is None or self._guard.active
@@ -220,38 +264,35 @@ class KVCacheMetrics:
             points.append(("vllm.kv_cache.block.idle.duration", o.attributes, o.state.block_idle_duration))
         return points
 
-    def _observe_block_count(self, options: CallbackOptions) -> Iterable[Observation]:
-        self._refresh()
+    def _block_count(self) -> Points:
+        points = []
         for o in self._latest:
             s = o.snapshot
-            yield Observation(s.used_blocks, {**o.attributes, STATE: "used"})
-            yield Observation(s.cached_blocks, {**o.attributes, STATE: "cached"})
-            yield Observation(s.free_blocks - s.cached_blocks, {**o.attributes, STATE: "free"})
+            points += [
+                (s.used_blocks, {**o.attributes, STATE: "used"}),
+                (s.cached_blocks, {**o.attributes, STATE: "cached"}),
+                (s.free_blocks - s.cached_blocks, {**o.attributes, STATE: "free"}),
+            ]
+        return points
 
-    def _observe_regions(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _regions(self) -> Points:
+        points = []
         for o in self._latest:
             if o.states is None:
                 continue
             counts = region_counts(o.states, self.regions).tolist()
             for s, name in enumerate(BLOCK_STATES):
-                for r, count in enumerate(counts[s]):
-                    yield Observation(count, {**o.attributes, REGION: r, STATE: name})
+                points += [(count, {**o.attributes, REGION: r, STATE: name}) for r, count in enumerate(counts[s])]
+        return points
 
-    def _field_callback(self, field: str):
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(getattr(o.snapshot, field), o.attributes) for o in self._latest]
+    def _field(self, field: str) -> Callable[[], Points]:
+        return lambda: [(getattr(o.snapshot, field), o.attributes) for o in self._latest]
 
-        return callback
-
-    _counter_callback = _field_callback
-
-    def _prefix_callback(self, index: int):
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for o in self._latest:
-                for resumed, totals in dict(o.state.prefix_lookups).items():
-                    yield Observation(totals[index], {**o.attributes, RESUMED: resumed})
-
-        return callback
+    def _prefix(self, index: int) -> Callable[[], Points]:
+        return lambda: [
+            (totals[index], {**o.attributes, RESUMED: resumed})
+            for o in self._latest for resumed, totals in dict(o.state.prefix_lookups).items()
+        ]
 
     def _group_points(self, token_slots_only: bool):
         """(group snapshot, its point attributes) of every pool."""
@@ -260,40 +301,45 @@ class KVCacheMetrics:
                 if g.token_slots or not token_slots_only:
                     yield g, {**o.attributes, GROUP: g.group, GROUP_KIND: g.kind}
 
-    def _observe_group_blocks(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(g.used_blocks, attributes) for g, attributes in self._group_points(False)]
+    def _group_blocks(self) -> Points:
+        return [(g.used_blocks, attributes) for g, attributes in self._group_points(False)]
 
-    def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _slots(self) -> Points:
+        points = []
         for g, attributes in self._group_points(True):
-            yield Observation(g.used_slots, {**attributes, SLOT_STATE: "used"})
-            yield Observation(g.unused_slots, {**attributes, SLOT_STATE: "unused"})
+            points += [(g.used_slots, {**attributes, SLOT_STATE: "used"}),
+                       (g.unused_slots, {**attributes, SLOT_STATE: "unused"})]
+        return points
 
-    def _observe_partial(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(g.partial_blocks, attributes) for g, attributes in self._group_points(True)]
+    def _partial(self) -> Points:
+        return [(g.partial_blocks, attributes) for g, attributes in self._group_points(True)]
 
-    def _observe_evictions(self, options: CallbackOptions) -> Iterable[Observation]:
-        for o in self._latest:
-            for (reason, reused), count in dict(o.state.evictions).items():
-                yield Observation(count, {**o.attributes, REASON: reason, REUSED: reused})
+    def _evictions(self) -> Points:
+        return [
+            (count, {**o.attributes, REASON: reason, REUSED: reused})
+            for o in self._latest for (reason, reused), count in dict(o.state.evictions).items()
+        ]
 
-    def _observe_sources(self, options: CallbackOptions) -> Iterable[Observation]:
-        for o in self._latest:
-            for source, count in dict(o.state.block_sources).items():
-                yield Observation(count, {**o.attributes, SOURCE: source})
+    def _sources(self) -> Points:
+        return [
+            (count, {**o.attributes, SOURCE: source})
+            for o in self._latest for source, count in dict(o.state.block_sources).items()
+        ]
 
-    def _observe_attempts(self, options: CallbackOptions) -> Iterable[Observation]:
-        for o in self._latest:
-            for outcome, count in dict(o.state.allocations).items():
-                yield Observation(count, {**o.attributes, OUTCOME: outcome})
+    def _attempts(self) -> Points:
+        return [
+            (count, {**o.attributes, OUTCOME: outcome})
+            for o in self._latest for outcome, count in dict(o.state.allocations).items()
+        ]
 
-    def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(o.state.dropped_measurements, o.attributes) for o in self._latest]
+    def _dropped(self) -> Points:
+        return [(o.state.dropped_measurements, o.attributes) for o in self._latest]
 
-    def _observe_untraced(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(o.stories.not_followed, o.attributes) for o in self._latest if o.stories is not None]
+    def _untraced(self) -> Points:
+        return [(o.stories.not_followed, o.attributes) for o in self._latest if o.stories is not None]
 
-    def _observe_hook_errors(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._guard.errors if self._guard else 0)]
+    def _hook_errors(self) -> Points:
+        return [(self._guard.errors if self._guard else 0, {})]
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(1 if self._tracking() else 0)]
@@ -308,13 +354,15 @@ HISTOGRAM_DESCRIPTIONS = {
 }
 
 
-class HistogramExporter(MetricExporter):
-    """Adds the plugin's histograms to every export, then hands it to `inner`.
+class PointsExporter(MetricExporter):
+    """Adds the plugin's points to every export, then hands it to `inner`.
 
-    Recording each value through the SDK costs microseconds, and allocate_slots
-    runs once per request per step. The state buffers raw values on the hot path
-    and folds them into bucket counts with numpy at collection; this turns them
-    into OTLP histogram points (cumulative or delta, as `inner` prefers), with
+    Gauges and counters come from one snapshot per pool (`KVCacheMetrics.collect`),
+    counters cumulative or delta as `inner` prefers for observable counters.
+    Histogram values are buffered by the state on the hot path (recording each
+    through the SDK costs microseconds, and allocate_slots runs once per request
+    per step) and folded into bucket counts with numpy at collection; they
+    become OTLP histogram points (cumulative or delta, as `inner` prefers), with
     exemplars from the measured requests' sampled spans.
     """
 
@@ -328,31 +376,38 @@ class HistogramExporter(MetricExporter):
         self.exemplars = exemplars
         self._start_ns = time_ns()
         self._last_ns = self._start_ns
-        self._exported: dict[tuple, tuple[np.ndarray, int, float]] = {}
+        self._exported: dict[tuple, tuple[np.ndarray, int, float]] = {}  # histograms' last cumulative values
+        self._counted: dict[tuple, float] = {}  # counters' last cumulative values
         self.delivered_ns = 0  # when the last export that the exporter confirmed began
+
+    def _is_delta(self, instrument_class: type) -> bool:
+        return (self._preferred_temporality or {}).get(instrument_class) is AggregationTemporality.DELTA
 
     @property
     def delta(self) -> bool:
-        return (self._preferred_temporality or {}).get(SdkHistogram) is AggregationTemporality.DELTA
+        return self._is_delta(SdkHistogram)
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
         began = time_ns()
         if self.metrics is not None:
-            metrics_data = self._with_histograms(metrics_data)
+            metrics_data = self.with_points(metrics_data)
         result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         if result is MetricExportResult.SUCCESS:
             self.delivered_ns = began
         return result
 
-    def _with_histograms(self, metrics_data: MetricsData) -> MetricsData:
+    def with_points(self, metrics_data: MetricsData) -> MetricsData:
+        """`metrics_data` with the plugin's gauges, counters and histograms in its scope."""
+        observed = self.metrics.collect()
         now = time_ns()
+        extra = [self._metric(stream, points, now) for stream, points in observed]
         by_name: dict[str, list[HistogramDataPoint]] = {}
         with self.metrics.histogram_lock:
             for name, attributes, histogram in self.metrics.histogram_points():
-                by_name.setdefault(name, []).append(self._point(name, attributes, histogram, now))
+                by_name.setdefault(name, []).append(self._histogram_point(name, attributes, histogram, now))
         self._last_ns = now
         temporality = AggregationTemporality.DELTA if self.delta else AggregationTemporality.CUMULATIVE
-        extra = [
+        extra += [
             Metric(name, HISTOGRAM_DESCRIPTIONS[name], "s", HistogramData(points, temporality))
             for name, points in by_name.items()
         ]
@@ -365,7 +420,23 @@ class HistogramExporter(MetricExporter):
             resource_metrics.append(ResourceMetrics(rm.resource, scopes, rm.schema_url))
         return MetricsData(resource_metrics)
 
-    def _point(self, name: str, attributes: dict[str, Any], histogram: BucketHistogram, now: int) -> HistogramDataPoint:
+    def _metric(self, stream: Stream, points: Points, now: int) -> Metric:
+        if not stream.monotonic:  # as the SDK's last-value aggregation: no start time
+            return Metric(stream.name, stream.description, stream.unit,
+                          Gauge([NumberDataPoint(attributes, None, now, value) for value, attributes in points]))
+        if not self._is_delta(ObservableCounter):
+            data_points = [NumberDataPoint(attributes, self._start_ns, now, value) for value, attributes in points]
+            return Metric(stream.name, stream.description, stream.unit,
+                          Sum(data_points, AggregationTemporality.CUMULATIVE, True))
+        data_points = []
+        for value, attributes in points:
+            key = (stream.name, tuple(sorted(attributes.items())))
+            previous = self._counted.get(key, 0)
+            self._counted[key] = value
+            data_points.append(NumberDataPoint(attributes, self._last_ns, now, value - previous))
+        return Metric(stream.name, stream.description, stream.unit, Sum(data_points, AggregationTemporality.DELTA, True))
+
+    def _histogram_point(self, name: str, attributes: dict[str, Any], histogram: BucketHistogram, now: int) -> HistogramDataPoint:
         counts, count, total = histogram.counts.copy(), histogram.count, histogram.sum
         low, high = histogram.min, histogram.max
         start = self._start_ns
@@ -403,7 +474,7 @@ class HistogramExporter(MetricExporter):
 
 
 class _Unexported(MetricExporter):
-    """No exporter: a HistogramExporter that only builds points (for the Prometheus reader)."""
+    """No exporter: under a PointsExporter that only builds points (for the Prometheus reader)."""
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
         return MetricExportResult.SUCCESS
@@ -483,8 +554,11 @@ class KVCacheSpans:
         self._random_root = _RANDOM_TRACE_ID if is_random is not None and is_random() else 0
 
     def opened(self, story: RequestStory, trace_headers) -> None:
-        parent = _PROPAGATOR.extract(trace_headers) if trace_headers else _NO_PARENT
-        parent_span = get_current_span(parent).get_span_context()
+        if trace_headers:
+            parent = _PROPAGATOR.extract(trace_headers)
+            parent_span = get_current_span(parent).get_span_context()
+        else:  # most requests: no trace context to look into
+            parent, parent_span = _NO_PARENT, INVALID_SPAN_CONTEXT
         if parent_span.is_valid:
             trace_id, flags = parent_span.trace_id, parent_span.trace_flags & _RANDOM_TRACE_ID
         else:
@@ -815,7 +889,7 @@ class Runtime:
         self._stop_lock = threading.Lock()
         self.stopped = False
         self.undelivered: dict[str, int] | None = None  # what the stop could not deliver in time
-        self._histograms: HistogramExporter | None = None
+        self._points_exporter: PointsExporter | None = None
         self.prometheus = None  # the Prometheus scrape reader (export/prometheus.py), when serving
         self._span_delivery: _Delivery | None = None
         self._ended_spans: _EndedSpans | None = None
@@ -846,7 +920,7 @@ class Runtime:
             self.block_maps.start(settings.block_map_interval)
         readers = []
         if metric_exporter is not None:
-            exporter = self._histograms = HistogramExporter(
+            exporter = self._points_exporter = PointsExporter(
                 metric_exporter, exemplars=_env("OTEL_METRICS_EXEMPLAR_FILTER").lower() != "always_off"
             )
             readers.append(PeriodicExportingMetricReader(exporter))
@@ -859,9 +933,9 @@ class Runtime:
             self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
             self.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard,
                                           regions=settings.regions if settings.region_metric else 0)
-            for histograms in (self._histograms, getattr(scrape, "histograms", None)):
-                if histograms is not None:
-                    histograms.metrics = self.metrics
+            for points in (self._points_exporter, getattr(scrape, "points", None)):
+                if points is not None:
+                    points.metrics = self.metrics
             if scrape is not None:
                 self._serve(scrape, engine_attributes)
         if span_exporter is not None:
@@ -885,13 +959,13 @@ class Runtime:
             logger.warning("vllm-frag-otel: serving metrics for Prometheus needs the prometheus extra (%s): "
                            "pip install 'vllm-frag-otel[prometheus]'. The metrics are not served; vLLM runs on.", exc)
             return None
-        histograms = HistogramExporter(_Unexported(), exemplars=False)  # cumulative, as Prometheus wants
+        points = PointsExporter(_Unexported(), exemplars=False)  # cumulative, as Prometheus wants
 
-        def add_histograms(data: MetricsData) -> MetricsData:
-            return histograms._with_histograms(data) if histograms.metrics is not None else data
+        def add_points(data: MetricsData) -> MetricsData:
+            return points.with_points(data) if points.metrics is not None else data
 
-        reader = prometheus.ScrapeReader(add_histograms)
-        reader.histograms = histograms
+        reader = prometheus.ScrapeReader(add_points)
+        reader.points = points
         return reader
 
     def _serve(self, reader, engine_attributes: dict[str, Any]) -> None:
@@ -1091,8 +1165,8 @@ class Runtime:
 
     def _count_undelivered(self, began: int) -> dict[str, int]:
         undelivered = {}
-        if self._histograms is not None:
-            undelivered["final metrics points"] = int(self._histograms.delivered_ns < began)
+        if self._points_exporter is not None:
+            undelivered["final metrics points"] = int(self._points_exporter.delivered_ns < began)
         if self._ended_spans is not None and self._span_delivery is not None:
             undelivered["spans"] = max(0, self._ended_spans.ended - self._span_delivery.delivered)
         if self.block_maps is not None and self._log_delivery is not None:

@@ -546,8 +546,11 @@ _GET_COMPUTED_BLOCKS = _Forwarder(_original_then_tracked("hooks") + """
 
 def _story_begins(hooks: _ManagerHooks, request) -> None:
     """The scheduler's first look at a request (get_computed_blocks): where its KV-cache story starts."""
-    with _guard, hooks.state.lock:
-        _story(hooks, request)
+    try:  # the per-request hooks contain errors with try/except: the guard's context manager is two frames
+        with hooks.state.lock:
+            _story(hooks, request)
+    except Exception as exc:
+        _guard.failed(exc)
 
 
 # vLLM calls allocate_slots for every running request on every step, so the
@@ -625,12 +628,15 @@ _RECORD_PREFIX_CACHE_STATS = _Forwarder(_original_then_tracked("hooks") + """
 
 def _prefix_lookup(hooks: _ManagerHooks, manager, request, hits: int) -> None:
     """vLLM counts a lookup when it admits the request; so do we, whatever log_stats says."""
-    with _guard, hooks.state.lock:
-        if manager.prefix_cache_lookup_enabled(request):
-            hooks.state.on_prefix_lookup(request.num_tokens, hits, request.num_preemptions > 0)
-            story = _story(hooks, request)
-            if story is not None:
-                hooks.stories.admitted(story, hits)
+    try:
+        with hooks.state.lock:
+            if manager.prefix_cache_lookup_enabled(request):
+                hooks.state.on_prefix_lookup(request.num_tokens, hits, request.num_preemptions > 0)
+                story = _story(hooks, request)
+                if story is not None:
+                    hooks.stories.admitted(story, hits)
+    except Exception as exc:
+        _guard.failed(exc)
 
 
 # -- Scheduler -------------------------------------------------------------------
@@ -775,21 +781,27 @@ _FREE_REQUEST = _Forwarder("""
 def _story_ending(hooks: _ManagerHooks, request) -> tuple[int, int]:
     """A finished or aborted request, before vLLM lets go of it: its (allocated,
     used) slots, and its peak before it gives its blocks back."""
-    with _guard, hooks.state.lock:
-        slots = hooks.state.request_slots(request.request_id)
-        _settle_moves(hooks, request.request_id)
-        return slots
-    return (0, 0)  # the guard contained an error
+    try:
+        with hooks.state.lock:
+            slots = hooks.state.request_slots(request.request_id)
+            _settle_moves(hooks, request.request_id)
+            return slots
+    except Exception as exc:
+        _guard.failed(exc)
+        return (0, 0)
 
 
 def _story_ended(hooks: _ManagerHooks, request, slots: tuple[int, int]) -> None:
     """Its story ends (its blocks may be freed later)."""
-    with _guard, hooks.state.lock:
-        status = request.status.name.lower()
-        hooks.stories.finished(
-            request.request_id, status, slots[0], slots[0] - slots[1], request.num_output_tokens,
-            failed=("aborted" in status or "error" in status),
-        )
+    try:
+        with hooks.state.lock:
+            status = request.status.name.lower()
+            hooks.stories.finished(
+                request.request_id, status, slots[0], slots[0] - slots[1], request.num_output_tokens,
+                failed=("aborted" in status or "error" in status),
+            )
+    except Exception as exc:
+        _guard.failed(exc)
 
 
 def engine_stopped(scheduler, seconds: float | None = None) -> None:
