@@ -506,8 +506,12 @@ class KVCacheState:
             table = tables.get(request_id)
             if not table or not layout.token_slots:
                 continue
-            size = layout.block_size
-            for i, b in enumerate(map(_block_id, table)):
+            size, length = layout.block_size, len(table)
+            if NULL_BLOCK_ID not in map(_block_id, table):  # entry i holds tokens [i * size, (i + 1) * size)
+                allocated += length * size
+                used += min(length * size, max(0, computed))
+                continue
+            for i, b in enumerate(map(_block_id, table)):  # retired entries (the null block) hold no slot
                 if b != NULL_BLOCK_ID:
                     allocated += size
                     used += min(size, max(0, computed - i * size))
