@@ -430,7 +430,7 @@ class PointsExporter(MetricExporter):
                           Sum(data_points, AggregationTemporality.CUMULATIVE, True))
         data_points = []
         for value, attributes in points:
-            key = (stream.name, tuple(sorted(attributes.items())))
+            key = _point_key(stream.name, attributes)
             previous = self._counted.get(key, 0)
             self._counted[key] = value
             data_points.append(NumberDataPoint(attributes, self._last_ns, now, value - previous))
@@ -441,7 +441,7 @@ class PointsExporter(MetricExporter):
         low, high = histogram.min, histogram.max
         start = self._start_ns
         if self.delta:
-            key = (name, tuple(sorted(attributes.items())))
+            key = _point_key(name, attributes)
             previous = self._exported.get(key)
             self._exported[key] = (counts, count, total)
             if previous is not None:
@@ -471,6 +471,11 @@ class PointsExporter(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
         self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _point_key(name: str, attributes: dict[str, Any]) -> tuple:
+    """A point's identity across exports (its metric and attribute set): what a delta is taken against."""
+    return name, tuple(sorted(attributes.items()))
 
 
 class _Unexported(MetricExporter):
