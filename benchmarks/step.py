@@ -214,9 +214,8 @@ class StepBench:
         if plugin:
             state = analyzer_for(scheduler)  # raises if the pool is not tracked
         else:
-            assert not any(
-                k.startswith("_vllm_frag_otel") for k in pool.__dict__
-            ), "an unhooked run's pool is tracked"
+            # not `pool.__dict__`: reading it slows every attribute access of the pool (plugin/hooks.py, _STATE)
+            assert not hasattr(pool, "_vllm_frag_otel"), "an unhooked run's pool is tracked"
         if variant == "vllm_kv_metrics":
             assert scheduler.kv_metrics_collector is not None
             assert scheduler.kv_metrics_collector.sample_rate == 1.0

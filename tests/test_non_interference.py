@@ -83,3 +83,53 @@ def test_failing_hooks_are_contained_counted_then_disable_the_plugin(
     sim.step(scheduler, random.Random(0))
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() < SHAPE.num_blocks - 1
     assert analyzer_for(scheduler).snapshot().blocks_allocated_fresh == 0
+
+
+def _attributes_moved_out(obj) -> bool:
+    """Whether `obj`'s attributes left CPython's inline values for a dict object
+    (what reading `obj.__dict__` does on 3.11/3.12): from then on every `self.x`
+    in vLLM's methods of that object takes about twice the work. Seen from the
+    garbage collector, which then finds the attributes behind one dict."""
+    import gc
+
+    attributes = [r for r in gc.get_referents(obj) if isinstance(r, dict)]
+    return any(any(isinstance(k, str) and v is getattr(obj, k, object()) for k, v in d.items()) for d in attributes)
+
+
+def _run_and_list_objects_moved_out(layout: str, collect) -> list[str]:
+    shape = sim.EngineShape(num_blocks=90, block_size=16, max_num_seqs=12, layout=layout,
+                            max_num_batched_tokens=256, max_model_len=1024)
+    scheduler = sim.build_scheduler(shape)
+    specs = workloads.generate("sharegpt", 20, seed=3, max_len=700)
+    requests = sim.make_requests([(s.prompt_tokens, s.output_len) for s in specs], shape.block_size)
+    sim.run_to_completion(scheduler, requests, seed=3)
+    assert sum(r.num_preemptions for r in requests) > 0
+    collect(scheduler)
+    manager = scheduler.kv_cache_manager
+    touched = [scheduler, manager, manager.block_pool, manager.coordinator, *manager.coordinator.single_type_managers]
+    return [type(obj).__name__ for obj in touched if _attributes_moved_out(obj)]
+
+
+@pytest.mark.parametrize("layout", ["full", "full,mamba_align"])
+def test_the_plugin_leaves_vllms_objects_as_fast_to_read_as_it_found_them(plugin, request, layout):
+    """The plugin keeps its state on vLLM's pool and manager with setattr/getattr:
+    after a run, a collection and the engine's stop, the objects it touches have
+    their attributes where vLLM alone leaves them (vLLM's Scheduler has too many
+    to keep them inline either way)."""
+    from vllm_frag_otel.plugin.hooks import engine_stopped
+
+    def collect(scheduler):
+        state = analyzer_for(scheduler)
+        state.snapshot()
+        state.self_check()
+        engine_stopped(scheduler, seconds=0)
+
+    with_plugin = _run_and_list_objects_moved_out(layout, collect)
+    request.getfixturevalue("unhooked")
+    without_plugin = _run_and_list_objects_moved_out(layout, lambda scheduler: None)
+    assert with_plugin == without_plugin
+    assert "BlockPool" not in without_plugin and "KVCacheManager" not in without_plugin
+    pool = sim.build_scheduler(sim.EngineShape(num_blocks=90)).kv_cache_manager.block_pool
+    assert not _attributes_moved_out(pool)
+    pool.__dict__  # what the check must see
+    assert _attributes_moved_out(pool)
