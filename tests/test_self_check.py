@@ -210,6 +210,7 @@ def test_a_table_edited_in_place_without_a_report_is_found_and_read_again(plugin
     scheduler, rng = _running_scheduler()
     analyzer = analyzer_for(scheduler)
     monkeypatch.setattr(KVCacheState, "on_table_edited", lambda self, request_id: None)
+    monkeypatch.setattr(KVCacheState, "_blocks_moved", lambda self, request_id, recycled: None)  # both reports
     with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
         for _ in range(400):
             analyzer.snapshot()

@@ -383,7 +383,7 @@ class KVCacheState:
         """Blocks whose last holder let go (ref_cnt reached 0); called for every
         release, also one that freed none (a holder let go all the same)."""
         free, released_at, hashed = self._free, self._released_at, self._hashed
-        now_ms = _ms(now)
+        now_ms = int(now * 1000.0) & _MS_MASK  # _ms(now), inlined: once per release
         freed = cached = 0
         for b in block_ids:
             if not free[b]:
@@ -406,8 +406,9 @@ class KVCacheState:
         self._readable.update(block_ids)
 
     def _blocks_moved(self, request_id: str, recycled: int) -> None:
-        """Blocks of this request moved: its tables may have been edited in place."""
-        self.on_table_edited(request_id)
+        """Blocks of this request moved: its tables may have been edited in place
+        (`on_table_edited`, inlined: this runs for every block event of an allocation)."""
+        self._edited.add(request_id)
         if self.follow_moves:
             self.moved[request_id] = self.moved.get(request_id, 0) + recycled
 
@@ -427,7 +428,7 @@ class KVCacheState:
     def on_blocks_hashed(self, block_ids: Iterable[int], now: float) -> None:
         """Blocks whose content got a prefix-cache entry (a block already cached keeps its age)."""
         hashed, cached_at, reused, free = self._hashed, self._cached_at, self._reused, self._free
-        now_ms = _ms(now)
+        now_ms = int(now * 1000.0) & _MS_MASK  # _ms(now), inlined: once per hashing
         cached = 0
         for b in block_ids:
             if not hashed[b]:
