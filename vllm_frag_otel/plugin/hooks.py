@@ -248,8 +248,10 @@ def _hook_pool(pool) -> None:
 
 def _unhook_pool(pool) -> None:
     for method in _per_pool_hooks:
-        if getattr(getattr(pool, method, None), "__vllm_frag_otel_hook__", False):
-            delattr(pool, method)
+        try:
+            delattr(pool, method)  # the instance's hook; the class's own method stays
+        except AttributeError:
+            pass
     _pools_hooked.discard(pool)
 
 
