@@ -184,3 +184,26 @@ def test_quick_benchmark_runs_and_reports_every_headline(tmp_path):
     for key in ("loss_ci95_pct", "throughput_ratio_ci95", "ttft_ratio_ci95", "itl_ratio_ci95", "pinned"):
         assert result["serving"][key] == fake[key], key
     assert result["targets"]["serving"]["status"] == "NOT MET"
+
+
+def test_readme_instruction_tables_are_the_recorded_run():
+    """The README's instruction ratios and per-part split are those of
+    benchmarks/instructions.json (one run of `benchmarks/instructions.py`), not
+    figures typed in by hand or left over from an earlier run."""
+    import re
+
+    recorded = json.loads((REPO / "benchmarks" / "instructions.json").read_text())["instructions"]
+    readme = (REPO / "README.md").read_text()
+    rows = {
+        "plugin, metrics only": "plugin",
+        "plugin with spans (default)": "plugin_spans",
+        "vLLM `kv_cache_metrics`, sample rate 1.0": "vllm_kv_metrics",
+    }
+    for label, variant in rows.items():
+        shown = re.search(rf"^\| {re.escape(label)} \| ×([\d.]+) \| ×([\d.]+) \| ×([\d.]+) \|$", readme, re.M)
+        assert shown, f"no instruction row for {label!r} in the README"
+        expected = [f"{recorded[s][variant]['ratio']:.3f}" for s in ("pressured", "seqs256", "seqs1024")]
+        assert list(shown.groups()) == expected, label
+    parts = recorded["seqs256"]["plugin_breakdown"]
+    shown_parts = [int(n.replace(",", "")) for n in re.findall(r"^\| [^|]+ \| (-?[\d,]+) \| -?[\d.]+% \|$", readme, re.M)]
+    assert shown_parts == [p["instructions"] for p in parts.values()]
