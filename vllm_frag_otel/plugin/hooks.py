@@ -12,7 +12,6 @@ import functools
 import importlib
 import inspect
 import logging
-import operator
 import random
 import re
 import textwrap
