@@ -272,3 +272,19 @@ def test_report_shows_each_group_as_recounted_from_the_otlp_lines(run, built):
     page = (out / "report.html").read_text()
     assert "KV-cache groups (every request has a block table in each" in page
     assert (out / "kv_cache_groups.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_readme_example_is_what_make_simulate_prints(tmp_path):
+    """The README shows `make simulate`'s output as this code prints it (the same
+    command and embedded workload, one run), not a leftover of an earlier round."""
+    makefile = (REPO / "Makefile").read_text()
+    command = makefile.split("\nsimulate: setup\n\t.venv/bin/", 1)[1].split("\n", 1)[0].split()
+    assert command[:2] == ["vllm-frag-otel", "simulate"], command
+    cli_path = Path(sys.executable).with_name("vllm-frag-otel")
+    output = [str(tmp_path / "sim-out") if arg == "sim-out" else arg for arg in command[1:]]
+    proc = subprocess.run([str(cli_path), *output], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("`make simulate` runs vLLM's real scheduler", 1)[1].split("```\n")[1]
+    assert example.startswith("KV-cache fragmentation over") and "prefix cache" in example, example
+    assert example in proc.stdout, proc.stdout[:4000]

@@ -98,8 +98,9 @@ def test_metrics_equal_the_snapshot(pressured_run):
 
     _, queried = points["vllm.kv_cache.prefix_cache.queried"]
     _, hit = points["vllm.kv_cache.prefix_cache.hit"]
-    assert sum(p.value for p in queried) == snapshot.prefix_queried_tokens
-    assert sum(p.value for p in hit) == snapshot.prefix_hit_tokens
+    assert _value(queried, **{"vllm.request.resumed": False}) == snapshot.prefix_queried_tokens
+    assert _value(hit, **{"vllm.request.resumed": False}) == snapshot.prefix_hit_tokens
+    assert _value(queried, **{"vllm.request.resumed": True}) == snapshot.prefix_resumed_queried_tokens
     assert _value(hit, **{"vllm.request.resumed": True}) == snapshot.prefix_resumed_hit_tokens
     _, evictions = points["vllm.kv_cache.block.evictions"]
     assert sum(p.value for p in evictions) == snapshot.evictions

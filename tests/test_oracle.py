@@ -109,11 +109,12 @@ def _check_block_states(analyzer, scheduler, where: str) -> None:
 
 
 def _add_prefix_stats(totals: dict, stats) -> None:
-    """vLLM splits lookups by requests re-admitted after preemption; we report both."""
+    """vLLM's own counts: first admissions (its prefix_cache_queries / hits) and, apart,
+    requests re-admitted after preemption."""
     if stats is None:
         return
-    totals["queries"] += stats.queries + stats.preempted_queries
-    totals["hits"] += stats.hits + stats.preempted_hits
+    totals["queries"] += stats.queries
+    totals["hits"] += stats.hits
     totals["resumed_queries"] += stats.preempted_queries
     totals["resumed_hits"] += stats.preempted_hits
 

@@ -318,7 +318,7 @@ def test_counters():
     s.on_allocation(False, 1e-5)
     s.on_preemption()
     snap = s.snapshot()
-    assert (snap.prefix_queried_tokens, snap.prefix_hit_tokens) == (150, 80)
+    assert (snap.prefix_queried_tokens, snap.prefix_hit_tokens) == (100, 32)  # first admissions, as vLLM counts
     assert (snap.prefix_resumed_queried_tokens, snap.prefix_resumed_hit_tokens) == (50, 48)
     assert (snap.allocation_attempts, snap.allocation_failures, snap.preemptions) == (1, 1, 1)
 

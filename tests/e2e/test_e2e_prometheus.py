@@ -127,8 +127,9 @@ def test_victoria_metrics_scrapes_the_plugin_s_metrics_from_the_engine(served):
     assert one(f"vllm_frag_otel_active_ratio{{{sel}}}") == 1
     assert 0 <= one(f"vllm_kv_cache_fragmentation_external_ratio{{{sel}}}") <= 1
     # counters: the same as vLLM's own
-    assert one(f"sum(vllm_kv_cache_prefix_cache_queried_total{{{sel}}})") == vllm_own["vllm:prefix_cache_queries_total"]
-    assert one(f"sum(vllm_kv_cache_prefix_cache_hit_total{{{sel}}})") == vllm_own["vllm:prefix_cache_hits_total"] > 0
+    first = f'{sel}, vllm_request_resumed="false"'  # vLLM counts first admissions
+    assert one(f"sum(vllm_kv_cache_prefix_cache_queried_total{{{first}}})") == vllm_own["vllm:prefix_cache_queries_total"]
+    assert one(f"sum(vllm_kv_cache_prefix_cache_hit_total{{{first}}})") == vllm_own["vllm:prefix_cache_hits_total"] > 0
     assert one(f"sum(vllm_kv_cache_preemptions_total{{{sel}}})") == vllm_own["vllm:num_preemptions_total"]
     attempts = one(f"sum(vllm_kv_cache_allocation_attempts_total{{{sel}}})")
     assert attempts >= NUM_REQUESTS * MAX_TOKENS / 2  # allocate_slots runs for every request on every step

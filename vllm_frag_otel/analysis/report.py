@@ -61,8 +61,8 @@ QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "internal_fragmentation": ("vllm.kv_cache.fragmentation.internal", {}),
     "slot_utilization": ("vllm.kv_cache.slot.utilization", {}),
     "tracked_requests": ("vllm.kv_cache.request.count", {}),
-    "prefix_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {}),
-    "prefix_hit_tokens": ("vllm.kv_cache.prefix_cache.hit", {}),
+    "prefix_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {RESUMED: ("false",)}),
+    "prefix_hit_tokens": ("vllm.kv_cache.prefix_cache.hit", {RESUMED: ("false",)}),
     "prefix_resumed_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {RESUMED: ("true",)}),
     "prefix_resumed_hit_tokens": ("vllm.kv_cache.prefix_cache.hit", {RESUMED: ("true",)}),
     "evictions": ("vllm.kv_cache.block.evictions", {}),
@@ -554,9 +554,11 @@ def _causes(report: PoolReport) -> list[str]:
     evicted = (f"{evictions:.0f} cached blocks were evicted to make room, {_share(never, evictions)} of them never"
                " reused after being cached (content nobody asked for again before it was dropped)." if evictions
                else "no cached block was evicted.")
+    resumed_share = _share(f["prefix_resumed_hit_tokens"], f["prefix_resumed_queried_tokens"])
+    resumed = f" (re-admissions after preemption apart: {resumed_share} hit)" if f["prefix_resumed_queried_tokens"] else ""
     lines.append(
-        f"  - prefix cache: {_share(f['prefix_hit_tokens'], f['prefix_queried_tokens'])} of looked-up tokens"
-        f" hit; {evicted}")
+        f"  - prefix cache: {_share(f['prefix_hit_tokens'], f['prefix_queried_tokens'])} of the tokens looked up at"
+        f" first admission hit, as vLLM counts them{resumed}; {evicted}")
     by_class = [(class_evictions(report, c), c) for c in report.classes]
     total = sum(e for e, _ in by_class)
     if total > 0:
@@ -641,7 +643,7 @@ def recommendations(report: PoolReport) -> list[str]:
     if reused_evicted and hit_rate:
         advice.append(
             f"{reused_evicted:.0f} evicted blocks had already served prefix-cache hits ({pct(hit_rate)} of"
-            " looked-up tokens hit): with more free blocks, shared prefixes stay cached longer.")
+            " tokens looked up at first admission hit): with more free blocks, shared prefixes stay cached longer.")
     elif not hit_rate:
         advice.append("The prefix cache found nothing to reuse: requests share no prefixes (a common system"
                       " prompt, or routing requests with the same prefix to the same replica, would change that).")

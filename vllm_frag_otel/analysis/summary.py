@@ -124,12 +124,15 @@ def group_lines(groups: Sequence[dict]) -> list[str]:
 def totals_lines(final: dict[str, float]) -> list[str]:
     """The cumulative counters at the end, with the ratios that make them readable."""
     queried, hit = final["prefix_queried_tokens"], final["prefix_hit_tokens"]
+    resumed_queried, resumed_hit = final["prefix_resumed_queried_tokens"], final["prefix_resumed_hit_tokens"]
     evictions, never = final["evictions"], final["evicted_never_reused"]
     attempts, failures = final["allocation_attempts"], final["allocation_failures"]
     return [
         "  totals",
         f"    prefix cache        {int(hit)} of {int(queried)} looked-up tokens hit"
-        f" ({pct(hit / queried) if queried else 'n/a'})",
+        f" ({pct(hit / queried) if queried else 'n/a'}) at first admission, as vLLM counts them",
+        f"      re-admissions     {int(resumed_hit)} of {int(resumed_queried)} looked-up tokens hit"
+        f" ({pct(resumed_hit / resumed_queried) if resumed_queried else 'n/a'}) after preemption",
         f"    evictions           {int(evictions)} blocks"
         + (f", {int(never)} never reused after caching ({pct(never / evictions)})" if evictions else ""),
         f"    block allocations   {int(final['blocks_allocated_fresh'])} fresh,"

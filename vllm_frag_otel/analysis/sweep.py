@@ -301,7 +301,8 @@ def render(outcomes: Sequence[Outcome], recommendation: Recommendation, workload
         "",
         table(outcomes),
         "",
-        "  internal frag: unused / allocated token slots, mean over steps; prefix hits: of looked-up tokens;",
+        "  internal frag: unused / allocated token slots, mean over steps; prefix hits: of the tokens looked up at",
+        "  first admission (vLLM's hit rate: re-admissions after preemption are not in it);",
         "  tokens/step: mean over steps that scheduled any; latency: mean, request arrival to its last token.",
         "",
         "Recommendation (lowest mean latency, then fewest preemptions, among settings with no more KV memory"

@@ -178,6 +178,8 @@ class FragmentationSnapshot:
     internal_fragmentation: float
     slot_utilization: float
     tracked_requests: int
+    # first admissions, as vLLM counts them (PrefixCacheStats.queries / .hits, the
+    # vllm:prefix_cache_* counters); re-admissions after preemption apart (its preempted_*)
     prefix_queried_tokens: int
     prefix_hit_tokens: int
     prefix_resumed_queried_tokens: int
@@ -886,8 +888,8 @@ class KVCacheState:
             internal_fragmentation=_ratio(allocated_slots - used_slots, allocated_slots),
             slot_utilization=_ratio(utilised, usable),
             tracked_requests=tracked_requests,
-            prefix_queried_tokens=self.prefix_lookups[False][0] + self.prefix_lookups[True][0],
-            prefix_hit_tokens=self.prefix_lookups[False][1] + self.prefix_lookups[True][1],
+            prefix_queried_tokens=self.prefix_lookups[False][0],
+            prefix_hit_tokens=self.prefix_lookups[False][1],
             prefix_resumed_queried_tokens=self.prefix_lookups[True][0],
             prefix_resumed_hit_tokens=self.prefix_lookups[True][1],
             evictions=evictions,
