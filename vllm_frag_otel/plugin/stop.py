@@ -107,12 +107,16 @@ def _flush_first(wrapped, engine_core, args, kwargs):
     """EngineCore.shutdown: the plugin's stop, then vLLM's teardown."""
     scheduler = getattr(engine_core, "scheduler", None)
     if scheduler is not None:
-        seconds = None
-        with guard():
-            window = getattr(getattr(engine_core, "vllm_config", None), "shutdown_timeout", None)
-            since_signal = monotonic() - _first_stop_signal[0] if _first_stop_signal else 0.0
-            seconds = flush_seconds(window, load_settings().shutdown_timeout, since_signal)
+        # first: vLLM has just restored SIGTERM's default action, and after a Ctrl-C the front
+        # end's SIGTERM is on its way; one that lands before the deferral ends the process with
+        # nothing flushed and nothing logged (the likely cause of a Ctrl-C stop seen, on a loaded
+        # 2-core machine, to end 0.6 s after the signal with neither the flush's report nor a kill)
         with sigterm_deferred():
+            seconds = None
+            with guard():
+                window = getattr(getattr(engine_core, "vllm_config", None), "shutdown_timeout", None)
+                since_signal = monotonic() - _first_stop_signal[0] if _first_stop_signal else 0.0
+                seconds = flush_seconds(window, load_settings().shutdown_timeout, since_signal)
             engine_stopped(scheduler, seconds)
     return wrapped(engine_core, *args, **kwargs)
 
