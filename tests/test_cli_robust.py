@@ -47,6 +47,33 @@ def test_an_unreachable_collector_neither_stalls_the_run_nor_takes_the_files(tmp
     assert time.monotonic() - started < 100
 
 
+def test_a_refused_collector_is_one_warning_not_a_line_per_retry():
+    """The OTLP exporters log each failed attempt of each export; with the collector down
+    that would be a line per retry for as long as it stays down. One warning names the
+    failure, the stop says what was lost, and no raw retry line is left."""
+    proc = _simulate(*TINY, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len([line for line in lines if "cannot deliver to the OTLP collector" in line]) == 1, proc.stderr[-3000:]
+    raw = ("Transient error", "Failed to export", "Shutdown in progress", "Exporter already shutdown")
+    assert not [line for line in lines if line.startswith(raw)], proc.stderr[-3000:]
+    assert "could not be delivered" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_vllms_missing_kernels_warning_stays_off_the_terminal():
+    """vLLM's CPU wheel warns at import that vllm._C is missing; the simulator never runs a kernel."""
+    proc = _simulate(*TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 requests in" in proc.stdout
+    assert "vllm._C" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture
 def black_hole():
     """A collector that accepts connections and never answers."""
@@ -316,6 +343,44 @@ def test_the_report_of_a_simulation_is_in_simulated_seconds(long_trace_run, tmp_
     with open(tmp_path / "series.csv", newline="") as fh:  # its seconds are simulated too
         last = max(float(row["seconds"]) for row in csv.DictReader(fh))
     assert last == pytest.approx(summary["simulated_seconds"], abs=0.021)
+
+
+def test_a_clock_file_of_a_run_stopped_before_its_first_step_says_so(tmp_path):
+    """A simulate interrupted before its first step leaves the clock's two header lines: the
+    report's note says what happened, not that the file is malformed."""
+    from vllm_frag_otel.jsonlines import InputProblem
+    from vllm_frag_otel.sim import simclock
+
+    path = tmp_path / "clock-1-1.csv"
+    path.write_text(f"{simclock.COMMENT} host=h pid=1 step_seconds=0.02\n{simclock.HEADER}\n")
+    problems: list[InputProblem] = []
+    assert simclock.find([tmp_path], problems) == []
+    (problem,) = problems
+    assert "stopped before its first step" in str(problem) and "not a simulator clock file" not in str(problem)
+
+
+# -- a long set-up shows progress --------------------------------------------------------------
+
+def test_building_the_requests_shows_progress_before_the_first_step(plugin):
+    """Building vLLM's Requests hashes every prompt (tens of seconds for 300k requests): the
+    `building` bar counts them, in steps, all of them before the first scheduler step."""
+    from vllm_frag_otel.sim import simulator as sim
+    from vllm_frag_otel.sim import workloads
+
+    specs = workloads.generate("alpaca", 2100, seed=1)
+    shape = sim.EngineShape(num_blocks=64, max_num_seqs=4)
+    built: list[int] = []
+
+    class Bar:
+        def update(self, n: int) -> None:
+            built.append(n)
+
+    def stop_at_first_step(steps: int) -> None:
+        assert sum(built) == len(specs)
+        raise KeyboardInterrupt
+
+    sim.run_workload(shape, specs, on_step=stop_at_first_step, keep_partial=True, building=Bar())
+    assert built[:2] == [1024, 1024] and sum(built) == len(specs)
 
 
 # -- Ctrl-C inside the run: the steps so far, from run_workload itself -------------------------

@@ -203,3 +203,36 @@ def test_tls_and_auth_headers_through_the_standard_variables(tmp_path, tls_recei
     assert {r["signal"] for r in records} == {"metrics", "traces"}
     assert {r["authorization"] for r in records} == {"Bearer s3cret"}
     assert sum(r["items"] for r in records if r["signal"] == "traces") == int(SIMULATE[1])
+
+
+def test_the_exporters_retry_lines_fold_into_one_warning_only_inside_the_plugins_exports(caplog):
+    """A record logged inside one of the plugin's exports: the first becomes the plugin's
+    one warning (the SDK's text kept), later ones are dropped. The same record outside the
+    plugin's exports (vLLM's own OTLP tracing, through the same loggers) stays as it is."""
+    import logging
+
+    from vllm_frag_otel.export.telemetry import _RetryLog
+
+    log = logging.getLogger("opentelemetry.exporter.otlp.proto.http.test_retry_log")
+    fold = _RetryLog()
+    log.addFilter(fold)
+    try:
+        with caplog.at_level(logging.WARNING, logger=log.name):
+            log.warning("Transient error %s encountered while exporting %s batch, retrying in %.2fs.", "refused",
+                        "spans", 1.0)  # vLLM's own exporter: untouched
+            with fold.ours():
+                for attempt in range(3):
+                    log.warning("Transient error %s encountered while exporting %s batch, retrying in %.2fs.",
+                                "refused", "metrics", 1.0 + attempt)
+                log.error("Failed to export %s batch due to timeout, max retries or shutdown.", "metrics")
+                log.warning("Unsupported compression type: %s", "zip")  # not a retry line: untouched
+    finally:
+        log.removeFilter(fold)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "Transient error refused encountered while exporting spans batch, retrying in 1.00s.",
+        "vllm-frag-otel: cannot deliver to the OTLP collector (Transient error refused encountered while exporting "
+        "metrics batch, retrying in 1.00s.). The exporter retries in the background; further failed attempts are "
+        "not logged; what an engine stop cannot deliver is reported when it stops.",
+        "Unsupported compression type: zip",
+    ]

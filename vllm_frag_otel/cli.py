@@ -224,8 +224,18 @@ def _specs(args, max_len: int):
     return specs
 
 
+class _NoKernelsNeeded(logging.Filter):
+    """vLLM's wheel without its compiled CPU ops warns at import that vllm._C is missing
+    (drawn over the progress bar); the simulator runs the scheduler and never a kernel."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to import from vllm._C")
+
+
 def _load_plugin() -> bool:
     print("loading vLLM (10-20 s) ...", file=sys.stderr, flush=True)
+    for name in ("vllm.platforms.interface", "vllm.platforms.cpu"):  # where vLLM 0.30-0.34 warn
+        logging.getLogger(name).addFilter(_NoKernelsNeeded())
     from vllm.plugins import load_general_plugins
 
     from vllm_frag_otel.plugin.hooks import instrumentor
@@ -452,9 +462,11 @@ def simulate(args) -> int:
 
     started = time.perf_counter()
     try:
-        with ctrl_c, _progress_bar(total=len(specs), desc="requests finished", unit="req") as progress:
+        with ctrl_c, _progress_bar(total=len(specs), desc="vLLM requests built (prompts hashed)", unit="req",
+                                   leave=False) as building, \
+                _progress_bar(total=len(specs), desc="requests finished", unit="req") as progress:
             result = sim.run_workload(shape, specs, step_seconds=args.step_seconds, seed=args.seed,
-                                      progress=progress, on_step=export, keep_partial=True)
+                                      progress=progress, on_step=export, keep_partial=True, building=building)
     except KeyboardInterrupt as exc:  # before the first step
         exc.__traceback__ = None
         result = None

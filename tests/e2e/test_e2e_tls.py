@@ -330,8 +330,11 @@ def _assert_refused(outcome: Outcome, name: str) -> None:
     assert _scheduling(run) == _scheduling(baseline)
     assert run.seconds < _refused_time_limit(baseline.seconds), (run.seconds, baseline.seconds)
     assert "did not finish within" not in run.stderr  # simulate's bound on the final flush was not needed
-    # and the operator is told: the SDK exporter's error, with the reason ...
-    assert re.search(r"Transient error .* encountered while exporting (metrics|spans)", run.stderr), run.stderr[-3000:]
+    # and the operator is told, once (not a line per retry): the SDK exporter's error, with the reason ...
+    told = re.findall(r"cannot deliver to the OTLP collector \((.*)\)\. The exporter retries", run.stderr)
+    assert len(told) == 1, run.stderr[-3000:]
+    assert re.search(r"(Transient error|Failed to export) .*(metrics|spans|traces|logs)", told[0]), told[0]
+    assert not re.search(r"^Transient error", run.stderr, re.M), run.stderr[-3000:]
     case = CASES[name]
     if case.certificate == "other_ca":
         assert "CERTIFICATE_VERIFY_FAILED" in run.stderr

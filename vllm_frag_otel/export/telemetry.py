@@ -391,7 +391,8 @@ class PointsExporter(MetricExporter):
         began = time_ns()
         if self.metrics is not None:
             metrics_data = self.with_points(metrics_data)
-        result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        with retry_log.ours():
+            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         if result is MetricExportResult.SUCCESS:
             self.delivered_ns = began
         return result
@@ -707,6 +708,59 @@ class BlockMapSampler:
 # -- delivery accounting (what a stop could not deliver) ----------------------------
 
 
+class _RetryLog(logging.Filter):
+    """The OTLP exporters log every failed attempt of every export ("Transient error ...,
+    retrying", "Failed to export ... batch", "Shutdown in progress, aborting retry."): with
+    the collector down, a line per retry for as long as it stays down. The first one is
+    logged, saying it is the plugin's, and the rest are dropped: what a stop could not
+    deliver is counted and reported by the stop itself. Only records logged inside the
+    plugin's own exports (`ours`) are touched: vLLM's own OTLP tracing logs through the
+    same loggers, and its lines stay as they are."""
+
+    PREFIXES = ("Transient error", "Failed to export", "Shutdown in progress, aborting retry",
+                "Exporter already shutdown")  # a batch handed on while the stop shuts the exporter down
+    EXTRA_LOGGERS = ("opentelemetry.exporter.otlp.common.http",)  # the HTTP exporters' shared client
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged = False
+        self._loggers: set[str] = set()
+        self._exporting = threading.local()
+
+    @contextlib.contextmanager
+    def ours(self) -> Iterator[None]:
+        """Around one of the plugin's exports, on the exporting thread."""
+        self._exporting.active = True
+        try:
+            yield
+        finally:
+            self._exporting.active = False
+
+    def quiet(self, exporter_class: type) -> None:
+        """Filter the loggers an exporter class logs its retries to (its module's and its bases')."""
+        names = {c.__module__ for c in exporter_class.__mro__ if c.__module__.startswith("opentelemetry.exporter.")}
+        for name in (names | set(self.EXTRA_LOGGERS)) - self._loggers:
+            logging.getLogger(name).addFilter(self)
+            self._loggers.add(name)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(self._exporting, "active", False) or not isinstance(record.msg, str) or \
+                not record.msg.startswith(self.PREFIXES):
+            return True
+        if self._logged:
+            return False
+        self._logged = True
+        failure = record.getMessage()
+        record.msg = ("vllm-frag-otel: cannot deliver to the OTLP collector (%s). The exporter retries in the "
+                      "background; further failed attempts are not logged; what an engine stop cannot deliver "
+                      "is reported when it stops.")
+        record.args = (failure.rstrip(),)
+        return True
+
+
+retry_log = _RetryLog()
+
+
 class _Delivery:
     """Wraps a span or log exporter: counts the items it confirmed delivered."""
 
@@ -715,7 +769,8 @@ class _Delivery:
         self.delivered = 0
 
     def export(self, batch, *args, **kwargs):
-        result = self.inner.export(batch, *args, **kwargs)
+        with retry_log.ours():
+            result = self.inner.export(batch, *args, **kwargs)
         if getattr(result, "name", None) == "SUCCESS":
             self.delivered += len(batch)
         return result
@@ -814,11 +869,13 @@ def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExpo
     if choice == "otlp":
         transport = "grpc" if _otlp_protocol(signal) == "grpc" else "http"
         module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{exporters.otlp_module}")
+        exporter_class = getattr(module, exporters.otlp_class)
+        retry_log.quiet(exporter_class)
         if _endpoint(signal).lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
-            return getattr(module, exporters.otlp_class)(insecure=True)  # plaintext, as vLLM's own exporter
+            return exporter_class(insecure=True)  # plaintext, as vLLM's own exporter
         if transport == "http" and (session := _certificate_session(signal)) is not None:
-            return getattr(module, exporters.otlp_class)(session=session)
-        return getattr(module, exporters.otlp_class)()
+            return exporter_class(session=session)
+        return exporter_class()
     from vllm_frag_otel.export import otlp_json
 
     file_exporter = getattr(otlp_json, exporters.file_class)

@@ -83,6 +83,9 @@ class StepClock:
 def read(path: Path) -> StepClock:
     """Raises ValueError saying what is wrong with the file."""
     lines = path.read_text().splitlines()
+    if len(lines) == 2 and lines[0].startswith(COMMENT) and lines[1] == HEADER:
+        raise ValueError("the simulator run stopped before its first step ended (no step recorded): its"
+                         " telemetry keeps wall-clock time")
     if len(lines) < 3 or not lines[0].startswith(COMMENT) or lines[1] != HEADER:
         raise ValueError(f"not a simulator clock file (expected a '{COMMENT}' line, '{HEADER}' and one line per step)")
     fields = dict(part.split("=", 1) for part in lines[0][len(COMMENT):].split() if "=" in part)

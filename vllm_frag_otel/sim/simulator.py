@@ -200,8 +200,11 @@ def _model_config(model_config_cls, max_model_len: int):
 _block_hasher_ready = False
 
 
-def make_requests(prompts: Iterable[tuple[list[int], int]], block_size: int, id_prefix: str = "req"):
-    """vLLM Requests from (prompt token ids, output length) pairs."""
+def make_requests(prompts: Iterable[tuple[list[int], int]], block_size: int, id_prefix: str = "req",
+                  progress=None):
+    """vLLM Requests from (prompt token ids, output length) pairs. Each one hashes
+    its prompt's blocks (tens of seconds for 300k requests): `progress` (anything
+    with `update(n)`) counts the requests built."""
     global _block_hasher_ready
     from vllm.sampling_params import SamplingParams
     from vllm.utils.hashing import sha256
@@ -212,16 +215,20 @@ def make_requests(prompts: Iterable[tuple[list[int], int]], block_size: int, id_
         init_none_hash(sha256)
         _block_hasher_ready = True
     hasher = get_request_block_hasher(block_size, sha256)
-    return [
-        Request(
+    requests = []
+    for i, (tokens, output_len) in enumerate(prompts):
+        requests.append(Request(
             request_id=f"{id_prefix}-{i}",
             prompt_token_ids=list(tokens),
             sampling_params=SamplingParams(ignore_eos=True, max_tokens=output_len),
             pooling_params=None,
             block_hasher=hasher,
-        )
-        for i, (tokens, output_len) in enumerate(prompts)
-    ]
+        ))
+        if progress is not None and i % 1024 == 1023:
+            progress.update(1024)
+    if progress is not None:
+        progress.update(len(requests) % 1024)
+    return requests
 
 
 @functools.cache
@@ -314,12 +321,14 @@ def run_workload(
     progress=None,
     on_step: Callable[[int], None] | None = None,
     keep_partial: bool = False,
+    building=None,
 ) -> RunResult:
     """Run `specs` (arriving at their `arrival_s`, one scheduler step lasting
     `step_seconds`) on a fresh scheduler of `shape`, with the plugin's analyzer.
 
     `progress` (a tqdm bar, or anything with `update(n)`) counts finished
-    requests; `on_step(steps so far)` runs after every step (telemetry exports).
+    requests, `building` the vLLM requests built before the first step;
+    `on_step(steps so far)` runs after every step (telemetry exports).
     `keep_partial`: a Ctrl-C (KeyboardInterrupt) after the first step returns
     what the steps so far measured, marked `interrupted`, instead of raising.
     Raises ValueError when the plugin is not loaded.
@@ -328,7 +337,8 @@ def run_workload(
 
     scheduler = build_scheduler(shape)
     analyzer = analyzer_for(scheduler)
-    requests = make_requests([(s.prompt_tokens, s.output_len) for s in specs], scheduler.hash_block_size)
+    requests = make_requests([(s.prompt_tokens, s.output_len) for s in specs], scheduler.hash_block_size,
+                             progress=building)
     arrivals = workloads.arrival_steps(specs, step_seconds).tolist()
     arrival_of = {r.request_id: a for r, a in zip(requests, arrivals)}
     snapshots: list[FragmentationSnapshot] = []
