@@ -41,6 +41,9 @@ def test_an_unreachable_collector_neither_stalls_the_run_nor_takes_the_files(tmp
     started = time.monotonic()
     proc = _simulate(*TINY, "--output", str(tmp_path), OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the files are --output's choice, not a missing endpoint: the log says which
+    assert "VLLM_FRAG_OTEL_EXPORTER=file; writing KV-cache telemetry" in proc.stderr, proc.stderr[-3000:]
+    assert "no OTLP endpoint configured" not in proc.stderr
     files = {p.name.split("-")[0] for p in (tmp_path / "telemetry").glob("*.jsonl")}
     assert {"metrics", "traces"} <= files
     assert json.loads((tmp_path / "summary.json").read_text())["partial"] is False
@@ -188,6 +191,11 @@ def test_ctrl_c_writes_a_partial_summary_and_exits_130(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["partial"] is True and 0 < summary["steps"] and summary["finished_requests"] < 4000
     assert "interrupted" in stdout
+    # and its report says it covers an interrupted run
+    assert cli.main(["report", str(tmp_path), "--output", str(tmp_path / "report"), "--no-plots"]) == 0
+    text = (tmp_path / "report" / "summary.txt").read_text()
+    assert (f"caveat: the simulator run in {tmp_path} was interrupted after {summary['steps']} steps, with"
+            f" {summary['finished_requests']} requests finished") in text, text[:3000]
 
 
 # -- 7. output paths that cannot be used ------------------------------------------------------

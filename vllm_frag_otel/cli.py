@@ -428,7 +428,11 @@ def simulate(args) -> int:
         os.environ["VLLM_FRAG_OTEL_FILE_DIR"] = str(args.output / "telemetry")
         # --output means files there, even when OTEL_EXPORTER_OTLP_ENDPOINT names a collector;
         # sending to the collector instead is the explicit VLLM_FRAG_OTEL_EXPORTER=otlp
-        if load_settings().exporter == "auto":
+        from vllm_frag_otel.export.telemetry import exporter_choice
+
+        settings = load_settings()
+        choices = {exporter_choice(settings, signal) for signal in ("metrics", "traces", "logs")}
+        if settings.exporter == "auto" and choices != {"file"}:  # (files already: the log says why)
             os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "file"
     _report_unusable_otel_variables()
     telemetry_dir = _telemetry_dir()

@@ -358,6 +358,26 @@ def _untraced(telemetry: Telemetry, source: Source) -> float:
                      and s.source in (source, Source(source.instance, ""))))
 
 
+def interrupted_runs(paths: Sequence[Path]) -> list[str]:
+    """Simulator runs among `paths` stopped before their workload ended (their summary.json
+    says "partial"): the report covers only the steps that ran."""
+    notes = []
+    for path in paths:
+        candidates = [path / "summary.json"] if path.is_dir() else [path] if path.name == "summary.json" else []
+        if path.is_dir() and path.name == "telemetry":  # simulate --output DIR writes DIR/telemetry
+            candidates.append(path.parent / "summary.json")
+        for summary in candidates:
+            try:
+                run = json.loads(summary.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(run, dict) and run.get("partial"):
+                notes.append(f"the simulator run in {summary.parent} was interrupted after {run.get('steps', '?')}"
+                             f" steps, with {run.get('finished_requests', '?')} requests finished (its summary.json:"
+                             ' "partial": true): this report covers only what ran')
+    return notes
+
+
 def _caveats(telemetry: Telemetry, source: Source) -> list[str]:
     """What the plugin says about its own coverage of this pool (and its process)."""
     notes = []
@@ -1161,6 +1181,8 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True, smooth: int =
             skipped.append(str(exc))
     if not reports:
         raise ValueError("\n  ".join(["no pool with every metric the report needs", *skipped]))
+    for r in reports:
+        r.caveats += interrupted_runs(paths)
     inputs = "\n".join([
         f"input: {len(telemetry.files)} OTLP file(s), {len(telemetry.ignored)} ignored (no OTLP),"
         f" {len(telemetry.problems)} problem(s)",

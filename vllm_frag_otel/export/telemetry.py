@@ -971,11 +971,13 @@ class Runtime:
         else:
             span_exporter = None
         if "file" in (exporter_choice(settings, "metrics"), exporter_choice(settings, "traces")):
+            why, instead = ("VLLM_FRAG_OTEL_EXPORTER=file", "set VLLM_FRAG_OTEL_EXPORTER=otlp") \
+                if exporter_parts(settings.exporter)[0] == "file" else \
+                ("no OTLP endpoint configured", "set OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://localhost:4318)")
             logger.warning(
-                "vllm-frag-otel: no OTLP endpoint configured; writing KV-cache telemetry as OTLP/JSON lines "
-                "to %s (at most %d files of %d bytes each per signal). To send it to a collector instead, "
-                "set OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://localhost:4318).",
-                settings.file_dir, settings.file_max_files, settings.file_max_bytes,
+                "vllm-frag-otel: %s; writing KV-cache telemetry as OTLP/JSON lines to %s (at most %d files of "
+                "%d bytes each per signal). To send it to a collector instead, %s.",
+                why, settings.file_dir, settings.file_max_files, settings.file_max_bytes, instead,
             )
         resource = self._resource = build_resource(engine_attributes)
         if settings.block_map_interval > 0 and self.start_block_maps() is not None:
