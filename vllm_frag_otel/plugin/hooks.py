@@ -193,6 +193,19 @@ def _tracked_or_original(name: str) -> str:
 
 _POOL_STATE = _tracked_or_original("state")
 
+
+def _under_lock(call: str) -> str:
+    """`call` on the pool's state under its lock, as a line block of a forwarder's `try:`.
+    acquire/try/finally/release, not a `with` statement: 860 instructions over a bare
+    call against 1,890 (callgrind)."""
+    return f"""        lock = state.lock
+        lock.acquire()
+        try:
+            {call}
+        finally:
+            lock.release()"""
+
+
 _GET_NEW_BLOCKS = _Forwarder(_POOL_STATE + """
     state.evictions_counted_by_caller = True  # popped cached blocks are counted below, as capacity evictions
     try:
@@ -203,12 +216,7 @@ _GET_NEW_BLOCKS = _Forwarder(_POOL_STATE + """
         allocated = []  # popped from this pool's free list: all its own
         for b in blocks:
             allocated.append(b.block_id)
-        lock = state.lock  # acquire/release: a `with` costs twice as much (callgrind)
-        lock.acquire()
-        try:
-            state.on_blocks_allocated(allocated, monotonic())
-        finally:
-            lock.release()
+""" + _under_lock("state.on_blocks_allocated(allocated, monotonic())") + """
     except Exception as exc:
         _guard.failed(exc)
     return blocks
@@ -289,12 +297,7 @@ _TOUCH = _Forwarder(_POOL_STATE + """
         for b in blocks:
             if not b.is_null and b.block_id < size and own[b.block_id] is b:
                 touched.append(b.block_id)
-        lock = state.lock
-        lock.acquire()
-        try:
-            state.on_blocks_touched(touched)
-        finally:
-            lock.release()
+""" + _under_lock("state.on_blocks_touched(touched)") + """
     except Exception as exc:
         _guard.failed(exc)
     return result
@@ -319,16 +322,11 @@ def _release(event: str) -> _Forwarder:
         for b in {first}:
             if b.ref_cnt == 0 and not b.is_null and b.block_id < size and own[b.block_id] is b:
                 released.append(b.block_id)
-        lock = state.lock
-        lock.acquire()
-        try:
-            state.EVENT(released, monotonic())
-        finally:
-            lock.release()
+""" + _under_lock(f"state.{event}(released, monotonic())") + """
     except Exception as exc:
         _guard.failed(exc)
     return result
-""".replace("EVENT", event))
+""")
 
 
 _CACHE_FULL_BLOCKS = _Forwarder(_POOL_STATE + """
@@ -340,12 +338,7 @@ _CACHE_FULL_BLOCKS = _Forwarder(_POOL_STATE + """
             b = blocks[i]
             if not b.is_null and b.block_hash is not None and b.block_id < size and own[b.block_id] is b:
                 hashed.append(b.block_id)
-        lock = state.lock
-        lock.acquire()
-        try:
-            state.on_blocks_hashed(hashed, monotonic())
-        finally:
-            lock.release()
+""" + _under_lock("state.on_blocks_hashed(hashed, monotonic())") + """
     except Exception as exc:
         _guard.failed(exc)
     return result
