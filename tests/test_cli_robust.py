@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, closed_port
 
 from vllm_frag_otel import cli
 from vllm_frag_otel.export import otlp_json
@@ -54,7 +54,7 @@ def test_a_refused_collector_is_one_warning_not_a_line_per_retry():
     """The OTLP exporters log each failed attempt of each export; with the collector down
     that would be a line per retry for as long as it stays down. One warning names the
     failure, the stop says what was lost, and no raw retry line is left."""
-    proc = _simulate(*TINY, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    proc = _simulate(*TINY, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{closed_port()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
     assert len([line for line in lines if "cannot deliver to the OTLP collector" in line]) == 1, proc.stderr[-3000:]
@@ -69,12 +69,6 @@ def test_vllms_missing_kernels_warning_stays_off_the_terminal():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "6 requests in" in proc.stdout
     assert "vllm._C" not in proc.stderr, proc.stderr[-3000:]
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+from helpers import closed_port
 from otlp_receiver import RotelReceiver
 
 from vllm_frag_otel import analyzer_for
@@ -49,12 +50,6 @@ class BlackHole:
         self.sock.close()
         for conn in self.accepted:
             conn.close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
@@ -106,7 +101,7 @@ def test_an_unusable_collector_costs_the_scheduler_nothing(runtime_for, fault):
     the scheduler's: no step waits for one."""
     hole = BlackHole()
     try:
-        endpoint = f"http://127.0.0.1:{hole.port if fault == 'black_hole' else _closed_port()}"
+        endpoint = f"http://127.0.0.1:{hole.port if fault == 'black_hole' else closed_port()}"
         exporter = _ThreadRecordingExporter(endpoint=endpoint, insecure=True, timeout=1.0)
         runtime = runtime_for(endpoint, timeout_s=1.0, metric_exporter=exporter)
         faulty = _step_times(until=lambda: exporter.threads)

@@ -432,7 +432,8 @@ def simulate(args) -> int:
 
         settings = load_settings()
         choices = {exporter_choice(settings, signal) for signal in ("metrics", "traces", "logs")}
-        if settings.exporter == "auto" and choices != {"file"}:  # (files already: the log says why)
+        # left on auto without a collector it writes files anyway, and its log says so in those words
+        if settings.exporter == "auto" and choices != {"file"}:
             os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "file"
     _report_unusable_otel_variables()
     telemetry_dir = _telemetry_dir()

@@ -1181,8 +1181,9 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True, smooth: int =
             skipped.append(str(exc))
     if not reports:
         raise ValueError("\n  ".join(["no pool with every metric the report needs", *skipped]))
+    interrupted = interrupted_runs(paths)
     for r in reports:
-        r.caveats += interrupted_runs(paths)
+        r.caveats += interrupted
     inputs = "\n".join([
         f"input: {len(telemetry.files)} OTLP file(s), {len(telemetry.ignored)} ignored (no OTLP),"
         f" {len(telemetry.problems)} problem(s)",
