@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -197,22 +198,31 @@ def test_the_written_workload_replays(round_trip):
     sweep = root / "sweep"
     proc = _simulate(sweep, "--sweep", "--workload-file", str(written), *ROOMY, "--sweep-max-num-seqs", "4")
     assert f"What-if sweep: {written}, 24 requests, 2 settings" in proc.stdout
+    assert "Workload: a replay of recorded traffic (24 of 24 requests from a report's workload.jsonl)." in proc.stdout
+    assert "what the client waited for before sending" in proc.stdout
     with open(sweep / "sweep.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["max_num_seqs"] for r in rows] == ["64", "4"]
+    # the hand-written original is no replay: its sweep says nothing of one
+    proc = _simulate(root / "sweep-original", "--sweep", "--workload-file", str(root / "known.jsonl"), *ROOMY,
+                     "--sweep-max-num-seqs", "4")
+    assert "What-if sweep:" in proc.stdout and "recorded traffic" not in proc.stdout
 
 
 def test_without_the_clock_file_arrivals_are_wall_clock_seconds(round_trip, tmp_path):
     """A real server's spans (no simulator clock): arrival times are wall-clock seconds
-    since the first span, in the order the requests were first looked up."""
+    since the first request arrived (vLLM's Request.arrival_time, on every span), in
+    arrival order."""
     root, _, _, run, _ = round_trip
     copy = tmp_path / "telemetry"
     shutil.copytree(run / "telemetry", copy, ignore=shutil.ignore_patterns("clock-*.csv"))
     printed = _report(copy, tmp_path / "report")
     lines = _lines(tmp_path / "report" / "workload.jsonl")
-    spans = _raw_spans(run)
-    assert [line["arrival_time"] for line in lines] == [round((s["start"] - spans[0]["start"]) / 1e9, 6)
-                                                       for s in spans]
+    spans = sorted(_raw_spans(run), key=lambda s: (s["vllm.request.arrival_time"], s["start"]))
+    first = spans[0]["vllm.request.arrival_time"]
+    assert all(s["vllm.request.arrival_time"] * 1e9 <= s["start"] for s in spans)  # it came in, then was looked up
+    assert [line["arrival_time"] for line in lines] == pytest.approx(
+        [s["vllm.request.arrival_time"] - first for s in spans], abs=2e-6)
     assert [line["prompt_len"] for line in lines] == [s["gen_ai.usage.input_tokens"] for s in spans]
     assert "in wall-clock seconds" in printed and "simulated" not in printed.split("Replay this traffic")[1]
 
@@ -305,7 +315,7 @@ def test_latency_of_preempted_and_failed_requests_is_the_raw_spans(tight):
 
 def test_the_workload_of_a_run_under_pressure_keeps_every_request(tight):
     """Queued, preempted and failing requests are all in the workload, in the order vLLM
-    first looked them up; a request's arrival is never before the step it was sent in."""
+    first looked them up; a request's arrival is the step it was sent in."""
     run, out, _ = tight
     lines = _lines(out / "workload.jsonl")
     spans = _raw_spans(run)
@@ -314,7 +324,10 @@ def test_the_workload_of_a_run_under_pressure_keeps_every_request(tight):
     specs = workloads.generate("uniform", 60, seed=5)
     assert sorted((len(s.prompt_tokens), s.output_len) for s in specs) == \
         sorted((line["prompt_len"], line["output_len"]) for line in lines)
-    assert lines[0]["arrival_time"] == 0.0 and max(line["arrival_time"] for line in lines) > 0  # some waited
+    # all 60 were sent before the first step; many waited for blocks, and their first lookups
+    # came steps later: the arrival is when they were sent, not when vLLM got to them
+    assert {line["arrival_time"] for line in lines} == {0.0}
+    assert spans[-1]["start"] - spans[0]["start"] > 1e6
 
 
 # -- requests that never finished -----------------------------------------------------------
@@ -451,3 +464,36 @@ def test_the_prefix_estimate_is_the_first_admissions_hits_not_the_resumptions(tm
     assert [line.get("prefix_len") for line in lines] == [None, 64, None, 32, None]
     assert [line.get("prefix_group") for line in lines] == [None, "shared", None, "shared", None]
     assert found.with_prefix == 2
+
+
+# -- 3. a replay reproduces the run it came from ---------------------------------------------
+
+PRESSURED_ARRIVALS = ["--num-blocks", "120", "--max-num-seqs", "12", "--seed", "5", "--block-map-every", "0"]
+
+
+def _mean_latency(printed: str) -> float:
+    return float(re.search(r"mean request latency ([0-9.]+) s \(simulated\)", printed).group(1))
+
+
+def test_a_replay_reproduces_the_mean_latency_of_the_run_it_came_from(tmp_path):
+    """Requests arriving faster than the pool serves them queue for blocks: their first
+    lookups come long after they were sent. The workload file keeps when they were sent
+    (the spans' vllm.request.arrival_time), so replaying it queues them again: the same
+    mean latency (arrival to last token) within 5%. Arrivals taken from the first lookups
+    would queue nothing: the replay's latency would be a fraction of the original's."""
+    run = tmp_path / "run"
+    original = _mean_latency(_simulate(run, "--workload", "uniform", "--num-requests", "60", "--arrival-rate", "30",
+                                       *PRESSURED_ARRIVALS).stdout)
+    _report(run, tmp_path / "report")
+    written = tmp_path / "report" / "workload.jsonl"
+    # the steps the requests were sent in, from the arrival process itself
+    sent = workloads.with_poisson_arrivals(workloads.generate("uniform", 60, seed=5), 30, seed=5)
+    sent_steps = np.floor(np.array([s.arrival_s for s in sent]) / STEP)
+    assert sorted(np.round(np.array([line["arrival_time"] for line in _lines(written)]) / STEP)) == \
+        sorted(sent_steps - sent_steps.min())
+    clock, _ = _simulated_seconds(run)
+    queued = [clock(s["start"]) - clock(s["vllm.request.arrival_time"] * 1e9) for s in _raw_spans(run)]
+    assert np.mean(queued) > 0.3 * original  # not vacuous: queueing is much of the latency
+    replayed = _mean_latency(_simulate(tmp_path / "again", "--workload-file", str(written),
+                                       *PRESSURED_ARRIVALS).stdout)
+    assert replayed == pytest.approx(original, rel=0.05)

@@ -31,7 +31,7 @@ SPAN_KEYS = {
     "vllm.kv_cache.prefix_cache.hit_tokens", "gen_ai.usage.cache_read.input_tokens", "vllm.kv_cache.block.peak",
     "vllm.kv_cache.slot.allocated", "vllm.kv_cache.slot.unused", "vllm.request.preemptions",
     "vllm.kv_cache.allocation.failures", "vllm.request.finish_status", "vllm.kv_cache.block.evicted",
-    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.output_tokens", "vllm.request.arrival_time",
 }
 
 
@@ -140,6 +140,8 @@ def test_one_span_per_request_tells_its_kv_story(traced):
         assert set(attrs) == SPAN_KEYS  # nothing else: no prompt text, no token ids
         assert attrs["gen_ai.request.id"] == request.request_id  # no random suffix in these ids
         assert attrs["gen_ai.usage.input_tokens"] == request.num_prompt_tokens
+        assert attrs["vllm.request.arrival_time"] == request.arrival_time  # vLLM's own stamp, not the first lookup
+        assert attrs["vllm.request.arrival_time"] * 1e9 <= span.start_time
         assert attrs["vllm.request.preemptions"] == request.num_preemptions
         events = Counter(e.name for e in span.events)
         assert events["preempted"] == request.num_preemptions
@@ -347,7 +349,7 @@ def test_a_span_is_exported_exactly_as_the_sdks_tracer_would_export_it(monkeypat
     for name, value in limits.items():
         monkeypatch.setenv(name, value)
     sink, ours = _sink()
-    story = RequestStory("req-1-abcdefgh", prompt_tokens=32, num_groups=2)
+    story = RequestStory("req-1-abcdefgh", prompt_tokens=32, num_groups=2, arrival_time=1765170000.25)
     sink.opened(story, {"traceparent": traceparent} if traceparent else None)
     for i in range(3):
         sink.event(story, "preempted", {"vllm.kv_cache.block.released": i, "why": "the pool is full"})

@@ -78,3 +78,16 @@ def test_poisson_arrivals_have_the_requested_rate_and_map_onto_steps():
     assert np.array_equal(steps, np.floor(times / 0.02).astype(np.int64))
     assert workloads.arrival_steps(specs, 0.02).tolist() == [0] * len(specs)  # no arrival times: all at once
 
+
+
+def test_a_replayed_line_is_marked_and_the_mark_is_checked(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(
+        json.dumps({"prompt_len": 10, "output_len": 3, "replayed": True}) + "\n"
+        + json.dumps({"prompt_len": 11, "output_len": 3}) + "\n"
+        + json.dumps({"prompt_len": 12, "output_len": 3, "replayed": "yes"}) + "\n"
+    )
+    problems: list[InputProblem] = []
+    specs = workloads.load_trace(trace, problems)
+    assert [(len(s.prompt_tokens), s.replayed) for s in specs] == [(10, True), (11, False)]
+    assert [p.line for p in problems] == [3] and "replayed must be true or false, got 'yes'" in str(problems[0])

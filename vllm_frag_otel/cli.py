@@ -19,6 +19,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from vllm_frag_otel import __version__
+from vllm_frag_otel.analysis import replay
 from vllm_frag_otel.analysis import report as reporting
 from vllm_frag_otel.sim import simulator as sim
 from vllm_frag_otel.sim import simclock
@@ -593,11 +594,21 @@ def sweep(args) -> int:
     text += "".join(f"\n\n  {note}" for note in _prefix_caching_note(args, base.shape(args.max_num_batched_tokens)))
     cut = _cut_line(workloads.cuts(specs, max_len), args.workload_file) if args.workload_file is not None else None
     text += f"\n\n  {cut}" if cut else ""
+    text += "".join(f"\n\n  {note}" for note in _replay_note(specs))
     print(text)
     out = args.output or Path("frag-sweep")
     paths = what_if.write(outcomes, text, out)
     print(f"\n  wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def _replay_note(specs) -> list[str]:
+    """What a sweep over recorded traffic cannot know (none for synthetic requests)."""
+    replayed = sum(1 for s in specs if s.replayed)
+    if not replayed:
+        return []
+    return [f"Workload: a replay of recorded traffic ({replayed} of {len(specs)} requests from a report's"
+            f" {replay.WORKLOAD_FILE}). {replay.REPLAY_CANNOT_KNOW[0].upper()}{replay.REPLAY_CANNOT_KNOW[1:]}"]
 
 
 def report(args) -> int:

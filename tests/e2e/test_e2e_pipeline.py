@@ -17,6 +17,7 @@ import math
 import re
 import subprocess
 import time
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -331,6 +332,9 @@ def test_plugin_span_and_vllm_span_share_the_trace(stack, arrived):
         assert kv_span["parent_id"] == request.parent_span_id
         assert kv_span["attributes"]["gen_ai.request.id"] == vllm_span["attributes"]["gen_ai.request.id"]
         assert kv_span["attributes"]["gen_ai.usage.input_tokens"] == request.prompt_tokens
+        # vLLM starts its llm_request span at the request's arrival: the plugin's span says the same arrival
+        vllm_start = datetime.fromisoformat(vllm_span["start_time"]).timestamp()
+        assert kv_span["attributes"]["vllm.request.arrival_time"] == pytest.approx(vllm_start, abs=1e-3)
         assert kv_span["attributes"]["gen_ai.usage.output_tokens"] == MAX_TOKENS
         assert kv_span["attributes"]["gen_ai.usage.cache_read.input_tokens"] == \
             kv_span["attributes"]["vllm.kv_cache.prefix_cache.hit_tokens"]

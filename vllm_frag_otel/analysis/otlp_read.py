@@ -21,7 +21,7 @@ import numpy as np
 from vllm_frag_otel.jsonlines import InputProblem, json_records
 from vllm_frag_otel.core.layout import EVENT_NAME as BLOCK_MAP_EVENT
 from vllm_frag_otel.core.layout import BlockMap
-from vllm_frag_otel.export.telemetry import POOL, SPAN_NAME
+from vllm_frag_otel.export.telemetry import ARRIVAL_TIME, POOL, SPAN_NAME
 
 INSTANCE = "service.instance.id"
 DELTA = 1  # AggregationTemporality.DELTA in OTLP
@@ -82,6 +82,13 @@ class RequestSpan:
     end_ns: int
     # cached (prefix-cache) blocks its own allocations evicted; None: the span does not say
     evicted_blocks: int | None = None
+    # when vLLM received the request (Unix ns); None: the span does not say (older files)
+    arrival_ns: int | None = None
+
+    @property
+    def came_in_ns(self) -> int:
+        """The request's arrival, or where the span does not say, its first prefix-cache lookup."""
+        return self.start_ns if self.arrival_ns is None else self.arrival_ns
 
 
 @dataclass
@@ -292,6 +299,7 @@ def _request_span(instance: str, span: dict) -> RequestSpan:
     completion = a.get(_either(a, "gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens"))
     hits = a.get(_either(a, "vllm.kv_cache.prefix_cache.hit_tokens", "gen_ai.usage.cache_read.input_tokens"), 0)
     evicted = a.get("vllm.kv_cache.block.evicted")
+    arrival = a.get(ARRIVAL_TIME)
     allocated, unused = int(a.get("vllm.kv_cache.slot.allocated", 0)), int(a.get("vllm.kv_cache.slot.unused", 0))
     groups = int(a.get("vllm.kv_cache.group.count", 1))
     status = a.get("vllm.request.finish_status", "")
@@ -318,6 +326,7 @@ def _request_span(instance: str, span: dict) -> RequestSpan:
         start_ns=int(span.get("startTimeUnixNano", 0)),
         end_ns=int(span.get("endTimeUnixNano", 0)),
         evicted_blocks=None if evicted is None else int(evicted),
+        arrival_ns=None if arrival is None else round(float(arrival) * 1e9),
     )
 
 

@@ -7,13 +7,15 @@ One line per `vllm.kv_cache.request` span, in the format of
 
     {"arrival_time": 0.04, "prompt_len": 812, "output_len": 96, "prefix_group": "shared", "prefix_len": 64}
 
-- `arrival_time`: the span's start (the scheduler's first prefix-cache lookup
-  for the request) in seconds after the first span's. On a simulator run with
-  its clock file: the scheduler step of that lookup, as its start in simulated
-  seconds, so `simulate` puts the request back in the same step. Otherwise
-  wall-clock seconds. A request that waited in vLLM's queue before its first
-  lookup (the batch full) arrives here when the lookup happened, not when the
-  client sent it: the spans do not say when that was.
+- `arrival_time`: when vLLM received the request (the span's
+  `vllm.request.arrival_time`, vLLM's own `Request.arrival_time`) in seconds
+  after the first request's. On a simulator run with its clock file: the
+  scheduler step the request arrived before, as its start in simulated
+  seconds, so `simulate` adds it back before the same step. Otherwise
+  wall-clock seconds. Time spent queued (the batch full, no free blocks) stays
+  out of the file: the replay queues again, behind the same requests. Spans
+  written before that attribute existed give their first prefix-cache lookup
+  instead (counted: `Workload.lookup_arrivals`).
 - `prompt_len`, `output_len`: gen_ai.usage.input_tokens and
   gen_ai.usage.output_tokens, exact.
 - `prefix_group`/`prefix_len`: the shared-prefix estimate. A request that found
@@ -91,7 +93,7 @@ class WorkloadLine:
     def record(self) -> dict:
         """The line as `simulate --workload-file` reads it."""
         line: dict = {"arrival_time": self.arrival_time, "prompt_len": self.prompt_len,
-                      "output_len": self.output_len}
+                      "output_len": self.output_len, "replayed": True}
         if self.prefix_len:
             line.update(prefix_group=SHARED_GROUP, prefix_len=self.prefix_len)
         return line
@@ -104,6 +106,7 @@ class Workload:
     partial: int  # aborted or engine-stopped requests kept with the output tokens they had
     step_seconds: float | None  # arrival times are simulator steps of this length; None: wall-clock seconds
     path: Path | None = None  # where it was written
+    lookup_arrivals: int = 0  # lines whose span did not say when the request arrived: its first lookup instead
 
     @property
     def with_prefix(self) -> int:
@@ -126,16 +129,17 @@ def workload(requests: Sequence[RequestSpan], clock: TimeAxis) -> Workload:
     """One workload line per request span with an output token, in arrival order
     (and within one arrival, the order of the first lookups: vLLM's queue order)."""
     kept = [r for r in requests if r.prompt_tokens >= 1 and r.output_tokens]
+    came_in = np.array([r.came_in_ns for r in kept], dtype=np.int64)
     steps = clock.steps
     if steps is not None:
-        # the step a span began in: the clock has one line after every step, so a time
-        # before the first line is step 0, before the (k+1)-th line step k
-        index = np.searchsorted(steps.wall_ns, np.array([r.start_ns for r in kept], dtype=np.int64), side="right")
+        # the step a request arrived before: the clock has one line after every step, so a
+        # time before the first line is step 0, before the (k+1)-th line step k
+        index = np.searchsorted(steps.wall_ns, came_in, side="right")
         first = int(index.min()) if len(kept) else 0
         arrivals = [step_start(int(k) - first, steps.step_seconds) for k in index]
     else:
-        first_ns = min((r.start_ns for r in kept), default=0)
-        arrivals = [round((r.start_ns - first_ns) / 1e9, 6) for r in kept]
+        first_ns = int(came_in.min()) if len(kept) else 0
+        arrivals = [round(int(ns - first_ns) / 1e9, 6) for ns in came_in]
     order = sorted(range(len(kept)), key=lambda i: (arrivals[i], kept[i].start_ns))
     lines = [WorkloadLine(arrivals[i], kept[i].prompt_tokens, int(kept[i].output_tokens),
                           kept[i].hit_tokens or None, kept[i].request_id) for i in order]
@@ -144,6 +148,7 @@ def workload(requests: Sequence[RequestSpan], clock: TimeAxis) -> Workload:
         skipped=len(requests) - len(kept),
         partial=sum(1 for r in kept if r.finish_status not in FINISHED),
         step_seconds=None if steps is None else steps.step_seconds,
+        lookup_arrivals=sum(1 for r in kept if r.arrival_ns is None),
     )
 
 
@@ -153,6 +158,15 @@ def write_workload(found: Workload, path: Path) -> Path:
             fh.write(json.dumps(line.record()) + "\n")
     found.path = path
     return path
+
+
+REPLAY_CANNOT_KNOW = (
+    "not in the spans, so not in a replay: prompt content (token ids are never recorded: which requests"
+    " shared a prefix is estimated, one nested prefix of the hit length, a lower bound, so prefix caching"
+    " helps a replay at most as much as it helped the recorded traffic), sampling parameters and stop conditions"
+    " (outputs are replayed at their recorded length), requests still running when the input ends, and what the"
+    " client waited for before sending (arrivals are when vLLM received each request: a replay keeps them"
+    " whatever the settings, where a closed-loop client would send sooner to a faster server).")
 
 
 def workload_text(found: Workload | None, untraced: float = 0, why_none: str = "") -> list[str]:
@@ -165,9 +179,8 @@ def workload_text(found: Workload | None, untraced: float = 0, why_none: str = "
     if not found.lines:
         return [title, f"  none of the {found.skipped} request spans has an output token: no workload file"]
     where = str(found.path) if found.path is not None else WORKLOAD_FILE
-    arrival = (f"the scheduler step ({found.step_seconds:g} s of simulated time) of each request's first"
-               " prefix-cache lookup" if found.step_seconds is not None else
-               "each request's first prefix-cache lookup, in wall-clock seconds")
+    arrival = (f"the scheduler step ({found.step_seconds:g} s of simulated time) each request arrived before"
+               if found.step_seconds is not None else "when vLLM received each request, in wall-clock seconds")
     lines = [
         title,
         f"  {where}: {len(found.lines)} requests; arrival = {arrival}, after the first request's;"
@@ -177,6 +190,10 @@ def workload_text(found: Workload | None, untraced: float = 0, why_none: str = "
         f"  (one run: vllm-frag-otel simulate --workload-file {where} --output replay;"
         " add --block-size, --num-blocks, --max-num-seqs as on your server)",
     ]
+    if found.lookup_arrivals:
+        lines.append(f"  {found.lookup_arrivals} request span(s) do not say when the request arrived (written by an"
+                     " older version): their first prefix-cache lookup stands in, so time they spent queued before"
+                     " it is lost")
     if found.skipped:
         lines.append(f"  left out: {found.skipped} request span(s) without an output token (aborted before their"
                      " first token, or older files that do not say)")
@@ -185,11 +202,7 @@ def workload_text(found: Workload | None, untraced: float = 0, why_none: str = "
                      " they had when they stopped")
     if untraced:
         lines.append(f"  {untraced:.0f} request(s) had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS): they are not in it")
-    lines.append(
-        "  not in the spans, so not in the file: prompt content (token ids are never recorded: which requests"
-        " shared a prefix is estimated, one nested prefix of the hit length, a lower bound), sampling parameters"
-        " and stop conditions (outputs are replayed at their recorded length), time spent queued before the"
-        " first lookup, requests still running when the input ends, and the client's own arrival times.")
+    lines.append(f"  {REPLAY_CANNOT_KNOW}")
     return lines
 
 

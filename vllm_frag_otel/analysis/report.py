@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_frag_otel.core import layout
-from vllm_frag_otel.analysis import otlp_read, replay
+from vllm_frag_otel.analysis import advice, otlp_read, replay
 from vllm_frag_otel.sim import simclock
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.analysis.otlp_read import RequestSpan, Series, Source, Telemetry
@@ -187,6 +187,8 @@ class PoolReport:
     request_latency: list[replay.LatencyRow] = field(default_factory=list)  # events against latency, per class
     untraced: float = 0.0  # requests the plugin did not follow with a span
     unassigned_spans: int = 0  # request spans of the process that cannot be given to one of its several pools
+    sweeps: list[advice.Sweep] = field(default_factory=list)  # what-if sweeps given with the input
+    run_config: dict = field(default_factory=dict)  # the simulator's settings, when the input is one simulate run
 
     @property
     def final(self) -> dict[str, float]:
@@ -358,24 +360,30 @@ def _untraced(telemetry: Telemetry, source: Source) -> float:
                      and s.source in (source, Source(source.instance, ""))))
 
 
-def interrupted_runs(paths: Sequence[Path]) -> list[str]:
-    """Simulator runs among `paths` stopped before their workload ended (their summary.json
-    says "partial"): the report covers only the steps that ran."""
-    notes = []
+def run_summaries(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
+    """The summary.json of each simulator run among `paths` (`simulate --output DIR` writes
+    DIR/summary.json beside DIR/telemetry), with where it is."""
+    found = []
     for path in paths:
         candidates = [path / "summary.json"] if path.is_dir() else [path] if path.name == "summary.json" else []
-        if path.is_dir() and path.name == "telemetry":  # simulate --output DIR writes DIR/telemetry
+        if path.is_dir() and path.name == "telemetry":
             candidates.append(path.parent / "summary.json")
         for summary in candidates:
             try:
                 run = json.loads(summary.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(run, dict) and run.get("partial"):
-                notes.append(f"the simulator run in {summary.parent} was interrupted after {run.get('steps', '?')}"
-                             f" steps, with {run.get('finished_requests', '?')} requests finished (its summary.json:"
-                             ' "partial": true): this report covers only what ran')
-    return notes
+            if isinstance(run, dict):
+                found.append((summary, run))
+    return found
+
+
+def interrupted_runs(runs: Sequence[tuple[Path, dict]]) -> list[str]:
+    """Simulator runs stopped before their workload ended (their summary.json says
+    "partial"): the report covers only the steps that ran."""
+    return [f"the simulator run in {summary.parent} was interrupted after {run.get('steps', '?')} steps, with"
+            f" {run.get('finished_requests', '?')} requests finished (its summary.json: \"partial\": true): this"
+            " report covers only what ran" for summary, run in runs if run.get("partial")]
 
 
 def _caveats(telemetry: Telemetry, source: Source) -> list[str]:
@@ -635,46 +643,85 @@ def _costs(report: PoolReport) -> list[str]:
 
 
 def recommendations(report: PoolReport) -> list[str]:
-    """Advice that follows from the numbers, each with the numbers it follows from."""
+    """Advice that follows from the numbers, each with the numbers it follows from and
+    what a sweep given with the input measured for it (or "untested")."""
     s, f, bs = report.stats, report.final, report.block_size
-    advice = []
+    sweeps = report.sweeps
+    advised = []
     attempts, failures, preemptions = f["allocation_attempts"], f["allocation_failures"], f["preemptions"]
+    held = s["tracked_requests"]["max"]
     if preemptions or failures:
-        advice.append(
+        advised.append(
             f"The pool runs out ({preemptions:.0f} preemptions, {failures:.0f} failed allocations,"
-            f" {_share(failures, attempts)} of calls): give the KV cache more blocks (a higher"
-            " --gpu-memory-utilization, more GPUs) or admit fewer requests at once (a lower --max-num-seqs; up to"
-            f" {s['tracked_requests']['max']:.0f} requests held blocks at once here).")
+            f" {_share(failures, attempts)} of calls). More KV-cache blocks (a higher --gpu-memory-utilization,"
+            f" more GPUs): {advice.verdict(advice.MORE_MEMORY, sweeps) or advice.UNTESTED}.")
+        advised.append(
+            f"Admitting fewer requests at once (a lower --max-num-seqs; up to {held:.0f} requests held blocks at"
+            " once here) preempts less but queues more, which can make requests slower:"
+            f" {advice.verdict(advice.FEWER_SEQUENCES, sweeps) or advice.UNTESTED}.")
     internal = s["internal_fragmentation"]["mean"]
     if internal >= INTERNAL_WORTH_FIXING and bs and bs > 1:
-        advice.append(
+        advised.append(
             f"Internal fragmentation averages {pct(internal)}: a smaller --block-size (e.g. {bs // 2}, if the"
             f" attention backend supports it) about halves the empty tail slots, some"
             f" {s['unused_slots']['mean'] / 2:.0f} token slots ({s['unused_slots']['mean'] / 2 / (bs // 2):.0f}"
-            f" blocks of {bs // 2}) back on average.")
+            f" blocks of {bs // 2}) back on average:"
+            f" {advice.verdict(advice.SMALLER_BLOCKS, sweeps) or advice.UNTESTED}.")
     elif internal >= INTERNAL_WORTH_FIXING:
-        advice.append(f"Internal fragmentation averages {pct(internal)}: a smaller --block-size would cut the empty"
-                      " tail slots (the input does not give one block size for this pool: see the KV-cache groups).")
+        advised.append(f"Internal fragmentation averages {pct(internal)}: a smaller --block-size would cut the empty"
+                       " tail slots (the input does not give one block size for this pool: see the KV-cache"
+                       f" groups): {advice.verdict(advice.SMALLER_BLOCKS, sweeps) or advice.UNTESTED}.")
     else:
-        advice.append(f"Internal fragmentation averages {pct(internal)} (below {pct(INTERNAL_WORTH_FIXING)}):"
-                      " the block size is not what limits this pool.")
+        measured = advice.verdict(advice.SMALLER_BLOCKS, sweeps)
+        advised.append(f"Internal fragmentation averages {pct(internal)} (below {pct(INTERNAL_WORTH_FIXING)}):"
+                       " the block size is not what limits this pool" + (f"; {measured}." if measured else "."))
     hit_rate = f["prefix_hit_tokens"] / f["prefix_queried_tokens"] if f["prefix_queried_tokens"] else 0.0
     reused_evicted = f["evictions"] - f["evicted_never_reused"]
     if reused_evicted and hit_rate:
-        advice.append(
+        advised.append(
             f"{reused_evicted:.0f} evicted blocks had already served prefix-cache hits ({pct(hit_rate)} of"
-            " tokens looked up at first admission hit): with more free blocks, shared prefixes stay cached longer.")
+            " tokens looked up at first admission hit): more KV-cache blocks would keep shared prefixes cached"
+            f" longer: {advice.verdict(advice.MORE_MEMORY, sweeps, on_prefix_hits=True) or advice.UNTESTED}.")
     elif not hit_rate:
-        advice.append("The prefix cache found nothing to reuse: requests share no prefixes (a common system"
-                      " prompt, or routing requests with the same prefix to the same replica, would change that).")
-    advice.append(
+        advised.append("The prefix cache found nothing to reuse: requests share no prefixes (a common system"
+                       " prompt, or routing requests with the same prefix to the same replica, would change that).")
+    advised.append(
         f"External fragmentation ({pct(s['external_fragmentation']['mean'])} on average) needs no action: paged"
         " attention never needs contiguous blocks.")
+    advised.append(_sweep_advice(report, held))
+    return advised
+
+
+def _sweep_advice(report: PoolReport, held: float) -> str:
+    """How to measure the advice: a what-if sweep of this traffic from this pool's settings."""
     trace = report.workload.path if report.workload is not None and report.workload.path is not None \
         else "TRACE.jsonl"
-    advice.append("To measure a change before making it, replay this mix: `vllm-frag-otel simulate --sweep"
-                  f" --workload-file {trace}` (see --help and \"Replay this traffic\" below).")
-    return advice
+    config = report.run_config
+    seqs = config.get("max_num_seqs") or "N"
+    step = f" --step-seconds {config['step_seconds']:g}" if config.get("step_seconds") else ""
+    blocks = f" --num-blocks {int(report.final['num_blocks']) + 1}" if report.block_size else ""
+    size = f" --block-size {report.block_size}" if report.block_size else ""
+    command = (f"vllm-frag-otel simulate --sweep --workload-file {trace}{blocks}{size} --max-num-seqs {seqs}{step}"
+               " --output what-if")
+    given = f" (measured above from {', '.join(str(w.path) for w in report.sweeps)})" if report.sweeps else ""
+    needs = ("" if config.get("max_num_seqs") else
+             f"; N: your server's --max-num-seqs (at least {held:.0f}, the most requests that held blocks at once)")
+    return (f"To measure a change before making it{given}, replay this mix with each setting halved and doubled:"
+            f" `{command}`{needs}; then `vllm-frag-otel report` this input together with what-if/ puts each"
+            " measured effect beside its advice (see --help and \"Replay this traffic\" below).")
+
+
+def _sweep_mismatches(report: PoolReport, sweeps: Sequence[advice.Sweep]) -> list[str]:
+    """Sweeps whose baseline is not this pool's size: their rows measure other settings."""
+    notes = []
+    for sweep in sweeps:
+        base = sweep.baseline
+        if report.block_size and (base.num_blocks - 1, base.block_size) != (report.final["num_blocks"],
+                                                                           report.block_size):
+            notes.append(f"the sweep in {sweep.path} starts from {base.num_blocks - 1} blocks of {base.block_size},"
+                         f" this pool has {report.final['num_blocks']:.0f} of {report.block_size}: its effects are"
+                         " of other settings")
+    return notes
 
 
 def class_table(report: PoolReport) -> list[str]:
@@ -1181,9 +1228,14 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True, smooth: int =
             skipped.append(str(exc))
     if not reports:
         raise ValueError("\n  ".join(["no pool with every metric the report needs", *skipped]))
-    interrupted = interrupted_runs(paths)
+    runs = run_summaries(paths)
+    interrupted = interrupted_runs(runs)
+    sweeps, sweep_problems = advice.find_sweeps(paths)
+    configs = [run["config"] for _, run in runs if isinstance(run.get("config"), dict)]
     for r in reports:
-        r.caveats += interrupted
+        r.caveats += interrupted + sweep_problems + _sweep_mismatches(r, sweeps)
+        r.sweeps = sweeps
+        r.run_config = configs[0] if len(configs) == 1 else {}
     inputs = "\n".join([
         f"input: {len(telemetry.files)} OTLP file(s), {len(telemetry.ignored)} ignored (no OTLP),"
         f" {len(telemetry.problems)} problem(s)",

@@ -17,6 +17,7 @@ class RequestStory:
     request_id: str
     prompt_tokens: int
     num_groups: int
+    arrival_time: float | None = None  # vLLM's Request.arrival_time: Unix seconds when the request came in
     hit_tokens: int = 0  # found in the prefix cache at first admission
     admitted: bool = False
     peak_blocks: int = 0
@@ -50,7 +51,8 @@ class RequestStories:
         self.not_followed = 0  # requests turned away because max_open stories were open
         self._turned_away: set[str] = set()
 
-    def get_or_open(self, request_id: str, prompt_tokens: int, num_groups: int, trace_headers) -> RequestStory | None:
+    def get_or_open(self, request_id: str, prompt_tokens: int, num_groups: int, trace_headers,
+                    arrival_time: float | None = None) -> RequestStory | None:
         story = self.open.get(request_id)
         if story is None:
             if request_id in self._turned_away:
@@ -59,7 +61,7 @@ class RequestStories:
                 self._turned_away.add(request_id)
                 self.not_followed += 1
                 return None
-            story = self.open[request_id] = RequestStory(request_id, prompt_tokens, num_groups)
+            story = self.open[request_id] = RequestStory(request_id, prompt_tokens, num_groups, arrival_time)
             self.sink.opened(story, trace_headers)
         return story
 

@@ -103,6 +103,7 @@ SAMPLE_RATE = "vllm.kv_cache.allocation.sample_rate"
 RESUMED = "vllm.request.resumed"
 ENGINE_STOPPED = "vllm.kv_cache.engine_stopped"
 ENGINE_STOPPED_STATUS = "engine_stopped"  # vllm.request.finish_status of a span ended by the engine's stop
+ARRIVAL_TIME = "vllm.request.arrival_time"  # Unix seconds: vLLM's Request.arrival_time
 
 
 # How long a collection waits for the scheduler's next step boundary, where the
@@ -576,6 +577,8 @@ class KVCacheSpans:
             "gen_ai.usage.input_tokens": story.prompt_tokens,  # was gen_ai.usage.prompt_tokens
             "vllm.kv_cache.group.count": story.num_groups,
         }
+        if story.arrival_time is not None:  # the span starts at the first lookup; queueing began here
+            attributes[ARRIVAL_TIME] = story.arrival_time
         sampling = self._sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.INTERNAL, attributes)
         if not sampling.decision.is_recording():
             story.handle = story.exemplar = None

@@ -541,7 +541,7 @@ def _story(hooks: _ManagerHooks, request):
     if hooks.stories is None:
         return None
     return hooks.stories.get_or_open(
-        request.request_id, request.num_prompt_tokens, hooks.num_groups, request.trace_headers
+        request.request_id, request.num_prompt_tokens, hooks.num_groups, request.trace_headers, request.arrival_time
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -286,7 +287,9 @@ def run_to_completion(
     steps = 0
     while pending or scheduler.has_requests():
         while pending and (arrival_steps is None or arrival_steps[pending[0]] <= steps):
-            scheduler.add_request(requests[pending.popleft()])
+            request = requests[pending.popleft()]
+            request.arrival_time = time.time()  # it arrives now, as a server's front end stamps it
+            scheduler.add_request(request)
         scheduler_output, engine_outputs = step(scheduler, rng)
         steps += 1
         if on_step is not None:

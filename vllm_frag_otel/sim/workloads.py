@@ -19,7 +19,7 @@ WORKLOADS = {
 }
 UNIFORM_RANGE = (16, 512)
 # Fields of one line of a workload trace file (see load_trace).
-TRACE_FIELDS = ("arrival_time", "prompt_len", "output_len", "prefix_group", "prefix_len")
+TRACE_FIELDS = ("arrival_time", "prompt_len", "output_len", "prefix_group", "prefix_len", "replayed")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class RequestSpec:
     # tokens a trace line asked for beyond the model length, cut off its prompt and its output
     prompt_cut: int = 0
     output_cut: int = 0
+    replayed: bool = False  # a line of recorded traffic (`report`'s workload.jsonl), not a synthetic request
 
 
 def _lognormal(rng: np.random.Generator, mean: float, sigma: float, size: int) -> np.ndarray:
@@ -91,11 +92,12 @@ def load_trace(
     to the KV cache. Prompt plus output is capped at `max_len`, as vLLM would refuse
     longer requests: the prompt to `max_len` - 1 tokens, then the output to what
     is left; what was cut is in `prompt_cut` and `output_cut` (see `cuts`).
+    `replayed: true` marks a line `report` wrote from recorded traffic.
     Bad lines are reported in `problems` and skipped.
     """
     rng = np.random.default_rng(seed)
     prefixes: dict[str, list[int]] = {}
-    rows: list[tuple[float, int, int, list[int], int, int]] = []
+    rows: list[tuple[float, int, int, list[int], int, int, bool]] = []
     for number, record in json_records(path, problems):
         row = _trace_row(record)
         if isinstance(row, str):
@@ -110,13 +112,14 @@ def load_trace(
                 prefixes[group] = rng.integers(3, vocab_size, size=max_len).tolist()
             shared = prefixes[group][: min(group_prefix_len or prefix_len, prompt_len)]
         body = rng.integers(3, vocab_size, size=prompt_len - len(shared)).tolist()
-        rows.append((arrival, output_len, number, shared + body, asked_prompt - prompt_len, asked_output - output_len))
+        rows.append((arrival, output_len, number, shared + body, asked_prompt - prompt_len, asked_output - output_len,
+                     record.get("replayed") is True))
     if not rows:
         return []
     start = min(r[0] for r in rows)
     rows.sort(key=lambda r: (r[0], r[2]))  # by arrival, file order within a tie
-    return [RequestSpec(tokens, output_len, arrival - start, prompt_cut, output_cut)
-            for arrival, output_len, _, tokens, prompt_cut, output_cut in rows]
+    return [RequestSpec(tokens, output_len, arrival - start, prompt_cut, output_cut, replayed)
+            for arrival, output_len, _, tokens, prompt_cut, output_cut, replayed in rows]
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,8 @@ def _trace_row(record: object) -> tuple[float, int, int, str | None, int | None]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             return f"{name} must be an integer >= {minimum}, got {value!r}"
         values.append(value)
+    if not isinstance(record.get("replayed", False), bool):
+        return f"replayed must be true or false, got {record['replayed']!r}"
     arrival = record.get("arrival_time", 0.0)
     if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not np.isfinite(arrival):
         return f"arrival_time must be a number of seconds, got {arrival!r}"
