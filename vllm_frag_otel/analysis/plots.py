@@ -125,10 +125,9 @@ def _draw(ax, panel: Panel) -> None:
             bars = ax.bar(line.x + (i - (len(panel.lines) - 1) / 2) * width, line.y, width, label=line.label)
             if panel.marked is not None:
                 bars[panel.marked[0]].set(hatch="//", edgecolor="black")
-        ticks = ax.set_xticks(np.arange(len(panel.categories)), panel.categories, rotation=20, ha="right",
-                              fontsize="small")
+        ax.set_xticks(np.arange(len(panel.categories)), panel.categories, rotation=20, ha="right", fontsize="small")
         if panel.marked is not None:
-            ticks[panel.marked[0]].set_fontweight("bold")
+            ax.get_xticklabels()[panel.marked[0]].set_fontweight("bold")
     else:
         for line in panel.lines:
             ax.plot(line.x, line.y, label=line.label, linewidth=1.2)
