@@ -95,8 +95,7 @@ def figure(chart: Chart):
         if handles:
             # above the axes, not in them: a legend inside covers lines, areas or bars
             ax.legend(handles=handles, fontsize="small", loc="lower left", bbox_to_anchor=(0.0, 1.01),
-                      ncols=min(len(handles), 4),
-                      frameon=False, borderaxespad=0.0)
+                      ncols=min(len(handles), 4), frameon=False, borderaxespad=0.0)
     return drawing
 
 

@@ -718,7 +718,7 @@ def class_table(report: PoolReport) -> list[str]:
     known, measured = new_blocks_known(report), evictions_measured(report)
     if known:
         columns.append(("new blocks", 16, with_share(lambda r: r.new_blocks)))
-    if known or measured:
+    if class_evictions_known(report):
         columns.append(("evictions" if measured else "est. evictions", 16,
                         lambda row: f"{class_evictions(report, row):.0f}"))
     lines = [f"  {'prompt / output tokens':<24}" + "".join(f"{title:>{width}}" for title, width, _ in columns)]
@@ -753,6 +753,11 @@ def class_evictions(report: PoolReport, row: ClassRow) -> float | None:
     if evictions_measured(report):
         return float(row.measured_evictions)
     return None if row.new_blocks is None else row.new_blocks * _recycled_share(report)
+
+
+def class_evictions_known(report: PoolReport) -> bool:
+    """`class_evictions` has an answer: measured, or estimated from known new blocks."""
+    return evictions_measured(report) or new_blocks_known(report)
 
 
 def new_blocks_known(report: PoolReport) -> bool:
@@ -946,14 +951,15 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
             Line("unused slots at end", positions, share([r.unused_slots for r in rows])),
             Line("preemptions", positions, share([r.preemptions for r in rows])),
         ]
-        if evictions_measured(report) or new_blocks_known(report):
+        if class_evictions_known(report):
             shares.append(Line("evictions" if evictions_measured(report) else "est. evictions", positions,
                                share([class_evictions(report, r) for r in rows])))
         result.append(Chart("request_classes", "Share of each request size class (prompt / output tokens)", (Panel(
-            "share", tuple(shares), style="bars", xlabel="", percent=True, categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),),
+            "share", tuple(shares), style="bars", xlabel="", percent=True,
+            categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),),
             caption="For each request size class (prompt / output tokens), its share of the requests beside its"
-                    " share of the unused slots at the requests' end, of the preemptions and of the evictions:"
-                    " a class whose other bars stand above its requests bar costs more than its number."))
+                    " share of the unused slots at the requests' end, of the preemptions and (where known) of the"
+                    " evictions: a class whose other bars stand above its requests bar costs more than its number."))
     if report.request_latency:
         result.append(latency_chart(report))
     if len(report.groups) > 1:
@@ -1332,7 +1338,8 @@ def write_html(reports: Sequence[PoolReport], outlines: Sequence[list[Section]],
         for section in parts_of_pool:
             heading = "h2" if section.key == "overview" else "h3"
             parts.append(f"<{heading}>{html.escape(section.title.strip())}</{heading}>{_html_body(section.lines)}")
-            parts += [_html_figure(chart, image) for chart, image in pictures if CHART_SECTIONS[chart.name] == section.key]
+            parts += [_html_figure(chart, image) for chart, image in pictures
+                      if CHART_SECTIONS[chart.name] == section.key]
     path.write_text(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vllm-frag-otel report</title><style>{STYLE}"
         "</style></head><body><h1>KV-cache report</h1>"
@@ -1345,7 +1352,8 @@ def write_html(reports: Sequence[PoolReport], outlines: Sequence[list[Section]],
 def _html_figure(chart: Chart, image: Path) -> str:
     caption = html.escape(chart.caption or chart.title)
     data = base64.b64encode(image.read_bytes()).decode()
-    return f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>")
 
 
 def _aligned(line: str) -> bool:
