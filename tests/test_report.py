@@ -102,7 +102,8 @@ def raw_points(run: Path) -> dict[tuple, list[dict]]:
                             if kind == "histogram":
                                 # protobuf JSON leaves out zero values
                                 point.update(count=int(dp.get("count", 0)),
-                                             buckets=[int(c) for c in dp.get("bucketCounts", [])])
+                                             buckets=[int(c) for c in dp.get("bucketCounts", [])],
+                                             bounds=[float(b) for b in dp.get("explicitBounds", [])])
                             else:
                                 point["value"] = float(dp.get("asDouble", dp.get("asInt", 0)))
                             key = (m["name"], tuple(sorted((k, _text(v)) for k, v in attrs.items())))
@@ -218,8 +219,12 @@ def test_csv_and_json_hold_every_series(cumulative, built):
     last = [r for r in histogram_rows if r["metric"] == "vllm.kv_cache.allocation.duration"
             and "vllm.kv_cache.allocation.outcome=failure" in r["attributes"]
             and int(r["time_unix_nano"]) == raw_failures[-1]["time"]]
-    assert [float(r["bucket_count"]) for r in last] == raw_failures[-1]["buckets"]
-    assert last[-1]["le"] == "+Inf"
+    # one row per bucket: its upper bound, the calls in it, and in it and below (the +Inf row: all of them)
+    point = raw_failures[-1]
+    assert [r["upper_bound"] for r in last] == [*map(str, point["bounds"]), "+Inf"]
+    assert [float(r["count_in_bucket"]) for r in last] == point["buckets"]
+    assert [float(r["cumulative_count"]) for r in last] == np.cumsum(point["buckets"]).tolist()
+    assert float(last[-1]["cumulative_count"]) == float(last[-1]["total_count"]) == point["count"] > 0
 
 
 def test_requests_come_from_the_spans(cumulative, built):
@@ -559,3 +564,218 @@ def test_the_workload_file_says_which_requests_it_lacks(delta, tmp_path, capsys)
     assert len(lines) == len(raw_spans(delta)) == 40 - untraced[-1]
     assert f"  {untraced[-1]:.0f} request(s) had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS): they are not in it" \
         in printed
+
+
+# -- the page and the charts a person reads ----------------------------------------------------------
+
+
+class _Element:
+    def __init__(self, tag: str, attrs: dict[str, str], parent: _Element | None):
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.content: list[str | _Element] = []  # text and child elements, in page order
+
+    @property
+    def children(self) -> list[_Element]:
+        return [c for c in self.content if isinstance(c, _Element)]
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def all_text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.all_text() for c in self.content)
+
+
+def _parse_html(page: str) -> _Element:
+    """The page as a tree of elements."""
+    from html.parser import HTMLParser
+
+    void = {"img", "meta", "br"}
+    root = _Element("document", {}, None)
+
+    class Builder(HTMLParser):
+        current = root
+
+        def handle_starttag(self, tag, attrs):
+            element = _Element(tag, dict(attrs), self.current)
+            self.current.content.append(element)
+            if tag not in void:
+                self.current = element
+
+        def handle_endtag(self, tag):
+            assert self.current.tag == tag, f"</{tag}> closes <{self.current.tag}>"
+            self.current = self.current.parent
+
+        def handle_data(self, data):
+            self.current.content.append(data)
+
+    builder = Builder()
+    builder.feed(page)
+    assert builder.current is root, "unclosed elements"
+    return root
+
+
+# where each chart belongs: the answer it supports
+CHART_HEADINGS = {
+    "block_states": "1. What is the fragmentation pattern?",
+    "fragmentation": "1. What is the fragmentation pattern?",
+    "evictions": "2. What causes it?",
+    "slot_utilization": "3. What does it cost?",
+    "preemptions": "3. What does it cost?",
+    "allocation_latency": "3. What does it cost?",
+    "request_classes": "Requests by size class",
+    "request_latency": "Latency and KV-cache events",
+    "block_layout": "Block layout",
+}
+# the widest fixed-width line that fits the page's 1180 px column at 12.5 px monospace (0.6 em per character)
+WIDEST_TABLE_LINE = int(1180 / (12.5 * 0.6))
+
+
+def test_the_html_page_reads_as_sections_with_each_chart_under_its_answer(built):
+    out, _ = built
+    page = (out / "report.html").read_text()
+    tree = _parse_html(page)
+    body = [e for e in tree.walk() if e.tag == "body"][0]
+    # no one block holding everything: headings, then paragraphs, lists and narrow tables
+    headings = [e.all_text() for e in body.walk() if e.tag in ("h2", "h3")]
+    assert [h for h in headings if h[:2] in ("1.", "2.", "3.", "4.")] == [
+        "1. What is the fragmentation pattern? (statistics over the exports)", "2. What causes it?",
+        "3. What does it cost?", "4. How to reduce it?"]
+    tables = [e for e in body.walk() if e.tag == "pre"]
+    assert len(tables) >= 4
+    for table in tables:
+        assert all(len(line) <= WIDEST_TABLE_LINE for line in table.all_text().splitlines()), table.all_text()
+    assert sum(len(t.all_text()) for t in tables) < 0.5 * len(body.all_text())
+    # every line of the summary is on the page, prose in paragraphs or list items (which wrap)
+    prose = [e.all_text() for e in body.walk() if e.tag in ("p", "li")]
+    table_text = "\n".join(t.all_text() for t in tables)
+    summary = (out / "summary.txt").read_text()
+    for line in summary.splitlines():
+        text = line.strip()
+        if not text or text.startswith(("1. What", "2. What", "3. What", "4. How")):
+            continue
+        if "   " in text:
+            assert text in table_text, line
+        else:
+            item = text[2:] if text.startswith("- ") else text.split(". ", 1)[1] if text[:1].isdigit() and \
+                text[1:3] == ". " else text
+            item = item.replace("`", "")  # commands in backquotes are <code> on the page
+            assert any(p.startswith(item) or item in p for p in prose) or item in headings or \
+                f"KV-cache report: {item}" in headings, line
+    long_prose = [line for line in summary.splitlines() if len(line) > WIDEST_TABLE_LINE and "   " not in line.strip()]
+    assert long_prose and not any(line.strip() in table_text for line in long_prose)
+    # each chart in a figure under the heading of the answer it supports, captioned with what it shows
+    stems = {base64.b64encode(png.read_bytes()).decode(): png.stem for png in out.glob("*.png")}
+    figures = [e for e in body.walk() if e.tag == "figure"]
+    assert len(figures) == len(stems) == len(CHART_HEADINGS)
+    order = [e for e in body.walk() if e.tag in ("h2", "h3", "figure")]
+    for figure in figures:
+        (img,) = [e for e in figure.children if e.tag == "img"]
+        (caption,) = [e.all_text() for e in figure.children if e.tag == "figcaption"]
+        stem = stems[img.attrs["src"].removeprefix("data:image/png;base64,")]
+        heading = [e for e in order[:order.index(figure)] if e.tag != "figure"][-1].all_text()
+        assert heading.startswith(CHART_HEADINGS[stem]), (stem, heading)
+        assert len(caption.split()) >= 5 and stem not in caption and ".png" not in caption, caption
+        assert img.attrs["alt"] == caption
+    assert len({e.children[-1].all_text() for e in figures}) == len(figures)  # a caption of its own each
+
+
+def _visible_axes(chart):
+    from vllm_frag_otel.analysis.plots import figure
+
+    drawn = figure(chart)
+    drawn.canvas.draw()
+    return [ax for ax in drawn.axes if ax.get_visible()]
+
+
+def test_legends_stay_off_the_data(cumulative):
+    """Every legend sits outside its axes: none covers a line, an area or a bar."""
+    telemetry = otlp_read.read([cumulative])
+    r = report.pool_report(telemetry, telemetry.pools()[0], 0, several=False)
+    with_legend = 0
+    for chart in report.charts(r):
+        for ax in _visible_axes(chart):
+            legend = ax.get_legend()
+            if legend is None or chart.name == "block_layout":  # the heat map's swatches sit right of it
+                continue
+            with_legend += 1
+            box, area = legend.get_window_extent(), ax.get_window_extent()
+            assert box.y0 >= area.y1 - 1, (chart.name, box, area)
+    assert with_legend >= 7
+
+
+def test_allocation_times_are_labelled_elapsed_on_the_range_they_fill(cumulative):
+    """allocate_slots is timed with perf_counter: elapsed time, not CPU time; the axis spans the
+    buckets holding calls (recomputed from the raw histogram points), not the decades around them."""
+    telemetry = otlp_read.read([cumulative])
+    r = report.pool_report(telemetry, telemetry.pools()[0], 0, several=False)
+    charts = {c.name: c for c in report.charts(r)}
+    (ax,) = _visible_axes(charts["allocation_latency"])
+    assert "elapsed" in ax.get_xlabel() and "CPU" not in ax.get_xlabel()
+    assert "CPU time" not in report.render_text(r)
+    filled = []
+    for outcome in ("success", "failure"):
+        point = raw_matching(cumulative, "vllm.kv_cache.allocation.duration",
+                             {"vllm.kv_cache.allocation.outcome": outcome})[-1]
+        edges = [point["bounds"][0] / 10, *point["bounds"], point["bounds"][-1] * 10]
+        filled += [(edges[i], edges[i + 1]) for i, count in enumerate(point["buckets"]) if count]
+    low, high = min(a for a, _ in filled), max(b for _, b in filled)
+    left, right = ax.get_xlim()
+    assert low / 1.5 <= left <= low and high <= right <= high * 1.5, (ax.get_xlim(), low, high)
+
+
+def test_request_latency_bars_show_their_differences(cumulative):
+    """The medians differ by a few percent: the y axis spans their range, not from 0."""
+    telemetry = otlp_read.read([cumulative])
+    r = report.pool_report(telemetry, telemetry.pools()[0], 0, several=False)
+    (chart,) = [c for c in report.charts(r) if c.name == "request_latency"]
+    for ax, event in zip(_visible_axes(chart), ("preempted", "failed allocation")):
+        medians = [value for row in r.request_latency if row.event == event
+                   for value in (row.met.per_token[0], row.spared.per_token[0]) if np.isfinite(value)]
+        bottom, top = ax.get_ylim()
+        assert 0 < bottom < min(medians) and max(medians) < top, (event, ax.get_ylim(), medians)
+        assert top - bottom < 1.5 * (max(medians) - min(medians)) + 1e-12
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory) -> Path:
+    """A gpt-oss layout run: full attention and a 128-token sliding window, two KV-cache groups."""
+    return _simulate(tmp_path_factory.mktemp("hybrid"), {}, "--layout", "gpt-oss")
+
+
+def test_the_groups_chart_names_the_ratio_it_plots(hybrid):
+    """Its second panel is each slotted group's unused / allocated token slots (recounted from
+    the raw slot counts), on a percent axis labelled so, not "empty slots"."""
+    telemetry = otlp_read.read([hybrid])
+    r = report.pool_report(telemetry, telemetry.pools()[0], first_time(hybrid), several=False)
+    (chart,) = [c for c in report.charts(r) if c.name == "kv_cache_groups"]
+    assert "empty slots" not in chart.title and "empty slots" not in chart.caption
+    blocks, internal = chart.panels
+    assert internal.percent and "unused / allocated" in internal.ylabel
+    for line, group in zip(internal.lines, ("0", "1")):
+        where = {"vllm.kv_cache.group": group}
+        _, used = raw_series(hybrid, "vllm.kv_cache.slot.count", {**where, "vllm.kv_cache.slot.state": "used"})
+        _, unused = raw_series(hybrid, "vllm.kv_cache.slot.count", {**where, "vllm.kv_cache.slot.state": "unused"})
+        assert np.allclose(line.y, np.divide(unused, used + unused, out=np.zeros_like(unused),
+                                             where=used + unused > 0))
+    _, axes = _visible_axes(chart)
+    assert "unused / allocated" in axes.get_ylabel() and axes.get_ylim()[1] < 1  # a ratio, shown in percent
+
+
+def test_new_blocks_are_left_out_where_the_spans_cannot_give_them(hybrid, tmp_path):
+    """On two groups a span says what a request held at its peak and end, not what it took from
+    the free list (the window retires blocks and takes new ones): no "0 (n/a)" column, but why."""
+    spans = raw_spans(hybrid)
+    assert {span["vllm.kv_cache.group.count"] for span in spans} == {2}
+    out = tmp_path / "out"
+    assert cli.main(["report", str(hybrid), "--output", str(out), "--no-plots"]) == 0
+    text = (out / "summary.txt").read_text()
+    table = text.split("Requests by size class", 1)[1].split("\n\n", 1)[0].splitlines()
+    header, note = table[1], table[-1]
+    assert "new blocks" not in header and "(n/a)" not in "\n".join(table)
+    assert "New blocks (taken from the free list) are not shown: the model has several KV-cache groups" in note
+    assert header.split()[-1] == "evictions"  # measured per request, so still known
+    assert sum(int(row.split()[-1]) for row in table[2:-1]) == sum(s["vllm.kv_cache.block.evicted"] for s in spans)
+    classes = _read_csv(out / "request_classes.csv")
+    assert classes and all(c["new_blocks"] == "" and c["evictions_measured"] == "true" for c in classes)

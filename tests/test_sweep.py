@@ -205,3 +205,26 @@ def test_no_change_is_recommended_for_a_small_gain(swept):
     assert recommendation.best is baseline
     assert recommendation.lines[0].startswith("Keep the current settings")
     assert recommendation.lines[1].startswith("Closest, ")
+
+
+def test_the_chart_marks_the_baseline(swept):
+    """The first row, the current settings, is told apart in every panel: its bar hatched, its
+    label bold, and the legend says what the hatching means; no other bar is hatched."""
+    from vllm_frag_otel.analysis.plots import figure
+
+    _, outcomes, _, _, _ = swept
+    drawn = figure(sweep.chart(outcomes))
+    drawn.canvas.draw()
+    panels = [ax for ax in drawn.axes if ax.get_visible()]
+    assert len(panels) == 6
+    for ax in panels:
+        bars = ax.patches
+        assert len(bars) == len(outcomes)
+        assert [bool(bar.get_hatch()) for bar in bars] == [True] + [False] * (len(outcomes) - 1)
+        labels = ax.get_xticklabels()
+        assert [label.get_fontweight() for label in labels] == ["bold"] + ["normal"] * (len(outcomes) - 1)
+        baseline = outcomes[0].setting
+        assert labels[0].get_text().startswith(f"bs{baseline.block_size} {baseline.num_blocks}b")
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == ["baseline (the current settings)"]
+        assert legend.get_window_extent().y0 >= ax.get_window_extent().y1 - 1  # above the bars, not on them

@@ -16,8 +16,11 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import itertools
 import json
-from collections.abc import Sequence
+import re
+import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,7 +123,7 @@ class Clock:
             return []
         return [f"  time: simulated seconds (scheduler steps x {self.steps.step_seconds:g} s, from the simulator's"
                 f" clock file {self.steps.path}; {self.steps.wall_seconds:.1f} s of wall-clock time): every time,"
-                " duration and rate below except allocate_slots times (CPU time) is simulated"]
+                " duration and rate below except allocate_slots times (elapsed wall-clock time per call) is simulated"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class ClassRow:
     preemptions: int = 0
     preempted_requests: int = 0
     allocation_failures: int = 0
-    new_blocks: int = 0  # taken from the free list over their life (where evictions happen)
+    new_blocks: int | None = 0  # taken from the free list over their life (where evictions happen); None: unknown
     measured_evictions: int | None = None  # cached blocks their allocations evicted, when every span says
 
     @property
@@ -433,7 +436,8 @@ def request_classes(requests: Sequence[RequestSpan], block_size: int | None) -> 
         row.preemptions += r.preemptions
         row.preempted_requests += r.preemptions > 0
         row.allocation_failures += r.allocation_failures
-        row.new_blocks += new_blocks(r, block_size) or 0
+        taken = new_blocks(r, block_size)
+        row.new_blocks = None if taken is None or row.new_blocks is None else row.new_blocks + taken
         if measured:
             row.measured_evictions = (row.measured_evictions or 0) + r.evicted_blocks
     return sorted(rows.values(), key=lambda row: (-row.unused_slots, -row.preemptions, row.label))
@@ -497,7 +501,22 @@ def latency_line(outcome: str, h: Series) -> str:
             f" p50 {_quantile(h, 0.5)}, p99 {_quantile(h, 0.99)}, {h.sums[-1]:.3f} s over {timed}.")
 
 
-def render_text(report: PoolReport) -> str:
+@dataclass(frozen=True)
+class Section:
+    """A part of a pool's summary: its title line and the lines under it (`key`: what it
+    answers, which `CHART_SECTIONS` places charts beside)."""
+
+    key: str
+    title: str
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return "\n".join([self.title, *self.lines])
+
+
+def sections(report: PoolReport) -> list[Section]:
+    """The pool's summary, part by part, in reading order."""
     s, f = report.stats, report.final
     bs = report.block_size
     seconds = report.quantities["used_blocks"].seconds
@@ -506,40 +525,46 @@ def render_text(report: PoolReport) -> str:
         groups = f"; {len(report.groups)} KV-cache groups"
     else:
         groups = f"; one KV-cache group ({report.groups[0].kind})" if report.groups else ""
-    lines = [
-        f"KV-cache report: {report.label}",
-        f"  {report.exports} exports over {seconds[-1] - seconds[0]:.1f} s; block size {bs or '?'};"
-        f" {int(f['num_blocks'])} usable blocks{groups}; {len(report.requests)} request spans",
-        *report.clock.note(),
-        *(f"  caveat: {note}" for note in report.caveats),
-        "",
-        "1. What is the fragmentation pattern? (statistics over the exports)",
-        *gauge_lines({**s, "empty_blocks": statistics(report.quantities["free_blocks"].values
-                                                      - report.quantities["cached_blocks"].values)}),
-        "",
-        *([*group_lines([g.summary() for g in report.groups]), ""] if several else []),
-        *totals_lines(f),
-        "",
-        "2. What causes it?",
-        *_causes(report),
-        "",
-        "3. What does it cost?",
-        *_costs(report),
-        "",
-        "4. How to reduce it?",
-        *[f"  {i}. {text}" for i, text in enumerate(recommendations(report), 1)],
+    parts = [
+        Section("overview", f"KV-cache report: {report.label}", [
+            f"  {report.exports} exports over {seconds[-1] - seconds[0]:.1f} s; block size {bs or '?'};"
+            f" {int(f['num_blocks'])} usable blocks{groups}; {len(report.requests)} request spans",
+            *report.clock.note(),
+            *(f"  caveat: {note}" for note in report.caveats),
+        ]),
+        Section("pattern", "1. What is the fragmentation pattern? (statistics over the exports)", [
+            *gauge_lines({**s, "empty_blocks": statistics(report.quantities["free_blocks"].values
+                                                          - report.quantities["cached_blocks"].values)}),
+            "",
+            *([*group_lines([g.summary() for g in report.groups]), ""] if several else []),
+            *totals_lines(f),
+        ]),
+        Section("causes", "2. What causes it?", _causes(report)),
+        Section("costs", "3. What does it cost?", _costs(report)),
+        Section("advice", "4. How to reduce it?",
+                [f"  {i}. {text}" for i, text in enumerate(recommendations(report), 1)]),
     ]
     if report.classes:
-        lines += ["", "Requests by size class (from the vllm.kv_cache.request spans)", *class_table(report)]
+        parts.append(Section("classes", "Requests by size class (from the vllm.kv_cache.request spans)",
+                             class_table(report)))
     if report.request_latency:
-        lines += ["", *replay.latency_text(report.request_latency, len(report.requests),
-                                           report.clock.steps is not None)]
+        parts.append(_titled("latency", replay.latency_text(report.request_latency, len(report.requests),
+                                                            report.clock.steps is not None)))
     several_pools = (f"the process's {report.unassigned_spans} request spans do not say which of its pools a request"
                      " used" if report.unassigned_spans else "")
-    lines += ["", *replay.workload_text(report.workload, report.untraced, several_pools)]
+    parts.append(_titled("replay", replay.workload_text(report.workload, report.untraced, several_pools)))
     if report.block_layout is not None:
-        lines += ["", *layout_lines(report)]
-    return "\n".join(lines)
+        parts.append(_titled("layout", layout_lines(report)))
+    return parts
+
+
+def _titled(key: str, lines: list[str]) -> Section:
+    """A section from lines whose first is its title."""
+    return Section(key, lines[0], lines[1:])
+
+
+def render_text(report: PoolReport) -> str:
+    return "\n\n".join(section.text for section in sections(report))
 
 
 def _near_full(report: PoolReport) -> float:
@@ -587,7 +612,7 @@ def _causes(report: PoolReport) -> list[str]:
     lines.append(
         f"  - prefix cache: {_share(f['prefix_hit_tokens'], f['prefix_queried_tokens'])} of the tokens looked up at"
         f" first admission hit, as vLLM counts them{resumed}; {evicted}")
-    by_class = [(class_evictions(report, c), c) for c in report.classes]
+    by_class = [(evicted, c) for c in report.classes if (evicted := class_evictions(report, c)) is not None]
     total = sum(e for e, _ in by_class)
     if total > 0:
         top_evictions, top_class = max(by_class, key=lambda pair: pair[0])
@@ -725,37 +750,42 @@ def _sweep_mismatches(report: PoolReport, sweeps: Sequence[advice.Sweep]) -> lis
 
 
 def class_table(report: PoolReport) -> list[str]:
+    """The requests by size class, as a fixed-width table and a note on its columns. New blocks, and
+    evictions estimated from them, are left out (the note says why) when the spans cannot give them."""
     rows = report.classes
-    totals = {
-        "requests": sum(r.requests for r in rows),
-        "unused": sum(r.unused_slots for r in rows),
-        "preemptions": sum(r.preemptions for r in rows),
-        "failures": sum(r.allocation_failures for r in rows),
-        "new": sum(r.new_blocks for r in rows),
-    }
-    recycled_share = _recycled_share(report)
-    measured = evictions_measured(report)
-    lines = [f"  {'prompt / output tokens':<24}{'requests':>14}{'unused slots':>18}{'preemptions':>16}"
-             f"{'failed allocs':>16}{'new blocks':>16}{'evictions' if measured else 'est. evictions':>16}"]
-    for r in rows:
-        cells = [
-            f"{r.requests} ({_share(r.requests, totals['requests'])})",
-            f"{r.unused_slots} ({_share(r.unused_slots, totals['unused'])})",
-            f"{r.preemptions} ({_share(r.preemptions, totals['preemptions'])})",
-            f"{r.allocation_failures} ({_share(r.allocation_failures, totals['failures'])})",
-            f"{r.new_blocks} ({_share(r.new_blocks, totals['new'])})",
-            f"{class_evictions(report, r):.0f}",
-        ]
-        lines.append(f"  {r.prompt + ' / ' + r.output:<24}" + "".join(
-            f"{c:>{w}}" for c, w in zip(cells, (14, 18, 16, 16, 16, 16))))
+
+    def with_share(count: Callable[[ClassRow], int]) -> Callable[[ClassRow], str]:
+        total = sum(count(r) for r in rows)
+        return lambda row: f"{count(row)} ({_share(count(row), total)})"
+
+    columns = [("requests", 14, with_share(lambda r: r.requests)),
+               ("unused slots", 18, with_share(lambda r: r.unused_slots)),
+               ("preemptions", 16, with_share(lambda r: r.preemptions)),
+               ("failed allocs", 16, with_share(lambda r: r.allocation_failures))]
+    known, measured = new_blocks_known(report), evictions_measured(report)
+    if known:
+        columns.append(("new blocks", 16, with_share(lambda r: r.new_blocks)))
+    if class_evictions_known(report):
+        columns.append(("evictions" if measured else "est. evictions", 16,
+                        lambda row: f"{class_evictions(report, row):.0f}"))
+    lines = [f"  {'prompt / output tokens':<24}" + "".join(f"{title:>{width}}" for title, width, _ in columns)]
+    lines += [f"  {r.prompt + ' / ' + r.output:<24}" + "".join(f"{cell(r):>{width}}" for _, width, cell in columns)
+              for r in rows]
+    note = "  unused slots: at each request's end."
+    if known:
+        note += " new blocks: taken from the free list over its life;"
     if measured:
-        lines.append("  unused slots: at each request's end. new blocks: taken from the free list over its life;"
-                     " evictions: cached blocks its own allocations evicted (vllm.kv_cache.block.evicted).")
-    else:
-        lines.append("  unused slots: at each request's end. new blocks: taken from the free list over its life;"
-                     " est. evictions = new blocks x the pool's share of recycled allocations"
-                     f" ({pct(recycled_share)}): the spans do not say which request's allocation evicted a block.")
-    return lines
+        note += " evictions: cached blocks its own allocations evicted (vllm.kv_cache.block.evicted)."
+    elif known:
+        note += (" est. evictions = new blocks x the pool's share of recycled allocations"
+                 f" ({pct(_recycled_share(report))}): the spans do not say which request's allocation evicted a"
+                 " block.")
+    if not known:
+        note += f" New blocks (taken from the free list) are not shown: {new_blocks_unknown_why(report)}."
+    if not known and not measured:
+        note += (" Nor are evictions: the spans do not say which request's allocation evicted a block, and without"
+                 " new blocks they cannot be estimated.")
+    return [*lines, note]
 
 
 def evictions_measured(report: PoolReport) -> bool:
@@ -763,12 +793,32 @@ def evictions_measured(report: PoolReport) -> bool:
     return bool(report.classes) and all(c.measured_evictions is not None for c in report.classes)
 
 
-def class_evictions(report: PoolReport, row: ClassRow) -> float:
+def class_evictions(report: PoolReport, row: ClassRow) -> float | None:
     """Evictions the class's allocations caused: measured when every span says, else
-    estimated (new blocks x the pool's share of recycled allocations)."""
+    estimated (new blocks x the pool's share of recycled allocations); None when
+    neither is known."""
     if evictions_measured(report):
         return float(row.measured_evictions)
-    return row.new_blocks * _recycled_share(report)
+    return None if row.new_blocks is None else row.new_blocks * _recycled_share(report)
+
+
+def class_evictions_known(report: PoolReport) -> bool:
+    """`class_evictions` has an answer: measured, or estimated from known new blocks."""
+    return evictions_measured(report) or new_blocks_known(report)
+
+
+def new_blocks_known(report: PoolReport) -> bool:
+    """Every request's new blocks are known (`new_blocks`)."""
+    return all(c.new_blocks is not None for c in report.classes)
+
+
+def new_blocks_unknown_why(report: PoolReport) -> str:
+    """Why the spans cannot say how many blocks the pool's requests took from the free list."""
+    if any(r.groups != 1 for r in report.requests):
+        return ("the model has several KV-cache groups, and its spans say what a request held at its peak and at its"
+                " end, over all groups, not what it took from the free list: a sliding-window group frees the blocks"
+                " that leave its window and takes new ones as the request grows")
+    return "the pool's block size is not known, so its requests' token slots do not give their blocks"
 
 
 def _recycled_share(report: PoolReport) -> float:
@@ -898,12 +948,16 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
             Line("used", x, q["used_blocks"].values),
             Line("cached (evictable)", x, q["cached_blocks"].values),
             Line("free (empty)", x, q["free_blocks"].values - q["cached_blocks"].values),
-        ), style="stack", xlabel=axis),)),
+        ), style="stack", xlabel=axis),), caption="The pool's blocks over time, stacked by state: held by running"
+              " requests, cached (holding prefix-cache content, evictable) and free; they add up to the usable"
+              " blocks."),
         Chart("slot_utilization", "Blocks in use, and token slots in them holding a computed token: the gap is"
               " allocated but empty slots", (Panel("share", (
                   Line("blocks in use (used / usable blocks)", x, blocks_in_use),
                   line("slot utilization (token slots holding computed tokens / all slots)", "slot_utilization"),
-              ), percent=True, xlabel=axis),)),
+              ), percent=True, xlabel=axis),), caption="The share of usable blocks in use beside the share of"
+              " all token slots holding a computed token: the gap between the two lines is slots allocated to"
+              " requests but still empty (internal fragmentation)."),
         Chart("fragmentation", "Fragmentation ratios, each on its own scale", (
             ratio_panel(report, "internal (unused / allocated slots)", "internal_fragmentation", smooth),
             ratio_panel(report, "external (1 - largest free run / free blocks)", "external_fragmentation", smooth),
@@ -911,20 +965,26 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
         Chart("evictions", "Prefix-cache evictions (running totals)", (Panel("blocks", (
             line("evicted", "evictions"),
             line("evicted, never reused after caching", "evicted_never_reused"),
-        ), xlabel=axis),)),
+        ), xlabel=axis),), caption="Cached blocks evicted to make room, as running totals, and those of them"
+              " that no request had reused after they were cached."),
         Chart("preemptions", "Preemptions and failed allocations (running totals)", (Panel("count", (
             line("preemptions", "preemptions"),
             line("failed allocate_slots calls", "allocation_failures"),
-        ), xlabel=axis),)),
+        ), xlabel=axis),), caption="Preempted requests and failed allocate_slots calls, as running totals: where"
+              " they climb, the pool was too full for the next step."),
     ]
     timed = [(outcome, h) for outcome, h in sorted(report.latency.items()) if h.values[-1]]
     if timed:
         sampled = min(sample_rate(h) for _, h in timed)
         title = "allocate_slots duration" + (f" (a {pct(sampled)} sample of calls)" if sampled < 1 else " (all calls)")
+        lines = tuple(_latency_line(outcome, h) for outcome, h in timed)
         result.append(Chart("allocation_latency", title, (Panel(
-            "calls (log scale)", tuple(_latency_line(outcome, h) for outcome, h in timed), style="stairs",
-            xlabel="seconds of CPU time (bucket bounds; open-ended buckets drawn one decade wide)", log_x=True,
-            log_y=True),)))
+            "calls (log scale)", lines, style="stairs",
+            xlabel="seconds elapsed per call (perf_counter; bucket bounds, open-ended buckets drawn one decade wide)",
+            log_x=True, log_y=True, x_range=_filled_range(lines)),),
+            caption="How long allocate_slots took per call (elapsed time, not CPU time), as a histogram of the"
+                    " timed calls by outcome: counts per duration bucket on a log scale, the axis spanning the"
+                    " buckets that hold calls."))
     if report.classes:
         rows = report.classes
         positions = np.arange(len(rows), dtype=np.float64)
@@ -933,14 +993,20 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
             array = np.array(values, dtype=np.float64)
             return array / array.sum() if array.sum() else array
 
+        shares = [
+            Line("requests", positions, share([r.requests for r in rows])),
+            Line("unused slots at end", positions, share([r.unused_slots for r in rows])),
+            Line("preemptions", positions, share([r.preemptions for r in rows])),
+        ]
+        if class_evictions_known(report):
+            shares.append(Line("evictions" if evictions_measured(report) else "est. evictions", positions,
+                               share([class_evictions(report, r) for r in rows])))
         result.append(Chart("request_classes", "Share of each request size class (prompt / output tokens)", (Panel(
-            "share", (
-                Line("requests", positions, share([r.requests for r in rows])),
-                Line("unused slots at end", positions, share([r.unused_slots for r in rows])),
-                Line("preemptions", positions, share([r.preemptions for r in rows])),
-                Line("evictions" if evictions_measured(report) else "est. evictions", positions,
-                     share([class_evictions(report, r) for r in rows])),
-            ), style="bars", xlabel="", percent=True, categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),)))
+            "share", tuple(shares), style="bars", xlabel="", percent=True,
+            categories=tuple(f"{r.prompt} / {r.output}" for r in rows)),),
+            caption="For each request size class (prompt / output tokens), its share of the requests beside its"
+                    " share of the unused slots at the requests' end, of the preemptions and (where known) of the"
+                    " evictions: a class whose other bars stand above its requests bar costs more than its number."))
     if report.request_latency:
         result.append(latency_chart(report))
     if len(report.groups) > 1:
@@ -951,6 +1017,8 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
 
 
 NOT_MET = {"preempted": "never preempted", "failed allocation": "no failed allocation"}
+# what the groups chart's second panel plots, a ratio
+INTERNAL_RATIO = "internal fragmentation\n(unused / allocated slots)"
 
 
 def latency_chart(report: PoolReport) -> Chart:
@@ -963,10 +1031,14 @@ def latency_chart(report: PoolReport) -> Chart:
         panels.append(Panel(f"p50 s per output token\n({event})", (
             Line(event, positions, np.array([r.met.per_token[0] for r in rows])),
             Line(NOT_MET[event], positions, np.array([r.spared.per_token[0] for r in rows])),
-        ), style="bars", xlabel="prompt tokens", categories=tuple(r.prompt for r in rows)))
+        ), style="bars", xlabel="prompt tokens", categories=tuple(r.prompt for r in rows), fit_y=True))
     unit = "simulated seconds" if report.clock.steps is not None else "seconds"
     return Chart("request_latency", f"Time per output token ({unit}) of complete requests, with and without"
-                 " KV-cache events", tuple(panels), columns=2)
+                 " KV-cache events", tuple(panels), columns=2,
+                 caption="Median time per output token of the complete requests of each prompt size class: those"
+                         " preempted (left) or with a failed allocation (right) beside the others of the class. The"
+                         " axes span the medians' range, not from 0, so that differences of a few percent show; a"
+                         " missing bar is a class with no such request.")
 
 
 def groups_chart(report: PoolReport) -> Chart:
@@ -975,15 +1047,18 @@ def groups_chart(report: PoolReport) -> Chart:
                         g.quantities["used_blocks"].values) for g in report.groups)
     # stacked when every group was exported at the same times (one collection exports them all)
     stack = all(np.array_equal(line.x, blocks[0].x) for line in blocks)
-    panels = [Panel("blocks", blocks, style="stack" if stack else "line", xlabel=report.clock.axis)]
+    panels = [Panel("blocks held", blocks, style="stack" if stack else "line", xlabel=report.clock.axis)]
     slotted = [g for g in report.groups if g.token_slots]
     if slotted:
-        panels.append(Panel("internal fragmentation\n(groups with token slots)", tuple(
+        panels.append(Panel(INTERNAL_RATIO, tuple(
             Line(f"{g.kind} (group {g.group})", g.quantities["internal_fragmentation"].seconds,
                  g.quantities["internal_fragmentation"].values) for g in slotted), percent=True,
             xlabel=report.clock.axis))
-    return Chart("kv_cache_groups", "KV-cache groups: blocks held, and empty slots in them (a Mamba group's blocks"
-                 " are state pages)", tuple(panels))
+    return Chart("kv_cache_groups", "KV-cache groups: blocks held, and the internal fragmentation of the groups"
+                 " with token slots", tuple(panels),
+                 caption="Blocks held by each KV-cache group over time (a Mamba group's blocks are state pages) and,"
+                         " for the groups whose blocks hold token slots, their internal fragmentation: unused /"
+                         " allocated token slots, the share of the slots in the group's blocks that hold no token.")
 
 
 def layout_chart(report: PoolReport) -> Chart:
@@ -1008,12 +1083,21 @@ def layout_chart(report: PoolReport) -> Chart:
             x_edges=seconds, y_edges=cell_edges[region_edges], colorbar="blocks that changed state",
         ))
     return Chart("block_layout", "Block layout: every block's state over time, and where it changes",
-                 tuple(panels), row_height=3.5)
+                 tuple(panels), row_height=3.5,
+                 caption="Top: every block id's state (colour) at each block map over time. Bottom: how many blocks"
+                         " of each block-id region changed state between consecutive maps (darker: more churn).")
 
 
 def _latency_line(outcome: str, h: Series) -> Line:
     edges = np.concatenate([[h.bounds[0] / 10], h.bounds, [h.bounds[-1] * 10]])
     return Line(outcome or "all", edges, h.buckets[-1])
+
+
+def _filled_range(lines: Sequence[Line]) -> tuple[float, float]:
+    """From the lower edge of the first bucket holding anything to the upper edge of the last
+    (of any line), 1.25 times wider each side on the log axis."""
+    filled = [(line.x[i], line.x[i + 1]) for line in lines for i in np.flatnonzero(line.y)]
+    return min(low for low, _ in filled) / 1.25, max(high for _, high in filled) * 1.25
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -1039,17 +1123,20 @@ def write_series(telemetry: Telemetry, clocks: Clocks, out: Path) -> list[Path]:
         series_csv, histogram_csv = csv.writer(numbers), csv.writer(hist)
         series_csv.writerow(["instance", "pool", "metric", "attributes", "kind", "unit", "time_unix_nano", "seconds",
                              "value"])
+        # one row per bucket: its upper bound (in the series' unit), the calls in it, and in it and every bucket below
         histogram_csv.writerow(["instance", "pool", "metric", "attributes", "unit", "time_unix_nano", "seconds",
-                                "count", "sum", "le", "bucket_count"])
+                                "total_count", "sum", "upper_bound", "count_in_bucket", "cumulative_count"])
         for s in telemetry.series:
             head = [s.source.instance, s.source.pool, s.metric, _attribute_text(s.attributes)]
             seconds = clocks.of(s.source.instance).seconds(s.times)
             for i, (t, v) in enumerate(zip(s.times.tolist(), s.values.tolist())):
                 series_csv.writerow([*head, s.kind, s.unit, t, f"{seconds[i]:.6f}", v])
                 if s.kind == "histogram":
-                    les = [*s.bounds.tolist(), "+Inf"]
-                    for le, count in zip(les, s.buckets[i].tolist()):
-                        histogram_csv.writerow([*head, s.unit, t, f"{seconds[i]:.6f}", v, s.sums[i], le, count])
+                    bounds = [*s.bounds.tolist(), "+Inf"]
+                    counts = s.buckets[i]
+                    for bound, count, below in zip(bounds, counts.tolist(), np.cumsum(counts).tolist()):
+                        histogram_csv.writerow([*head, s.unit, t, f"{seconds[i]:.6f}", v, s.sums[i], bound, count,
+                                                below])
             record = {"instance": s.source.instance, "pool": s.source.pool, "metric": s.metric,
                       "attributes": s.attributes, "kind": s.kind, "unit": s.unit,
                       "time_unix_nano": s.times.tolist(), "values": s.values.tolist()}
@@ -1090,8 +1177,9 @@ def write_requests(reports: Sequence[PoolReport], out: Path) -> list[Path]:
             for c in report.classes:
                 writer.writerow([report.source.instance, report.source.pool, c.prompt, c.output, c.requests,
                                  c.unused_slots, c.preemptions, c.preempted_requests, c.allocation_failures,
-                                 c.new_blocks,
-                                 c.measured_evictions if measured else round(class_evictions(report, c), 1),
+                                 "" if c.new_blocks is None else c.new_blocks,
+                                 c.measured_evictions if measured else
+                                 "" if c.new_blocks is None else round(class_evictions(report, c), 1),
                                  "true" if measured else "false"])
     return [out / "requests.csv", out / "request_classes.csv"]
 
@@ -1248,7 +1336,8 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True, smooth: int =
     # the workload files first: the summary says where they are
     replayed = [replay.write_workload(r.workload, out / f"{r.prefix}{replay.WORKLOAD_FILE}")
                 for r in reports if r.workload is not None and r.workload.lines]
-    texts = [render_text(r) for r in reports]
+    outlines = [sections(r) for r in reports]
+    texts = ["\n\n".join(section.text for section in outline) for outline in outlines]
     summary = "\n\n".join([*texts, inputs]) + "\n"
     written = [out / "summary.txt", *replayed]
     written[0].write_text(summary)
@@ -1258,33 +1347,141 @@ def build(paths: Sequence[Path], out: Path, pictures: bool = True, smooth: int =
                                     out / replay.LATENCY_FILE)
     written += write_groups(reports, out)
     written += write_layouts(reports, out)
-    images: dict[str, list[Path]] = {}
+    drawn: dict[str, list[tuple[Chart, Path]]] = {}
     if pictures:
         for r in reports:
-            images[r.prefix] = [draw(chart, out, r.prefix) for chart in charts(r, smooth)]
-            written += images[r.prefix]
-    written.append(write_html(reports, texts, images, inputs, out / "report.html"))
+            drawn[r.prefix] = [(chart, draw(chart, out, r.prefix)) for chart in charts(r, smooth)]
+            written += [image for _, image in drawn[r.prefix]]
+    written.append(write_html(reports, outlines, drawn, inputs, out / "report.html"))
     (out / MANIFEST).write_text("".join(f"{path.name}\n" for path in written))
     return Written(summary, written, reports, telemetry.problems)
 
 
-def write_html(reports: Sequence[PoolReport], texts: Sequence[str], images: dict[str, list[Path]], inputs: str,
-               path: Path) -> Path:
-    """One page, no external references: each pool's summary and charts (inlined), then the input."""
+# The summary section each chart supports: the HTML report shows it there.
+CHART_SECTIONS = {
+    "block_states": "pattern",
+    "fragmentation": "pattern",
+    "kv_cache_groups": "pattern",
+    "evictions": "causes",
+    "slot_utilization": "costs",
+    "preemptions": "costs",
+    "allocation_latency": "costs",
+    "request_classes": "classes",
+    "request_latency": "latency",
+    "block_layout": "layout",
+}
+STYLE = (
+    "body{font-family:sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}"
+    "p,li{overflow-wrap:anywhere}li{margin:.2em 0}"
+    "pre.table{background:#f6f6f6;padding:.6em 1em;overflow-x:auto;font-size:12.5px;line-height:1.3}"
+    "p.caveat{background:#fff4e0;border-left:4px solid #e69500;padding:.4em .8em}"
+    "code{background:#f0f0f0;padding:0 .2em}"
+    "img{max-width:100%}figure{margin:1.2em 0 2em}figcaption{color:#444;font-size:14px;max-width:900px}"
+)
+
+
+def write_html(reports: Sequence[PoolReport], outlines: Sequence[list[Section]],
+               drawn: dict[str, list[tuple[Chart, Path]]], inputs: str, path: Path) -> Path:
+    """One page, no external references: each pool's summary, section by section, with each chart
+    (inlined) under the section it supports, then the input."""
     parts = []
-    for r, text in zip(reports, texts):
-        parts.append(f"<h2>{html.escape(r.label)}</h2><pre>{html.escape(text)}</pre>")
-        for image in images.get(r.prefix, []):
-            data = base64.b64encode(image.read_bytes()).decode()
-            parts.append(f'<figure><img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{html.escape(image.name)}</figcaption></figure>")
+    for r, parts_of_pool in zip(reports, outlines):
+        pictures = drawn.get(r.prefix, [])
+        for section in parts_of_pool:
+            heading = "h2" if section.key == "overview" else "h3"
+            parts.append(f"<{heading}>{html.escape(section.title.strip())}</{heading}>{_html_body(section.lines)}")
+            parts += [_html_figure(chart, image) for chart, image in pictures
+                      if CHART_SECTIONS[chart.name] == section.key]
     path.write_text(
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vllm-frag-otel report</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:13px}"
-        "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#666;font-size:12px}"
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vllm-frag-otel report</title><style>{STYLE}"
         "</style></head><body><h1>KV-cache report</h1>"
         + "".join(parts)
-        + f"<h2>Input</h2><pre>{html.escape(inputs)}</pre></body></html>\n"
+        + f"<h2>Input</h2>{_html_body(inputs.splitlines())}</body></html>\n"
     )
     return path
+
+
+def _html_figure(chart: Chart, image: Path) -> str:
+    caption = html.escape(chart.caption or chart.title)
+    data = base64.b64encode(image.read_bytes()).decode()
+    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _aligned(line: str) -> bool:
+    """A line of a fixed-width table: its cells are padded to columns (prose has no run of three spaces)."""
+    return "   " in line.strip()
+
+
+def _html_body(lines: Sequence[str]) -> str:
+    """Summary lines as HTML: each run of fixed-width table lines as one preformatted table, the
+    rest as paragraphs and lists nested by indentation ("- " items bulleted, "1. " items numbered)."""
+    parts = []
+    for aligned, run in itertools.groupby([line for line in lines if line.strip()], key=_aligned):
+        run = list(run)
+        if aligned:
+            parts.append(f'<pre class="table">{html.escape(textwrap.dedent(chr(10).join(run)))}</pre>')
+        else:
+            parts.append(_html_nodes(_outline(run), nested=False))
+    return "".join(parts)
+
+
+Node = tuple[str, list]  # a line's text and the more indented lines under it
+
+
+def _outline(lines: Sequence[str]) -> list[Node]:
+    """Lines as a tree: each line holds the lines after it that are indented deeper."""
+    roots: list[Node] = []
+    open_nodes: list[tuple[int, Node]] = []  # the latest node at each depth, outermost first
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        while open_nodes and open_nodes[-1][0] >= indent:
+            open_nodes.pop()
+        node: Node = (line.strip(), [])
+        (open_nodes[-1][1][1] if open_nodes else roots).append(node)
+        open_nodes.append((indent, node))
+    return roots
+
+
+NUMBERED = re.compile(r"(\d+)\. ")
+
+
+def _list_kind(text: str, nested: bool) -> str:
+    if text.startswith("- "):
+        return "ul"
+    if NUMBERED.match(text):
+        return "ol"
+    return "ul" if nested else "p"
+
+
+def _html_nodes(nodes: Sequence[Node], nested: bool) -> str:
+    parts = []
+    for kind, group in itertools.groupby(nodes, key=lambda node: _list_kind(node[0], nested)):
+        group = list(group)
+        if kind == "p":
+            parts += [f'<p{_css_class(text)}>{_inline(text)}</p>{_html_nodes(children, nested=True)}'
+                      for text, children in group]
+            continue
+        items = "".join(f"<li>{_inline(_item_text(text))}{_html_nodes(children, nested=True)}</li>"
+                        for text, children in group)
+        first = NUMBERED.match(group[0][0])
+        start = f' start="{first.group(1)}"' if kind == "ol" and first.group(1) != "1" else ""
+        parts.append(f"<{kind}{start}>{items}</{kind}>")
+    return "".join(parts)
+
+
+def _item_text(text: str) -> str:
+    """A list item's text without its bullet or number."""
+    if text.startswith("- "):
+        return text[2:]
+    numbered = NUMBERED.match(text)
+    return text[numbered.end():] if numbered else text
+
+
+def _css_class(text: str) -> str:
+    return ' class="caveat"' if text.startswith("caveat:") else ""
+
+
+def _inline(text: str) -> str:
+    """Escaped text, `backquoted` commands as code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))

@@ -319,7 +319,7 @@ def chart(outcomes: Sequence[Outcome]) -> Chart:
     def panel(label: str, attribute: str, percent: bool = False) -> Panel:
         values = np.array([getattr(o, attribute) for o in outcomes], dtype=np.float64)
         return Panel(label, (Line(label, positions, values),), style="bars", xlabel="", percent=percent,
-                     categories=names)
+                     categories=names, marked=(0, "baseline (the current settings)"))
 
     return Chart("sweep", "What-if sweep (bs: block size, b: blocks, pc: prefix caching, s: max sequences)", (
         panel("internal fragmentation", "internal_fragmentation", percent=True),
