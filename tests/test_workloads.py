@@ -78,3 +78,13 @@ def test_poisson_arrivals_have_the_requested_rate_and_map_onto_steps():
     assert np.array_equal(steps, np.floor(times / 0.02).astype(np.int64))
     assert workloads.arrival_steps(specs, 0.02).tolist() == [0] * len(specs)  # no arrival times: all at once
 
+
+
+@pytest.mark.parametrize("arrival", [-1, -0.001, float("inf"), float("nan")])
+def test_an_arrival_time_before_zero_or_never_is_named_by_line_and_field(tmp_path, arrival):
+    trace = tmp_path / "trace.jsonl"
+    _write(trace, [json.dumps({"prompt_len": 10, "output_len": 3}),
+                   json.dumps({"arrival_time": arrival, "prompt_len": 10, "output_len": 3})])
+    problems: list[InputProblem] = []
+    assert len(workloads.load_trace(trace, problems)) == 1
+    assert [str(p) for p in problems] == [f"{trace}:2: arrival_time must be a number of seconds >= 0, got {arrival!r}"]

@@ -358,10 +358,10 @@ def _untraced(telemetry: Telemetry, source: Source) -> float:
                      and s.source in (source, Source(source.instance, ""))))
 
 
-def interrupted_runs(paths: Sequence[Path]) -> list[str]:
+def partial_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
     """Simulator runs among `paths` stopped before their workload ended (their summary.json
-    says "partial"): the report covers only the steps that ran."""
-    notes = []
+    says "partial"): (that summary.json, its content)."""
+    runs = []
     for path in paths:
         candidates = [path / "summary.json"] if path.is_dir() else [path] if path.name == "summary.json" else []
         if path.is_dir() and path.name == "telemetry":  # simulate --output DIR writes DIR/telemetry
@@ -372,10 +372,15 @@ def interrupted_runs(paths: Sequence[Path]) -> list[str]:
             except (OSError, ValueError):
                 continue
             if isinstance(run, dict) and run.get("partial"):
-                notes.append(f"the simulator run in {summary.parent} was interrupted after {run.get('steps', '?')}"
-                             f" steps, with {run.get('finished_requests', '?')} requests finished (its summary.json:"
-                             ' "partial": true): this report covers only what ran')
-    return notes
+                runs.append((summary, run))
+    return runs
+
+
+def interrupted_runs(paths: Sequence[Path]) -> list[str]:
+    """The caveat of each interrupted simulator run among `paths`: the report covers only the steps that ran."""
+    return [f"the simulator run in {summary.parent} was interrupted after {run.get('steps', '?')}"
+            f" steps, with {run.get('finished_requests', '?')} requests finished (its summary.json:"
+            ' "partial": true): this report covers only what ran' for summary, run in partial_runs(paths)]
 
 
 def _caveats(telemetry: Telemetry, source: Source) -> list[str]:
