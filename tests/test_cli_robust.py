@@ -694,3 +694,16 @@ def test_a_run_stopped_after_a_request_finished_is_reported_with_its_caveat(two_
     assert cli.main(["report", str(out), "--output", str(tmp_path / "report"), "--no-plots"]) == 0
     assert (f"caveat: the simulator run in {out} was interrupted after 20 steps, with 1 requests finished"
             in capsys.readouterr().out)
+
+
+def test_a_refused_workload_file_leaves_the_earlier_runs_and_no_new_one(tmp_path):
+    root = tmp_path / "vllm-frag-otel" / "simulate"
+    earlier = [root / f"2026010{day}T120000Z-{day}" for day in range(1, 6)]
+    for run in earlier:
+        run.mkdir(parents=True)
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"prompt_len": 0, "output_len": 3}) + "\n")
+    proc = _simulate("--workload-file", str(trace), timeout=60, XDG_CACHE_HOME=str(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{trace}:1: prompt_len must be an integer >= 1, got 0" in proc.stderr
+    assert sorted(root.iterdir()) == earlier

@@ -118,9 +118,9 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     simulation.add_argument("--workload", choices=workloads.workload_names(), default="sharegpt",
                             help="built-in request mix (default sharegpt)")
     simulation.add_argument("--workload-file", type=Path, metavar="PATH",
-                     help="replay your own mix instead: JSON lines with arrival_time (s), prompt_len, output_len and"
-                          " optionally prefix_group, prefix_len (requests of a group share their first prefix_len"
-                          " prompt tokens)")
+                     help="replay your own mix instead: JSON lines with arrival_time (s, >= 0), prompt_len,"
+                          " output_len and optionally prefix_group, prefix_len (requests of a group share their first"
+                          " prefix_len prompt tokens). A file with a bad line is refused, each bad line named")
     simulation.add_argument("--num-requests", type=int,
                      help=f"requests (default {DEFAULT_REQUESTS}; with --workload-file: the first N, default all)")
     simulation.add_argument("--arrival-rate", type=float, metavar="R",
@@ -147,8 +147,10 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     simulation.add_argument("--seed", type=int, default=0, help="random seed of the workload and arrivals (default 0)")
     simulation.add_argument("--output", type=Path,
                      help="write telemetry files and summary.json here, whatever OTEL_EXPORTER_OTLP_ENDPOINT says"
-                          " (with --sweep: the sweep's table, CSV, JSON and plot; default frag-sweep). Default: no"
-                          " summary.json; telemetry goes where the plugin's settings say")
+                          " (with --sweep: the sweep's table, CSV, JSON and plot; default frag-sweep). Default:"
+                          " telemetry goes where the plugin's settings say; files in the plugin's default directory"
+                          f" go to a run directory of its own instead, under {_bare_runs_root()} (the newest"
+                          f" {KEPT_BARE_RUNS} kept)")
     simulation.add_argument("--export-every", type=int, default=10, metavar="STEPS",
                      help="export the plugin's metrics every STEPS scheduler steps, for time series in `report`"
                           " (default 10; 0: only every OTEL_METRIC_EXPORT_INTERVAL ms, default 1000)")
@@ -179,8 +181,9 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
         epilog=EXIT_CODES,
     )
     report.add_argument("paths", nargs="*", type=Path, metavar="PATH",
-                        help="default: the plugin's file directory (VLLM_FRAG_OTEL_FILE_DIR, else"
-                             " ~/.cache/vllm-frag-otel/telemetry)")
+                        help="default: one run, named on the first line: VLLM_FRAG_OTEL_FILE_DIR if set, else the"
+                             " newest of the last simulate without --output and the plugin's default file directory"
+                             f" ({Path(cache_dir()) / 'telemetry'})")
     report.add_argument("--output", type=Path, default=Path("frag-report"), help="directory (default frag-report)")
     report.add_argument("--no-plots", action="store_true", help="skip the PNG charts (the HTML has none then)")
     report.add_argument("--smooth", type=int, default=0, metavar="EXPORTS",
@@ -535,6 +538,11 @@ def _clock(telemetry_dir: Path | None, step_seconds: float) -> simclock.ClockWri
 
 def simulate(args) -> int:
     _report_unusable_settings()
+    setting = _setting(args, not args.no_prefix_caching)
+    shape = setting.shape(args.max_num_batched_tokens)
+    specs = _specs(args, setting.max_model_len)  # a bad workload file stops the run before it writes anything
+    if specs is None:
+        return EXIT_USAGE
     # files in the plugin's default directory: a run directory of its own instead, apart from
     # other runs and from a server's files there
     bare = args.output is None and not _file_dir_chosen() and _telemetry_dir() is not None
@@ -560,11 +568,6 @@ def simulate(args) -> int:
         if problem:
             return _path_error("cannot write telemetry to", telemetry_dir, problem)
     os.environ.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "1000")
-    setting = _setting(args, not args.no_prefix_caching)
-    shape = setting.shape(args.max_num_batched_tokens)
-    specs = _specs(args, setting.max_model_len)
-    if specs is None:
-        return EXIT_USAGE
     if not _load_plugin():
         return EXIT_FAILED
     flush = _Flusher(files=telemetry_dir is not None)
@@ -706,13 +709,13 @@ def sweep(args) -> int:
         runs = what_if.settings(base, grid=args.sweep_grid, **axes)
     except ValueError as exc:
         return _error(str(exc))
-    problem = _unwritable(args.output or Path("frag-sweep"))
-    if problem:
-        return _path_error("--output", args.output or Path("frag-sweep"), problem)
     max_len = min(s.max_model_len for s in runs)
     specs = _specs(args, max_len)
     if specs is None:
         return EXIT_USAGE
+    problem = _unwritable(args.output or Path("frag-sweep"))
+    if problem:
+        return _path_error("--output", args.output or Path("frag-sweep"), problem)
     if not _load_plugin():
         return EXIT_FAILED
     with _progress_bar(total=len(runs) * len(specs), unit="req") as progress:
