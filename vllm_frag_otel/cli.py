@@ -742,8 +742,9 @@ def _nothing_finished(path: Path) -> str | None:
     summary, run = runs[0]
     steps = run.get("steps")
     after = f" after {counted(steps, 'scheduler step')}" if isinstance(steps, int) else ""
-    return (f"the simulator run in {summary.parent} was interrupted{after} (see {summary}), before any request finished: its telemetry shows the first admissions only,"
-            " not the workload. Run it again without stopping it (or with fewer --num-requests)")
+    return (f"the simulator run in {summary.parent} was interrupted{after} (see {summary}), before any request"
+            " finished: its telemetry shows the first admissions only, not the workload. Run it again without"
+            " stopping it (or with fewer --num-requests)")
 
 
 def report(args, parser: argparse.ArgumentParser) -> int:
