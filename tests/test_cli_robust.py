@@ -707,3 +707,11 @@ def test_a_refused_workload_file_leaves_the_earlier_runs_and_no_new_one(tmp_path
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{trace}:1: prompt_len must be an integer >= 1, got 0" in proc.stderr
     assert sorted(root.iterdir()) == earlier
+
+
+def test_a_sweep_value_no_setting_can_take_shows_the_simulate_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["simulate", "--sweep", "--num-blocks", "64", "--sweep-block-sizes", "8,4096"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and lines[0].startswith("usage: vllm-frag-otel simulate ")
+    assert lines[-1] == "vllm-frag-otel: error: blocks of 4096 tokens do not fit in 1008 token slots of KV memory"

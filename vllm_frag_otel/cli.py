@@ -692,7 +692,7 @@ def _layout_notes(args, shape: sim.EngineShape) -> list[str]:
     return notes + _prefix_caching_note(args, shape)
 
 
-def sweep(args) -> int:
+def sweep(args, parser: argparse.ArgumentParser) -> int:
     _report_unusable_settings()
     # the sweep compares runs; their telemetry would only mix pools of different shapes
     os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
@@ -707,8 +707,8 @@ def sweep(args) -> int:
         axes = what_if.default_axes(base)
     try:
         runs = what_if.settings(base, grid=args.sweep_grid, **axes)
-    except ValueError as exc:
-        return _error(str(exc))
+    except ValueError as exc:  # a --sweep-* value no setting can take
+        parser.error(str(exc))
     max_len = min(s.max_model_len for s in runs)
     specs = _specs(args, max_len)
     if specs is None:
@@ -778,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return report(args, commands["report"])
         _validate(commands["simulate"], args)
-        return sweep(args) if args.sweep else simulate(args)
+        return sweep(args, commands["simulate"]) if args.sweep else simulate(args)
     except KeyboardInterrupt:  # simulate handles it while stepping; elsewhere there is nothing to save
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
