@@ -183,7 +183,8 @@ def test_an_invalid_layout_is_a_one_line_error(layout, message):
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr
     (error,) = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert error.startswith("vllm-frag-otel simulate: error: argument --layout: ")
+    assert proc.stderr.startswith("usage: vllm-frag-otel simulate ")
+    assert error.startswith("vllm-frag-otel: error: argument --layout: ")
     assert message in error
     assert "presets: " + ", ".join(sim.LAYOUTS) in error and "group kinds: full, mla, sliding_window" in error
 

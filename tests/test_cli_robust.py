@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -403,3 +404,314 @@ def test_run_workload_returns_what_ran_before_an_interrupt(plugin):
     assert result.latency_steps.size < len(specs)
     with pytest.raises(KeyboardInterrupt):
         sim.run_workload(shape, specs, on_step=interrupt_at)  # a sweep must not take a partial run for a whole one
+
+
+# -- one form of error, the usage of the command it is about, and exit statuses ---------------
+
+@pytest.mark.parametrize(("argv", "usage", "message"), [
+    (["simulate", "--num-blocks", "1"], "simulate", "--num-blocks must be >= 2 (block 0 is vLLM's null block)"),
+    (["simulate", "--step-seconds", "0"], "simulate", "--step-seconds must be > 0"),
+    (["simulate", "--num-blocks", "many"], "simulate", "argument --num-blocks: invalid int value: 'many'"),
+    (["report", "--smooth", "-1"], "report", "--smooth must be >= 0 (exports in the rolling mean; 0: none)"),
+])
+def test_a_usage_error_shows_its_commands_usage_and_the_one_error_prefix(argv, usage, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert lines[0].startswith(f"usage: vllm-frag-otel {usage} ")
+    assert lines[-1] == f"vllm-frag-otel: error: {message}"
+
+
+def test_the_help_names_the_exit_statuses(capsys):
+    for command in (["--help"], ["simulate", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(command)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "exit status: 0 done" in text and "; 1 the command could not run here" in text
+        assert "; 2 a wrong option or input" in text and "; 130 interrupted" in text
+
+
+def test_an_input_that_is_not_there_is_a_usage_error_not_a_failure(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    assert cli.main(["report", str(missing), "--output", str(tmp_path / "out"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: no such file or directory" in err
+    assert [line for line in err.splitlines() if "error" in line][0].startswith(
+        f"vllm-frag-otel: error: no vllm.kv_cache metrics in {missing}")
+
+
+def test_a_write_that_fails_midway_is_a_runtime_failure(tmp_path, capsys, monkeypatch):
+    def disk_full(paths, out, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "series.csv"))
+
+    monkeypatch.setattr(cli.reporting, "build", disk_full)
+    assert cli.main(["report", str(tmp_path), "--output", str(tmp_path / "out"), "--no-plots"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"vllm-frag-otel: error: {tmp_path / 'out' / 'series.csv'}: No space left on device"
+
+
+def test_a_missing_package_is_a_runtime_failure_in_the_one_error_form(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_absent", lambda *modules: list(modules))
+    assert cli.main(["report"]) == 1
+    assert capsys.readouterr().err.startswith("vllm-frag-otel: error: report needs the report extra for its charts")
+
+
+def test_vllm_not_loading_the_plugin_is_a_runtime_failure():
+    proc = _simulate(*TINY, VLLM_FRAG_OTEL_ENABLED="false")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "vllm-frag-otel: error: vLLM did not load the frag_otel plugin" in proc.stderr
+
+
+# -- workload files: a directory, a bad record ----------------------------------------------
+
+def test_a_workload_file_that_is_a_directory_says_so(tmp_path, capsys):
+    (tmp_path / "workload.jsonl").write_text(json.dumps({"prompt_len": 4, "output_len": 2}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["simulate", "--workload-file", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2
+    assert error == (f"vllm-frag-otel: error: --workload-file {tmp_path}: is a directory, expected a JSON-lines file"
+                     f" with one request per line; this one holds a report's {tmp_path / 'workload.jsonl'}")
+
+
+def test_a_workload_record_with_a_negative_arrival_time_is_refused(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"arrival_time": 0.5, "prompt_len": 10, "output_len": 3}) + "\n"
+                     + json.dumps({"arrival_time": -1, "prompt_len": 10, "output_len": 3}) + "\n")
+    # refused before vLLM is loaded: no telemetry, nothing run
+    assert cli.main(["simulate", "--workload-file", str(trace)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"vllm-frag-otel: error: {trace}:2: arrival_time must be a number of seconds >= 0, got -1",
+        f"vllm-frag-otel: error: {trace}: no request replayed (fix the lines named above)",
+    ]
+    assert captured.out == ""
+
+
+def test_bad_settings_are_warning_lines_of_one_form_before_vllm_loads(monkeypatch, capsys):
+    """The plugin's own variable and the standard one it reads: both said, in the same form, and
+    the standard one left out of the run, as the plugin leaves it out."""
+    from vllm_frag_otel import config
+
+    config._reported.clear()
+    monkeypatch.setenv("VLLM_FRAG_OTEL_EXPORTER", "bogus")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "foo")
+    cli._report_unusable_settings()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("=")[0] for line in lines] == ["warning: vllm-frag-otel: ignoring VLLM_FRAG_OTEL_EXPORTER",
+                                                      "warning: vllm-frag-otel: ignoring OTEL_METRICS_EXPORTER"]
+    assert "expected one of auto, otlp, file" in lines[0] and "expected a comma list of otlp, prometheus" in lines[1]
+    assert "OTEL_METRICS_EXPORTER" not in os.environ
+
+
+# -- log lines and the progress bars ----------------------------------------------------------
+
+def _in_a_terminal(argv: list[str], env: dict[str, str], columns: int, timeout: float = 120) -> str:
+    """What `argv` writes to its terminal (stderr; stdout is dropped), `columns` wide."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=subprocess.DEVNULL, stderr=slave, env=env, cwd=REPO)
+    os.close(slave)
+    written = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:  # the other end closed
+                    break
+                if not chunk:
+                    break
+                written += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    return written.decode(errors="replace")
+
+
+def _screen(written: str, columns: int) -> list[str]:
+    """The rows a terminal shows after `written`: characters, carriage return, line feed and
+    cursor up (all tqdm draws with), wrapping as a terminal does (a character written in the
+    last column leaves the cursor there until the next one)."""
+    rows: list[list[str]] = [[]]
+    row = col = 0
+    wrap = False
+    i = 0
+    while i < len(written):
+        if written.startswith("\x1b[A", i):
+            row, wrap, i = max(0, row - 1), False, i + 3
+            continue
+        char, i = written[i], i + 1
+        if char == "\r":
+            col, wrap = 0, False
+        elif char == "\n":
+            row, wrap = row + 1, False
+        else:
+            if wrap:
+                row, col, wrap = row + 1, 0, False
+            while len(rows) <= row:
+                rows.append([])
+            line = rows[row]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = char
+            if col == columns - 1:
+                wrap = True
+            else:
+                col += 1
+        while len(rows) <= row:
+            rows.append([])
+    return ["".join(r).rstrip() for r in rows]
+
+
+def test_vllms_log_lines_print_above_the_progress_bars_not_over_them(tmp_path):
+    """The plugin logs where its files go as the scheduler starts, under the bars already drawn."""
+    columns = 120
+    written = _in_a_terminal([sys.executable, "-m", "vllm_frag_otel.cli", "simulate", *TINY],
+                             _env(XDG_CACHE_HOME=str(tmp_path)), columns)
+    screen = _screen(written, columns)
+    assert any(row.startswith("requests finished: 100%") for row in screen), screen
+    assert any(row.startswith("vllm-frag-otel: no OTLP endpoint configured; writing KV-cache telemetry")
+               for row in screen), "\n".join(screen)
+    assert not [row for row in screen if "req/s" in row and "vllm-frag-otel" in row], "\n".join(screen)
+    assert "Triton not available" not in written and "vllm._C" not in written
+
+
+# -- a simulate without --output, and what a bare report reads ---------------------------------
+
+def test_a_run_without_output_gets_a_directory_of_its_own_and_a_bare_report_reads_the_newest(tmp_path, monkeypatch,
+                                                                                               capsys):
+    root = tmp_path / "vllm-frag-otel" / "simulate"
+    earlier = [root / f"2026010{day}T120000Z-{day}" for day in range(1, 6)]
+    for run in earlier:
+        (run / "telemetry").mkdir(parents=True)
+    proc = _simulate(*TINY, XDG_CACHE_HOME=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(root.iterdir())
+    assert len(runs) == cli.KEPT_BARE_RUNS == 5 and runs[:4] == earlier[1:]  # the oldest went, said so
+    new = runs[-1]
+    assert f"removed 1 older run from {root} (without --output, the newest 5 are kept" in proc.stderr
+    assert f"summary: {new / 'summary.json'}; telemetry: {new / 'telemetry'}" in proc.stdout
+    assert json.loads((new / "summary.json").read_text())["finished_requests"] == 6
+    server_files = tmp_path / "vllm-frag-otel" / "telemetry"
+    assert not server_files.exists()  # the plugin's default directory stays a server's
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("VLLM_FRAG_OTEL_FILE_DIR", raising=False)
+
+    def bare_report() -> tuple[str, list[str]]:
+        assert cli.main(["report", "--output", str(tmp_path / "report"), "--no-plots"]) == 0
+        captured = capsys.readouterr()
+        return captured.err, [line.split("read ", 1)[1] for line in captured.out.splitlines()
+                              if line.startswith("  read ")]
+
+    said, read = bare_report()
+    assert said.startswith(f"report: reading {new}, the newest simulate run without --output (of 5 kept in {root})")
+    assert read and all(path.startswith(f"{new / 'telemetry'}/") for path in read)
+    # a server writing there since: its files are the newest
+    shutil.copytree(new / "telemetry", server_files, copy_function=shutil.copyfile)  # written now
+    said, read = bare_report()
+    assert said.startswith(f"report: reading {server_files}, the plugin's file directory")
+    assert read and all(path.startswith(f"{server_files}/") for path in read)
+
+
+# -- a report on a run stopped early ---------------------------------------------------------
+
+CTRL_C_AT_STEP = """
+import os, signal, sys
+from vllm_frag_otel import cli
+from vllm_frag_otel.sim import simulator as sim
+
+run_workload = sim.run_workload
+stop_at = int(os.environ["STOP_AT_STEP"])
+
+
+def ctrl_c_at_a_step(*args, on_step, **kwargs):
+    def step(steps):
+        if steps == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # as from the terminal, during that step
+        on_step(steps)
+
+    return run_workload(*args, on_step=step, **kwargs)
+
+
+sim.run_workload = ctrl_c_at_a_step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _stopped_run(out: Path, trace: Path, step: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CTRL_C_AT_STEP, "simulate", "--workload-file", str(trace),
+                           "--num-blocks", "128", "--export-every", "1", "--output", str(out)],
+                          env=_env(STOP_AT_STEP=str(step)), capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def two_requests(tmp_path_factory) -> Path:
+    """One request done after its 2 output tokens, one that runs for 400 steps."""
+    trace = tmp_path_factory.mktemp("trace") / "two.jsonl"
+    trace.write_text(json.dumps({"prompt_len": 20, "output_len": 2}) + "\n"
+                     + json.dumps({"prompt_len": 20, "output_len": 400}) + "\n")
+    return trace
+
+
+def test_a_run_stopped_before_any_request_finished_has_nothing_to_report(two_requests, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = _stopped_run(out, two_requests, step=1)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["partial"], summary["steps"], summary["finished_requests"]) == (True, 1, 0)
+    assert summary["run"]["mean_latency_s"] is None  # a mean over no request
+    assert "0 of 2 requests finished (interrupted) in 1 scheduler step: " in proc.stdout
+    assert "no request finished, so no latency" in proc.stdout and "mean request latency" not in proc.stdout
+    for inputs in ([out], [out / "telemetry"]):
+        assert cli.main(["report", *map(str, inputs), "--output", str(tmp_path / "report"), "--no-plots"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"vllm-frag-otel: error: nothing to report: the simulator run in {out} was interrupted after 1 scheduler"
+            f" step (see {out / 'summary.json'}), before any request finished: its telemetry shows the first"
+            " admissions only, not the workload. Run it again without stopping it (or with fewer --num-requests)")
+        assert not (tmp_path / "report").exists()
+
+
+def test_a_run_stopped_after_a_request_finished_is_reported_with_its_caveat(two_requests, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = _stopped_run(out, two_requests, step=20)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["partial"], summary["steps"], summary["finished_requests"]) == (True, 20, 1)
+    assert summary["run"]["mean_latency_s"] > 0
+    assert cli.main(["report", str(out), "--output", str(tmp_path / "report"), "--no-plots"]) == 0
+    assert (f"caveat: the simulator run in {out} was interrupted after 20 steps, with 1 requests finished"
+            in capsys.readouterr().out)
+
+
+def test_a_refused_workload_file_leaves_the_earlier_runs_and_no_new_one(tmp_path):
+    root = tmp_path / "vllm-frag-otel" / "simulate"
+    earlier = [root / f"2026010{day}T120000Z-{day}" for day in range(1, 6)]
+    for run in earlier:
+        run.mkdir(parents=True)
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"prompt_len": 0, "output_len": 3}) + "\n")
+    proc = _simulate("--workload-file", str(trace), timeout=60, XDG_CACHE_HOME=str(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{trace}:1: prompt_len must be an integer >= 1, got 0" in proc.stderr
+    assert sorted(root.iterdir()) == earlier
+
+
+def test_a_sweep_value_no_setting_can_take_shows_the_simulate_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["simulate", "--sweep", "--num-blocks", "64", "--sweep-block-sizes", "8,4096"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and lines[0].startswith("usage: vllm-frag-otel simulate ")
+    assert lines[-1] == "vllm-frag-otel: error: blocks of 4096 tokens do not fit in 1008 token slots of KV memory"

@@ -274,6 +274,18 @@ def test_a_bad_otel_metrics_exporter_is_named_once(raw, caplog):
     assert "VLLM_FRAG_OTEL_EXPORTER's choice" in record.getMessage()
 
 
+def test_a_bad_otel_metrics_exporter_is_said_at_start_up_whatever_the_plugins_exporter(caplog):
+    """VLLM_FRAG_OTEL_EXPORTER=file means OTEL_METRICS_EXPORTER is not read: a value it could
+    never take is said all the same, as VLLM_FRAG_OTEL_EXPORTER's own would be."""
+    config._reported.clear()
+    env = {"OTEL_METRICS_EXPORTER": "foo", "VLLM_FRAG_OTEL_EXPORTER": "file"}
+    with caplog.at_level(logging.WARNING, logger="vllm.frag_otel"):
+        assert config.unusable_otel_variables(env) == ["OTEL_METRICS_EXPORTER"]
+        assert config.unusable_otel_variables({**env, "OTEL_METRICS_EXPORTER": "otlp,prometheus"}) == []
+    (record,) = caplog.records
+    assert f"ignoring OTEL_METRICS_EXPORTER='foo': expected {config.METRICS_EXPORTER_ACCEPTED}" in record.getMessage()
+
+
 @pytest.mark.parametrize("env, address, bad", [
     ({}, ("localhost", 9464), []),
     ({"OTEL_EXPORTER_PROMETHEUS_HOST": "0.0.0.0", "OTEL_EXPORTER_PROMETHEUS_PORT": " 8000 "}, ("0.0.0.0", 8000), []),

@@ -236,3 +236,36 @@ def test_the_exporters_retry_lines_fold_into_one_warning_only_inside_the_plugins
         "not logged; what an engine stop cannot deliver is reported when it stops.",
         "Unsupported compression type: zip",
     ]
+
+
+def test_a_collector_back_is_said_once_and_the_next_outage_is_announced_again(caplog):
+    """Outage, recovery, outage: one line each, however many retries and exports in between."""
+    import logging
+
+    from vllm_frag_otel.export.telemetry import _RetryLog
+
+    log = logging.getLogger("opentelemetry.exporter.otlp.proto.http.test_retry_log_again")
+    fold = _RetryLog()
+    log.addFilter(fold)
+
+    def failing_export(reason: str) -> None:
+        with fold.ours():
+            for _ in range(2):
+                log.warning("Transient error %s encountered while exporting %s batch, retrying in %.2fs.", reason,
+                            "metrics", 1.0)
+
+    try:
+        with caplog.at_level(logging.INFO):
+            failing_export("refused")
+            fold.delivered()
+            fold.delivered()  # a second delivery in a row says nothing
+            failing_export("reset")
+    finally:
+        log.removeFilter(fold)
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (")[0] for m in messages] == [
+        "vllm-frag-otel: cannot deliver to the OTLP collector",
+        "vllm-frag-otel: the OTLP collector takes the telemetry again.",
+        "vllm-frag-otel: cannot deliver to the OTLP collector",
+    ]
+    assert "Transient error reset" in messages[2]

@@ -144,17 +144,17 @@ def test_the_wheel_alone_loads_as_a_plugin_without_vllm_and_says_so_once(lean, t
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["report"], "vllm-frag-otel report needs the report extra for its charts (matplotlib is not installed): "
+    (["report"], "vllm-frag-otel: error: report needs the report extra for its charts (matplotlib is not installed): "
                  f"{EXTRA}, or pass --no-plots"),
-    (["simulate", "--sweep"], "vllm-frag-otel simulate --sweep needs the report extra (matplotlib, tqdm are not"
-                              f" installed): {EXTRA}"),
-    (["simulate"], "vllm-frag-otel simulate runs vLLM's scheduler, and vLLM is not installed in this environment"
+    (["simulate", "--sweep"], "vllm-frag-otel: error: simulate --sweep needs the report extra (matplotlib, tqdm"
+                              f" are not installed): {EXTRA}"),
+    (["simulate"], "vllm-frag-otel: error: simulate runs vLLM's scheduler, and vLLM is not installed in this environment"
                    " (supported: vllm>=0.30,<0.35; the plugin never installs it)"),
 ])
 def test_the_cli_without_the_extra_names_what_to_install_in_one_line(lean, tmp_path, argv, message):
     result = subprocess.run([str(lean / "vllm-frag-otel"), *argv], capture_output=True, text=True, timeout=60,
                             cwd=tmp_path, env=_clean_env())
-    assert result.returncode == 2, result
+    assert result.returncode == 1, result  # this environment cannot run it: not a wrong command
     assert result.stderr.splitlines() == [message], result.stderr
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []  # nothing written before giving up

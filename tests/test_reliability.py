@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import logging
 import random
 import socket
 import threading
@@ -128,7 +129,10 @@ class _ThreadRecordingExporter(GrpcMetricExporter):
         return super().export(*args, **kwargs)
 
 
-def test_export_resumes_after_the_collector_restarts(runtime_for):
+def test_export_resumes_after_the_collector_restarts(runtime_for, caplog):
+    """The scheduler runs on while the collector is down; exports catch up when it is back.
+    The log: one line when the outage starts, one when it ends, none per retry."""
+    caplog.set_level(logging.INFO)
     receiver = RotelReceiver().start()
     try:
         runtime = runtime_for(receiver.grpc_endpoint, timeout_s=0.5)
@@ -158,6 +162,14 @@ def test_export_resumes_after_the_collector_restarts(runtime_for):
         receiver.wait_for(caught_up, timeout=15)
         spans = receiver.received_spans()
         assert spans and all(s["name"] == "vllm.kv_cache.request" for s in spans)
+        told = ["down" if "cannot deliver" in m else "up" for m in (r.getMessage() for r in caplog.records)
+                if "vllm-frag-otel" in m and "OTLP collector" in m]
+        # one line as an outage starts, one as it ends: they alternate, whatever the exports in between (an
+        # export that timed out before the stop, or an outage left by an earlier test, is an outage too);
+        # the outage of the stop was announced, and the last line says the collector is back
+        assert "down" in told and told[-1] == "up", told
+        assert all(a != b for a, b in zip(told, told[1:])), told
+        assert not [r for r in caplog.records if r.getMessage().startswith("Transient error")]
     finally:
         receiver.stop()
 

@@ -398,16 +398,16 @@ def test_missing_metrics_are_named(cumulative, tmp_path, capsys):
                 for sm in rm["scopeMetrics"]:
                     sm["metrics"] = [m for m in sm["metrics"] if m["name"] != "vllm.kv_cache.preemptions"]
             fh.write(json.dumps(request) + "\n")
-    assert cli.main(["report", str(filtered), "--output", str(tmp_path / "out")]) == 1
+    assert cli.main(["report", str(filtered), "--output", str(tmp_path / "out")]) == 2  # an input with nothing to report
     assert "no vllm.kv_cache.preemptions in the input; pool skipped" in capsys.readouterr().err
 
 
 def test_no_metrics_at_all_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "notes.json").write_text(json.dumps({"hello": "world"}))
     (tmp_path / "metrics-1.jsonl").write_text('{"resourceMetrics": [{"scopeMetrics": [')
-    assert cli.main(["report", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert cli.main(["report", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "error: no vllm.kv_cache metrics in" in err
+    assert "vllm-frag-otel: error: no vllm.kv_cache metrics in" in err
     assert f"{tmp_path / 'metrics-1.jsonl'}:1: truncated line" in err
 
 

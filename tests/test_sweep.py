@@ -150,17 +150,26 @@ def test_sweep_command_replays_a_trace_file(tmp_path):
     rng = random.Random(5)
     lines = [json.dumps({"arrival_time": 0.01 * i, "prompt_len": rng.randint(20, 200),
                          "output_len": rng.randint(5, 60), "prefix_group": i % 3}) for i in range(24)]
-    trace.write_text("\n".join([*lines[:10], '{"prompt_len": 5}', *lines[10:]]) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_FRAG_OTEL_"))}
     out = tmp_path / "sweep"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", "--sweep", "--workload-file", str(trace),
-         "--arrival-rate", "40", "--num-blocks", "40", "--max-num-seqs", "8", "--sweep-block-sizes", "8,16",
-         "--sweep-prefix-caching", "off", "--output", str(out)],
-        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
+
+    def sweep() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "vllm_frag_otel.cli", "simulate", "--sweep", "--workload-file", str(trace),
+             "--arrival-rate", "40", "--num-blocks", "40", "--max-num-seqs", "8", "--sweep-block-sizes", "8,16",
+             "--sweep-prefix-caching", "off", "--output", str(out)],
+            env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+        )
+
+    # a bad line: the file is refused, the line named, nothing written
+    trace.write_text("\n".join([*lines[:10], '{"prompt_len": 5}', *lines[10:]]) + "\n")
+    proc = sweep()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"vllm-frag-otel: error: {trace}:11: output_len must be an integer >= 1, got None\n" in proc.stderr
+    assert not out.exists()
+    trace.write_text("\n".join(lines) + "\n")
+    proc = sweep()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{trace}:11: output_len must be an integer >= 1, got None; line skipped" in proc.stderr
     assert f"What-if sweep: {trace}, 24 requests, 3 settings" in proc.stdout
     assert "Recommendation" in proc.stdout
     rows = _rows(out)

@@ -91,3 +91,13 @@ def test_a_replayed_line_is_marked_and_the_mark_is_checked(tmp_path):
     specs = workloads.load_trace(trace, problems)
     assert [(len(s.prompt_tokens), s.replayed) for s in specs] == [(10, True), (11, False)]
     assert [p.line for p in problems] == [3] and "replayed must be true or false, got 'yes'" in str(problems[0])
+
+
+@pytest.mark.parametrize("arrival", [-1, -0.001, float("inf"), float("nan")])
+def test_an_arrival_time_before_zero_or_never_is_named_by_line_and_field(tmp_path, arrival):
+    trace = tmp_path / "trace.jsonl"
+    _write(trace, [json.dumps({"prompt_len": 10, "output_len": 3}),
+                   json.dumps({"arrival_time": arrival, "prompt_len": 10, "output_len": 3})])
+    problems: list[InputProblem] = []
+    assert len(workloads.load_trace(trace, problems)) == 1
+    assert [str(p) for p in problems] == [f"{trace}:2: arrival_time must be a number of seconds >= 0, got {arrival!r}"]

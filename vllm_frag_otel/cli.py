@@ -10,6 +10,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from vllm_frag_otel.sim import simulator as sim
 from vllm_frag_otel.sim import simclock
 from vllm_frag_otel.sim import workloads
 from vllm_frag_otel.analysis import sweep as what_if
-from vllm_frag_otel.config import load_settings, unusable_otel_variables
+from vllm_frag_otel.config import cache_dir, load_settings, unusable_otel_variables
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.plugin.versions import SUPPORTED_VLLM
 from vllm_frag_otel.analysis.summary import counted, empty_block_statistics, field_statistics, group_statistics, render
@@ -36,9 +38,33 @@ DEFAULT_REQUESTS = 500
 # milliseconds): a collector that is down or never answers must not stall the run.
 STEP_FLUSH_SECONDS = 0.5
 FINAL_FLUSH_SECONDS = 5.0
+PROG = "vllm-frag-otel"
+EXIT_FAILED = 1  # the command could not run here, or failed while running
+EXIT_USAGE = 2  # a wrong option or input, or an input with nothing to report: fix it and run again
 EXIT_INTERRUPTED = 130
+EXIT_CODES = ("exit status: 0 done (also the report of an interrupted run that has something to report, with its"
+              " caveat); 1 the command could not run here (a missing package, vLLM not loading the plugin) or failed"
+              " while running (a file it could not write); 2 a wrong option or input, or an input with nothing to"
+              " report; 130 interrupted (Ctrl-C; simulate keeps what ran)")
+# simulate without --output: a run directory of its own under _bare_runs_root(), the newest few kept
+KEPT_BARE_RUNS = 5
+BARE_RUN_NAME = re.compile(r"\d{8}T\d{6}Z-\d+")
 # matplotlib and tqdm are not installed with the plugin (vLLM runs without them): the CLI asks for them
 REPORT_EXTRA = "pip install 'vllm-frag-otel[report]'"
+
+
+def _error(message: str, code: int = EXIT_USAGE) -> int:
+    """The CLI's one form of error line; returns the exit status."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error shows the usage of the (sub)command it is about, then the CLI's one error line."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message}\n")
 
 
 def _int_list(text: str) -> list[int]:
@@ -79,20 +105,22 @@ def _layout_help() -> str:
             " Mamba groups other than mamba_align (e.g. jamba) turn prefix caching off, as vLLM does")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-frag-otel", description=__doc__)
+def _parser() -> tuple[_Parser, dict[str, _Parser]]:
+    """The CLI's parser and its subcommands' parsers, by name."""
+    parser = _Parser(prog=PROG, description=__doc__, epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     simulation = commands.add_parser(
         "simulate",
         help="drive vLLM's real v1 scheduler and KV cache manager on the CPU and summarise fragmentation",
+        epilog=EXIT_CODES,
     )
     simulation.add_argument("--workload", choices=workloads.workload_names(), default="sharegpt",
                             help="built-in request mix (default sharegpt)")
     simulation.add_argument("--workload-file", type=Path, metavar="PATH",
-                     help="replay your own mix instead: JSON lines with arrival_time (s), prompt_len, output_len and"
-                          " optionally prefix_group, prefix_len (requests of a group share their first prefix_len"
-                          " prompt tokens)")
+                     help="replay your own mix instead: JSON lines with arrival_time (s, >= 0), prompt_len,"
+                          " output_len and optionally prefix_group, prefix_len (requests of a group share their first"
+                          " prefix_len prompt tokens). A file with a bad line is refused, each bad line named")
     simulation.add_argument("--num-requests", type=int,
                      help=f"requests (default {DEFAULT_REQUESTS}; with --workload-file: the first N, default all)")
     simulation.add_argument("--arrival-rate", type=float, metavar="R",
@@ -119,8 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     simulation.add_argument("--seed", type=int, default=0, help="random seed of the workload and arrivals (default 0)")
     simulation.add_argument("--output", type=Path,
                      help="write telemetry files and summary.json here, whatever OTEL_EXPORTER_OTLP_ENDPOINT says"
-                          " (with --sweep: the sweep's table, CSV, JSON and plot; default frag-sweep). Default: no"
-                          " summary.json; telemetry goes where the plugin's settings say")
+                          " (with --sweep: the sweep's table, CSV, JSON and plot; default frag-sweep). Default:"
+                          " telemetry goes where the plugin's settings say; files in the plugin's default directory"
+                          f" go to a run directory of its own instead, under {_bare_runs_root()} (the newest"
+                          f" {KEPT_BARE_RUNS} kept)")
     simulation.add_argument("--export-every", type=int, default=10, metavar="STEPS",
                      help="export the plugin's metrics every STEPS scheduler steps, for time series in `report`"
                           " (default 10; 0: only every OTEL_METRIC_EXPORT_INTERVAL ms, default 1000)")
@@ -148,15 +178,17 @@ def _parser() -> argparse.ArgumentParser:
                     " Collector's file exporter output works too). Bad lines are reported by file and line and"
                     " skipped. With request spans it also writes workload.jsonl, the traffic they saw, for"
                     " `simulate --sweep --workload-file`.",
+        epilog=EXIT_CODES,
     )
     report.add_argument("paths", nargs="*", type=Path, metavar="PATH",
-                        help="default: the plugin's file directory (VLLM_FRAG_OTEL_FILE_DIR, else"
-                             " ~/.cache/vllm-frag-otel/telemetry)")
+                        help="default: one run, named on the first line: VLLM_FRAG_OTEL_FILE_DIR if set, else the"
+                             " newest of the last simulate without --output and the plugin's default file directory"
+                             f" ({Path(cache_dir()) / 'telemetry'})")
     report.add_argument("--output", type=Path, default=Path("frag-report"), help="directory (default frag-report)")
     report.add_argument("--no-plots", action="store_true", help="skip the PNG charts (the HTML has none then)")
     report.add_argument("--smooth", type=int, default=0, metavar="EXPORTS",
                         help="also draw the fragmentation ratios' rolling mean over EXPORTS exports (default 0: none)")
-    return parser
+    return parser, {"simulate": simulation, "report": report}
 
 
 SWEEP_FLAGS = ("sweep_block_sizes", "sweep_num_blocks", "sweep_prefix_caching", "sweep_max_num_seqs", "sweep_grid")
@@ -183,7 +215,7 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
     if args.block_map_every < 0:
         parser.error("--block-map-every must be >= 0")
     if args.workload_file is not None and not args.workload_file.is_file():
-        parser.error(f"--workload-file {args.workload_file}: no such file")
+        parser.error(f"--workload-file {args.workload_file}: {_not_a_workload_file(args.workload_file)}")
     if args.max_model_len is not None and args.max_model_len < 2:
         parser.error("--max-model-len must be >= 2 (a prompt token and an output token)")
     base = _setting(args, prefix_caching=True)
@@ -195,6 +227,15 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--max-model-len {args.max_model_len} is longer than the pool holds: at most"
                      f" {base.max_model_len} tokens per request with --num-blocks {args.num_blocks}, --block-size"
                      f" {args.block_size} and --layout {args.layout}")
+
+
+def _not_a_workload_file(path: Path) -> str:
+    """Why `path`, not a file, cannot be a workload file."""
+    if not path.is_dir():
+        return "no such file"
+    inside = path / replay.WORKLOAD_FILE
+    hint = f"; this one holds a report's {inside}" if inside.is_file() else ""
+    return f"is a directory, expected a JSON-lines file with one request per line{hint}"
 
 
 def _setting(args, prefix_caching: bool) -> what_if.Setting:
@@ -209,10 +250,12 @@ def _specs(args, max_len: int):
         problems: list[InputProblem] = []
         specs = workloads.load_trace(args.workload_file, problems, seed=args.seed, max_len=max_len,
                                      prefix_len=args.prefix_len)
+        # a replay of part of the file would answer for a workload nobody asked about
         for problem in problems:
-            print(f"warning: {problem}", file=sys.stderr)
-        if not specs:
-            print(f"error: no usable request in {args.workload_file}", file=sys.stderr)
+            _error(str(problem))
+        if problems or not specs:
+            _error(f"{args.workload_file}: no request replayed (fix the lines named above)" if problems
+                   else f"no request in {args.workload_file}")
             return None
         specs = specs[: args.num_requests]
     else:
@@ -226,16 +269,21 @@ def _specs(args, max_len: int):
 
 
 class _NoKernelsNeeded(logging.Filter):
-    """vLLM's wheel without its compiled CPU ops warns at import that vllm._C is missing
-    (drawn over the progress bar); the simulator runs the scheduler and never a kernel."""
+    """vLLM's wheel without its compiled CPU ops warns at import that vllm._C is missing,
+    and torch without Triton that it finds no Triton kernels; the simulator runs the
+    scheduler and never a kernel."""
+
+    WARNINGS = ("Failed to import from vllm._C", "Triton not available")
+    # where vLLM 0.30-0.34 and torch warn
+    LOGGERS = ("vllm.platforms.interface", "vllm.platforms.cpu", "torch._library.triton")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to import from vllm._C")
+        return not record.getMessage().startswith(self.WARNINGS)
 
 
 def _load_plugin() -> bool:
     print("loading vLLM (10-20 s) ...", file=sys.stderr, flush=True)
-    for name in ("vllm.platforms.interface", "vllm.platforms.cpu"):  # where vLLM 0.30-0.34 warn
+    for name in _NoKernelsNeeded.LOGGERS:
         logging.getLogger(name).addFilter(_NoKernelsNeeded())
     from vllm.plugins import load_general_plugins
 
@@ -243,8 +291,8 @@ def _load_plugin() -> bool:
 
     load_general_plugins()
     if not instrumentor.is_instrumented:
-        print("error: vLLM did not load the frag_otel plugin. Is VLLM_PLUGINS set without frag_otel, or"
-              " VLLM_FRAG_OTEL_ENABLED=false?", file=sys.stderr)
+        _error("vLLM did not load the frag_otel plugin. Is VLLM_PLUGINS set without frag_otel, or"
+               " VLLM_FRAG_OTEL_ENABLED=false?")
     return instrumentor.is_instrumented
 
 
@@ -256,16 +304,16 @@ def _missing_requirement(args) -> str | None:
     """One line naming what this command needs and how to install it, when it is not installed."""
     if args.command == "report":
         absent = [] if args.no_plots else _absent("matplotlib")
-        return (f"vllm-frag-otel report needs the report extra for its charts ({', '.join(absent)} is not"
+        return (f"report needs the report extra for its charts ({', '.join(absent)} is not"
                 f" installed): {REPORT_EXTRA}, or pass --no-plots") if absent else None
     command = "simulate --sweep" if args.sweep else "simulate"
     # the sweep draws sweep.png and shows a progress bar; a plain simulate runs without tqdm (no bar)
     absent = _absent("matplotlib", "tqdm") if args.sweep else []
     if absent:
-        return (f"vllm-frag-otel {command} needs the report extra ({', '.join(absent)}"
+        return (f"{command} needs the report extra ({', '.join(absent)}"
                 f" {'is' if len(absent) == 1 else 'are'} not installed): {REPORT_EXTRA}")
     if _absent("vllm"):
-        return (f"vllm-frag-otel {command} runs vLLM's scheduler, and vLLM is not installed in this environment"
+        return (f"{command} runs vLLM's scheduler, and vLLM is not installed in this environment"
                 f" (supported: vllm{SUPPORTED_VLLM}; the plugin never installs it)")
     return None
 
@@ -277,6 +325,16 @@ def _progress_bar(**kwargs):
     except ImportError:
         return contextlib.nullcontext()
     return tqdm(file=sys.stderr, disable=None, **kwargs)
+
+
+def _logs_above_bars():
+    """vLLM's log lines (the plugin's among them, e.g. where its files go, logged as the
+    scheduler starts) printed above the progress bars instead of over them."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm(loggers=[logging.getLogger("vllm")])
 
 
 def _workload_name(args) -> str:
@@ -297,8 +355,7 @@ def _unwritable(directory: Path) -> str | None:
 
 
 def _path_error(what: str, path: Path, reason: str) -> int:
-    print(f"vllm-frag-otel: error: {what} {path}: {reason}", file=sys.stderr)
-    return 2
+    return _error(f"{what} {path}: {reason}")
 
 
 def _telemetry_disabled() -> bool:
@@ -382,18 +439,29 @@ class _CtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _report_unusable_otel_variables() -> None:
-    """Say once, one line each, which OTEL_* values the plugin will not use (the
-    same words it logs), and hide them from this process as the plugin hides them
-    from the SDK: what the run then does is what this process sees."""
+@contextlib.contextmanager
+def _plugin_warnings_on_stderr():
+    """The plugin's warnings about its settings as the CLI's `warning:` lines: vLLM,
+    which sets up the plugin's logging, is not loaded yet (each is said once per
+    process, so the plugin does not repeat them)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     logger = logging.getLogger("vllm.frag_otel")
     logger.addHandler(handler)
     try:
-        unusable = unusable_otel_variables()
+        yield
     finally:
         logger.removeHandler(handler)
+
+
+def _report_unusable_settings() -> None:
+    """Say once, one line each, which VLLM_FRAG_OTEL_* and OTEL_* values the plugin
+    will not use (the same words it logs), and hide the OTEL_* ones from this process
+    as the plugin hides them from the SDK: what the run then does is what this
+    process sees."""
+    with _plugin_warnings_on_stderr():
+        load_settings()
+        unusable = unusable_otel_variables()
     for name in unusable:
         os.environ.pop(name, None)
 
@@ -414,6 +482,53 @@ def _cut_line(cuts: workloads.Cuts, path: Path) -> str | None:
             + "; ".join(parts))
 
 
+def _bare_runs_root() -> Path:
+    return Path(cache_dir()) / "simulate"
+
+
+def _bare_runs() -> list[Path]:
+    """The run directories of earlier simulates without --output, oldest first."""
+    root = _bare_runs_root()
+    named = [p for p in root.iterdir() if p.is_dir() and BARE_RUN_NAME.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(named, key=lambda p: p.name)
+
+
+def _new_bare_run() -> Path:
+    """A new run directory for a simulate without --output; only the newest KEPT_BARE_RUNS stay (said so)."""
+    earlier = _bare_runs()
+    removed = earlier[: max(0, len(earlier) - (KEPT_BARE_RUNS - 1))]
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    if removed:
+        print(f"removed {counted(len(removed), 'older run')} from {_bare_runs_root()} (without --output, the newest"
+              f" {KEPT_BARE_RUNS} are kept; --output DIR keeps a run)", file=sys.stderr)
+    return _bare_runs_root() / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+
+
+def _newest_write(directory: Path) -> float:
+    """When a file in `directory` (or below) was last written; 0 when it holds none."""
+    return max((p.stat().st_mtime for p in directory.rglob("*") if p.is_file()), default=0.0)
+
+
+def _default_inputs() -> list[Path]:
+    """What a bare `report` reads, said on stderr: VLLM_FRAG_OTEL_FILE_DIR when set; else the newest of
+    the last simulate run without --output and the plugin's default file directory (a server's)."""
+    with _plugin_warnings_on_stderr():
+        file_dir = Path(load_settings().file_dir)
+    runs = _bare_runs()
+    if runs and not _file_dir_chosen() and _newest_write(runs[-1]) >= _newest_write(file_dir):
+        print(f"report: reading {runs[-1]}, the newest simulate run without --output (of {len(runs)} kept in"
+              f" {runs[-1].parent}); give PATHs to read others", file=sys.stderr)
+        return [runs[-1]]
+    print(f"report: reading {file_dir}, the plugin's file directory (VLLM_FRAG_OTEL_FILE_DIR); give PATHs"
+          " to read others", file=sys.stderr)
+    return [file_dir]
+
+
+def _file_dir_chosen() -> bool:
+    return bool(os.environ.get("VLLM_FRAG_OTEL_FILE_DIR", "").strip())
+
+
 def _clock(telemetry_dir: Path | None, step_seconds: float) -> simclock.ClockWriter | None:
     """The clock file beside the telemetry files, mapping their wall-clock times to simulated time."""
     if telemetry_dir is None or _telemetry_disabled():
@@ -422,6 +537,17 @@ def _clock(telemetry_dir: Path | None, step_seconds: float) -> simclock.ClockWri
 
 
 def simulate(args) -> int:
+    _report_unusable_settings()
+    setting = _setting(args, not args.no_prefix_caching)
+    shape = setting.shape(args.max_num_batched_tokens)
+    specs = _specs(args, setting.max_model_len)  # a bad workload file stops the run before it writes anything
+    if specs is None:
+        return EXIT_USAGE
+    # files in the plugin's default directory: a run directory of its own instead, apart from
+    # other runs and from a server's files there
+    bare = args.output is None and not _file_dir_chosen() and _telemetry_dir() is not None
+    if bare:
+        args.output = _new_bare_run()
     if args.output:
         problem = _unwritable(args.output)
         if problem:
@@ -434,20 +560,16 @@ def simulate(args) -> int:
         settings = load_settings()
         choices = {exporter_choice(settings, signal) for signal in ("metrics", "traces", "logs")}
         # left on auto without a collector it writes files anyway, and its log says so in those words
-        if settings.exporter == "auto" and choices != {"file"}:
+        if not bare and settings.exporter == "auto" and choices != {"file"}:
             os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "file"
-    _report_unusable_otel_variables()
     telemetry_dir = _telemetry_dir()
     if telemetry_dir is not None:
         problem = _unwritable(telemetry_dir)
         if problem:
             return _path_error("cannot write telemetry to", telemetry_dir, problem)
     os.environ.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "1000")
-    setting = _setting(args, not args.no_prefix_caching)
-    shape = setting.shape(args.max_num_batched_tokens)
-    specs = _specs(args, setting.max_model_len)
-    if specs is None or not _load_plugin():
-        return 2
+    if not _load_plugin():
+        return EXIT_FAILED
     flush = _Flusher(files=telemetry_dir is not None)
     clock = _clock(telemetry_dir, args.step_seconds)
 
@@ -468,8 +590,9 @@ def simulate(args) -> int:
 
     started = time.perf_counter()
     try:
-        with ctrl_c, _progress_bar(total=len(specs), desc="vLLM requests built (prompts hashed)", unit="req",
-                                   leave=False) as building, \
+        with ctrl_c, _logs_above_bars(), \
+                _progress_bar(total=len(specs), desc="vLLM requests built (prompts hashed)", unit="req",
+                              leave=False) as building, \
                 _progress_bar(total=len(specs), desc="requests finished", unit="req") as progress:
             result = sim.run_workload(shape, specs, step_seconds=args.step_seconds, seed=args.seed,
                                       progress=progress, on_step=export, keep_partial=True, building=building)
@@ -508,9 +631,11 @@ def simulate(args) -> int:
         print(f"  {note}")
     finished = int(result.latency_steps.size)
     ran = f"{finished} of {len(specs)} requests finished (interrupted)" if partial else f"{len(specs)} requests"
-    print(f"  {ran} in {result.steps} scheduler steps: {result.simulated_seconds:.1f} s of simulated time"
-          f" ({args.step_seconds} s per step), {elapsed:.1f} s of wall-clock time; mean request latency"
-          f" {outcome.mean_latency_s:.3f} s (simulated); {outcome.tokens_per_step:.1f} tokens scheduled per busy step")
+    latency = (f"mean request latency {outcome.mean_latency_s:.3f} s (simulated)" if finished
+               else "no request finished, so no latency")
+    print(f"  {ran} in {counted(result.steps, 'scheduler step')}: {result.simulated_seconds:.1f} s of simulated time"
+          f" ({args.step_seconds} s per step), {elapsed:.1f} s of wall-clock time; {latency};"
+          f" {outcome.tokens_per_step:.1f} tokens scheduled per busy step")
     cut = _cut_line(cuts, args.workload_file) if args.workload_file is not None else None
     if cut:
         print(f"  {cut}")
@@ -526,7 +651,9 @@ def simulate(args) -> int:
             "partial": partial,
             "finished_requests": finished,
             "cut_requests": dataclasses.asdict(cuts),
-            "run": {k: v for k, v in dataclasses.asdict(outcome).items() if k != "setting"},
+            # a mean over no finished request is no latency at all
+            "run": {k: (None if k == "mean_latency_s" and not finished else v)
+                    for k, v in dataclasses.asdict(outcome).items() if k != "setting"},
             "fields": stats,
             "layout": {
                 "name": args.layout,
@@ -540,6 +667,9 @@ def simulate(args) -> int:
         where = (f"telemetry: {args.output / 'telemetry'} (`vllm-frag-otel report {args.output}`)"
                  if not _telemetry_disabled() else "no telemetry: it was disabled by OTEL_SDK_DISABLED")
         print(f"  summary: {args.output / 'summary.json'}; {where}")
+        if bare:
+            print(f"  (no --output: a run directory of its own; the newest {KEPT_BARE_RUNS} are kept in"
+                  f" {args.output.parent}, and a bare `vllm-frag-otel report` reads the newest)")
     elif _telemetry_disabled():
         print("  no telemetry: it was disabled by OTEL_SDK_DISABLED")
     return EXIT_INTERRUPTED if partial else 0
@@ -562,7 +692,8 @@ def _layout_notes(args, shape: sim.EngineShape) -> list[str]:
     return notes + _prefix_caching_note(args, shape)
 
 
-def sweep(args) -> int:
+def sweep(args, parser: argparse.ArgumentParser) -> int:
+    _report_unusable_settings()
     # the sweep compares runs; their telemetry would only mix pools of different shapes
     os.environ["VLLM_FRAG_OTEL_EXPORTER"] = "none"
     base = _setting(args, not args.no_prefix_caching)
@@ -576,16 +707,17 @@ def sweep(args) -> int:
         axes = what_if.default_axes(base)
     try:
         runs = what_if.settings(base, grid=args.sweep_grid, **axes)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # a --sweep-* value no setting can take
+        parser.error(str(exc))
+    max_len = min(s.max_model_len for s in runs)
+    specs = _specs(args, max_len)
+    if specs is None:
+        return EXIT_USAGE
     problem = _unwritable(args.output or Path("frag-sweep"))
     if problem:
         return _path_error("--output", args.output or Path("frag-sweep"), problem)
-    max_len = min(s.max_model_len for s in runs)
-    specs = _specs(args, max_len)
-    if specs is None or not _load_plugin():
-        return 2
+    if not _load_plugin():
+        return EXIT_FAILED
     with _progress_bar(total=len(runs) * len(specs), unit="req") as progress:
         outcomes = what_if.run(runs, specs, args.step_seconds, args.seed, args.max_num_batched_tokens, progress)
     recommendation = what_if.recommend(outcomes)
@@ -611,19 +743,34 @@ def _replay_note(specs) -> list[str]:
             f" {replay.WORKLOAD_FILE}). {replay.REPLAY_CANNOT_KNOW[0].upper()}{replay.REPLAY_CANNOT_KNOW[1:]}"]
 
 
-def report(args) -> int:
+def _nothing_finished(path: Path) -> str | None:
+    """Why `path`, an interrupted simulator run that finished no request, has nothing to
+    report; None for any other input."""
+    runs = reporting.partial_runs([path])
+    if not runs or any(run.get("finished_requests") != 0 for _, run in runs):
+        return None
+    summary, run = runs[0]
+    steps = run.get("steps")
+    after = f" after {counted(steps, 'scheduler step')}" if isinstance(steps, int) else ""
+    return (f"the simulator run in {summary.parent} was interrupted{after} (see {summary}), before any request"
+            " finished: its telemetry shows the first admissions only, not the workload. Run it again without"
+            " stopping it (or with fewer --num-requests)")
+
+
+def report(args, parser: argparse.ArgumentParser) -> int:
     if args.smooth < 0:
-        print("vllm-frag-otel: error: --smooth must be >= 0 (exports in the rolling mean; 0: none)", file=sys.stderr)
-        return 2
-    paths = args.paths or [Path(load_settings().file_dir)]
+        parser.error("--smooth must be >= 0 (exports in the rolling mean; 0: none)")
+    paths = args.paths or _default_inputs()
+    empty = [_nothing_finished(path) for path in paths]
+    if all(empty):
+        return _error("nothing to report: " + "; ".join(empty))
     problem = _unwritable(args.output)
     if problem:
         return _path_error("--output", args.output, problem)
     try:
         written = reporting.build(paths, args.output, pictures=not args.no_plots, smooth=args.smooth)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _error(str(exc))
     for problem in written.problems:
         print(f"warning: {problem}", file=sys.stderr)
     print(written.summary)
@@ -632,20 +779,22 @@ def report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser, commands = _parser()
     args = parser.parse_args(argv)
     missing = _missing_requirement(args)
     if missing:
-        print(missing, file=sys.stderr)
-        return 2
+        return _error(missing, EXIT_FAILED)
     try:
         if args.command == "report":
-            return report(args)
-        _validate(parser, args)
-        return sweep(args) if args.sweep else simulate(args)
+            return report(args, commands["report"])
+        _validate(commands["simulate"], args)
+        return sweep(args, commands["simulate"]) if args.sweep else simulate(args)
     except KeyboardInterrupt:  # simulate handles it while stepping; elsewhere there is nothing to save
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a write that failed midway (a full disk): the command, not its input
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _error(f"{where}{exc.strerror or exc}", EXIT_FAILED)
 
 
 if __name__ == "__main__":

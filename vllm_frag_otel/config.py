@@ -25,9 +25,14 @@ _FALSE = ("0", "false", "no", "off")
 T = TypeVar("T")
 
 
-def _default_file_dir() -> str:
+def cache_dir() -> str:
+    """The plugin's and the CLI's directory in the user's cache."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "vllm-frag-otel", "telemetry")
+    return os.path.join(cache, "vllm-frag-otel")
+
+
+def _default_file_dir() -> str:
+    return os.path.join(cache_dir(), "telemetry")
 
 
 @dataclass(frozen=True)
@@ -288,6 +293,9 @@ def unusable_otel_variables(environ: Mapping[str, str] | None = None) -> list[st
     exporter can use; each reported once."""
     env = os.environ if environ is None else environ
     unusable = unusable_otlp_variables(env)
+    # read only while VLLM_FRAG_OTEL_EXPORTER is auto, but a value it cannot take is said whatever that is
+    if env.get("OTEL_METRICS_EXPORTER", "").strip() and metrics_exporters(env) is None:
+        unusable.append("OTEL_METRICS_EXPORTER")
     for name, (parse, accepted) in OTEL_VARIABLES.items():
         raw = env.get(name)
         if raw is None:

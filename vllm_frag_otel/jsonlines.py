@@ -26,12 +26,13 @@ class InputProblem:
         return f"{where}: {self.message}"
 
 
-def json_records(path: Path, problems: list[InputProblem]) -> Iterator[tuple[int, object]]:
+def json_records(path: Path, problems: list[InputProblem], skipping: bool = True) -> Iterator[tuple[int, object]]:
     """(line number, decoded value) for each non-blank line of `path`.
 
     A `.json` file holding one (possibly pretty-printed) document is yielded
-    whole, as line 1. Lines that are not JSON become problems; a last line
-    without its newline is called out as a truncated write.
+    whole, as line 1. Lines that are not JSON become problems (saying they are
+    skipped, when `skipping`); a last line without its newline is called out as
+    a truncated write.
     """
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -56,7 +57,8 @@ def json_records(path: Path, problems: list[InputProblem]) -> Iterator[tuple[int
             truncated = number == len(lines) and not text.endswith("\n")
             if bad <= NAMED_BAD_LINES or truncated:
                 what = "truncated line (the file ends mid-record)" if truncated else "not valid JSON"
-                problems.append(InputProblem(path, number, f"{what}: {exc.msg} (column {exc.colno}); line skipped"))
+                problems.append(InputProblem(path, number, f"{what}: {exc.msg} (column {exc.colno})"
+                                                           + "; line skipped" * skipping))
     if bad > NAMED_BAD_LINES:
         problems.append(InputProblem(path, 0, f"{bad} lines are not valid JSON in all (the first {NAMED_BAD_LINES}"
-                                              " named above); all skipped"))
+                                              " named above)" + "; all skipped" * skipping))

@@ -381,9 +381,15 @@ def run_summaries(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
     return found
 
 
+def partial_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
+    """Simulator runs among `paths` stopped before their workload ended (their summary.json
+    says "partial"): (that summary.json, its content)."""
+    return [(summary, run) for summary, run in run_summaries(paths) if run.get("partial")]
+
+
 def interrupted_runs(runs: Sequence[tuple[Path, dict]]) -> list[str]:
-    """Simulator runs stopped before their workload ended (their summary.json says
-    "partial"): the report covers only the steps that ran."""
+    """The caveat of each interrupted simulator run among `runs` (`run_summaries`): the report
+    covers only the steps that ran."""
     return [f"the simulator run in {summary.parent} was interrupted after {run.get('steps', '?')} steps, with"
             f" {run.get('finished_requests', '?')} requests finished (its summary.json: \"partial\": true): this"
             " report covers only what ran" for summary, run in runs if run.get("partial")]

@@ -373,6 +373,7 @@ class PointsExporter(MetricExporter):
             preferred_aggregation=inner._preferred_aggregation,  # noqa: SLF001
         )
         self.inner = inner
+        retry_log.quiet(type(inner))
         self.metrics: KVCacheMetrics | None = None
         self.exemplars = exemplars
         self._start_ns = time_ns()
@@ -396,6 +397,7 @@ class PointsExporter(MetricExporter):
             result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         if result is MetricExportResult.SUCCESS:
             self.delivered_ns = began
+            retry_log.delivered()
         return result
 
     def with_points(self, metrics_data: MetricsData) -> MetricsData:
@@ -718,7 +720,8 @@ class _RetryLog(logging.Filter):
     logged, saying it is the plugin's, and the rest are dropped: what a stop could not
     deliver is counted and reported by the stop itself. Only records logged inside the
     plugin's own exports (`ours`) are touched: vLLM's own OTLP tracing logs through the
-    same loggers, and its lines stay as they are."""
+    same loggers, and its lines stay as they are. When an export is delivered again, one
+    line says so, and the next outage is announced in its turn."""
 
     PREFIXES = ("Transient error", "Failed to export", "Shutdown in progress, aborting retry",
                 "Exporter already shutdown")  # a batch handed on while the stop shuts the exporter down
@@ -740,7 +743,8 @@ class _RetryLog(logging.Filter):
             self._exporting.active = False
 
     def quiet(self, exporter_class: type) -> None:
-        """Filter the loggers an exporter class logs its retries to (its module's and its bases')."""
+        """Filter the loggers an exporter class logs its retries to (its module's and its bases'),
+        whichever exporter the plugin wraps (built from the environment or handed to the Runtime)."""
         names = {c.__module__ for c in exporter_class.__mro__ if c.__module__.startswith("opentelemetry.exporter.")}
         for name in (names | set(self.EXTRA_LOGGERS)) - self._loggers:
             logging.getLogger(name).addFilter(self)
@@ -760,6 +764,12 @@ class _RetryLog(logging.Filter):
         record.args = (failure.rstrip(),)
         return True
 
+    def delivered(self) -> None:
+        """One of the plugin's exports reached the collector."""
+        if self._logged:
+            self._logged = False
+            logger.info("vllm-frag-otel: the OTLP collector takes the telemetry again.")
+
 
 retry_log = _RetryLog()
 
@@ -769,6 +779,7 @@ class _Delivery:
 
     def __init__(self, inner):
         self.inner = inner
+        retry_log.quiet(type(inner))
         self.delivered = 0
 
     def export(self, batch, *args, **kwargs):
@@ -776,6 +787,7 @@ class _Delivery:
             result = self.inner.export(batch, *args, **kwargs)
         if getattr(result, "name", None) == "SUCCESS":
             self.delivered += len(batch)
+            retry_log.delivered()
         return result
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
@@ -873,7 +885,6 @@ def build_exporter(settings: Settings, signal: str) -> MetricExporter | SpanExpo
         transport = "grpc" if _otlp_protocol(signal) == "grpc" else "http"
         module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{exporters.otlp_module}")
         exporter_class = getattr(module, exporters.otlp_class)
-        retry_log.quiet(exporter_class)
         if _endpoint(signal).lower().startswith("grpc://") and not _env("OTEL_EXPORTER_OTLP_INSECURE"):
             return exporter_class(insecure=True)  # plaintext, as vLLM's own exporter
         if transport == "http" and (session := _certificate_session(signal)) is not None:

@@ -85,7 +85,7 @@ def load_trace(
 
         {"arrival_time": 0.37, "prompt_len": 812, "output_len": 96, "prefix_group": "support-bot"}
 
-    `arrival_time` (seconds, any origin; default 0: all at once), `prompt_len`
+    `arrival_time` (seconds >= 0, any origin; default 0: all at once), `prompt_len`
     and `output_len` (tokens, >= 1). Requests of one `prefix_group` share their
     first `prefix_len` prompt tokens (the per-line field, else the argument), like
     a system prompt. Token ids are random (seeded): only lengths and sharing matter
@@ -93,15 +93,16 @@ def load_trace(
     longer requests: the prompt to `max_len` - 1 tokens, then the output to what
     is left; what was cut is in `prompt_cut` and `output_cut` (see `cuts`).
     `replayed: true` marks a line `report` wrote from recorded traffic.
-    Bad lines are reported in `problems` and skipped.
+    Bad lines are reported in `problems`, by line and field, and left out: a
+    caller replays the file only when there are none.
     """
     rng = np.random.default_rng(seed)
     prefixes: dict[str, list[int]] = {}
     rows: list[tuple[float, int, int, list[int], int, int, bool]] = []
-    for number, record in json_records(path, problems):
+    for number, record in json_records(path, problems, skipping=False):
         row = _trace_row(record)
         if isinstance(row, str):
-            problems.append(InputProblem(path, number, f"{row}; line skipped"))
+            problems.append(InputProblem(path, number, row))
             continue
         arrival, asked_prompt, asked_output, group, group_prefix_len = row
         prompt_len = min(asked_prompt, max_len - 1)
@@ -164,8 +165,8 @@ def _trace_row(record: object) -> tuple[float, int, int, str | None, int | None]
     if not isinstance(record.get("replayed", False), bool):
         return f"replayed must be true or false, got {record['replayed']!r}"
     arrival = record.get("arrival_time", 0.0)
-    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not np.isfinite(arrival):
-        return f"arrival_time must be a number of seconds, got {arrival!r}"
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not 0 <= arrival < float("inf"):
+        return f"arrival_time must be a number of seconds >= 0, got {arrival!r}"
     group = record.get("prefix_group")
     prompt_len, output_len, prefix_len = values
     return float(arrival), prompt_len, output_len, None if group is None else str(group), prefix_len
