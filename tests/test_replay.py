@@ -170,7 +170,7 @@ def test_the_workload_file_is_the_replayed_workload(round_trip):
     # and the report says where it is and how to replay it
     assert f"{written}: 24 requests" in printed
     assert f"vllm-frag-otel simulate --sweep --workload-file {written}" in printed
-    assert f"--workload-file {written}` (see --help" in printed  # the advice names the file
+    assert f"`vllm-frag-otel simulate --sweep --workload-file {written} --num-blocks " in printed  # the advice names it
 
 
 def test_the_written_workload_replays(round_trip):
