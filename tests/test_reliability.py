@@ -164,10 +164,10 @@ def test_export_resumes_after_the_collector_restarts(runtime_for, caplog):
         assert spans and all(s["name"] == "vllm.kv_cache.request" for s in spans)
         told = ["down" if "cannot deliver" in m else "up" for m in (r.getMessage() for r in caplog.records)
                 if "vllm-frag-otel" in m and "OTLP collector" in m]
-        # one line as an outage starts, one as it ends: they alternate, whatever the exports in between (an
-        # export that timed out before the stop, or an outage left by an earlier test, is an outage too);
-        # the outage of the stop was announced, and the last line says the collector is back
-        assert "down" in told and told[-1] == "up", told
+        # one line as an outage starts, one as it ends: they alternate, whatever the exports in between, and
+        # the last says the collector is back. (The log is process-wide: an earlier test's outage, or an
+        # export that timed out before the stop, may have begun the outage this line ends.)
+        assert told and told[-1] == "up", told
         assert all(a != b for a, b in zip(told, told[1:])), told
         assert not [r for r in caplog.records if r.getMessage().startswith("Transient error")]
     finally:
