@@ -22,20 +22,22 @@ from helpers import REPO, simulate_into
 
 from vllm_frag_otel import cli
 from vllm_frag_otel.analysis import advice
-from vllm_frag_otel.analysis.advice import Row, Sweep
+from vllm_frag_otel.analysis.advice import Sweep
+from vllm_frag_otel.analysis.sweep import Outcome, Setting
 
 
-def _row(**changes) -> Row:
-    base = dict(block_size=16, num_blocks=101, kv_slots=1600, prefix_caching=True, max_num_seqs=8,
-                mean_latency_s=10.0, preemptions=50, failed_allocations=500, prefix_hit_rate=0.2)
-    base.update(changes)
-    return Row(**base)
+def _row(mean_latency_s: float = 10.0, preemptions: int = 50, prefix_hit_rate: float = 0.2, **setting) -> Outcome:
+    """A sweep row: 100 usable blocks of 16, 8 seqs, prefix caching on, unless `setting` says otherwise."""
+    base = dict(block_size=16, num_blocks=101, prefix_caching=True, max_num_seqs=8)
+    return Outcome(Setting(**{**base, **setting}), steps=1000, internal_fragmentation=0.1, unused_slots=10.0,
+                   slot_utilization=0.5, preemptions=preemptions, failed_allocations=500, allocation_attempts=5000,
+                   prefix_hit_rate=prefix_hit_rate, tokens_per_step=9.0, mean_latency_s=mean_latency_s)
 
 
 def test_a_lever_is_measured_only_by_rows_that_change_it_alone():
     base = _row()
-    more = _row(num_blocks=201, kv_slots=3200, mean_latency_s=6.0)
-    more_and_fewer = _row(num_blocks=201, kv_slots=3200, max_num_seqs=4, mean_latency_s=5.0)  # two changes
+    more = _row(num_blocks=201, mean_latency_s=6.0)
+    more_and_fewer = _row(num_blocks=201, max_num_seqs=4, mean_latency_s=5.0)  # two changes
     fewer = _row(max_num_seqs=4, mean_latency_s=13.0, preemptions=10)
     smaller = _row(block_size=8, num_blocks=201, mean_latency_s=9.9)  # same memory, smaller blocks
     bigger = _row(block_size=32, num_blocks=51, mean_latency_s=9.0)
@@ -63,7 +65,7 @@ def test_the_latency_verdict_turns_at_the_sweeps_own_threshold(latency, expected
 @pytest.mark.parametrize(("hits", "expected"), [(0.211, "it helps"), (0.205, "less than a percentage point"),
                                                 (0.189, "prefix hits fell")])
 def test_the_prefix_verdict_reads_the_hit_rate_not_latency(hits, expected):
-    sweep = Sweep(Path("s"), (_row(), _row(num_blocks=201, kv_slots=3200, mean_latency_s=5.0, prefix_hit_rate=hits)))
+    sweep = Sweep(Path("s"), (_row(), _row(num_blocks=201, mean_latency_s=5.0, prefix_hit_rate=hits)))
     assert expected in advice.verdict(advice.MORE_MEMORY, [sweep], on_prefix_hits=True)
 
 
@@ -138,3 +140,12 @@ def test_with_the_sweep_each_change_carries_its_measured_effect(advised):
         assert verdict in line
     # doubling this pool's memory halves its queueing; a lower --max-num-seqs does not help here
     assert after[0].endswith("it helps.") and "it helps" not in after[1]
+
+
+def test_a_sweep_reads_back_as_it_was_written(tmp_path):
+    from vllm_frag_otel.analysis import sweep
+
+    outcomes = [_row(), _row(num_blocks=201, mean_latency_s=6.5, layout="full,sliding_window:128"),
+                _row(block_size=8, num_blocks=201, prefix_caching=False, max_num_seqs=3, prefix_hit_rate=0.0)]
+    sweep.write(outcomes, "text", tmp_path, pictures=False)
+    assert sweep.read(tmp_path / "sweep.json") == outcomes

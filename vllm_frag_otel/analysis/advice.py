@@ -6,44 +6,25 @@ measure it. A change the sweep measured as slower is said to be so, never advise
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_frag_otel.analysis.summary import pct
-from vllm_frag_otel.analysis.sweep import MATERIAL
+from vllm_frag_otel.analysis import sweep
+from vllm_frag_otel.analysis.sweep import MATERIAL, Outcome, Setting
 
 SWEEP_FILE = "sweep.json"
 PREFIX_POINTS = 0.01  # a prefix-cache hit-rate change worth calling one
 
 
 @dataclass(frozen=True)
-class Row:
-    """One setting of a sweep and what it measured (a sweep.json row)."""
-
-    block_size: int
-    num_blocks: int  # including vLLM's null block
-    kv_slots: int
-    prefix_caching: bool
-    max_num_seqs: int
-    mean_latency_s: float
-    preemptions: int
-    failed_allocations: int
-    prefix_hit_rate: float
-
-    @classmethod
-    def of(cls, row: dict) -> Row:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
 class Sweep:
     path: Path
-    rows: tuple[Row, ...]  # the first is the baseline
+    rows: tuple[Outcome, ...]  # the first is the baseline
 
     @property
-    def baseline(self) -> Row:
+    def baseline(self) -> Outcome:
         return self.rows[0]
 
 
@@ -56,7 +37,7 @@ def find_sweeps(paths: Sequence[Path]) -> tuple[list[Sweep], list[str]]:
         if candidate is None or not candidate.is_file():
             continue
         try:
-            rows = tuple(Row.of(row) for row in json.loads(candidate.read_text())["rows"])
+            rows = tuple(sweep.read(candidate))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             problems.append(f"{candidate}: not a sweep this version reads ({type(exc).__name__}: {exc}); ignored")
             continue
@@ -70,14 +51,14 @@ class Lever:
     """A change of one setting, everything else as in the baseline."""
 
     name: str  # what the advice calls it
-    changed: Callable[[Row, Row], bool]  # (row, baseline): the row makes this change and only this one
+    changed: Callable[[Setting, Setting], bool]  # (row's, baseline's): this change and only this one
 
-    def measured(self, sweep: Sweep) -> list[Row]:
-        return [row for row in sweep.rows[1:] if self.changed(row, sweep.baseline)]
+    def measured(self, found: Sweep) -> list[Outcome]:
+        return [row for row in found.rows[1:] if self.changed(row.setting, found.baseline.setting)]
 
 
-def _same(row: Row, base: Row, *names: str) -> bool:
-    return all(getattr(row, n) == getattr(base, n) for n in names)
+def _same(setting: Setting, base: Setting, *names: str) -> bool:
+    return all(getattr(setting, n) == getattr(base, n) for n in names)
 
 
 MORE_MEMORY = Lever(
@@ -101,11 +82,11 @@ def verdict(lever: Lever, sweeps: Sequence[Sweep], on_prefix_hits: bool = False)
     """What the first sweep that measured `lever` found against its baseline, or None: by
     mean request latency (the lever's best row), or with `on_prefix_hits` by prefix-cache
     hit rate (the row that hit most)."""
-    for sweep in sweeps:
-        rows = lever.measured(sweep)
+    for found in sweeps:
+        rows = lever.measured(found)
         if not rows:
             continue
-        base = sweep.baseline
+        base = found.baseline
         latency = (lambda r: (r.mean_latency_s - base.mean_latency_s) / base.mean_latency_s
                    if base.mean_latency_s else 0.0)
         if on_prefix_hits:
@@ -120,7 +101,8 @@ def verdict(lever: Lever, sweeps: Sequence[Sweep], on_prefix_hits: bool = False)
             outcome = ("it helps" if change <= -MATERIAL else
                        "it made requests slower: not advised for this workload" if change >= MATERIAL else
                        f"latency moved by less than {pct(MATERIAL)}")
-        return (f"measured in {sweep.path} ({_setting(best)}, against {_setting(base)}): mean request latency"
+        return (f"measured in {found.path} ({_setting(best.setting)}, against {_setting(base.setting)}): mean"
+                f" request latency"
                 f" {base.mean_latency_s:.3f} -> {best.mean_latency_s:.3f} s ({latency(best):+.1%}), preemptions"
                 f" {base.preemptions} -> {best.preemptions}, failed allocations {base.failed_allocations} ->"
                 f" {best.failed_allocations}, prefix hits {pct(base.prefix_hit_rate)} -> {pct(best.prefix_hit_rate)}:"
@@ -128,6 +110,6 @@ def verdict(lever: Lever, sweeps: Sequence[Sweep], on_prefix_hits: bool = False)
     return None
 
 
-def _setting(row: Row) -> str:
-    return (f"{row.num_blocks - 1} blocks of {row.block_size}, --max-num-seqs {row.max_num_seqs},"
-            f" prefix caching {'on' if row.prefix_caching else 'off'}")
+def _setting(setting: Setting) -> str:
+    return (f"{setting.num_blocks - 1} blocks of {setting.block_size}, --max-num-seqs {setting.max_num_seqs},"
+            f" prefix caching {'on' if setting.prefix_caching else 'off'}")

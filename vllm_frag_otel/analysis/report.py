@@ -746,7 +746,7 @@ def _sweep_mismatches(report: PoolReport, sweeps: Sequence[advice.Sweep]) -> lis
     """Sweeps whose baseline is not this pool's size: their rows measure other settings."""
     notes = []
     for sweep in sweeps:
-        base = sweep.baseline
+        base = sweep.baseline.setting
         if report.block_size and (base.num_blocks - 1, base.block_size) != (report.final["num_blocks"],
                                                                            report.block_size):
             notes.append(f"the sweep in {sweep.path} starts from {base.num_blocks - 1} blocks of {base.block_size},"

@@ -17,7 +17,7 @@ import csv
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +346,12 @@ def write(outcomes: Sequence[Outcome], text: str, out: Path, pictures: bool = Tr
     if pictures:
         paths.append(draw(chart(outcomes), out))
     return paths
+
+
+def read(path: Path) -> list[Outcome]:
+    """The outcomes `write` put in a sweep.json (baseline first); ValueError, KeyError or
+    TypeError when the file is not one."""
+    settings = {f.name for f in fields(Setting)}
+    return [Outcome(setting=Setting(**{k: v for k, v in row.items() if k in settings}),
+                    **{f.name: row[f.name] for f in fields(Outcome) if f.name != "setting"})
+            for row in json.loads(path.read_text())["rows"]]
