@@ -149,3 +149,19 @@ def test_a_sweep_reads_back_as_it_was_written(tmp_path):
                 _row(block_size=8, num_blocks=201, prefix_caching=False, max_num_seqs=3, prefix_hit_rate=0.0)]
     sweep.write(outcomes, "text", tmp_path, pictures=False)
     assert sweep.read(tmp_path / "sweep.json") == outcomes
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--no-prefix-caching"], "Prefix caching was off (no token was looked up in the prefix cache)"),
+    (["--prefix-groups", "0"], "The prefix cache found nothing to reuse: no request shared a full block's worth"),
+])
+def test_no_prefix_hits_is_told_apart_from_prefix_caching_off(tmp_path, flags, expected):
+    """No hit because nothing was looked up (caching off) or because nothing was shared: two
+    different answers, each marked untested, and the printed sweep starts from the run's own
+    prefix-caching setting."""
+    run = simulate_into(tmp_path / "run", ["--workload", "uniform", "--num-requests", "20", "--num-blocks", "300",
+                                           "--block-map-every", "0", *flags], export_every=10)
+    advised = _advice(_report(run, out=tmp_path / "report"))
+    (line,) = [a for a in advised if a.startswith(expected)]
+    assert "untested" in line
+    assert ("--no-prefix-caching --output what-if`" in advised[-1]) == (flags == ["--no-prefix-caching"])

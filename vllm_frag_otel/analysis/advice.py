@@ -69,6 +69,10 @@ FEWER_SEQUENCES = Lever(
     "a lower --max-num-seqs",
     lambda r, b: r.max_num_seqs < b.max_num_seqs and _same(r, b, "kv_slots", "block_size", "prefix_caching"),
 )
+PREFIX_CACHING = Lever(
+    "prefix caching on",
+    lambda r, b: r.prefix_caching and not b.prefix_caching and _same(r, b, "kv_slots", "block_size", "max_num_seqs"),
+)
 SMALLER_BLOCKS = Lever(
     "a smaller --block-size",
     lambda r, b: r.block_size < b.block_size and _same(r, b, "kv_slots", "prefix_caching", "max_num_seqs"),

@@ -713,9 +713,15 @@ def recommendations(report: PoolReport) -> list[str]:
             f"{reused_evicted:.0f} evicted blocks had already served prefix-cache hits ({pct(hit_rate)} of"
             " tokens looked up at first admission hit): more KV-cache blocks would keep shared prefixes cached"
             f" longer: {advice.verdict(advice.MORE_MEMORY, sweeps, on_prefix_hits=True) or advice.UNTESTED}.")
+    elif not f["prefix_queried_tokens"]:
+        advised.append("Prefix caching was off (no token was looked up in the prefix cache): requests that share a"
+                       " prompt prefix would reuse its blocks with it on:"
+                       f" {advice.verdict(advice.PREFIX_CACHING, sweeps) or advice.UNTESTED}.")
     elif not hit_rate:
-        advised.append("The prefix cache found nothing to reuse: requests share no prefixes (a common system"
-                       " prompt, or routing requests with the same prefix to the same replica, would change that).")
+        advised.append("The prefix cache found nothing to reuse: no request shared a full block's worth of prompt"
+                       " prefix with one still cached (a common system prompt, or routing requests with the same"
+                       " prefix to the same replica, would change that; untested: what requests share is the"
+                       " traffic's, not a setting a sweep can change).")
     advised.append(
         f"External fragmentation ({pct(s['external_fragmentation']['mean'])} on average) needs no action: paged"
         " attention never needs contiguous blocks.")
@@ -732,8 +738,9 @@ def _sweep_advice(report: PoolReport, held: float) -> str:
     step = f" --step-seconds {config['step_seconds']:g}" if config.get("step_seconds") else ""
     blocks = f" --num-blocks {int(report.final['num_blocks']) + 1}" if report.block_size else ""
     size = f" --block-size {report.block_size}" if report.block_size else ""
+    caching = "" if report.final["prefix_queried_tokens"] else " --no-prefix-caching"
     command = (f"vllm-frag-otel simulate --sweep --workload-file {trace}{blocks}{size} --max-num-seqs {seqs}{step}"
-               " --output what-if")
+               f"{caching} --output what-if")
     given = f" (measured above from {', '.join(str(w.path) for w in report.sweeps)})" if report.sweeps else ""
     needs = ("" if config.get("max_num_seqs") else
              f"; N: your server's --max-num-seqs (at least {held:.0f}, the most requests that held blocks at once)")
