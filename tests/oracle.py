@@ -132,7 +132,7 @@ def brute_force_pool(pool, group_managers=(), requests=None) -> dict:
         "free_runs": len(runs),
         "largest_free_run": max(runs, default=0),
         "mean_free_run": (sum(runs) / len(runs)) if runs else 0.0,
-        "external_fragmentation": (1 - max(runs) / len(free)) if free else 0.0,
+        "external_fragmentation": (len(free) - max(runs, default=0)) / len(blocks),
     }
     if not group_managers:
         return result

@@ -220,7 +220,7 @@ def raw_groups(run: Run) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
             for rm in json.loads(line)["resourceMetrics"]:
                 for sm in rm["scopeMetrics"]:
                     for m in sm["metrics"]:
-                        if m["name"] not in ("vllm.kv_cache.group.block.count", "vllm.kv_cache.slot.count"):
+                        if m["name"] not in ("vllm.kv_cache.group.blocks", "vllm.kv_cache.slots"):
                             continue
                         for dp in m["gauge"]["dataPoints"]:
                             a = {kv["key"]: _value(kv["value"]) for kv in dp["attributes"]}

@@ -165,8 +165,8 @@ def test_series_are_the_raw_points(cumulative, built):
     start = first_time(cumulative)
     r = report.pool_report(telemetry, telemetry.pools()[0], start, several=False)
     for name, metric, attributes in [
-        ("used_blocks", "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
-        ("cached_blocks", "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "cached"}),
+        ("used_blocks", "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "used"}),
+        ("cached_blocks", "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "cached"}),
         ("internal_fragmentation", "vllm.kv_cache.fragmentation.internal", {}),
         ("preemptions", "vllm.kv_cache.preemptions", {}),
         ("allocation_failures", "vllm.kv_cache.allocation.attempts", {"vllm.kv_cache.allocation.outcome": "failure"}),
@@ -257,9 +257,9 @@ def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
                            "allocation_latency", "request_classes", "request_latency", "block_layout"}
     lines = {(name, line.label): line for name, c in charts.items() for panel in c.panels for line in panel.lines}
     for (chart, label), metric, attributes in [
-        (("block_states", "used"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
-        (("block_states", "cached (evictable)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "cached"}),
-        (("block_states", "free (empty)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "free"}),
+        (("block_states", "used"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "used"}),
+        (("block_states", "cached (evictable)"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "cached"}),
+        (("block_states", "free (empty)"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "free"}),
         (("slot_utilization", "slot utilization (token slots holding computed tokens / all slots)"),
          "vllm.kv_cache.slot.utilization", {}),
         (("fragmentation", "internal (unused / allocated slots)"), "vllm.kv_cache.fragmentation.internal", {}),
@@ -345,12 +345,12 @@ def test_one_kv_cache_group_gets_one_line_not_a_section(cumulative, built):
     assert "KV-cache groups" not in text and "state pages" not in text
     assert not (out / "kv_cache_groups.png").exists()
     (row,) = _read_csv(out / "groups.csv")
-    times, blocks = raw_series(cumulative, "vllm.kv_cache.group.block.count")
+    times, blocks = raw_series(cumulative, "vllm.kv_cache.group.blocks")
     assert (row["group"], row["kind"], row["token_slots"], row["block_size"]) == ("0", "full_attention", "true", "16")
     assert int(row["exports"]) == len(times)
     assert float(row["blocks_mean"]) == pytest.approx(blocks.mean())
     assert float(row["blocks_max"]) == blocks.max() > 0
-    _, unused = raw_series(cumulative, "vllm.kv_cache.slot.count", {"vllm.kv_cache.slot.state": "unused"})
+    _, unused = raw_series(cumulative, "vllm.kv_cache.slots", {"vllm.kv_cache.slot.state": "unused"})
     assert float(row["unused_slots_mean"]) == pytest.approx(unused.mean())
 
 
@@ -466,7 +466,7 @@ def test_charts_an_operator_can_read(cumulative, tmp_path):
     # slot utilisation beside the blocks in use: the gap is allocated but empty slots
     (panel,) = charts["slot_utilization"].panels
     lines = {line.label.split(" (")[0]: line for line in panel.lines}
-    _, used = raw_series(cumulative, "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"})
+    _, used = raw_series(cumulative, "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "used"})
     assert np.allclose(lines["blocks in use"].y, used / 29)
     _, utilization = raw_series(cumulative, "vllm.kv_cache.slot.utilization")
     assert np.array_equal(lines["slot utilization"].y, utilization)

@@ -170,7 +170,7 @@ def test_internal_fragmentation_threshold_is_per_block_size_and_documented():
     assert "vllm_kv_cache:fragmentation_internal:threshold" in rule["expr"]
     assert not re.search(r"fragmentation_internal_ratio\[10m\]\)\s*>\s*0\.\d", rule["expr"]), "a fixed threshold"
     size = next(r for r in h.load_rules() if r.get("record") == "vllm_kv_cache:block_size:tokens")["expr"]
-    assert "vllm_kv_cache_slot_count" in size and "vllm_kv_cache_group_block_count" in size
+    assert "vllm_kv_cache_slots" in size and "vllm_kv_cache_group_blocks" in size
     text = runbook_anchors()["vllmkvcacheinternalfragmentationhigh"]
     assert f"B / (B + {c})" in text
     quoted = ", ".join(f"{round(100 * b / (b + c))}% at {b}" for b in (8, 16, 32))

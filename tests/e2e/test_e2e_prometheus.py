@@ -120,11 +120,11 @@ def test_victoria_metrics_scrapes_the_plugin_s_metrics_from_the_engine(served):
     assert labels["host_name"] and labels["service_name"] == "vllm" and labels["vllm_kv_cache_pool"] == "0"
     # gauges: the pool adds up, nothing is held once every request finished
     assert one(f"vllm_kv_cache_block_limit{{{sel}}}") == USABLE_BLOCKS
-    assert one(f"sum(vllm_kv_cache_block_count{{{sel}}})") == USABLE_BLOCKS
-    assert one(f'vllm_kv_cache_block_count{{{sel}, vllm_kv_cache_block_state="used"}}') == 0
-    assert one(f'vllm_kv_cache_block_count{{{sel}, vllm_kv_cache_block_state="cached"}}') > 0
-    assert one(f"vllm_kv_cache_request_count{{{sel}}}") == 0
-    assert one(f"vllm_frag_otel_active_ratio{{{sel}}}") == 1
+    assert one(f"sum(vllm_kv_cache_blocks{{{sel}}})") == USABLE_BLOCKS
+    assert one(f'vllm_kv_cache_blocks{{{sel}, vllm_kv_cache_block_state="used"}}') == 0
+    assert one(f'vllm_kv_cache_blocks{{{sel}, vllm_kv_cache_block_state="cached"}}') > 0
+    assert one(f"vllm_kv_cache_requests{{{sel}}}") == 0
+    assert one(f"vllm_frag_otel_active{{{sel}}}") == 1
     assert 0 <= one(f"vllm_kv_cache_fragmentation_external_ratio{{{sel}}}") <= 1
     # counters: the same as vLLM's own
     first = f'{sel}, vllm_request_resumed="false"'  # vLLM counts first admissions

@@ -48,19 +48,19 @@ from vllm_frag_otel.export.telemetry import (
 # series of the metric matching the filter are summed (over groups, reasons, ...).
 QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "num_blocks": ("vllm.kv_cache.block.limit", {}),
-    "used_blocks": ("vllm.kv_cache.block.count", {STATE: ("used",)}),
-    "cached_blocks": ("vllm.kv_cache.block.count", {STATE: ("cached",)}),
-    "free_blocks": ("vllm.kv_cache.block.count", {STATE: ("cached", "free")}),
-    "free_runs": ("vllm.kv_cache.free_run.count", {}),
+    "used_blocks": ("vllm.kv_cache.blocks", {STATE: ("used",)}),
+    "cached_blocks": ("vllm.kv_cache.blocks", {STATE: ("cached",)}),
+    "free_blocks": ("vllm.kv_cache.blocks", {STATE: ("cached", "free")}),
+    "free_runs": ("vllm.kv_cache.free_runs", {}),
     "largest_free_run": ("vllm.kv_cache.free_run.largest", {}),
     "external_fragmentation": ("vllm.kv_cache.fragmentation.external", {}),
-    "allocated_slots": ("vllm.kv_cache.slot.count", {}),
-    "used_slots": ("vllm.kv_cache.slot.count", {SLOT_STATE: ("used",)}),
-    "unused_slots": ("vllm.kv_cache.slot.count", {SLOT_STATE: ("unused",)}),
-    "partial_blocks": ("vllm.kv_cache.block.partial.count", {}),
+    "allocated_slots": ("vllm.kv_cache.slots", {}),
+    "used_slots": ("vllm.kv_cache.slots", {SLOT_STATE: ("used",)}),
+    "unused_slots": ("vllm.kv_cache.slots", {SLOT_STATE: ("unused",)}),
+    "partial_blocks": ("vllm.kv_cache.partial_blocks", {}),
     "internal_fragmentation": ("vllm.kv_cache.fragmentation.internal", {}),
     "slot_utilization": ("vllm.kv_cache.slot.utilization", {}),
-    "tracked_requests": ("vllm.kv_cache.request.count", {}),
+    "tracked_requests": ("vllm.kv_cache.requests", {}),
     "prefix_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {RESUMED: ("false",)}),
     "prefix_hit_tokens": ("vllm.kv_cache.prefix_cache.hit", {RESUMED: ("false",)}),
     "prefix_resumed_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {RESUMED: ("true",)}),
@@ -76,9 +76,9 @@ QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
 }
 LATENCY_METRIC = "vllm.kv_cache.allocation.duration"
 # Per KV-cache group: blocks (every group), token slots and partial blocks (groups with token slots).
-GROUP_BLOCKS_METRIC = "vllm.kv_cache.group.block.count"
-SLOTS_METRIC = "vllm.kv_cache.slot.count"
-PARTIAL_METRIC = "vllm.kv_cache.block.partial.count"
+GROUP_BLOCKS_METRIC = "vllm.kv_cache.group.blocks"
+SLOTS_METRIC = "vllm.kv_cache.slots"
+PARTIAL_METRIC = "vllm.kv_cache.partial_blocks"
 # Thresholds of the advice: the share of exports near a full pool, and the
 # internal fragmentation worth a smaller block size.
 NEAR_FULL = 0.95

@@ -64,7 +64,7 @@ def pct(value: float) -> str:
 GAUGES = [
     ("used blocks", "used_blocks"),
     ("cached blocks (evictable)", "cached_blocks"),
-    ("free blocks (empty)", "empty_blocks"),  # used + cached + empty = the pool, as in vllm.kv_cache.block.count
+    ("free blocks (empty)", "empty_blocks"),  # used + cached + empty = the pool, as in vllm.kv_cache.blocks
     ("free runs", "free_runs"),
     ("largest free run", "largest_free_run"),
     ("external fragmentation", "external_fragmentation"),

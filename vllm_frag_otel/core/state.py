@@ -195,6 +195,12 @@ class FragmentationSnapshot:
     drift_repairs: int = 0
     groups: tuple[GroupSnapshot, ...] = ()
 
+    @property
+    def empty_blocks(self) -> int:
+        """Free blocks holding no prefix-cache entry: with used and cached, the third
+        state (free_blocks, vLLM's free queue, is empty + cached)."""
+        return self.free_blocks - self.cached_blocks
+
     @classmethod
     def numeric_fields(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name != "groups"]
@@ -880,7 +886,9 @@ class KVCacheState:
             free_runs=free_runs,
             largest_free_run=largest,
             mean_free_run=free_blocks / free_runs if free_runs else 0.0,
-            external_fragmentation=1.0 - largest / free_blocks if free_blocks else 0.0,
+            # over the whole pool, not over the free blocks: a saturated pool's few free blocks,
+            # scattered or not, move it by at most their share of the pool
+            external_fragmentation=_ratio(free_blocks - largest, usable),
             allocated_slots=allocated_slots,
             used_slots=used_slots,
             unused_slots=allocated_slots - used_slots,
