@@ -94,13 +94,13 @@ def block_states(scheduler) -> list[str]:
     states = []
     for block in scheduler.kv_cache_manager.block_pool.blocks[1:]:
         if block.ref_cnt == 0:
-            states.append("cached" if block.block_hash is not None else "free")
+            states.append("cached" if block.block_hash is not None else "empty")
         elif fill.get(block.block_id, 0) == size.get(block.block_id, -1):
             states.append("full")
         elif fill.get(block.block_id, 0) > 0:
             states.append("partial")
         else:
-            states.append("empty")
+            states.append("reserved")
     return states
 
 

@@ -28,8 +28,8 @@ from vllm_frag_otel.analysis import report
 from vllm_frag_otel.core.layout import BLOCK_STATES, EVENT_NAME, BlockMap
 
 SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
-FREE, CACHED, FULL, PARTIAL, EMPTY = range(5)
-UNHELD = {FREE, CACHED}
+EMPTY, CACHED, FULL, PARTIAL, RESERVED = range(5)
+UNHELD = {EMPTY, CACHED}
 POOL_ATTR = "vllm.kv_cache.pool"
 
 # the generated pool: 100 blocks, 61 maps 10 ms apart, starting before the first metric point
@@ -52,7 +52,7 @@ def generate_states(seed: int = 7) -> list[list[int]]:
             if i in CHURNING:
                 current[i] = int(rng.integers(0, 5))
             elif i in ALWAYS_FREE:
-                current[i] = FREE
+                current[i] = EMPTY
             elif i in FENCES:
                 current[i] = FULL
             elif (t in BURST and 20 <= i < 60) or rng.random() < 0.04:
@@ -202,7 +202,7 @@ def log_record(time_ns: int, pool: str, payload: bytes, attributes: dict, event:
     def value(v):
         return {"intValue": str(v)} if isinstance(v, int) else {"stringValue": str(v)}
 
-    attrs = {**attributes, POOL_ATTR: pool, "vllm.model.name": "tiny"}
+    attrs = {**attributes, POOL_ATTR: pool, "model_name": "tiny"}
     return {"timeUnixNano": str(time_ns), "observedTimeUnixNano": str(time_ns + 1000),
             "body": {"bytesValue": base64.b64encode(payload).decode()},
             "attributes": [{"key": k, "value": value(v)} for k, v in attrs.items()], "eventName": event}
@@ -542,9 +542,9 @@ def test_evictions_stay_an_estimate_unless_every_span_measures_them(run, tmp_pat
 def _random_layout(seed: int, blocks: int, maps: int, bin_size: int):
     rng = np.random.default_rng(seed)
     # sticky states, many unheld, so that holes form, split and last
-    states, row = [], [int(s) for s in rng.choice([FREE, CACHED, FULL], blocks)]
+    states, row = [], [int(s) for s in rng.choice([EMPTY, CACHED, FULL], blocks)]
     for _ in range(maps):
-        row = [int(rng.choice([FREE, FREE, CACHED, FULL, PARTIAL, EMPTY])) if rng.random() < 0.15 else s for s in row]
+        row = [int(rng.choice([EMPTY, EMPTY, CACHED, FULL, PARTIAL, RESERVED])) if rng.random() < 0.15 else s for s in row]
         states.append(row)
     times = [1_000_000_000 + int(t * 7_000_000 + rng.integers(0, 3_000_000)) for t in range(maps)]
     max_cells = -(-blocks // bin_size)
@@ -613,7 +613,7 @@ def test_a_block_map_round_trips_in_the_smallest_count_type(blocks, max_cells, b
     expected = cell_counts(states.tolist(), bin_size) if blocks else [[] for _ in BLOCK_STATES]
     assert block_map.counts.tolist() == expected
     payload, attributes = block_map.encode()
-    assert attributes == {layout.A_ENCODING: layout.ENCODING, layout.A_STATES: "free,cached,full,partial,empty",
+    assert attributes == {layout.A_ENCODING: layout.ENCODING, layout.A_STATES: "empty,cached,full,partial,reserved",
                           layout.A_DTYPE: dtype, layout.A_BLOCKS: blocks, layout.A_BIN: bin_size,
                           layout.A_CELLS: block_map.cells}
     assert len(zlib.decompress(payload)) == len(BLOCK_STATES) * block_map.cells * np.dtype(dtype).itemsize
@@ -656,6 +656,17 @@ def test_a_malformed_block_map_is_refused_saying_what_is_wrong():
             BlockMap.decode(data, attrs, 1)
         assert str(raised.value) == message
     assert BlockMap.decode(payload, good, 1).counts.tolist() == cell_counts(states.tolist(), 3)
+
+
+def test_a_map_of_an_earlier_release_decodes_under_the_state_names_of_this_one():
+    """Earlier releases named the unheld empty state "free" and the held one with nothing computed
+    "empty" (CHANGELOG.md); the codes are the same, so their telemetry files still report."""
+    states = np.array([0, 1, 2, 3, 4, 0, 4], dtype=np.uint8)
+    payload, attributes = BlockMap.from_states(states, 1, 7).encode()
+    former = {**{k: str(v) for k, v in attributes.items()}, layout.A_STATES: "free,cached,full,partial,empty"}
+    counts = BlockMap.decode(payload, former, 1).counts
+    assert counts[layout.EMPTY].tolist() == [1, 0, 0, 0, 0, 1, 0]
+    assert counts[layout.RESERVED].tolist() == [0, 0, 0, 0, 1, 0, 1]
 
 
 def test_stack_keeps_the_latest_shape_once_per_time_and_thins_evenly():
@@ -738,7 +749,7 @@ def test_holes_tie_broken_by_width_and_open_until_a_flat_end():
     """Holes of equal idle memory rank the widest first, then the lowest block id; and a hole
     still unheld at the last map is open even when the last maps share one time (a simulated
     clock reads maps after its last step as that step), not ended at an earlier sighting."""
-    F, H = FREE, FULL
+    F, H = EMPTY, FULL
     states = [
         [H, H, H, H, H, H, H],
         [F, H, H, F, F, H, H],  # block 1 and blocks 4-5 become unheld

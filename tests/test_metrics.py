@@ -86,7 +86,7 @@ def test_metrics_equal_the_snapshot(pressured_run):
     _, block_points = points["vllm.kv_cache.blocks"]
     assert _value(block_points, **{"vllm.kv_cache.block.state": "used"}) == snapshot.used_blocks
     assert _value(block_points, **{"vllm.kv_cache.block.state": "cached"}) == snapshot.cached_blocks
-    assert _value(block_points, **{"vllm.kv_cache.block.state": "free"}) == snapshot.free_blocks - snapshot.cached_blocks
+    assert _value(block_points, **{"vllm.kv_cache.block.state": "empty"}) == snapshot.free_blocks - snapshot.cached_blocks
     for name, field in GAUGE_FIELDS.items():
         _, pts = points[name]
         assert _value(pts) == getattr(snapshot, field), name

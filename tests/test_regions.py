@@ -25,7 +25,7 @@ from vllm_frag_otel.sim import simulator as sim
 from vllm_frag_otel.sim import workloads
 
 METRIC = "vllm.kv_cache.region.blocks"
-STATES = ("free", "cached", "full", "partial", "empty")
+STATES = ("empty", "cached", "full", "partial", "reserved")
 
 
 @pytest.fixture()
@@ -107,8 +107,8 @@ def test_every_region_and_state_equals_the_brute_force(runtime_from, regions):
         assert sizes == [(r + 1) * n // len(sizes) - r * n // len(sizes) for r in range(len(sizes))], where
         totals = {p.attributes["vllm.kv_cache.block.state"]: p.value for p in points["vllm.kv_cache.blocks"]}
         state_total = {s: sum(v for (_, st), v in got.items() if st == s) for s in STATES}
-        assert state_total["free"] == totals["free"] and state_total["cached"] == totals["cached"], where
-        assert state_total["full"] + state_total["partial"] + state_total["empty"] == totals["used"], where
+        assert state_total["empty"] == totals["empty"] and state_total["cached"] == totals["cached"], where
+        assert state_total["full"] + state_total["partial"] + state_total["reserved"] == totals["used"], where
         seen.update(s for s, v in state_total.items() if v)
         collections += 1
 
@@ -124,8 +124,8 @@ def test_every_region_and_state_equals_the_brute_force(runtime_from, regions):
             check(f"step {step}")
     snapshot = analyzer.snapshot()
     assert snapshot.preemptions > 0 and snapshot.evictions > 0
-    # `empty` (held, nothing computed) does not outlive a step in these workloads
-    assert collections >= 20 and seen >= {"free", "cached", "full", "partial"}, (collections, seen)
+    # `reserved` (held, nothing computed) does not outlive a step in these workloads
+    assert collections >= 20 and seen >= {"empty", "cached", "full", "partial"}, (collections, seen)
 
 
 def test_off_by_default(runtime_from):

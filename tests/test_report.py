@@ -31,7 +31,7 @@ from vllm_frag_otel.analysis import report
 from vllm_frag_otel.sim import workloads
 
 SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
-GAUGES = ["used_blocks", "cached_blocks", "free_blocks", "free_runs", "largest_free_run", "external_fragmentation",
+GAUGES = ["used_blocks", "cached_blocks", "empty_blocks", "free_runs", "largest_free_run", "external_fragmentation",
           "unused_slots", "partial_blocks", "internal_fragmentation", "slot_utilization", "tracked_requests"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -259,11 +259,11 @@ def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
     for (chart, label), metric, attributes in [
         (("block_states", "used"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "used"}),
         (("block_states", "cached (evictable)"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "cached"}),
-        (("block_states", "free (empty)"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "free"}),
+        (("block_states", "empty"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "empty"}),
         (("slot_utilization", "slot utilization (token slots holding computed tokens / all slots)"),
          "vllm.kv_cache.slot.utilization", {}),
         (("fragmentation", "internal (unused / allocated slots)"), "vllm.kv_cache.fragmentation.internal", {}),
-        (("fragmentation", "external (1 - largest free run / free blocks)"),
+        (("fragmentation", "external (free blocks outside the largest free run / usable blocks)"),
          "vllm.kv_cache.fragmentation.external", {}),
         (("evictions", "evicted, never reused after caching"), "vllm.kv_cache.block.evictions",
          {"vllm.kv_cache.block.reused": "false", "vllm.kv_cache.eviction.reason": "capacity"}),
@@ -275,6 +275,14 @@ def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
         line = lines[(chart, label)]
         assert np.array_equal(line.y, values), (chart, label)
         assert np.array_equal(line.x, (times - start) / 1e9), (chart, label)
+    # the external ratio's ceiling: the free share of the pool, from the raw block counts
+    _, empty = raw_series(cumulative, "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "empty"})
+    _, cached = raw_series(cumulative, "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "cached"})
+    _, limit = raw_series(cumulative, "vllm.kv_cache.block.limit", {})
+    ceiling = lines[("fragmentation", "free blocks (empty or cached) / usable blocks: its ceiling")].y
+    assert np.allclose(ceiling, (empty + cached) / limit[-1])
+    assert (lines[("fragmentation", "external (free blocks outside the largest free run / usable blocks)")].y
+            <= ceiling + 1e-12).all()
     for outcome in ("success", "failure"):
         expected = raw_matching(cumulative, "vllm.kv_cache.allocation.duration",
                                 {"vllm.kv_cache.allocation.outcome": outcome})[-1]
@@ -470,11 +478,12 @@ def test_charts_an_operator_can_read(cumulative, tmp_path):
     assert np.allclose(lines["blocks in use"].y, used / 29)
     _, utilization = raw_series(cumulative, "vllm.kv_cache.slot.utilization")
     assert np.array_equal(lines["slot utilization"].y, utilization)
-    # each fragmentation ratio on its own axes, with its rolling mean
+    # each fragmentation ratio on its own axes, with its rolling mean (the external one with its ceiling)
     internal, external = charts["fragmentation"].panels
+    assert len(internal.lines) == 2 and len(external.lines) == 3
     for panel, metric in ((internal, "vllm.kv_cache.fragmentation.internal"),
                           (external, "vllm.kv_cache.fragmentation.external")):
-        raw, smoothed = panel.lines
+        raw, smoothed = panel.lines[:2]
         _, values = raw_series(cumulative, metric)
         assert np.array_equal(raw.y, values)
         assert smoothed.label == "rolling mean of 5 exports"

@@ -23,7 +23,7 @@ import pytest
 
 import e2e_harness as h
 from e2e_harness import BLOCK_MAP_INTERVAL_S, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS
-from vllm_frag_otel.core.layout import CACHED, EVENT_NAME, FREE, FULL, PARTIAL, BlockMap
+from vllm_frag_otel.core.layout import CACHED, EMPTY, EVENT_NAME, FULL, PARTIAL, BlockMap
 
 pytestmark = pytest.mark.e2e
 
@@ -56,8 +56,8 @@ def test_plugin_loaded_and_healthy(stack, arrived):
     (series,) = q.query("vllm_kv_cache_block_limit")
     labels = series["metric"]
     # the resource attributes that tell replicas, ranks and models apart arrive as labels
-    assert labels["vllm_model_name"] == MODEL_NAME
-    assert labels["vllm_data_parallel_rank"] == "0"
+    assert labels["model_name"] == MODEL_NAME
+    assert labels["engine"] == "0"
     assert labels["service_name"] == "vllm"
     assert labels["service_instance_id"] and labels["host_name"]
     assert float(series["value"][1]) == 63  # 64 blocks, minus vLLM's null block
@@ -168,8 +168,8 @@ def test_region_metric_is_bounded_and_adds_up_to_the_pool(stack, arrived):
         totals = {s["metric"]["vllm_kv_cache_block_state"]: float(s["value"][1]) for s in
                   q.query(f'vllm_kv_cache_blocks{{service_instance_id="{engine}"}}')}
         by_state = {state: sum(v for (_, st), v in points.items() if st == state) for state in BLOCK_STATES}
-        assert (by_state["free"], by_state["cached"]) == (totals["free"], totals["cached"]), (by_state, totals)
-        assert by_state["full"] + by_state["partial"] + by_state["empty"] == totals["used"], (by_state, totals)
+        assert (by_state["empty"], by_state["cached"]) == (totals["empty"], totals["cached"]), (by_state, totals)
+        assert by_state["full"] + by_state["partial"] + by_state["reserved"] == totals["used"], (by_state, totals)
 
 
 def _promtool_parses(exprs: dict[str, str], tmp_path) -> None:
@@ -365,7 +365,7 @@ def test_block_maps_reach_the_logs_back_end(stack, arrived):
     held = [m.counts[[FULL, PARTIAL]].sum() for m in during]
     assert max(held) > 32, "no map caught the pool in use"  # the workload fills it (it preempts)
     # after the workload every block is unheld again, most holding prefix-cache content
-    assert maps[-1].counts[[FREE, CACHED]].sum() == 63 and maps[-1].counts[CACHED].sum() > 0
+    assert maps[-1].counts[[EMPTY, CACHED]].sum() == 63 and maps[-1].counts[CACHED].sum() > 0
 
 
 def test_allocation_exemplars_point_at_request_traces(stack, arrived):
@@ -394,5 +394,5 @@ def test_absence_of_a_reporting_engine_is_noticed(stack, arrived):
         result = h.wait_until("VLLMFragOtelTelemetryAbsent's expression to name the stopped replica",
                               lambda: q.query(rule["expr"]), 420, interval=5)
     (series,) = result
-    assert series["metric"]["vllm_model_name"] == MODEL_NAME
-    assert series["metric"]["vllm_data_parallel_rank"] == "0"
+    assert series["metric"]["model_name"] == MODEL_NAME
+    assert series["metric"]["engine"] == "0"

@@ -116,7 +116,7 @@ def test_victoria_metrics_scrapes_the_plugin_s_metrics_from_the_engine(served):
     # the labels the dashboard's variables and the alert rules select by
     (series,) = promql.query(f"vllm_kv_cache_block_limit{{{sel}}}")
     labels = series["metric"]
-    assert labels["vllm_model_name"] == h.MODEL_NAME and labels["vllm_data_parallel_rank"] == "0"
+    assert labels["model_name"] == h.MODEL_NAME and labels["engine"] == "0"
     assert labels["host_name"] and labels["service_name"] == "vllm" and labels["vllm_kv_cache_pool"] == "0"
     # gauges: the pool adds up, nothing is held once every request finished
     assert one(f"vllm_kv_cache_block_limit{{{sel}}}") == USABLE_BLOCKS

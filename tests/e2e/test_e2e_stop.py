@@ -321,7 +321,7 @@ def test_the_collector_gets_the_final_counters_and_every_span(stack, servers, ho
     server = servers[f"collector-{how}"]
     q = stack.promql
     _serve(server)
-    selector = f'vllm_model_name="{server.model_name}"'
+    selector = f'model_name="{server.model_name}"'
     assert not q.query(f'count({{{selector}, {stack.unique_filter()}}})'), "a metrics export before the stop"
     _stop(server)
     _flushed_before_vllm_s_teardown(server, DELIVERED)

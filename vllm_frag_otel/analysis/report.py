@@ -50,7 +50,7 @@ QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "num_blocks": ("vllm.kv_cache.block.limit", {}),
     "used_blocks": ("vllm.kv_cache.blocks", {STATE: ("used",)}),
     "cached_blocks": ("vllm.kv_cache.blocks", {STATE: ("cached",)}),
-    "free_blocks": ("vllm.kv_cache.blocks", {STATE: ("cached", "free")}),
+    "empty_blocks": ("vllm.kv_cache.blocks", {STATE: ("empty",)}),
     "free_runs": ("vllm.kv_cache.free_runs", {}),
     "largest_free_run": ("vllm.kv_cache.free_run.largest", {}),
     "external_fragmentation": ("vllm.kv_cache.fragmentation.external", {}),
@@ -506,8 +506,7 @@ def render_text(report: PoolReport) -> str:
         *(f"  caveat: {note}" for note in report.caveats),
         "",
         "1. What is the fragmentation pattern? (statistics over the exports)",
-        *gauge_lines({**s, "empty_blocks": statistics(report.quantities["free_blocks"].values
-                                                      - report.quantities["cached_blocks"].values)}),
+        *gauge_lines(s),
         "",
         *([*group_lines([g.summary() for g in report.groups]), ""] if several else []),
         *totals_lines(f),
@@ -801,7 +800,7 @@ def layout_lines(report: PoolReport) -> list[str]:
                      " intervals):")
         lines += [f"    {w.start_s:.3f}-{w.end_s:.3f} s: {w.changes} changes ({pct(w.share)}),"
                   f" {w.changes_per_second:.1f} per second" for w in found.windows]
-    lines.append("  longest-lived holes, by idle memory (blocks x seconds; a hole: adjacent blocks left unheld, free"
+    lines.append("  longest-lived holes, by idle memory (blocks x seconds; a hole: adjacent blocks left unheld, empty"
                  " or cached, at the same map and unheld since):")
     for kind, holes in found.hole_kinds():
         lines.append(f"    {HOLE_TITLES[kind]}:" if holes else f"    {HOLE_TITLES[kind]}: none")
@@ -827,13 +826,14 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def ratio_panel(report: PoolReport, label: str, name: str, smooth: int) -> Panel:
-    """One fragmentation ratio on its own scale, with its rolling mean over `smooth` exports (2 or more)."""
+def ratio_panel(report: PoolReport, label: str, name: str, smooth: int, *others: Line) -> Panel:
+    """One fragmentation ratio on its own scale, with its rolling mean over `smooth` exports (2 or more)
+    and `others` on the same scale."""
     q = report.quantities[name]
     lines = [Line(label, q.seconds, q.values)]
     if smooth > 1:
         lines.append(Line(f"rolling mean of {smooth} exports", q.seconds, rolling_mean(q.values, smooth)))
-    return Panel(label.split(" (")[0], tuple(lines), percent=True, xlabel=report.clock.axis)
+    return Panel(label.split(" (")[0], (*lines, *others), percent=True, xlabel=report.clock.axis)
 
 
 def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
@@ -846,11 +846,14 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
         return Line(label, q[name].seconds, q[name].values)
 
     blocks_in_use = q["used_blocks"].values / max(report.final["num_blocks"], 1)
+    # external fragmentation is a share of the pool's free blocks: it can never exceed them
+    free_share = Line("free blocks (empty or cached) / usable blocks: its ceiling", q["empty_blocks"].seconds,
+                      (q["empty_blocks"].values + q["cached_blocks"].values) / max(report.final["num_blocks"], 1))
     result = [
         Chart("block_states", "KV-cache blocks by state", (Panel("blocks", (
-            Line("used", x, q["used_blocks"].values),
-            Line("cached (evictable)", x, q["cached_blocks"].values),
-            Line("free (empty)", x, q["free_blocks"].values - q["cached_blocks"].values),
+            line("used", "used_blocks"),
+            line("cached (evictable)", "cached_blocks"),
+            line("empty", "empty_blocks"),
         ), style="stack", xlabel=axis),)),
         Chart("slot_utilization", "Blocks in use, and token slots in them holding a computed token: the gap is"
               " allocated but empty slots", (Panel("share", (
@@ -859,7 +862,8 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
               ), percent=True, xlabel=axis),)),
         Chart("fragmentation", "Fragmentation ratios, each on its own scale", (
             ratio_panel(report, "internal (unused / allocated slots)", "internal_fragmentation", smooth),
-            ratio_panel(report, "external (1 - largest free run / free blocks)", "external_fragmentation", smooth),
+            ratio_panel(report, "external (free blocks outside the largest free run / usable blocks)",
+                        "external_fragmentation", smooth, free_share),
         )),
         Chart("evictions", "Prefix-cache evictions (running totals)", (Panel("blocks", (
             line("evicted", "evictions"),
