@@ -181,13 +181,14 @@ def _simulate(out: Path) -> Path:
     return simulate_into(out, SIMULATE, export_every=3)
 
 
-def _raw_metric_times(path: Path) -> tuple[str, str, list[int]]:
-    """(service.instance.id, pool, every data point's time) of a metrics file, read with plain json."""
-    instance, pools, times = None, set(), []
+def _raw_metric_times(path: Path) -> tuple[dict, str, list[int]]:
+    """(the resource's identity: service.instance.id and process.pid, pool, every data point's
+    time) of a metrics file, read with plain json."""
+    resource, pools, times = None, set(), []
     for line in path.read_text().splitlines():
         for rm in json.loads(line)["resourceMetrics"]:
             attrs = {a["key"]: a["value"] for a in rm["resource"]["attributes"]}
-            instance = attrs["service.instance.id"]["stringValue"]
+            resource = {k: attrs[k] for k in ("service.instance.id", "process.pid")}
             for sm in rm["scopeMetrics"]:
                 for m in sm["metrics"]:
                     kind = next(k for k in ("gauge", "sum", "histogram") if k in m)
@@ -195,7 +196,7 @@ def _raw_metric_times(path: Path) -> tuple[str, str, list[int]]:
                         times.append(int(dp["timeUnixNano"]))
                         pools |= {a["value"]["stringValue"] for a in dp.get("attributes", []) if a["key"] == POOL_ATTR}
     (pool,) = pools
-    return instance, pool, times
+    return resource, pool, times
 
 
 def log_record(time_ns: int, pool: str, payload: bytes, attributes: dict, event: str = EVENT_NAME) -> dict:
@@ -208,9 +209,10 @@ def log_record(time_ns: int, pool: str, payload: bytes, attributes: dict, event:
             "attributes": [{"key": k, "value": value(v)} for k, v in attrs.items()], "eventName": event}
 
 
-def logs_line(instance: str, records: list[dict]) -> str:
+def logs_line(resource: dict, records: list[dict]) -> str:
+    """One export request of `records`, from the process `resource` (OTLP/JSON attribute values) names."""
     return json.dumps({"resourceLogs": [{
-        "resource": {"attributes": [{"key": "service.instance.id", "value": {"stringValue": instance}},
+        "resource": {"attributes": [*({"key": k, "value": v} for k, v in resource.items()),
                                     {"key": "service.name", "value": {"stringValue": "vllm"}}]},
         "scopeLogs": [{"scope": {"name": "vllm_frag_otel", "version": "0.1.0"}, "logRecords": records}],
     }]}, separators=(",", ":"))
@@ -230,7 +232,9 @@ class Run:
         (metrics,) = (sim / "telemetry").glob("metrics-*.jsonl")
         (traces,) = (sim / "telemetry").glob("traces-*.jsonl")
         (self.inputs / metrics.name).write_text(metrics.read_text())
-        self.instance, self.pool, metric_times = _raw_metric_times(metrics)
+        self.resource, self.pool, metric_times = _raw_metric_times(metrics)
+        ids = self.resource["service.instance.id"]["stringValue"], self.resource["process.pid"]["intValue"]
+        self.instance = "{} pid {}".format(*ids)  # the report's name for the process
         self.first_map_ns = min(metric_times) - 50_000_000  # the maps start before the metrics
         self.start_ns = min(min(metric_times), self.first_map_ns)
         self.times = [self.first_map_ns + t * STEP_NS for t in range(MAPS)]
@@ -274,28 +278,28 @@ class Run:
                 # a corrupt payload (not base64) at a time of its own
                 record = log_record(time_ns + 1, self.pool, payload, attrs)
                 record["body"]["bytesValue"] = "not*base64!"
-                lines.append(logs_line(self.instance, [record]))
+                lines.append(logs_line(self.resource, [record]))
                 bad["corrupt"] = len(lines)
             if t == 5:
                 # the wrong number of cells for its blocks
-                lines.append(logs_line(self.instance, [log_record(time_ns + 1, self.pool, payload,
+                lines.append(logs_line(self.resource, [log_record(time_ns + 1, self.pool, payload,
                                                                   {**attrs, layout.A_CELLS: BLOCKS - 1})]))
                 bad["cells"] = len(lines)
             if t == 7:
                 # another event: not the report's, no problem
-                lines.append(logs_line(self.instance, [log_record(time_ns + 1, self.pool, b"hello", {},
+                lines.append(logs_line(self.resource, [log_record(time_ns + 1, self.pool, b"hello", {},
                                                                   event="vllm.something.else")]))
                 bad["other"] = len(lines)
             if t == 9:
                 # a truncated payload beside a good map in the same line: the good one still counts
                 broken = log_record(time_ns + 2, self.pool, payload[: len(payload) // 2], attrs)
-                lines.append(logs_line(self.instance, [broken, log_record(time_ns, self.pool, payload, attrs)]))
+                lines.append(logs_line(self.resource, [broken, log_record(time_ns, self.pool, payload, attrs)]))
                 bad["truncated"] = len(lines)
                 continue
-            lines.append(logs_line(self.instance, [log_record(time_ns, self.pool, payload, attrs)]))
+            lines.append(logs_line(self.resource, [log_record(time_ns, self.pool, payload, attrs)]))
         # a pool with maps but no metrics is not reported
         payload, attrs = encoded(self.states[0], self.times[-1])
-        lines.append(logs_line(self.instance, [log_record(self.times[-1], "7", payload, attrs)]))
+        lines.append(logs_line(self.resource, [log_record(self.times[-1], "7", payload, attrs)]))
         self.logs.write_text("\n".join(lines) + "\n")
         return bad
 
@@ -343,7 +347,7 @@ def test_bad_records_are_named_by_file_and_line_and_the_rest_is_read(run):
 
 def test_a_foreign_logs_line_is_no_problem_and_not_a_map(tmp_path):
     path = tmp_path / "logs.jsonl"
-    path.write_text(logs_line("x", [log_record(5, "0", b"hello", {}, event="other.event")]) + "\n"
+    path.write_text(logs_line({"service.instance.id": {"stringValue": "x"}}, [log_record(5, "0", b"hello", {}, event="other.event")]) + "\n"
                     + json.dumps({"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": {"stringValue": "hi"}}]}]}]})
                     + "\n")
     telemetry = otlp_read.read([path])
@@ -778,7 +782,7 @@ def _report_with_maps(run, tmp_path, states, times, max_cells):
     """The simulated pool's report with these maps instead of the generated ones."""
     (metrics,) = run.inputs.glob("metrics-*.jsonl")
     logs = tmp_path / "logs.jsonl"
-    logs.write_text("".join(logs_line(run.instance, [log_record(t, run.pool, *encoded(row, t, max_cells))]) + "\n"
+    logs.write_text("".join(logs_line(run.resource, [log_record(t, run.pool, *encoded(row, t, max_cells))]) + "\n"
                             for row, t in zip(states, times)))
     telemetry = otlp_read.read([metrics, logs])
     assert telemetry.problems == []

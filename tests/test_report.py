@@ -567,3 +567,23 @@ def test_the_workload_file_says_which_requests_it_lacks(delta, tmp_path, capsys)
     assert len(lines) == len(raw_spans(delta)) == 40 - untraced[-1]
     assert f"  {untraced[-1]:.0f} request(s) had no span (VLLM_FRAG_OTEL_MAX_OPEN_SPANS): they are not in it" \
         in printed
+
+
+def test_two_runs_of_one_engine_are_two_processes_not_one(tmp_path):
+    """The default service.instance.id (host and rank) stays the same across an engine's restarts,
+    so Prometheus series continue; the report still reads each run apart, by its process.pid:
+    counters restarting from 0 in one series would read as nonsense."""
+    def export(pid: int, time_ns: int, limit: int) -> str:
+        resource = [{"key": "service.instance.id", "value": {"stringValue": "host-dp0"}},
+                    {"key": "process.pid", "value": {"intValue": str(pid)}}]
+        point = {"timeUnixNano": str(time_ns), "asInt": str(limit),
+                 "attributes": [{"key": "vllm.kv_cache.pool", "value": {"stringValue": "0"}}]}
+        metric = {"name": "vllm.kv_cache.block.limit", "unit": "{block}", "gauge": {"dataPoints": [point]}}
+        return json.dumps({"resourceMetrics": [{"resource": {"attributes": resource},
+                                                "scopeMetrics": [{"scope": {"name": "vllm_frag_otel"},
+                                                                  "metrics": [metric]}]}]})
+
+    (tmp_path / "metrics-1.jsonl").write_text(export(101, 1_000, 63) + "\n" + export(202, 2_000, 127) + "\n")
+    telemetry = otlp_read.read([tmp_path])
+    assert telemetry.pools() == [otlp_read.Source("host-dp0 pid 101", "0"), otlp_read.Source("host-dp0 pid 202", "0")]
+    assert sorted(s.values.tolist() for s in telemetry.series) == [[63], [127]]

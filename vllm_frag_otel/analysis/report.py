@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import json
 from collections.abc import Sequence
@@ -274,7 +275,7 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
     report = PoolReport(
         source=source,
         label=label,
-        prefix=f"{source.instance[:8]}-pool{source.pool}-" if several else "",
+        prefix=f"{hashlib.sha1(source.instance.encode()).hexdigest()[:8]}-pool{source.pool}-" if several else "",
         exports=len(quantities["used_blocks"].seconds),
         quantities=quantities,
         stats=stats,
