@@ -224,7 +224,7 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         "requests": num_requests,
         "used": snap.used_blocks,
         "cached": snap.cached_blocks,
-        "free": snap.free_blocks - snap.cached_blocks,
+        "empty": snap.empty_blocks,
         "free_runs": snap.free_runs,
         "build_s": build_s,
         "first_snapshot_ms": first_ms,
