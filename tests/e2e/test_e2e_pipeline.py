@@ -145,7 +145,7 @@ REGIONS = 8  # VLLM_FRAG_OTEL_REGIONS in conftest._vllm_env
 def test_region_metric_is_bounded_and_adds_up_to_the_pool(stack, arrived):
     """vllm.kv_cache.region.blocks: R x 5 series per engine, no more; each region's states
     add up to its share of the pool and, the engine idle after the workload, the per-state
-    totals equal vllm.kv_cache.blocks's."""
+    totals equal those of vllm.kv_cache.blocks."""
     from vllm_frag_otel.core.layout import BLOCK_STATES
 
     q = stack.promql
