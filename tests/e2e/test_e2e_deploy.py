@@ -179,7 +179,7 @@ def test_internal_fragmentation_threshold_is_per_block_size_and_documented():
         assert re.search(rf"^\| {b} \|.*\| {100 * b / (b + c):.1f}% \|", text, re.M), f"no measured row for block size {b}"
     assert "simulate --workload sharegpt" in text and "simulate --workload alpaca" in text
     dashboard = json.loads(h.DASHBOARD.read_text())
-    (line,) = [e for t, e, _ in h.dashboard_queries(dashboard) if "block-size threshold" in t and "group_block_count" in e]
+    (line,) = [e for t, e, _ in h.dashboard_queries(dashboard) if "block-size threshold" in t and "group_blocks" in e]
     assert line.rstrip().endswith(f"+ {c})"), line
 
 
