@@ -194,13 +194,13 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         collector.collect()
         collection_ms.append((clock() - t) * 1e3)
     collector.shutdown()
-    # the opt-in live heat map (vllm.kv_cache.region.block.count, REGIONS regions): the same
+    # the opt-in live heat map (vllm.kv_cache.region.blocks, REGIONS regions): the same
     # collection with and without it, alternating; regions_ms is what it adds
     plain, with_regions = Collector(state), Collector(state, regions=REGIONS)
     for c in (plain, with_regions):
         c.collect()
-    if "vllm.kv_cache.region.block.count" not in with_regions.exported_metric_names():
-        raise SystemExit("a collection with the region metric on exported no vllm.kv_cache.region.block.count")
+    if "vllm.kv_cache.region.blocks" not in with_regions.exported_metric_names():
+        raise SystemExit("a collection with the region metric on exported no vllm.kv_cache.region.blocks")
     plain_ms, regions_on_ms = [], []
     for _ in range(reps):
         for c, times in ((plain, plain_ms), (with_regions, regions_on_ms)):
@@ -224,7 +224,7 @@ def bench_collection(num_blocks: int, reps: int, num_requests: int = 512) -> dic
         "requests": num_requests,
         "used": snap.used_blocks,
         "cached": snap.cached_blocks,
-        "free": snap.free_blocks - snap.cached_blocks,
+        "empty": snap.empty_blocks,
         "free_runs": snap.free_runs,
         "build_s": build_s,
         "first_snapshot_ms": first_ms,

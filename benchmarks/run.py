@@ -105,7 +105,7 @@ def render(result: dict) -> str:
             add(f"   {c['num_blocks']:9d} {c['used']:8d} {c['cached']:8d} {c['free_runs']:9d} "
                 f"{c['snapshot_ms']:12.3f} {c['collection_ms']:14.3f} {c['first_snapshot_ms']:21.1f} "
                 f"{c['regions_ms']:18.3f}")
-        add(f"   (+region metric: what the opt-in vllm.kv_cache.region.block.count adds to a collection, "
+        add(f"   (+region metric: what the opt-in vllm.kv_cache.region.blocks adds to a collection, "
             f"{next(iter(result['collection'].values()))['regions']} regions)")
         add("   one block-layout map (opt-in, on the plugin's thread): state codes (the pool lock is held for"
             " part of it), then binning to 4096 cells and zlib")

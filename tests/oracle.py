@@ -94,13 +94,13 @@ def block_states(scheduler) -> list[str]:
     states = []
     for block in scheduler.kv_cache_manager.block_pool.blocks[1:]:
         if block.ref_cnt == 0:
-            states.append("cached" if block.block_hash is not None else "free")
+            states.append("cached" if block.block_hash is not None else "empty")
         elif fill.get(block.block_id, 0) == size.get(block.block_id, -1):
             states.append("full")
         elif fill.get(block.block_id, 0) > 0:
             states.append("partial")
         else:
-            states.append("empty")
+            states.append("reserved")
     return states
 
 
@@ -132,7 +132,7 @@ def brute_force_pool(pool, group_managers=(), requests=None) -> dict:
         "free_runs": len(runs),
         "largest_free_run": max(runs, default=0),
         "mean_free_run": (sum(runs) / len(runs)) if runs else 0.0,
-        "external_fragmentation": (1 - max(runs) / len(free)) if free else 0.0,
+        "external_fragmentation": (len(free) - max(runs, default=0)) / len(blocks),
     }
     if not group_managers:
         return result

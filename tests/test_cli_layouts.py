@@ -78,7 +78,10 @@ def test_summary_json_groups_are_the_snapshots_averaged(run, plugin):
     hand over its snapshots are what summary.json and the printed table say."""
     summary = run.summary
     assert {"workload", "config", "max_model_len", "steps", "run", "fields"} <= set(summary)
-    assert set(summary["fields"]) == set(FragmentationSnapshot.numeric_fields())
+    # the snapshot's fields, with the pool's blocks as its three states: empty for vLLM's free (empty + cached)
+    assert set(summary["fields"]) == set(FragmentationSnapshot.numeric_fields()) - {"free_blocks"} | {"empty_blocks"}
+    used, cached, empty = (summary["fields"][f"{state}_blocks"]["final"] for state in ("used", "cached", "empty"))
+    assert used + cached + empty == BLOCKS - 1  # less vLLM's null block
     assert summary["config"]["layout"] == run.layout and summary["layout"]["name"] == run.layout
     max_len = summary["max_model_len"]
     shape = sim.EngineShape(num_blocks=BLOCKS, block_size=16, max_num_seqs=SEQS, max_model_len=max_len,
@@ -221,7 +224,7 @@ def raw_groups(run: Run) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
             for rm in json.loads(line)["resourceMetrics"]:
                 for sm in rm["scopeMetrics"]:
                     for m in sm["metrics"]:
-                        if m["name"] not in ("vllm.kv_cache.group.block.count", "vllm.kv_cache.slot.count"):
+                        if m["name"] not in ("vllm.kv_cache.group.blocks", "vllm.kv_cache.slots"):
                             continue
                         for dp in m["gauge"]["dataPoints"]:
                             a = {kv["key"]: _value(kv["value"]) for kv in dp["attributes"]}

@@ -164,6 +164,20 @@ def test_grpc_scheme_endpoint_means_grpc(monkeypatch):
     exporter.shutdown()
 
 
+def test_the_default_instance_id_is_the_host_and_rank_and_survives_a_restart(monkeypatch):
+    """Not a random id per process: a restarted engine continues its series; engines of one
+    host differ by their data-parallel rank."""
+    import socket
+
+    from vllm_frag_otel.export.telemetry import build_resource
+
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    first = build_resource({"vllm.data_parallel.rank": 1}).attributes["service.instance.id"]
+    assert first == build_resource({"vllm.data_parallel.rank": 1}).attributes["service.instance.id"]
+    assert first == f"{socket.gethostname()}-dp1"
+    assert build_resource({}).attributes["service.instance.id"] == f"{socket.gethostname()}-dp0"
+
+
 def test_operator_resource_attributes_win(monkeypatch):
     from vllm_frag_otel.export.telemetry import build_resource
 

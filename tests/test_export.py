@@ -19,13 +19,13 @@ from otlp_receiver import RotelReceiver, _flatten
 from vllm_frag_otel.config import Settings
 
 FIXED_NAMES = {
-    "vllm.kv_cache.block.count",
+    "vllm.kv_cache.blocks",
     "vllm.kv_cache.block.limit",
-    "vllm.kv_cache.free_run.count",
+    "vllm.kv_cache.free_runs",
     "vllm.kv_cache.free_run.largest",
     "vllm.kv_cache.fragmentation.external",
-    "vllm.kv_cache.slot.count",
-    "vllm.kv_cache.block.partial.count",
+    "vllm.kv_cache.slots",
+    "vllm.kv_cache.partial_blocks",
     "vllm.kv_cache.fragmentation.internal",
     "vllm.kv_cache.slot.utilization",
     "vllm.kv_cache.allocation.duration",
@@ -65,7 +65,7 @@ def _assert_matches_final_snapshot(points: list[dict], summary: dict) -> None:
     assert FIXED_NAMES <= {p["name"] for p in points}
     assert _last(points, "vllm.kv_cache.block.limit") == final["num_blocks"] == 159
     assert _last(points, "vllm.kv_cache.preemptions") == final["preemptions"] > 0
-    assert _last(points, "vllm.kv_cache.block.count", **{"vllm.kv_cache.block.state": "cached"}) == final["cached_blocks"]
+    assert _last(points, "vllm.kv_cache.blocks", **{"vllm.kv_cache.block.state": "cached"}) == final["cached_blocks"]
     assert _last(points, "vllm.kv_cache.fragmentation.external") == pytest.approx(final["external_fragmentation"])
     failures = _last(points, "vllm.kv_cache.allocation.attempts", **{"vllm.kv_cache.allocation.outcome": "failure"})
     assert failures == final["allocation_failures"] > 0

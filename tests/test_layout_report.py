@@ -28,8 +28,8 @@ from vllm_frag_otel.analysis import report
 from vllm_frag_otel.core.layout import BLOCK_STATES, EVENT_NAME, BlockMap
 
 SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
-FREE, CACHED, FULL, PARTIAL, EMPTY = range(5)
-UNHELD = {FREE, CACHED}
+EMPTY, CACHED, FULL, PARTIAL, RESERVED = range(5)
+UNHELD = {EMPTY, CACHED}
 POOL_ATTR = "vllm.kv_cache.pool"
 
 # the generated pool: 100 blocks, 61 maps 10 ms apart, starting before the first metric point
@@ -52,7 +52,7 @@ def generate_states(seed: int = 7) -> list[list[int]]:
             if i in CHURNING:
                 current[i] = int(rng.integers(0, 5))
             elif i in ALWAYS_FREE:
-                current[i] = FREE
+                current[i] = EMPTY
             elif i in FENCES:
                 current[i] = FULL
             elif (t in BURST and 20 <= i < 60) or rng.random() < 0.04:
@@ -181,13 +181,14 @@ def _simulate(out: Path) -> Path:
     return simulate_into(out, SIMULATE, export_every=3)
 
 
-def _raw_metric_times(path: Path) -> tuple[str, str, list[int]]:
-    """(service.instance.id, pool, every data point's time) of a metrics file, read with plain json."""
-    instance, pools, times = None, set(), []
+def _raw_metric_times(path: Path) -> tuple[dict, str, list[int]]:
+    """(the resource's identity: service.instance.id and process.pid, pool, every data point's
+    time) of a metrics file, read with plain json."""
+    resource, pools, times = None, set(), []
     for line in path.read_text().splitlines():
         for rm in json.loads(line)["resourceMetrics"]:
             attrs = {a["key"]: a["value"] for a in rm["resource"]["attributes"]}
-            instance = attrs["service.instance.id"]["stringValue"]
+            resource = {k: attrs[k] for k in ("service.instance.id", "process.pid")}
             for sm in rm["scopeMetrics"]:
                 for m in sm["metrics"]:
                     kind = next(k for k in ("gauge", "sum", "histogram") if k in m)
@@ -195,22 +196,23 @@ def _raw_metric_times(path: Path) -> tuple[str, str, list[int]]:
                         times.append(int(dp["timeUnixNano"]))
                         pools |= {a["value"]["stringValue"] for a in dp.get("attributes", []) if a["key"] == POOL_ATTR}
     (pool,) = pools
-    return instance, pool, times
+    return resource, pool, times
 
 
 def log_record(time_ns: int, pool: str, payload: bytes, attributes: dict, event: str = EVENT_NAME) -> dict:
     def value(v):
         return {"intValue": str(v)} if isinstance(v, int) else {"stringValue": str(v)}
 
-    attrs = {**attributes, POOL_ATTR: pool, "vllm.model.name": "tiny"}
+    attrs = {**attributes, POOL_ATTR: pool, "model_name": "tiny"}
     return {"timeUnixNano": str(time_ns), "observedTimeUnixNano": str(time_ns + 1000),
             "body": {"bytesValue": base64.b64encode(payload).decode()},
             "attributes": [{"key": k, "value": value(v)} for k, v in attrs.items()], "eventName": event}
 
 
-def logs_line(instance: str, records: list[dict]) -> str:
+def logs_line(resource: dict, records: list[dict]) -> str:
+    """One export request of `records`, from the process `resource` (OTLP/JSON attribute values) names."""
     return json.dumps({"resourceLogs": [{
-        "resource": {"attributes": [{"key": "service.instance.id", "value": {"stringValue": instance}},
+        "resource": {"attributes": [*({"key": k, "value": v} for k, v in resource.items()),
                                     {"key": "service.name", "value": {"stringValue": "vllm"}}]},
         "scopeLogs": [{"scope": {"name": "vllm_frag_otel", "version": "0.1.0"}, "logRecords": records}],
     }]}, separators=(",", ":"))
@@ -230,7 +232,9 @@ class Run:
         (metrics,) = (sim / "telemetry").glob("metrics-*.jsonl")
         (traces,) = (sim / "telemetry").glob("traces-*.jsonl")
         (self.inputs / metrics.name).write_text(metrics.read_text())
-        self.instance, self.pool, metric_times = _raw_metric_times(metrics)
+        self.resource, self.pool, metric_times = _raw_metric_times(metrics)
+        ids = self.resource["service.instance.id"]["stringValue"], self.resource["process.pid"]["intValue"]
+        self.instance = "{} pid {}".format(*ids)  # the report's name for the process
         self.first_map_ns = min(metric_times) - 50_000_000  # the maps start before the metrics
         self.start_ns = min(min(metric_times), self.first_map_ns)
         self.times = [self.first_map_ns + t * STEP_NS for t in range(MAPS)]
@@ -274,28 +278,28 @@ class Run:
                 # a corrupt payload (not base64) at a time of its own
                 record = log_record(time_ns + 1, self.pool, payload, attrs)
                 record["body"]["bytesValue"] = "not*base64!"
-                lines.append(logs_line(self.instance, [record]))
+                lines.append(logs_line(self.resource, [record]))
                 bad["corrupt"] = len(lines)
             if t == 5:
                 # the wrong number of cells for its blocks
-                lines.append(logs_line(self.instance, [log_record(time_ns + 1, self.pool, payload,
+                lines.append(logs_line(self.resource, [log_record(time_ns + 1, self.pool, payload,
                                                                   {**attrs, layout.A_CELLS: BLOCKS - 1})]))
                 bad["cells"] = len(lines)
             if t == 7:
                 # another event: not the report's, no problem
-                lines.append(logs_line(self.instance, [log_record(time_ns + 1, self.pool, b"hello", {},
+                lines.append(logs_line(self.resource, [log_record(time_ns + 1, self.pool, b"hello", {},
                                                                   event="vllm.something.else")]))
                 bad["other"] = len(lines)
             if t == 9:
                 # a truncated payload beside a good map in the same line: the good one still counts
                 broken = log_record(time_ns + 2, self.pool, payload[: len(payload) // 2], attrs)
-                lines.append(logs_line(self.instance, [broken, log_record(time_ns, self.pool, payload, attrs)]))
+                lines.append(logs_line(self.resource, [broken, log_record(time_ns, self.pool, payload, attrs)]))
                 bad["truncated"] = len(lines)
                 continue
-            lines.append(logs_line(self.instance, [log_record(time_ns, self.pool, payload, attrs)]))
+            lines.append(logs_line(self.resource, [log_record(time_ns, self.pool, payload, attrs)]))
         # a pool with maps but no metrics is not reported
         payload, attrs = encoded(self.states[0], self.times[-1])
-        lines.append(logs_line(self.instance, [log_record(self.times[-1], "7", payload, attrs)]))
+        lines.append(logs_line(self.resource, [log_record(self.times[-1], "7", payload, attrs)]))
         self.logs.write_text("\n".join(lines) + "\n")
         return bad
 
@@ -343,7 +347,7 @@ def test_bad_records_are_named_by_file_and_line_and_the_rest_is_read(run):
 
 def test_a_foreign_logs_line_is_no_problem_and_not_a_map(tmp_path):
     path = tmp_path / "logs.jsonl"
-    path.write_text(logs_line("x", [log_record(5, "0", b"hello", {}, event="other.event")]) + "\n"
+    path.write_text(logs_line({"service.instance.id": {"stringValue": "x"}}, [log_record(5, "0", b"hello", {}, event="other.event")]) + "\n"
                     + json.dumps({"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": {"stringValue": "hi"}}]}]}]})
                     + "\n")
     telemetry = otlp_read.read([path])
@@ -542,9 +546,9 @@ def test_evictions_stay_an_estimate_unless_every_span_measures_them(run, tmp_pat
 def _random_layout(seed: int, blocks: int, maps: int, bin_size: int):
     rng = np.random.default_rng(seed)
     # sticky states, many unheld, so that holes form, split and last
-    states, row = [], [int(s) for s in rng.choice([FREE, CACHED, FULL], blocks)]
+    states, row = [], [int(s) for s in rng.choice([EMPTY, CACHED, FULL], blocks)]
     for _ in range(maps):
-        row = [int(rng.choice([FREE, FREE, CACHED, FULL, PARTIAL, EMPTY])) if rng.random() < 0.15 else s for s in row]
+        row = [int(rng.choice([EMPTY, EMPTY, CACHED, FULL, PARTIAL, RESERVED])) if rng.random() < 0.15 else s for s in row]
         states.append(row)
     times = [1_000_000_000 + int(t * 7_000_000 + rng.integers(0, 3_000_000)) for t in range(maps)]
     max_cells = -(-blocks // bin_size)
@@ -613,7 +617,7 @@ def test_a_block_map_round_trips_in_the_smallest_count_type(blocks, max_cells, b
     expected = cell_counts(states.tolist(), bin_size) if blocks else [[] for _ in BLOCK_STATES]
     assert block_map.counts.tolist() == expected
     payload, attributes = block_map.encode()
-    assert attributes == {layout.A_ENCODING: layout.ENCODING, layout.A_STATES: "free,cached,full,partial,empty",
+    assert attributes == {layout.A_ENCODING: layout.ENCODING, layout.A_STATES: "empty,cached,full,partial,reserved",
                           layout.A_DTYPE: dtype, layout.A_BLOCKS: blocks, layout.A_BIN: bin_size,
                           layout.A_CELLS: block_map.cells}
     assert len(zlib.decompress(payload)) == len(BLOCK_STATES) * block_map.cells * np.dtype(dtype).itemsize
@@ -656,6 +660,17 @@ def test_a_malformed_block_map_is_refused_saying_what_is_wrong():
             BlockMap.decode(data, attrs, 1)
         assert str(raised.value) == message
     assert BlockMap.decode(payload, good, 1).counts.tolist() == cell_counts(states.tolist(), 3)
+
+
+def test_a_map_of_an_earlier_release_decodes_under_the_state_names_of_this_one():
+    """Earlier releases named the unheld empty state "free" and the held one with nothing computed
+    "empty" (CHANGELOG.md); the codes are the same, so their telemetry files still report."""
+    states = np.array([0, 1, 2, 3, 4, 0, 4], dtype=np.uint8)
+    payload, attributes = BlockMap.from_states(states, 1, 7).encode()
+    former = {**{k: str(v) for k, v in attributes.items()}, layout.A_STATES: "free,cached,full,partial,empty"}
+    counts = BlockMap.decode(payload, former, 1).counts
+    assert counts[layout.EMPTY].tolist() == [1, 0, 0, 0, 0, 1, 0]
+    assert counts[layout.RESERVED].tolist() == [0, 0, 0, 0, 1, 0, 1]
 
 
 def test_stack_keeps_the_latest_shape_once_per_time_and_thins_evenly():
@@ -738,7 +753,7 @@ def test_holes_tie_broken_by_width_and_open_until_a_flat_end():
     """Holes of equal idle memory rank the widest first, then the lowest block id; and a hole
     still unheld at the last map is open even when the last maps share one time (a simulated
     clock reads maps after its last step as that step), not ended at an earlier sighting."""
-    F, H = FREE, FULL
+    F, H = EMPTY, FULL
     states = [
         [H, H, H, H, H, H, H],
         [F, H, H, F, F, H, H],  # block 1 and blocks 4-5 become unheld
@@ -767,7 +782,7 @@ def _report_with_maps(run, tmp_path, states, times, max_cells):
     """The simulated pool's report with these maps instead of the generated ones."""
     (metrics,) = run.inputs.glob("metrics-*.jsonl")
     logs = tmp_path / "logs.jsonl"
-    logs.write_text("".join(logs_line(run.instance, [log_record(t, run.pool, *encoded(row, t, max_cells))]) + "\n"
+    logs.write_text("".join(logs_line(run.resource, [log_record(t, run.pool, *encoded(row, t, max_cells))]) + "\n"
                             for row, t in zip(states, times)))
     telemetry = otlp_read.read([metrics, logs])
     assert telemetry.problems == []

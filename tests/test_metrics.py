@@ -20,12 +20,12 @@ from vllm_frag_otel.export.telemetry import SCOPE, PointsExporter, KVCacheMetric
 
 GAUGE_FIELDS = {
     "vllm.kv_cache.block.limit": "num_blocks",
-    "vllm.kv_cache.free_run.count": "free_runs",
+    "vllm.kv_cache.free_runs": "free_runs",
     "vllm.kv_cache.free_run.largest": "largest_free_run",
     "vllm.kv_cache.fragmentation.external": "external_fragmentation",
     "vllm.kv_cache.fragmentation.internal": "internal_fragmentation",
     "vllm.kv_cache.slot.utilization": "slot_utilization",
-    "vllm.kv_cache.request.count": "tracked_requests",
+    "vllm.kv_cache.requests": "tracked_requests",
     "vllm.kv_cache.preemptions": "preemptions",
 }
 
@@ -83,17 +83,17 @@ def test_metrics_equal_the_snapshot(pressured_run):
     assert snapshot.partial_blocks > 0
     points = pipeline.collect()
 
-    _, block_points = points["vllm.kv_cache.block.count"]
+    _, block_points = points["vllm.kv_cache.blocks"]
     assert _value(block_points, **{"vllm.kv_cache.block.state": "used"}) == snapshot.used_blocks
     assert _value(block_points, **{"vllm.kv_cache.block.state": "cached"}) == snapshot.cached_blocks
-    assert _value(block_points, **{"vllm.kv_cache.block.state": "free"}) == snapshot.free_blocks - snapshot.cached_blocks
+    assert _value(block_points, **{"vllm.kv_cache.block.state": "empty"}) == snapshot.free_blocks - snapshot.cached_blocks
     for name, field in GAUGE_FIELDS.items():
         _, pts = points[name]
         assert _value(pts) == getattr(snapshot, field), name
-    _, slot_points = points["vllm.kv_cache.slot.count"]
+    _, slot_points = points["vllm.kv_cache.slots"]
     assert _value(slot_points, **{"vllm.kv_cache.slot.state": "used"}) == snapshot.used_slots
     assert _value(slot_points, **{"vllm.kv_cache.slot.state": "unused"}) == snapshot.unused_slots
-    _, partial_points = points["vllm.kv_cache.block.partial.count"]
+    _, partial_points = points["vllm.kv_cache.partial_blocks"]
     assert _value(partial_points) == snapshot.partial_blocks
 
     _, queried = points["vllm.kv_cache.prefix_cache.queried"]

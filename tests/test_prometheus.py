@@ -120,20 +120,20 @@ def _check_against_the_pool(samples, scheduler) -> dict:
     """Every gauge the oracle can recount, from vLLM's own blocks and block tables."""
     truth = oracle.brute_force(scheduler)
     state = "vllm_kv_cache_block_state"
-    assert _value(samples, "vllm_kv_cache_block_count", **{state: "used"}) == truth["used_blocks"]
-    assert _value(samples, "vllm_kv_cache_block_count", **{state: "cached"}) == truth["cached_blocks"]
-    assert _value(samples, "vllm_kv_cache_block_count", **{state: "free"}) == truth["free_blocks"] - truth["cached_blocks"]
+    assert _value(samples, "vllm_kv_cache_blocks", **{state: "used"}) == truth["used_blocks"]
+    assert _value(samples, "vllm_kv_cache_blocks", **{state: "cached"}) == truth["cached_blocks"]
+    assert _value(samples, "vllm_kv_cache_blocks", **{state: "empty"}) == truth["free_blocks"] - truth["cached_blocks"]
     assert _value(samples, "vllm_kv_cache_block_limit") == truth["num_blocks"]
-    assert _value(samples, "vllm_kv_cache_free_run_count") == truth["free_runs"]
+    assert _value(samples, "vllm_kv_cache_free_runs") == truth["free_runs"]
     assert _value(samples, "vllm_kv_cache_free_run_largest") == truth["largest_free_run"]
     assert _value(samples, "vllm_kv_cache_fragmentation_external_ratio") == pytest.approx(truth["external_fragmentation"])
     assert _value(samples, "vllm_kv_cache_fragmentation_internal_ratio") == pytest.approx(truth["internal_fragmentation"])
     assert _value(samples, "vllm_kv_cache_slot_utilization_ratio") == pytest.approx(truth["slot_utilization"])
-    assert _value(samples, "vllm_kv_cache_request_count") == truth["tracked_requests"]
-    assert _value(samples, "vllm_kv_cache_slot_count", vllm_kv_cache_slot_state="used") == truth["used_slots"]
-    assert _value(samples, "vllm_kv_cache_slot_count", vllm_kv_cache_slot_state="unused") == truth["unused_slots"]
-    assert _value(samples, "vllm_kv_cache_block_partial_count") == truth["partial_blocks"]
-    assert _value(samples, "vllm_kv_cache_group_block_count") == truth["groups"][0]["used_blocks"]
+    assert _value(samples, "vllm_kv_cache_requests") == truth["tracked_requests"]
+    assert _value(samples, "vllm_kv_cache_slots", vllm_kv_cache_slot_state="used") == truth["used_slots"]
+    assert _value(samples, "vllm_kv_cache_slots", vllm_kv_cache_slot_state="unused") == truth["unused_slots"]
+    assert _value(samples, "vllm_kv_cache_partial_blocks") == truth["partial_blocks"]
+    assert _value(samples, "vllm_kv_cache_group_blocks") == truth["groups"][0]["used_blocks"]
     return truth
 
 
@@ -171,8 +171,8 @@ def test_a_scrape_mid_run_equals_a_brute_force_recount_of_the_pool(engine_env):
     assert seen["used"] > 50 and seen["evictions"] > 0 and seen["preemptions"] > 0 and seen["failures"] > 0
     final = _scrape(port)
     _check_against_the_pool(final, scheduler)
-    assert _value(final, "vllm_kv_cache_request_count") == 0
-    assert _value(final, "vllm_frag_otel_active_ratio") == 1
+    assert _value(final, "vllm_kv_cache_requests") == 0
+    assert _value(final, "vllm_frag_otel_active") == 1
 
 
 def _prometheus_name(metric: dict) -> tuple[str, str]:
@@ -198,7 +198,7 @@ def _labels(point: dict, resource: dict) -> set[tuple[str, str]]:
 
     labels = {(a["key"].replace(".", "_"), text(a["value"])) for a in point.get("attributes", [])}
     promoted = {a["key"]: a["value"] for a in resource.get("attributes", [])
-                if a["key"] in ("host.name", "service.name", "service.instance.id", "vllm.model.name")}
+                if a["key"] in ("host.name", "service.name", "service.instance.id")}
     return labels | {(k.replace(".", "_"), text(v)) for k, v in promoted.items()}
 
 
@@ -271,9 +271,7 @@ def test_every_resource_attribute_the_otlp_path_promotes_is_a_label_of_every_scr
     engine's own attributes, also on every point, keep the engine's values)."""
     promoted = _promoted_by_the_otlp_path()
     assert {"service.name", "service.namespace", "host.name"} <= set(promoted)  # the file was read
-    # the rank stays the engine's (0): it also picks the port
-    values = {name: "0" if name == "vllm.data_parallel.rank" else f"v{i}-{name.replace('.', '-')}"
-              for i, name in enumerate(promoted)}
+    values = {name: f"v{i}-{name.replace('.', '-')}" for i, name in enumerate(promoted)}
     port = engine_env(VLLM_FRAG_OTEL_EXPORTER="none,prometheus", VLLM_FRAG_OTEL_SPANS="false",
                       OTEL_RESOURCE_ATTRIBUTES=",".join(f"{k}={v}" for k, v in values.items()))
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
@@ -295,8 +293,57 @@ def test_every_resource_attribute_the_otlp_path_promotes_is_a_label_of_every_scr
         for label, accepted in allowed.items():
             assert labels.get(label) in accepted, (name, label, labels.get(label), accepted)
     # and the process-wide series (no engine attributes on their points) carry the operator's values
-    (active,) = [labels for name, labels in ours if name == "vllm_frag_otel_active_ratio"]
+    (active,) = [labels for name, labels in ours if name == "vllm_frag_otel_active"]
     assert {label: active.get(label) for label in allowed} == {n.replace(".", "_"): v for n, v in values.items()}
+
+
+def test_the_pool_series_carry_vllms_own_join_labels(engine_env):
+    """model_name (the served model name) and engine (the engine index: the data-parallel rank),
+    as vLLM's PrometheusStatLogger labels its vllm:* series, on every series of the plugin, so a
+    PromQL division by a vllm:* series matches without relabelling; not the OTel-style names."""
+    port = engine_env(VLLM_FRAG_OTEL_EXPORTER="none,prometheus", VLLM_FRAG_OTEL_SPANS="false")
+    scheduler = _pressured()
+    rng = random.Random(5)
+    for _ in range(20):
+        sim.step(scheduler, rng)
+    served = scheduler.vllm_config.model_config.served_model_name
+    samples = _scrape(port)
+    ours = [dict(labels) for name, labels in samples if name.startswith(("vllm_kv_cache", "vllm_frag_otel"))]
+    assert len(ours) > 50
+    for labels in ours:  # the process-wide series too: those of the engine the process runs
+        assert (labels["model_name"], labels["engine"]) == (served, "0"), labels
+        assert not {"vllm_model_name", "vllm_data_parallel_rank"} & set(labels), labels
+
+
+def _promtool() -> str:
+    """promtool, fetched and cached by scripts/stack.sh (as `make test-rules` gets it)."""
+    import subprocess
+
+    from helpers import REPO
+
+    subprocess.run(["bash", str(REPO / "scripts" / "stack.sh"), "setup", "promtool"], check=True,
+                   capture_output=True, timeout=900)
+    paths = subprocess.run(["bash", str(REPO / "scripts" / "stack.sh"), "paths"], check=True, capture_output=True,
+                           text=True).stdout
+    return dict(line.split("=", 1) for line in paths.splitlines())["PROMTOOL"]
+
+
+def test_promtool_check_metrics_passes_on_a_scrape(engine_env):
+    """Prometheus' own linter on the endpoint's answer, with every metric the plugin has (the
+    opt-in region gauge too): no gauge named like a histogram's _count, no _total on a gauge,
+    metadata in order."""
+    import subprocess
+
+    port = engine_env(VLLM_FRAG_OTEL_EXPORTER="none,prometheus", VLLM_FRAG_OTEL_REGION_METRIC="true")
+    scheduler = _pressured()
+    rng = random.Random(6)
+    for _ in range(120):
+        sim.step(scheduler, rng)
+    text = _scrape_text(port)
+    assert "vllm_kv_cache_region_blocks{" in text and "vllm_kv_cache_block_evictions_total{" in text
+    checked = subprocess.run([_promtool(), "check", "metrics"], input=text, capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_the_port_is_the_base_port_plus_the_data_parallel_rank(engine_env, monkeypatch, caplog):
@@ -317,7 +364,7 @@ def test_the_port_is_the_base_port_plus_the_data_parallel_rank(engine_env, monke
         scheduler = _pressured()
     sim.step(scheduler, random.Random(0))
     samples = _scrape(base + 2)
-    assert _value(samples, "vllm_kv_cache_block_limit", vllm_data_parallel_rank="2") == SHAPE.num_blocks - 1
+    assert _value(samples, "vllm_kv_cache_block_limit", engine="2") == SHAPE.num_blocks - 1
     for other in (base, base + 1, base + 3):
         with pytest.raises(OSError):
             _scrape_text(other)
@@ -356,7 +403,7 @@ def test_a_port_in_use_is_one_warning_and_vllm_and_the_other_exporter_run_on(eng
              for line in path.read_text().splitlines()]
     names = {m["name"] for line in lines for rm in line["resourceMetrics"] for sm in rm["scopeMetrics"]
              for m in sm["metrics"]}
-    assert {"vllm.kv_cache.block.count", "vllm.kv_cache.allocation.duration"} <= names
+    assert {"vllm.kv_cache.blocks", "vllm.kv_cache.allocation.duration"} <= names
 
 
 def test_the_standard_otel_metrics_exporter_variable_serves_too(engine_env, monkeypatch, tmp_path):
@@ -430,7 +477,7 @@ def test_vllm_s_own_registry_is_untouched_and_stop_frees_the_port(engine_env):
     port = engine_env(VLLM_FRAG_OTEL_EXPORTER="none,prometheus")
     scheduler = _pressured()
     sim.step(scheduler, random.Random(6))
-    assert "vllm_kv_cache_block_count" in _scrape_text(port)
+    assert "vllm_kv_cache_blocks" in _scrape_text(port)
     after = generate_latest(REGISTRY).decode()
     assert "vllm_kv_cache" not in after and "target_info" not in after
     assert {line.split("{")[0].split(" ")[0] for line in after.splitlines() if not line.startswith("#")} == \

@@ -1,4 +1,4 @@
-"""The live heat map's vllm.kv_cache.region.block.count, on vLLM's real scheduler.
+"""The live heat map's vllm.kv_cache.region.blocks, on vLLM's real scheduler.
 
 The plugin is loaded through vLLM's entry point and attached to the schedulers the
 tests build; the metric is read through the OTel SDK from a Runtime made from the
@@ -24,8 +24,8 @@ from vllm_frag_otel.plugin.hooks import guard
 from vllm_frag_otel.sim import simulator as sim
 from vllm_frag_otel.sim import workloads
 
-METRIC = "vllm.kv_cache.region.block.count"
-STATES = ("free", "cached", "full", "partial", "empty")
+METRIC = "vllm.kv_cache.region.blocks"
+STATES = ("empty", "cached", "full", "partial", "reserved")
 
 
 @pytest.fixture()
@@ -87,7 +87,7 @@ def _pressured(num_blocks: int = 100, seed: int = 3):
 def test_every_region_and_state_equals_the_brute_force(runtime_from, regions):
     """At many collections through a run that preempts and evicts: every point equals the
     recount; each region's points add up to its size; the per-state totals equal
-    vllm.kv_cache.block.count's at the same collection. 7 does not divide the 99 usable
+    vllm.kv_cache.blocks's at the same collection. 7 does not divide the 99 usable
     blocks (uneven regions); 200 is more than the pool (one region per block)."""
     runtime, metrics = runtime_from({"VLLM_FRAG_OTEL_REGION_METRIC": "true", "VLLM_FRAG_OTEL_REGIONS": str(regions)})
     scheduler = _pressured()
@@ -105,10 +105,10 @@ def test_every_region_and_state_equals_the_brute_force(runtime_from, regions):
         assert set(got) == set(expected) and not wrong, f"{where}: (got, brute force) {dict(list(wrong.items())[:5])}"
         sizes = [sum(got[(r, s)] for s in STATES) for r in range(min(regions, n))]
         assert sizes == [(r + 1) * n // len(sizes) - r * n // len(sizes) for r in range(len(sizes))], where
-        totals = {p.attributes["vllm.kv_cache.block.state"]: p.value for p in points["vllm.kv_cache.block.count"]}
+        totals = {p.attributes["vllm.kv_cache.block.state"]: p.value for p in points["vllm.kv_cache.blocks"]}
         state_total = {s: sum(v for (_, st), v in got.items() if st == s) for s in STATES}
-        assert state_total["free"] == totals["free"] and state_total["cached"] == totals["cached"], where
-        assert state_total["full"] + state_total["partial"] + state_total["empty"] == totals["used"], where
+        assert state_total["empty"] == totals["empty"] and state_total["cached"] == totals["cached"], where
+        assert state_total["full"] + state_total["partial"] + state_total["reserved"] == totals["used"], where
         seen.update(s for s, v in state_total.items() if v)
         collections += 1
 
@@ -124,8 +124,8 @@ def test_every_region_and_state_equals_the_brute_force(runtime_from, regions):
             check(f"step {step}")
     snapshot = analyzer.snapshot()
     assert snapshot.preemptions > 0 and snapshot.evictions > 0
-    # `empty` (held, nothing computed) does not outlive a step in these workloads
-    assert collections >= 20 and seen >= {"free", "cached", "full", "partial"}, (collections, seen)
+    # `reserved` (held, nothing computed) does not outlive a step in these workloads
+    assert collections >= 20 and seen >= {"empty", "cached", "full", "partial"}, (collections, seen)
 
 
 def test_off_by_default(runtime_from):
@@ -133,7 +133,7 @@ def test_off_by_default(runtime_from):
     scheduler = _pressured()
     sim.step(scheduler, random.Random(0))
     points = _collect(runtime, metrics)
-    assert "vllm.kv_cache.block.count" in points and METRIC not in points
+    assert "vllm.kv_cache.blocks" in points and METRIC not in points
 
 
 def test_default_is_32_regions_and_series_are_bounded(runtime_from):
@@ -182,7 +182,7 @@ class _CountingLock:
 
 
 def test_one_read_of_the_pool_per_collection(runtime_from):
-    """The region points and vllm.kv_cache.block.count come from the same copy of the
+    """The region points and vllm.kv_cache.blocks come from the same copy of the
     pool's flags: a collection takes the pool lock as often as it does without the
     metric (a second read would let a live scheduler change the pool in between)."""
     taken = {}

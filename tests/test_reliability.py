@@ -143,7 +143,7 @@ def test_export_resumes_after_the_collector_restarts(runtime_for, caplog):
         rng = random.Random(0)
         for _ in range(50):
             sim.step(scheduler, rng)
-        receiver.wait_for_metric("vllm.kv_cache.block.count", timeout=10)
+        receiver.wait_for_metric("vllm.kv_cache.blocks", timeout=10)
         receiver.stop_agent()
         for _ in range(100):  # the scheduler keeps going while the collector is down
             sim.step(scheduler, rng)

@@ -31,7 +31,7 @@ from vllm_frag_otel.analysis import report
 from vllm_frag_otel.sim import workloads
 
 SIMULATE = ["--workload", "alpaca", "--num-requests", "40", "--num-blocks", "30", "--max-num-seqs", "8", "--seed", "3"]
-GAUGES = ["used_blocks", "cached_blocks", "free_blocks", "free_runs", "largest_free_run", "external_fragmentation",
+GAUGES = ["used_blocks", "cached_blocks", "empty_blocks", "free_runs", "largest_free_run", "external_fragmentation",
           "unused_slots", "partial_blocks", "internal_fragmentation", "slot_utilization", "tracked_requests"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -166,8 +166,8 @@ def test_series_are_the_raw_points(cumulative, built):
     start = first_time(cumulative)
     r = report.pool_report(telemetry, telemetry.pools()[0], start, several=False)
     for name, metric, attributes in [
-        ("used_blocks", "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
-        ("cached_blocks", "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "cached"}),
+        ("used_blocks", "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "used"}),
+        ("cached_blocks", "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "cached"}),
         ("internal_fragmentation", "vllm.kv_cache.fragmentation.internal", {}),
         ("preemptions", "vllm.kv_cache.preemptions", {}),
         ("allocation_failures", "vllm.kv_cache.allocation.attempts", {"vllm.kv_cache.allocation.outcome": "failure"}),
@@ -262,13 +262,13 @@ def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
                            "allocation_latency", "request_classes", "request_latency", "block_layout"}
     lines = {(name, line.label): line for name, c in charts.items() for panel in c.panels for line in panel.lines}
     for (chart, label), metric, attributes in [
-        (("block_states", "used"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"}),
-        (("block_states", "cached (evictable)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "cached"}),
-        (("block_states", "free (empty)"), "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "free"}),
+        (("block_states", "used"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "used"}),
+        (("block_states", "cached (evictable)"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "cached"}),
+        (("block_states", "empty"), "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "empty"}),
         (("slot_utilization", "slot utilization (token slots holding computed tokens / all slots)"),
          "vllm.kv_cache.slot.utilization", {}),
         (("fragmentation", "internal (unused / allocated slots)"), "vllm.kv_cache.fragmentation.internal", {}),
-        (("fragmentation", "external (1 - largest free run / free blocks)"),
+        (("fragmentation", "external (free blocks outside the largest free run / usable blocks)"),
          "vllm.kv_cache.fragmentation.external", {}),
         (("evictions", "evicted, never reused after caching"), "vllm.kv_cache.block.evictions",
          {"vllm.kv_cache.block.reused": "false", "vllm.kv_cache.eviction.reason": "capacity"}),
@@ -280,6 +280,14 @@ def test_charts_are_drawn_from_the_recorded_series(cumulative, built):
         line = lines[(chart, label)]
         assert np.array_equal(line.y, values), (chart, label)
         assert np.array_equal(line.x, (times - start) / 1e9), (chart, label)
+    # the external ratio's ceiling: the free share of the pool, from the raw block counts
+    _, empty = raw_series(cumulative, "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "empty"})
+    _, cached = raw_series(cumulative, "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "cached"})
+    _, limit = raw_series(cumulative, "vllm.kv_cache.block.limit", {})
+    ceiling = lines[("fragmentation", "free blocks (empty or cached) / usable blocks: its ceiling")].y
+    assert np.allclose(ceiling, (empty + cached) / limit[-1])
+    assert (lines[("fragmentation", "external (free blocks outside the largest free run / usable blocks)")].y
+            <= ceiling + 1e-12).all()
     for outcome in ("success", "failure"):
         expected = raw_matching(cumulative, "vllm.kv_cache.allocation.duration",
                                 {"vllm.kv_cache.allocation.outcome": outcome})[-1]
@@ -350,12 +358,12 @@ def test_one_kv_cache_group_gets_one_line_not_a_section(cumulative, built):
     assert "KV-cache groups" not in text and "state pages" not in text
     assert not (out / "kv_cache_groups.png").exists()
     (row,) = _read_csv(out / "groups.csv")
-    times, blocks = raw_series(cumulative, "vllm.kv_cache.group.block.count")
+    times, blocks = raw_series(cumulative, "vllm.kv_cache.group.blocks")
     assert (row["group"], row["kind"], row["token_slots"], row["block_size"]) == ("0", "full_attention", "true", "16")
     assert int(row["exports"]) == len(times)
     assert float(row["blocks_mean"]) == pytest.approx(blocks.mean())
     assert float(row["blocks_max"]) == blocks.max() > 0
-    _, unused = raw_series(cumulative, "vllm.kv_cache.slot.count", {"vllm.kv_cache.slot.state": "unused"})
+    _, unused = raw_series(cumulative, "vllm.kv_cache.slots", {"vllm.kv_cache.slot.state": "unused"})
     assert float(row["unused_slots_mean"]) == pytest.approx(unused.mean())
 
 
@@ -471,15 +479,16 @@ def test_charts_an_operator_can_read(cumulative, tmp_path):
     # slot utilisation beside the blocks in use: the gap is allocated but empty slots
     (panel,) = charts["slot_utilization"].panels
     lines = {line.label.split(" (")[0]: line for line in panel.lines}
-    _, used = raw_series(cumulative, "vllm.kv_cache.block.count", {"vllm.kv_cache.block.state": "used"})
+    _, used = raw_series(cumulative, "vllm.kv_cache.blocks", {"vllm.kv_cache.block.state": "used"})
     assert np.allclose(lines["blocks in use"].y, used / 29)
     _, utilization = raw_series(cumulative, "vllm.kv_cache.slot.utilization")
     assert np.array_equal(lines["slot utilization"].y, utilization)
-    # each fragmentation ratio on its own axes, with its rolling mean
+    # each fragmentation ratio on its own axes, with its rolling mean (the external one with its ceiling)
     internal, external = charts["fragmentation"].panels
+    assert len(internal.lines) == 2 and len(external.lines) == 3
     for panel, metric in ((internal, "vllm.kv_cache.fragmentation.internal"),
                           (external, "vllm.kv_cache.fragmentation.external")):
-        raw, smoothed = panel.lines
+        raw, smoothed = panel.lines[:2]
         _, values = raw_series(cumulative, metric)
         assert np.array_equal(raw.y, values)
         assert smoothed.label == "rolling mean of 5 exports"
@@ -779,3 +788,23 @@ def test_new_blocks_are_left_out_where_the_spans_cannot_give_them(hybrid, tmp_pa
     assert sum(int(row.split()[-1]) for row in table[2:-1]) == sum(s["vllm.kv_cache.block.evicted"] for s in spans)
     classes = _read_csv(out / "request_classes.csv")
     assert classes and all(c["new_blocks"] == "" and c["evictions_measured"] == "true" for c in classes)
+
+
+def test_two_runs_of_one_engine_are_two_processes_not_one(tmp_path):
+    """The default service.instance.id (host and rank) stays the same across an engine's restarts,
+    so Prometheus series continue; the report still reads each run apart, by its process.pid:
+    counters restarting from 0 in one series would read as nonsense."""
+    def export(pid: int, time_ns: int, limit: int) -> str:
+        resource = [{"key": "service.instance.id", "value": {"stringValue": "host-dp0"}},
+                    {"key": "process.pid", "value": {"intValue": str(pid)}}]
+        point = {"timeUnixNano": str(time_ns), "asInt": str(limit),
+                 "attributes": [{"key": "vllm.kv_cache.pool", "value": {"stringValue": "0"}}]}
+        metric = {"name": "vllm.kv_cache.block.limit", "unit": "{block}", "gauge": {"dataPoints": [point]}}
+        return json.dumps({"resourceMetrics": [{"resource": {"attributes": resource},
+                                                "scopeMetrics": [{"scope": {"name": "vllm_frag_otel"},
+                                                                  "metrics": [metric]}]}]})
+
+    (tmp_path / "metrics-1.jsonl").write_text(export(101, 1_000, 63) + "\n" + export(202, 2_000, 127) + "\n")
+    telemetry = otlp_read.read([tmp_path])
+    assert telemetry.pools() == [otlp_read.Source("host-dp0 pid 101", "0"), otlp_read.Source("host-dp0 pid 202", "0")]
+    assert sorted(s.values.tolist() for s in telemetry.series) == [[63], [127]]

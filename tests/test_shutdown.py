@@ -77,9 +77,9 @@ def _assert_final_counters(value, snap) -> None:
     assert value("vllm.kv_cache.block.allocations", **{"vllm.kv_cache.block.source": "recycled"}) \
         == snap.blocks_allocated_recycled
     # gauges at the moment of stop
-    assert value("vllm.kv_cache.block.count", **{"vllm.kv_cache.block.state": "used"}) == snap.used_blocks > 0
-    assert value("vllm.kv_cache.block.count", **{"vllm.kv_cache.block.state": "cached"}) == snap.cached_blocks
-    assert value("vllm.kv_cache.request.count") == snap.tracked_requests > 0
+    assert value("vllm.kv_cache.blocks", **{"vllm.kv_cache.block.state": "used"}) == snap.used_blocks > 0
+    assert value("vllm.kv_cache.blocks", **{"vllm.kv_cache.block.state": "cached"}) == snap.cached_blocks
+    assert value("vllm.kv_cache.requests") == snap.tracked_requests > 0
 
 
 @pytest.fixture()

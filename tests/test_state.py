@@ -101,10 +101,25 @@ def test_free_runs_and_external_fragmentation():
     # free: 3-4, 6-8, 10 -> runs of 2, 3, 1
     assert (snap.free_blocks, snap.used_blocks, snap.free_runs, snap.largest_free_run) == (6, 4, 3, 3)
     assert snap.mean_free_run == pytest.approx(2.0)
-    assert snap.external_fragmentation == pytest.approx(1 - 3 / 6)
+    assert snap.empty_blocks == 6  # nothing cached: every free block is empty
+    # the 3 free blocks outside the largest run, of the 10 usable
+    assert snap.external_fragmentation == pytest.approx(3 / 10)
     s.on_blocks_allocated([3, 4, 6, 7, 8, 10], now=0.0)
     full = s.snapshot()
     assert (full.free_blocks, full.free_runs, full.largest_free_run, full.external_fragmentation) == (0, 0, 0, 0.0)
+
+
+def test_a_nearly_full_pool_reads_low_external_fragmentation_however_scattered_its_free_blocks():
+    """A saturated pool's last free blocks, each in a run of its own, weigh their share of the
+    pool (2 of 100), not 1 - 1/2 of themselves: no 0 <-> 50 % swing as blocks come and go."""
+    s = KVCacheState(101, [4])  # blocks 1..100 usable
+    s.on_blocks_allocated([b for b in range(1, 101) if b not in (10, 60)], now=0.0)
+    snap = s.snapshot()
+    assert (snap.free_runs, snap.largest_free_run) == (2, 1)
+    assert snap.external_fragmentation == pytest.approx(1 / 100)
+    # the same pool emptied and fully free: one run, nothing outside it
+    s.on_blocks_released([b for b in range(1, 101) if b not in (10, 60)], now=1.0)
+    assert s.snapshot().external_fragmentation == 0.0
 
 
 def test_shared_block_counts_once_with_the_most_any_holder_has():

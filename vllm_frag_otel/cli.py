@@ -30,7 +30,7 @@ from vllm_frag_otel.analysis import sweep as what_if
 from vllm_frag_otel.config import cache_dir, load_settings, unusable_otel_variables
 from vllm_frag_otel.jsonlines import InputProblem
 from vllm_frag_otel.plugin.versions import SUPPORTED_VLLM
-from vllm_frag_otel.analysis.summary import counted, empty_block_statistics, field_statistics, group_statistics, render
+from vllm_frag_otel.analysis.summary import counted, field_statistics, group_statistics, render
 from vllm_frag_otel.export.telemetry import runtime
 
 DEFAULT_REQUESTS = 500
@@ -624,8 +624,7 @@ def simulate(args) -> int:
     groups = group_statistics(result.snapshots)
     outcome = what_if.measure(setting, result)
     cuts = workloads.cuts(specs, setting.max_model_len)
-    shown = {**stats, "empty_blocks": empty_block_statistics(result.snapshots)}
-    print(render(shown, result.steps, args.block_size, groups))
+    print(render(stats, result.steps, args.block_size, groups))
     print()
     for note in _layout_notes(args, shape):
         print(f"  {note}")

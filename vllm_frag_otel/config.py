@@ -47,7 +47,7 @@ class Settings:
     max_open_spans: int = 16384
     block_map_interval: float = 0.0  # seconds between block-layout maps; 0: none
     block_map_max_cells: int = 4096
-    region_metric: bool = False  # the live heat map's vllm.kv_cache.region.block.count gauge
+    region_metric: bool = False  # the live heat map's vllm.kv_cache.region.blocks gauge
     regions: int = 32  # its block-id regions per pool
     allocation_sample_rate: float = 0.01  # share of allocate_slots calls timed for the duration histogram
     shutdown_timeout: float = 3.0  # seconds the flush at engine stop may hold vLLM's stop (see README "On stop")

@@ -233,9 +233,9 @@ def workload(stack: Stack) -> Workload:
 
 # what the first tests read: all of it must be searchable before they (and vmalert) query it
 ARRIVAL_SERIES = (
-    "vllm_kv_cache_request_count", "vllm_kv_cache_block_count", "vllm_kv_cache_block_limit",
+    "vllm_kv_cache_requests", "vllm_kv_cache_blocks", "vllm_kv_cache_block_limit",
     "vllm_kv_cache_preemptions_total", "vllm_kv_cache_block_evictions_total",
-    "vllm_kv_cache_allocation_attempts_total", "vllm_frag_otel_active_ratio",
+    "vllm_kv_cache_allocation_attempts_total", "vllm_frag_otel_active",
 )
 
 
@@ -250,7 +250,7 @@ def arrived(stack: Stack, workload: Workload) -> Workload:
         selector = '{__name__=~"%s", %s}' % ("|".join(ARRIVAL_SERIES), stack.unique_filter())
         names = {r["metric"]["__name__"] for r in q.query(f"count by (__name__) ({selector})")}
         oldest = q.query(f"min(timestamp({selector}))")
-        holding = q.query(f'sum(vllm_kv_cache_request_count{{{stack.unique_filter()}}})')
+        holding = q.query(f'sum(vllm_kv_cache_requests{{{stack.unique_filter()}}})')
         return names == set(ARRIVAL_SERIES) and bool(oldest and holding) \
             and float(oldest[0]["value"][1]) > workload.finished + 1 and float(holding[0]["value"][1]) == 0 \
             and stack.vllm_scraped_after(workload.finished + 1)

@@ -547,12 +547,14 @@ def setup_prometheus_extra() -> None:
     _locked(run)
 
 
-def engine_scrape_config(path: Path, port: int, interval: str = "1s") -> Path:
-    """A -promscrape.config with one job: the engine's /metrics served by the plugin (the job
-    deploy/prometheus/prometheus.yml shows commented out, aimed at a local engine)."""
+def engine_scrape_config(path: Path, port: int, vllm_port: int, interval: str = "1s") -> Path:
+    """A -promscrape.config with two jobs: the engine's /metrics served by the plugin (the job
+    deploy/prometheus/prometheus.yml shows commented out, aimed at a local engine) and vLLM's own
+    /metrics (its vllm:* series), neither relabelled."""
     import yaml
 
-    job = {"job_name": "vllm-frag-otel", "metrics_path": "/metrics", "scrape_interval": interval,
-           "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
-    path.write_text(yaml.safe_dump({"scrape_configs": [job]}))
+    jobs = [{"job_name": name, "metrics_path": "/metrics", "scrape_interval": interval,
+             "static_configs": [{"targets": [f"127.0.0.1:{target}"]}]}
+            for name, target in (("vllm-frag-otel", port), ("vllm", vllm_port))]
+    path.write_text(yaml.safe_dump({"scrape_configs": jobs}))
     return path

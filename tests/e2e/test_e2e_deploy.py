@@ -28,9 +28,9 @@ RESOURCE_LABELS = {
     "service_instance_id": "service.instance.id",
     "service_version": "service.version",
     "host_name": "host.name",
-    "vllm_model_name": "vllm.model.name",
-    "vllm_data_parallel_rank": "vllm.data_parallel.rank",
 }
+# vLLM's own labels on its vllm:* series (PrometheusStatLogger), which the plugin's points carry too
+JOIN_LABELS = {"model_name", "engine"}
 CORE_COMPONENTS = {
     "receivers": {"otlp"},
     "processors": {"memory_limiter", "batch"},
@@ -44,8 +44,8 @@ COST_ALERTS = {"VLLMKVCachePreemptions", "VLLMKVCacheAllocationFailures"}
 VLLM_METRICS = {"vllm:kv_cache_usage_perc", "vllm:num_preemptions_total", "vllm:time_to_first_token_seconds_bucket",
                 "vllm:inter_token_latency_seconds_bucket", "vllm:num_requests_waiting"}
 # the dashboard's variables, and what each query must filter on
-VARIABLE_FILTERS = {"model": 'vllm_model_name=~"$model"', "host": 'host_name=~"$host"',
-                    "rank": 'vllm_data_parallel_rank=~"$rank"'}
+VARIABLE_FILTERS = {"model": 'model_name=~"$model"', "host": 'host_name=~"$host"',
+                    "rank": 'engine=~"$rank"'}
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_internal_fragmentation_threshold_is_per_block_size_and_documented():
     assert "vllm_kv_cache:fragmentation_internal:threshold" in rule["expr"]
     assert not re.search(r"fragmentation_internal_ratio\[10m\]\)\s*>\s*0\.\d", rule["expr"]), "a fixed threshold"
     size = next(r for r in h.load_rules() if r.get("record") == "vllm_kv_cache:block_size:tokens")["expr"]
-    assert "vllm_kv_cache_slot_count" in size and "vllm_kv_cache_group_block_count" in size
+    assert "vllm_kv_cache_slots" in size and "vllm_kv_cache_group_blocks" in size
     text = runbook_anchors()["vllmkvcacheinternalfragmentationhigh"]
     assert f"B / (B + {c})" in text
     quoted = ", ".join(f"{round(100 * b / (b + c))}% at {b}" for b in (8, 16, 32))
@@ -179,7 +179,7 @@ def test_internal_fragmentation_threshold_is_per_block_size_and_documented():
         assert re.search(rf"^\| {b} \|.*\| {100 * b / (b + c):.1f}% \|", text, re.M), f"no measured row for block size {b}"
     assert "simulate --workload sharegpt" in text and "simulate --workload alpaca" in text
     dashboard = json.loads(h.DASHBOARD.read_text())
-    (line,) = [e for t, e, _ in h.dashboard_queries(dashboard) if "block-size threshold" in t and "group_block_count" in e]
+    (line,) = [e for t, e, _ in h.dashboard_queries(dashboard) if "block-size threshold" in t and "group_blocks" in e]
     assert line.rstrip().endswith(f"+ {c})"), line
 
 
@@ -201,14 +201,13 @@ def test_prometheus_config(tools, tmp_path):
 
 
 def test_prometheus_scrapes_vllm_with_the_plugins_label_names():
-    """vLLM's /metrics carry model_name and engine; the scrape job copies them (and the target's
-    host) to the labels the dashboard's variables select."""
+    """vLLM's /metrics carry model_name and engine, as the plugin's series do: no relabelling of
+    them; the scrape job adds the target's host (and service_name), which vLLM's series lack."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "vllm"]
     assert job["static_configs"][0]["targets"] == ["vllm:8000"]
     assert job["static_configs"][0]["labels"]["service_name"] == "vllm"
-    copies = {(tuple(r["source_labels"]), r["target_label"]) for r in job["metric_relabel_configs"]}
-    assert {(("model_name",), "vllm_model_name"), (("engine",), "vllm_data_parallel_rank")} <= copies
+    assert "metric_relabel_configs" not in job
     (host,) = [r for r in job["relabel_configs"] if r.get("target_label") == "host_name"]
     assert host["source_labels"] == ["__address__"]
     assert re.fullmatch(host["regex"], "vllm:8000").expand(host["replacement"].replace("$1", r"\1")) == "vllm"
@@ -422,7 +421,8 @@ def test_labels_used_are_promoted_resource_attributes_or_metric_attributes():
         used |= set(re.findall(r"\b([a-z_]+)\s*(?:=~|!=|!~|=(?!=))", expr))
         for group in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
             used |= {label.strip() for label in group.split(",") if label.strip()}
-    assert used <= set(RESOURCE_LABELS) | metric_attributes, used - set(RESOURCE_LABELS) - metric_attributes
+    known = set(RESOURCE_LABELS) | JOIN_LABELS | metric_attributes
+    assert used <= known, used - known
 
 
 def test_grafana_provisioning():

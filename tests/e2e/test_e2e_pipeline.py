@@ -24,7 +24,7 @@ import pytest
 
 import e2e_harness as h
 from e2e_harness import BLOCK_MAP_INTERVAL_S, MAX_TOKENS, MODEL_NAME, NUM_REQUESTS
-from vllm_frag_otel.core.layout import CACHED, EVENT_NAME, FREE, FULL, PARTIAL, BlockMap
+from vllm_frag_otel.core.layout import CACHED, EMPTY, EVENT_NAME, FULL, PARTIAL, BlockMap
 
 pytestmark = pytest.mark.e2e
 
@@ -51,14 +51,14 @@ def test_plugin_loaded_and_healthy(stack, arrived):
     assert "vllm-frag-otel: not instrumenting" not in log, [l for l in log.splitlines() if "vllm-frag-otel" in l]
     assert "disabled after" not in log
     q = stack.promql
-    active = q.query("vllm_frag_otel_active_ratio")
+    active = q.query("vllm_frag_otel_active")
     assert active and _values(active) == [1.0] * len(active), active
     assert _total(q, "vllm_frag_otel_hook_errors_total") == 0
     (series,) = q.query("vllm_kv_cache_block_limit")
     labels = series["metric"]
     # the resource attributes that tell replicas, ranks and models apart arrive as labels
-    assert labels["vllm_model_name"] == MODEL_NAME
-    assert labels["vllm_data_parallel_rank"] == "0"
+    assert labels["model_name"] == MODEL_NAME
+    assert labels["engine"] == "0"
     assert labels["service_name"] == "vllm"
     assert labels["service_instance_id"] and labels["host_name"]
     assert float(series["value"][1]) == 63  # 64 blocks, minus vLLM's null block
@@ -125,16 +125,16 @@ def test_metric_names_match_what_arrives(stack, arrived):
     missing = sorted(_referenced_metrics(exprs, label_names) - names)
     assert not missing, f"referenced but never arrived: {missing}\narrived: {sorted(names)}"
     expected = {
-        "vllm_kv_cache_block_count", "vllm_kv_cache_block_limit", "vllm_kv_cache_free_run_count",
+        "vllm_kv_cache_blocks", "vllm_kv_cache_block_limit", "vllm_kv_cache_free_runs",
         "vllm_kv_cache_free_run_largest", "vllm_kv_cache_fragmentation_external_ratio",
-        "vllm_kv_cache_slot_count", "vllm_kv_cache_block_partial_count",
+        "vllm_kv_cache_slots", "vllm_kv_cache_partial_blocks",
         "vllm_kv_cache_fragmentation_internal_ratio", "vllm_kv_cache_slot_utilization_ratio",
-        "vllm_kv_cache_request_count", "vllm_kv_cache_prefix_cache_queried_total",
+        "vllm_kv_cache_requests", "vllm_kv_cache_prefix_cache_queried_total",
         "vllm_kv_cache_prefix_cache_hit_total", "vllm_kv_cache_block_evictions_total",
         "vllm_kv_cache_block_allocations_total", "vllm_kv_cache_allocation_attempts_total",
         "vllm_kv_cache_preemptions_total", "vllm_kv_cache_allocation_duration_seconds_bucket",
         "vllm_kv_cache_block_cache_duration_seconds_bucket", "vllm_kv_cache_block_idle_duration_seconds_bucket",
-        "vllm_frag_otel_active_ratio", "vllm_frag_otel_hook_errors_total",
+        "vllm_frag_otel_active", "vllm_frag_otel_hook_errors_total",
         "vllm_frag_otel_measurements_dropped_total", "vllm_frag_otel_requests_untraced_total",
     }
     assert expected <= names, sorted(expected - names)
@@ -144,13 +144,13 @@ REGIONS = 8  # VLLM_FRAG_OTEL_REGIONS in conftest._vllm_env
 
 
 def test_region_metric_is_bounded_and_adds_up_to_the_pool(stack, arrived):
-    """vllm.kv_cache.region.block.count: R x 5 series per engine, no more; each region's states
+    """vllm.kv_cache.region.blocks: R x 5 series per engine, no more; each region's states
     add up to its share of the pool and, the engine idle after the workload, the per-state
-    totals equal vllm.kv_cache.block.count's."""
+    totals equal those of vllm.kv_cache.blocks."""
     from vllm_frag_otel.core.layout import BLOCK_STATES
 
     q = stack.promql
-    series = q.query("vllm_kv_cache_region_block_count")
+    series = q.query("vllm_kv_cache_region_blocks")
     limits = {s["metric"]["service_instance_id"]: int(float(s["value"][1])) for s in q.query("vllm_kv_cache_block_limit")}
     assert series and limits
     by_engine: dict[str, dict[tuple[int, str], float]] = {}
@@ -167,10 +167,10 @@ def test_region_metric_is_bounded_and_adds_up_to_the_pool(stack, arrived):
         sizes = [sum(points[(r, state)] for state in BLOCK_STATES) for r in range(regions)]
         assert sizes == [(r + 1) * n // regions - r * n // regions for r in range(regions)], sizes
         totals = {s["metric"]["vllm_kv_cache_block_state"]: float(s["value"][1]) for s in
-                  q.query(f'vllm_kv_cache_block_count{{service_instance_id="{engine}"}}')}
+                  q.query(f'vllm_kv_cache_blocks{{service_instance_id="{engine}"}}')}
         by_state = {state: sum(v for (_, st), v in points.items() if st == state) for state in BLOCK_STATES}
-        assert (by_state["free"], by_state["cached"]) == (totals["free"], totals["cached"]), (by_state, totals)
-        assert by_state["full"] + by_state["partial"] + by_state["empty"] == totals["used"], (by_state, totals)
+        assert (by_state["empty"], by_state["cached"]) == (totals["empty"], totals["cached"]), (by_state, totals)
+        assert by_state["full"] + by_state["partial"] + by_state["reserved"] == totals["used"], (by_state, totals)
 
 
 def _promtool_parses(exprs: dict[str, str], tmp_path) -> None:
@@ -369,7 +369,7 @@ def test_block_maps_reach_the_logs_back_end(stack, arrived):
     held = [m.counts[[FULL, PARTIAL]].sum() for m in during]
     assert max(held) > 32, "no map caught the pool in use"  # the workload fills it (it preempts)
     # after the workload every block is unheld again, most holding prefix-cache content
-    assert maps[-1].counts[[FREE, CACHED]].sum() == 63 and maps[-1].counts[CACHED].sum() > 0
+    assert maps[-1].counts[[EMPTY, CACHED]].sum() == 63 and maps[-1].counts[CACHED].sum() > 0
 
 
 def test_allocation_exemplars_point_at_request_traces(stack, arrived):
@@ -398,5 +398,5 @@ def test_absence_of_a_reporting_engine_is_noticed(stack, arrived):
         result = h.wait_until("VLLMFragOtelTelemetryAbsent's expression to name the stopped replica",
                               lambda: q.query(rule["expr"]), 420, interval=5)
     (series,) = result
-    assert series["metric"]["vllm_model_name"] == MODEL_NAME
-    assert series["metric"]["vllm_data_parallel_rank"] == "0"
+    assert series["metric"]["model_name"] == MODEL_NAME
+    assert series["metric"]["engine"] == "0"

@@ -52,7 +52,7 @@ def served(tmp_path_factory):
             procs["vm"] = h.Proc("victoria-metrics-prometheus", [
                 str(h.VICTORIA_METRICS), f"-storageDataPath={run_dir / 'vm'}", f"-httpListenAddr=127.0.0.1:{vm_port}",
                 "-retentionPeriod=1d", "-search.latencyOffset=0s", "-search.disableCache", "-loggerLevel=WARN",
-                f"-promscrape.config={h.engine_scrape_config(run_dir / 'scrape.yml', engine_port)}"],
+                f"-promscrape.config={h.engine_scrape_config(run_dir / 'scrape.yml', engine_port, api_port)}"],
                 h.E2E_DIR / "logs" / "victoria-metrics-prometheus.log", env=h.clean_env())
             # cwd outside the checkout: the plugin comes from the installed package
             procs["vllm"] = h.Proc("vllm-prometheus", h.vllm_server_command(
@@ -116,15 +116,18 @@ def test_victoria_metrics_scrapes_the_plugin_s_metrics_from_the_engine(served):
     # the labels the dashboard's variables and the alert rules select by
     (series,) = promql.query(f"vllm_kv_cache_block_limit{{{sel}}}")
     labels = series["metric"]
-    assert labels["vllm_model_name"] == h.MODEL_NAME and labels["vllm_data_parallel_rank"] == "0"
+    assert labels["model_name"] == h.MODEL_NAME and labels["engine"] == "0"
     assert labels["host_name"] and labels["service_name"] == "vllm" and labels["vllm_kv_cache_pool"] == "0"
+    # ... which are vLLM's own: the plugin's series divide by vLLM's without relabelling
+    vllm_series = 'vllm:num_requests_running{job="vllm"} * 0 + 1'  # 1 where vLLM has the series, whatever its value
+    assert one(f"vllm_kv_cache_block_limit{{{sel}}} * on (model_name, engine) ({vllm_series})") == USABLE_BLOCKS
     # gauges: the pool adds up, nothing is held once every request finished
     assert one(f"vllm_kv_cache_block_limit{{{sel}}}") == USABLE_BLOCKS
-    assert one(f"sum(vllm_kv_cache_block_count{{{sel}}})") == USABLE_BLOCKS
-    assert one(f'vllm_kv_cache_block_count{{{sel}, vllm_kv_cache_block_state="used"}}') == 0
-    assert one(f'vllm_kv_cache_block_count{{{sel}, vllm_kv_cache_block_state="cached"}}') > 0
-    assert one(f"vllm_kv_cache_request_count{{{sel}}}") == 0
-    assert one(f"vllm_frag_otel_active_ratio{{{sel}}}") == 1
+    assert one(f"sum(vllm_kv_cache_blocks{{{sel}}})") == USABLE_BLOCKS
+    assert one(f'vllm_kv_cache_blocks{{{sel}, vllm_kv_cache_block_state="used"}}') == 0
+    assert one(f'vllm_kv_cache_blocks{{{sel}, vllm_kv_cache_block_state="cached"}}') > 0
+    assert one(f"vllm_kv_cache_requests{{{sel}}}") == 0
+    assert one(f"vllm_frag_otel_active{{{sel}}}") == 1
     assert 0 <= one(f"vllm_kv_cache_fragmentation_external_ratio{{{sel}}}") <= 1
     # counters: the same as vLLM's own
     first = f'{sel}, vllm_request_resumed="false"'  # vLLM counts first admissions

@@ -265,7 +265,7 @@ def _assert_files_hold_everything(server: Server) -> None:
     assert _sum(points, "vllm.kv_cache.prefix_cache.queried", **resumed) == counters["queried"]
     assert _sum(points, "vllm.kv_cache.prefix_cache.hit", **resumed) == counters["hit"]
     assert _sum(points, "vllm.kv_cache.preemptions") == counters["preemptions"]
-    assert _sum(points, "vllm.kv_cache.request.count") == 0  # every request had finished
+    assert _sum(points, "vllm.kv_cache.requests") == 0  # every request had finished
     spans = [s for s in _file_spans(server.files) if s["name"] == "vllm.kv_cache.request"]
     assert sorted(_completion_id(_attribute(s, "gen_ai.request.id")) for s in spans) == sorted(server.request_ids)
     assert all(_attribute(s, "vllm.request.finish_status") == "finished_length_capped" for s in spans)
@@ -321,7 +321,7 @@ def test_the_collector_gets_the_final_counters_and_every_span(stack, servers, ho
     server = servers[f"collector-{how}"]
     q = stack.promql
     _serve(server)
-    selector = f'vllm_model_name="{server.model_name}"'
+    selector = f'model_name="{server.model_name}"'
     assert not q.query(f'count({{{selector}, {stack.unique_filter()}}})'), "a metrics export before the stop"
     _stop(server)
     _flushed_before_vllm_s_teardown(server, DELIVERED)

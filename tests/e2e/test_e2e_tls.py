@@ -300,7 +300,7 @@ def _assert_delivered(outcome: Outcome, name: str) -> None:
     evictions = sum(_latest(points, "vllm.kv_cache.block.evictions", **{"vllm.kv_cache.block.reused": reused})
                     for reused in (True, False))
     assert evictions == final["evictions"] > 0
-    assert _latest(points, "vllm.kv_cache.block.count", **{"vllm.kv_cache.block.state": "cached"}) \
+    assert _latest(points, "vllm.kv_cache.blocks", **{"vllm.kv_cache.block.state": "cached"}) \
         == final["cached_blocks"]
     assert {p["resource"]["service.name"] for p in points} == {"vllm"}
     # one span per request, each request once

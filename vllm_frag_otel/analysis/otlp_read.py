@@ -24,6 +24,7 @@ from vllm_frag_otel.core.layout import BlockMap
 from vllm_frag_otel.export.telemetry import ARRIVAL_TIME, POOL, SPAN_NAME
 
 INSTANCE = "service.instance.id"
+PID = "process.pid"
 DELTA = 1  # AggregationTemporality.DELTA in OTLP
 FINISHED = ("finished_stopped", "finished_length_capped")  # span finish statuses of complete requests
 
@@ -164,9 +165,12 @@ def read(paths: Sequence[Path]) -> Telemetry:
 
 
 def _instance(resource_attributes: dict[str, str]) -> str:
-    """The process a resource stands for: its service.instance.id, else a digest of it."""
+    """The process a resource stands for: its service.instance.id with its process.pid (the id
+    names the engine and stays the same across its restarts: each run is a process of its own),
+    else a digest of it."""
     if INSTANCE in resource_attributes:
-        return resource_attributes[INSTANCE]
+        pid = resource_attributes.get(PID)
+        return resource_attributes[INSTANCE] if pid is None else f"{resource_attributes[INSTANCE]} pid {pid}"
     return hashlib.sha1(repr(sorted(resource_attributes.items())).encode()).hexdigest()[:16]
 
 

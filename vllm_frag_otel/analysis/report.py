@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import itertools
 import json
@@ -51,19 +52,19 @@ from vllm_frag_otel.export.telemetry import (
 # series of the metric matching the filter are summed (over groups, reasons, ...).
 QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "num_blocks": ("vllm.kv_cache.block.limit", {}),
-    "used_blocks": ("vllm.kv_cache.block.count", {STATE: ("used",)}),
-    "cached_blocks": ("vllm.kv_cache.block.count", {STATE: ("cached",)}),
-    "free_blocks": ("vllm.kv_cache.block.count", {STATE: ("cached", "free")}),
-    "free_runs": ("vllm.kv_cache.free_run.count", {}),
+    "used_blocks": ("vllm.kv_cache.blocks", {STATE: ("used",)}),
+    "cached_blocks": ("vllm.kv_cache.blocks", {STATE: ("cached",)}),
+    "empty_blocks": ("vllm.kv_cache.blocks", {STATE: ("empty",)}),
+    "free_runs": ("vllm.kv_cache.free_runs", {}),
     "largest_free_run": ("vllm.kv_cache.free_run.largest", {}),
     "external_fragmentation": ("vllm.kv_cache.fragmentation.external", {}),
-    "allocated_slots": ("vllm.kv_cache.slot.count", {}),
-    "used_slots": ("vllm.kv_cache.slot.count", {SLOT_STATE: ("used",)}),
-    "unused_slots": ("vllm.kv_cache.slot.count", {SLOT_STATE: ("unused",)}),
-    "partial_blocks": ("vllm.kv_cache.block.partial.count", {}),
+    "allocated_slots": ("vllm.kv_cache.slots", {}),
+    "used_slots": ("vllm.kv_cache.slots", {SLOT_STATE: ("used",)}),
+    "unused_slots": ("vllm.kv_cache.slots", {SLOT_STATE: ("unused",)}),
+    "partial_blocks": ("vllm.kv_cache.partial_blocks", {}),
     "internal_fragmentation": ("vllm.kv_cache.fragmentation.internal", {}),
     "slot_utilization": ("vllm.kv_cache.slot.utilization", {}),
-    "tracked_requests": ("vllm.kv_cache.request.count", {}),
+    "tracked_requests": ("vllm.kv_cache.requests", {}),
     "prefix_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {RESUMED: ("false",)}),
     "prefix_hit_tokens": ("vllm.kv_cache.prefix_cache.hit", {RESUMED: ("false",)}),
     "prefix_resumed_queried_tokens": ("vllm.kv_cache.prefix_cache.queried", {RESUMED: ("true",)}),
@@ -79,9 +80,9 @@ QUANTITIES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
 }
 LATENCY_METRIC = "vllm.kv_cache.allocation.duration"
 # Per KV-cache group: blocks (every group), token slots and partial blocks (groups with token slots).
-GROUP_BLOCKS_METRIC = "vllm.kv_cache.group.block.count"
-SLOTS_METRIC = "vllm.kv_cache.slot.count"
-PARTIAL_METRIC = "vllm.kv_cache.block.partial.count"
+GROUP_BLOCKS_METRIC = "vllm.kv_cache.group.blocks"
+SLOTS_METRIC = "vllm.kv_cache.slots"
+PARTIAL_METRIC = "vllm.kv_cache.partial_blocks"
 # Thresholds of the advice: the share of exports near a full pool, and the
 # internal fragmentation worth a smaller block size.
 NEAR_FULL = 0.95
@@ -279,7 +280,7 @@ def pool_report(telemetry: Telemetry, source: Source, start_ns: int, several: bo
     report = PoolReport(
         source=source,
         label=label,
-        prefix=f"{source.instance[:8]}-pool{source.pool}-" if several else "",
+        prefix=f"{hashlib.sha1(source.instance.encode()).hexdigest()[:8]}-pool{source.pool}-" if several else "",
         exports=len(quantities["used_blocks"].seconds),
         quantities=quantities,
         stats=stats,
@@ -539,8 +540,7 @@ def sections(report: PoolReport) -> list[Section]:
             *(f"  caveat: {note}" for note in report.caveats),
         ]),
         Section("pattern", "1. What is the fragmentation pattern? (statistics over the exports)", [
-            *gauge_lines({**s, "empty_blocks": statistics(report.quantities["free_blocks"].values
-                                                          - report.quantities["cached_blocks"].values)}),
+            *gauge_lines(s),
             "",
             *([*group_lines([g.summary() for g in report.groups]), ""] if several else []),
             *totals_lines(f),
@@ -911,7 +911,7 @@ def layout_lines(report: PoolReport) -> list[str]:
                      " intervals):")
         lines += [f"    {w.start_s:.3f}-{w.end_s:.3f} s: {w.changes} changes ({pct(w.share)}),"
                   f" {w.changes_per_second:.1f} per second" for w in found.windows]
-    lines.append("  longest-lived holes, by idle memory (blocks x seconds; a hole: adjacent blocks left unheld, free"
+    lines.append("  longest-lived holes, by idle memory (blocks x seconds; a hole: adjacent blocks left unheld, empty"
                  " or cached, at the same map and unheld since):")
     for kind, holes in found.hole_kinds():
         lines.append(f"    {HOLE_TITLES[kind]}:" if holes else f"    {HOLE_TITLES[kind]}: none")
@@ -937,13 +937,14 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def ratio_panel(report: PoolReport, label: str, name: str, smooth: int) -> Panel:
-    """One fragmentation ratio on its own scale, with its rolling mean over `smooth` exports (2 or more)."""
+def ratio_panel(report: PoolReport, label: str, name: str, smooth: int, *others: Line) -> Panel:
+    """One fragmentation ratio on its own scale, with its rolling mean over `smooth` exports (2 or more)
+    and `others` on the same scale."""
     q = report.quantities[name]
     lines = [Line(label, q.seconds, q.values)]
     if smooth > 1:
         lines.append(Line(f"rolling mean of {smooth} exports", q.seconds, rolling_mean(q.values, smooth)))
-    return Panel(label.split(" (")[0], tuple(lines), percent=True, xlabel=report.clock.axis)
+    return Panel(label.split(" (")[0], (*lines, *others), percent=True, xlabel=report.clock.axis)
 
 
 def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
@@ -956,25 +957,31 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
         return Line(label, q[name].seconds, q[name].values)
 
     blocks_in_use = q["used_blocks"].values / max(report.final["num_blocks"], 1)
+    # external fragmentation is a share of the pool's free blocks: it can never exceed them
+    free_share = Line("free blocks (empty or cached) / usable blocks: its ceiling", q["empty_blocks"].seconds,
+                      (q["empty_blocks"].values + q["cached_blocks"].values) / max(report.final["num_blocks"], 1))
     result = [
         Chart("block_states", "KV-cache blocks by state", (Panel("blocks", (
-            Line("used", x, q["used_blocks"].values),
-            Line("cached (evictable)", x, q["cached_blocks"].values),
-            Line("free (empty)", x, q["free_blocks"].values - q["cached_blocks"].values),
+            line("used", "used_blocks"),
+            line("cached (evictable)", "cached_blocks"),
+            line("empty", "empty_blocks"),
         ), style="stack", xlabel=axis),), caption="The pool's blocks over time, stacked by state: held by running"
-              " requests, cached (holding prefix-cache content, evictable) and free; they add up to the usable"
+              " requests, cached (holding prefix-cache content, evictable) and empty; they add up to the usable"
               " blocks."),
         Chart("slot_utilization", "Blocks in use, and token slots in them holding a computed token: the gap is"
-              " allocated but empty slots", (Panel("share", (
+              " allocated but unused slots", (Panel("share", (
                   Line("blocks in use (used / usable blocks)", x, blocks_in_use),
                   line("slot utilization (token slots holding computed tokens / all slots)", "slot_utilization"),
               ), percent=True, xlabel=axis),), caption="The share of usable blocks in use beside the share of"
               " all token slots holding a computed token: the gap between the two lines is slots allocated to"
-              " requests but still empty (internal fragmentation)."),
+              " requests but still unused (internal fragmentation)."),
         Chart("fragmentation", "Fragmentation ratios, each on its own scale", (
             ratio_panel(report, "internal (unused / allocated slots)", "internal_fragmentation", smooth),
-            ratio_panel(report, "external (1 - largest free run / free blocks)", "external_fragmentation", smooth),
-        )),
+            ratio_panel(report, "external (free blocks outside the largest free run / usable blocks)",
+                        "external_fragmentation", smooth, free_share),
+        ), caption="Top: the share of allocated token slots that hold nothing (internal fragmentation). Bottom: the"
+           " free blocks (empty or cached) outside the largest run of consecutive free block ids, as a share of the"
+           " usable blocks, under its ceiling, the free share of the pool (paged attention never needs a run)."),
         Chart("evictions", "Prefix-cache evictions (running totals)", (Panel("blocks", (
             line("evicted", "evictions"),
             line("evicted, never reused after caching", "evicted_never_reused"),

@@ -8,7 +8,8 @@ import numpy as np
 
 from vllm_frag_otel.core.state import FragmentationSnapshot
 
-FIELDS = FragmentationSnapshot.numeric_fields()
+# the pool's blocks by state (used, cached, empty), not vLLM's free = cached + empty
+FIELDS = ["empty_blocks" if f == "free_blocks" else f for f in FragmentationSnapshot.numeric_fields()]
 
 
 def field_statistics(snapshots: Sequence[FragmentationSnapshot]) -> dict[str, dict[str, float]]:
@@ -17,12 +18,6 @@ def field_statistics(snapshots: Sequence[FragmentationSnapshot]) -> dict[str, di
         raise ValueError("no snapshots to summarise")
     table = np.array([[getattr(s, f) for f in FIELDS] for s in snapshots], dtype=np.float64)
     return {name: statistics(table[:, i]) for i, name in enumerate(FIELDS)}
-
-
-def empty_block_statistics(snapshots: Sequence[FragmentationSnapshot]) -> dict[str, float]:
-    """`statistics` of the free blocks holding no cached prefix (a snapshot's
-    free_blocks counts the cached ones too): the table's "free blocks (empty)"."""
-    return statistics(np.array([s.free_blocks - s.cached_blocks for s in snapshots], dtype=np.float64))
 
 
 # Per-group statistics of a group with token slots (a group without, e.g. Mamba
@@ -64,8 +59,8 @@ def pct(value: float) -> str:
 GAUGES = [
     ("used blocks", "used_blocks"),
     ("cached blocks (evictable)", "cached_blocks"),
-    ("free blocks (empty)", "empty_blocks"),  # used + cached + empty = the pool, as in vllm.kv_cache.block.count
-    ("free runs", "free_runs"),
+    ("empty blocks", "empty_blocks"),  # used + cached + empty = the pool, as in vllm.kv_cache.blocks
+    ("free runs (empty or cached)", "free_runs"),
     ("largest free run", "largest_free_run"),
     ("external fragmentation", "external_fragmentation"),
     ("unused token slots", "unused_slots"),
@@ -78,13 +73,9 @@ RATIOS = {"external_fragmentation", "internal_fragmentation", "slot_utilization"
 
 
 def gauge_lines(stats: dict[str, dict[str, float]]) -> list[str]:
-    """Mean, p50 and max of each gauge, as a fixed-width table. `stats` has
-    `empty_blocks` (`empty_block_statistics`) besides the snapshot fields; without
-    it, the free blocks are shown including the cached ones, and labelled so."""
+    """Mean, p50 and max of each gauge, as a fixed-width table."""
     lines = [f"  {'gauge':<28}{'mean':>10}{'p50':>10}{'max':>10}"]
     for label, name in GAUGES:
-        if name == "empty_blocks" and name not in stats:
-            label, name = "free blocks (incl. cached)", "free_blocks"
         s = stats[name]
         cells = [pct(s[k]) if name in RATIOS else f"{s[k]:.1f}" for k in ("mean", "p50", "max")]
         lines.append(f"  {label:<28}" + "".join(f"{c:>10}" for c in cells))

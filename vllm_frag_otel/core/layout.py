@@ -16,15 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# What one block holds, as the map's state codes (index = code):
-# free    not held by any request, no reusable content
-# cached  not held, holds a prefix-cache entry (evictable)
-# full    held, every token slot computed (by at least one holder)
-# partial held, some token slots computed: a request's growing tail block
-# empty   held, no token slot computed yet (allocated ahead of the tokens)
-BLOCK_STATES = ("free", "cached", "full", "partial", "empty")
-FREE, CACHED, FULL, PARTIAL, EMPTY = range(len(BLOCK_STATES))
-UNHELD = (FREE, CACHED)
+# What one block holds, as the map's state codes (index = code); empty and cached are the
+# pool's unheld states (vllm.kv_cache.blocks), full + partial + reserved its used blocks:
+# empty    not held by any request, no reusable content
+# cached   not held, holds a prefix-cache entry (evictable)
+# full     held, every token slot computed (by at least one holder)
+# partial  held, some token slots computed: a request's growing tail block
+# reserved held, no token slot computed yet (allocated ahead of the tokens)
+BLOCK_STATES = ("empty", "cached", "full", "partial", "reserved")
+EMPTY, CACHED, FULL, PARTIAL, RESERVED = range(len(BLOCK_STATES))
+UNHELD = (EMPTY, CACHED)
+# the same codes under the names that maps of earlier releases carry (CHANGELOG.md)
+FORMER_BLOCK_STATES = ("free", "cached", "full", "partial", "empty")
 
 EVENT_NAME = "vllm.kv_cache.block_map"
 ENCODING = "zlib;counts[state][cell];little-endian"
@@ -79,7 +82,7 @@ class BlockMap:
         if attributes.get(A_ENCODING) != ENCODING:
             raise ValueError(f"unknown block map encoding {attributes.get(A_ENCODING)!r}")
         states = attributes.get(A_STATES, "").split(",")
-        if states != list(BLOCK_STATES):
+        if states not in (list(BLOCK_STATES), list(FORMER_BLOCK_STATES)):
             raise ValueError(f"unknown block states {attributes.get(A_STATES)!r}")
         try:
             dtype = np.dtype(attributes[A_DTYPE]).newbyteorder("<")
@@ -221,7 +224,7 @@ class Window:
 
 @dataclass(frozen=True)
 class Hole:
-    """Block ids `first_block`..`last_block`, all left unheld (free or cached)
+    """Block ids `first_block`..`last_block`, all left unheld (empty or cached)
     at the same map and still unheld at `until_s`: memory nobody used.
     `open`: still unheld at the last map (its lifetime is at least this);
     `from_first_map`: unheld since the first map."""
@@ -300,7 +303,7 @@ def hot_windows(layout: Layout, seconds: np.ndarray, windows: int = 20, top: int
 
 
 def unheld_cells(layout: Layout) -> np.ndarray:
-    """(T, cells) bool: every block of the cell is free or cached."""
+    """(T, cells) bool: every block of the cell is empty or cached."""
     unheld = layout.counts[:, list(UNHELD), :].sum(axis=1)
     return unheld == cell_sizes(layout.num_blocks, layout.bin_size)[None, :]
 
@@ -362,11 +365,11 @@ def long_lived_holes(layout: Layout, seconds: np.ndarray, top: int = 5) -> list[
 
 # Heat-map colours (RGB, 0-1) per state: unheld pale, held dark, waste warm.
 STATE_COLOURS = np.array([
-    (0.96, 0.96, 0.96),  # free
+    (0.96, 0.96, 0.96),  # empty
     (0.62, 0.79, 0.93),  # cached
     (0.13, 0.29, 0.53),  # full
     (0.98, 0.60, 0.20),  # partial
-    (0.84, 0.15, 0.16),  # empty
+    (0.84, 0.15, 0.16),  # reserved
 ])
 
 

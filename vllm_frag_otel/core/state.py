@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vllm_frag_otel.core.layout import CACHED, EMPTY, FREE, FULL, PARTIAL
+from vllm_frag_otel.core.layout import CACHED, EMPTY, FULL, PARTIAL, RESERVED
 
 NULL_BLOCK_ID = 0
 
@@ -194,6 +194,12 @@ class FragmentationSnapshot:
     preemptions: int
     drift_repairs: int = 0
     groups: tuple[GroupSnapshot, ...] = ()
+
+    @property
+    def empty_blocks(self) -> int:
+        """Free blocks holding no prefix-cache entry: with used and cached, the third
+        state (free_blocks, vLLM's free queue, is empty + cached)."""
+        return self.free_blocks - self.cached_blocks
 
     @classmethod
     def numeric_fields(cls) -> list[str]:
@@ -806,14 +812,14 @@ class KVCacheState:
         return _state_codes(free, hashed, held)
 
     def _held_states(self, partial: list[dict[int, int]]) -> np.ndarray:
-        """FULL, PARTIAL or EMPTY for every usable block, as if held; callers hold
+        """FULL, PARTIAL or RESERVED for every usable block, as if held; callers hold
         `_collect_lock`, `partial` from `_sync_tables`."""
         full = self._full_holders_view[1:] > 0
         for g, layout in enumerate(self.groups):
             if not layout.token_slots:
                 ids = [b for cached in self._cache[g].values() for b in cached if b]
                 full[np.asarray(ids, dtype=np.intp) - 1] = True
-        codes = _select(full, np.uint8(FULL), np.uint8(EMPTY))
+        codes = _select(full, np.uint8(FULL), np.uint8(RESERVED))
         codes[np.asarray([b for group in partial for b in group], dtype=np.intp) - 1] = PARTIAL
         return codes
 
@@ -822,8 +828,8 @@ class KVCacheState:
 
     def snapshot_with_states(self) -> tuple[FragmentationSnapshot, np.ndarray]:
         """`snapshot()` and `block_states()` from the same reads of the pool: the
-        states' free, cached and held (full + partial + empty) totals equal the
-        snapshot's free - cached, cached and used blocks."""
+        states' empty, cached and held (full + partial + reserved) totals equal the
+        snapshot's empty, cached and used blocks."""
         return self._snapshot(True)  # type: ignore[return-value]
 
     def _snapshot(self, with_states: bool) -> tuple[FragmentationSnapshot, np.ndarray | None]:
@@ -880,7 +886,9 @@ class KVCacheState:
             free_runs=free_runs,
             largest_free_run=largest,
             mean_free_run=free_blocks / free_runs if free_runs else 0.0,
-            external_fragmentation=1.0 - largest / free_blocks if free_blocks else 0.0,
+            # over the whole pool, not over the free blocks: a saturated pool's few free blocks,
+            # scattered or not, move it by at most their share of the pool
+            external_fragmentation=_ratio(free_blocks - largest, usable),
             allocated_slots=allocated_slots,
             used_slots=used_slots,
             unused_slots=allocated_slots - used_slots,
@@ -906,8 +914,8 @@ class KVCacheState:
 
 
 def _state_codes(free: np.ndarray, hashed: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """Per-block state codes: free or cached where `free`, else the `held` code."""
-    return _select(free == 1, _select(hashed == 1, np.uint8(CACHED), np.uint8(FREE)), held)
+    """Per-block state codes: empty or cached where `free`, else the `held` code."""
+    return _select(free == 1, _select(hashed == 1, np.uint8(CACHED), np.uint8(EMPTY)), held)
 
 
 def _select(condition: np.ndarray, a, b) -> np.ndarray:

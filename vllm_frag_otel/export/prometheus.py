@@ -35,9 +35,9 @@ from opentelemetry.sdk.metrics.export import Gauge, MetricsData, ResourceMetrics
 logger = logging.getLogger("vllm.frag_otel")
 
 # resource attributes copied onto every series, as deploy/prometheus/prometheus.yml promotes them
+# (the pool's points carry the engine's model_name and engine themselves: vLLM's label names)
 PROMOTED_RESOURCE_ATTRIBUTES = (
     "service.name", "service.namespace", "service.instance.id", "service.version", "host.name",
-    "vllm.model.name", "vllm.data_parallel.rank",
 )
 THREAD_NAME = "vllm-frag-otel-prometheus"
 

@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import threading
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -146,15 +145,18 @@ class KVCacheMetrics:
     plugin's scope into every collection the SDK hands to a reader.
     """
 
-    def __init__(self, meter: Meter, guard=None, regions: int = 0):
-        self.regions = regions  # > 0: export vllm.kv_cache.region.block.count with that many regions
+    def __init__(self, meter: Meter, guard=None, regions: int = 0, process_attributes: dict[str, Any] | None = None):
+        self.regions = regions  # > 0: export vllm.kv_cache.region.blocks with that many regions
         self._pools: list[tuple[weakref.ref[KVCacheState], dict[str, Any], RequestStories | None]] = []
         self._latest: list[_Observed] = []
         self._guard = guard
+        # on the process-wide points (liveness, hook errors): the engine the process was started for
+        self._process_attributes = dict(process_attributes or {})
         self._lock = threading.Lock()
         # folds, and the reads of the folded counts: two readers (OTLP, Prometheus) may collect at once
         self.histogram_lock = threading.Lock()
-        meter.create_observable_gauge("vllm.frag_otel.active", [self._observe_active], "1",
+        # a 0/1 flag, not a ratio: unit "{state}", so Prometheus gives it no "_ratio" suffix
+        meter.create_observable_gauge("vllm.frag_otel.active", [self._observe_active], "{state}",
                                       "1 while the plugin's hooks are live, 0 once it disabled itself")
 
         def gauge(name: str, points: Callable[[], Points], unit: str, description: str) -> Stream:
@@ -164,32 +166,34 @@ class KVCacheMetrics:
             return Stream(name, unit, description, True, points)
 
         streams = [
-            gauge("vllm.kv_cache.block.count", self._block_count, "{block}",
-                  "KV-cache blocks by state: used (ref_cnt > 0), cached (free, holding a reusable prefix), "
-                  "free (empty)"),
+            gauge("vllm.kv_cache.blocks", self._blocks, "{block}",
+                  "KV-cache blocks by state: used (ref_cnt > 0), cached (ref_cnt 0, holding a reusable prefix), "
+                  "empty (ref_cnt 0, no content)"),
         ]
         if regions > 0:
-            streams.append(gauge("vllm.kv_cache.region.block.count", self._regions, "{block}",
-                                 f"Blocks by state (free, cached, full, partial, empty) in each of up to {regions} "
+            streams.append(gauge("vllm.kv_cache.region.blocks", self._regions, "{block}",
+                                 f"Blocks by state ({', '.join(BLOCK_STATES)}) in each of up to {regions} "
                                  "equal block-id regions of the pool (null block excluded)"))
         simple_gauges = {
             "vllm.kv_cache.block.limit": ("{block}", "Usable KV-cache blocks (null block excluded)", "num_blocks"),
-            "vllm.kv_cache.free_run.count": ("{run}", "Maximal runs of consecutive free block ids", "free_runs"),
+            "vllm.kv_cache.free_runs": ("{run}", "Maximal runs of consecutive free (empty or cached) block ids",
+                                        "free_runs"),
             "vllm.kv_cache.free_run.largest": ("{block}", "Length of the largest run of consecutive free blocks", "largest_free_run"),
-            "vllm.kv_cache.fragmentation.external": ("1", "1 - largest free run / free blocks", "external_fragmentation"),
+            "vllm.kv_cache.fragmentation.external": ("1", "Free (empty or cached) blocks outside the largest free run "
+                                                     "/ usable blocks", "external_fragmentation"),
             "vllm.kv_cache.fragmentation.internal": ("1", "Unused token slots / allocated token slots in used blocks", "internal_fragmentation"),
             "vllm.kv_cache.slot.utilization": ("1", "Token slots holding computed tokens / all token slots", "slot_utilization"),
-            "vllm.kv_cache.request.count": ("{request}", "Requests holding KV-cache blocks", "tracked_requests"),
+            "vllm.kv_cache.requests": ("{request}", "Requests holding KV-cache blocks", "tracked_requests"),
         }
         streams += [gauge(name, self._field(field), unit, description)
                     for name, (unit, description, field) in simple_gauges.items()]
         streams += [
-            gauge("vllm.kv_cache.group.block.count", self._group_blocks, "{block}",
+            gauge("vllm.kv_cache.group.blocks", self._group_blocks, "{block}",
                   "Blocks in requests' block tables, per KV-cache group (a Mamba group's are state blocks)"),
-            gauge("vllm.kv_cache.slot.count", self._slots, "{token}",
+            gauge("vllm.kv_cache.slots", self._slots, "{token}",
                   "Token slots in used blocks: used (hold a computed token) or unused, per KV-cache group "
                   "with token slots"),
-            gauge("vllm.kv_cache.block.partial.count", self._partial, "{block}",
+            gauge("vllm.kv_cache.partial_blocks", self._partial, "{block}",
                   "Used blocks that are partly filled, per KV-cache group with token slots"),
             counter("vllm.kv_cache.prefix_cache.queried", self._prefix(0), "{token}",
                     "Tokens looked up in the prefix cache at admission (resumed: re-admitted after preemption)"),
@@ -245,7 +249,7 @@ class KVCacheMetrics:
                 if state is None:
                     continue
                 state.check_before_reading(SELF_CHECK_WAIT_SECONDS)
-                if self.regions > 0:  # one read of the pool for both: the region totals equal block.count
+                if self.regions > 0:  # one read of the pool for both: the region totals equal vllm.kv_cache.blocks
                     snapshot, states = state.snapshot_with_states()
                     latest.append(_Observed(attrs, state, snapshot, stories, states))
                 else:
@@ -265,14 +269,14 @@ class KVCacheMetrics:
             points.append(("vllm.kv_cache.block.idle.duration", o.attributes, o.state.block_idle_duration))
         return points
 
-    def _block_count(self) -> Points:
+    def _blocks(self) -> Points:
         points = []
         for o in self._latest:
             s = o.snapshot
             points += [
                 (s.used_blocks, {**o.attributes, STATE: "used"}),
                 (s.cached_blocks, {**o.attributes, STATE: "cached"}),
-                (s.free_blocks - s.cached_blocks, {**o.attributes, STATE: "free"}),
+                (s.empty_blocks, {**o.attributes, STATE: "empty"}),
             ]
         return points
 
@@ -340,10 +344,10 @@ class KVCacheMetrics:
         return [(o.stories.not_followed, o.attributes) for o in self._latest if o.stories is not None]
 
     def _hook_errors(self) -> Points:
-        return [(self._guard.errors if self._guard else 0, {})]
+        return [(self._guard.errors if self._guard else 0, dict(self._process_attributes))]
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(1 if self._tracking() else 0)]
+        return [Observation(1 if self._tracking() else 0, self._process_attributes)]
 
 
 # -- histograms ---------------------------------------------------------------------
@@ -921,10 +925,29 @@ def _certificate_session(signal: str):
     return _KeepsItsCA()
 
 
+# vLLM's own label names on its Prometheus series (PrometheusStatLogger: model_name, engine):
+# the pool's points carry them, so its series join vllm:* ones without relabelling
+MODEL_NAME = "model_name"
+ENGINE = "engine"
+
+
+def join_attributes(engine_attributes: dict[str, Any]) -> dict[str, Any]:
+    """The engine's attributes for a pool's points: the served model name and the engine
+    index (the data-parallel rank, a string as in vLLM's label) under vLLM's label names."""
+    attributes = {k: v for k, v in engine_attributes.items() if k not in ("vllm.model.name", "vllm.data_parallel.rank")}
+    if "vllm.model.name" in engine_attributes:
+        attributes[MODEL_NAME] = engine_attributes["vllm.model.name"]
+    attributes[ENGINE] = str(engine_attributes.get("vllm.data_parallel.rank") or 0)
+    return attributes
+
+
 def build_resource(engine_attributes: dict[str, Any]) -> Resource:
+    host = socket.gethostname()
     attributes: dict[str, Any] = {
-        "service.instance.id": str(uuid.uuid4()),
-        "host.name": socket.gethostname(),
+        # the same engine after a restart is the same instance (its series continue); engines of
+        # one host differ by data-parallel rank (others: OTEL_RESOURCE_ATTRIBUTES)
+        "service.instance.id": f"{host}-dp{int(engine_attributes.get('vllm.data_parallel.rank') or 0)}",
+        "host.name": host,
         "process.pid": os.getpid(),
         **engine_attributes,
     }
@@ -1009,8 +1032,10 @@ class Runtime:
             # shutdown_on_exit=False on every provider: the SDK's exit handlers would retry a dead
             # collector without bound; the plugin's own stop (bounded) is the only shutdown path
             self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
+            joined = join_attributes(engine_attributes)
             self.metrics = KVCacheMetrics(self.meter_provider.get_meter(SCOPE, __version__), guard,
-                                          regions=settings.regions if settings.region_metric else 0)
+                                          regions=settings.regions if settings.region_metric else 0,
+                                          process_attributes={k: joined[k] for k in (MODEL_NAME, ENGINE) if k in joined})
             for points in (self._points_exporter, getattr(scrape, "points", None)):
                 if points is not None:
                     points.metrics = self.metrics
@@ -1103,11 +1128,11 @@ class Runtime:
     def add_pool(self, state: KVCacheState, engine_attributes: dict[str, Any]) -> RequestStories | None:
         """Export `state`; the story ledger for its requests when spans are on.
 
-        Points carry the engine's attributes too (model, data-parallel rank): the
-        resource names only the process, and one process may run several engines."""
+        Points carry the engine's attributes too (`join_attributes`: model, engine index):
+        the resource names only the process, and one process may run several engines."""
         stories = RequestStories(self.spans, self.settings.max_open_spans) if self.spans is not None else None
         state.set_allocation_sample_rate(self.settings.allocation_sample_rate)
-        attributes = {**engine_attributes, POOL: str(self._pool_count)}
+        attributes = {**join_attributes(engine_attributes), POOL: str(self._pool_count)}
         self._pools = [pool for pool in self._pools if pool[0]() is not None]
         self._pools.append((weakref.ref(state), attributes))
         if self.metrics is not None:
