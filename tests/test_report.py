@@ -764,8 +764,8 @@ def test_the_groups_chart_names_the_ratio_it_plots(hybrid):
     assert internal.percent and "unused / allocated" in internal.ylabel
     for line, group in zip(internal.lines, ("0", "1")):
         where = {"vllm.kv_cache.group": group}
-        _, used = raw_series(hybrid, "vllm.kv_cache.slot.count", {**where, "vllm.kv_cache.slot.state": "used"})
-        _, unused = raw_series(hybrid, "vllm.kv_cache.slot.count", {**where, "vllm.kv_cache.slot.state": "unused"})
+        _, used = raw_series(hybrid, "vllm.kv_cache.slots", {**where, "vllm.kv_cache.slot.state": "used"})
+        _, unused = raw_series(hybrid, "vllm.kv_cache.slots", {**where, "vllm.kv_cache.slot.state": "unused"})
         assert np.allclose(line.y, np.divide(unused, used + unused, out=np.zeros_like(unused),
                                              where=used + unused > 0))
     _, axes = _visible_axes(chart)

@@ -979,7 +979,7 @@ def charts(report: PoolReport, smooth: int = 0) -> list[Chart]:
             ratio_panel(report, "internal (unused / allocated slots)", "internal_fragmentation", smooth),
             ratio_panel(report, "external (free blocks outside the largest free run / usable blocks)",
                         "external_fragmentation", smooth, free_share),
-        ), caption="Top: the share of allocated token slots that hold nothing (internal fragmentation). Bottom: the"
+        ), caption="Top: the share of allocated token slots that hold nothing yet (the internal kind). Bottom: the"
            " free blocks (empty or cached) outside the largest run of consecutive free block ids, as a share of the"
            " usable blocks, under its ceiling, the free share of the pool (paged attention never needs a run)."),
         Chart("evictions", "Prefix-cache evictions (running totals)", (Panel("blocks", (
