@@ -357,7 +357,7 @@ def test_block_maps_reach_the_logs_back_end(stack, arrived):
     maps = sorted((BlockMap.decode(r["body"], {k: str(v) for k, v in r["attributes"].items()}, r["time_unix_nano"])
                    for r in records if r["event_name"] == EVENT_NAME), key=lambda m: m.time_unix_nano)
     assert {r["resource"]["service.name"] for r in records} == {"vllm"}
-    assert {r["attributes"]["vllm.model.name"] for r in records} == {MODEL_NAME}
+    assert {r["attributes"]["model_name"] for r in records} == {MODEL_NAME}
     (series,) = stack.promql.query("vllm_kv_cache_block_limit")  # the same engine as the metrics
     assert {r["resource"]["service.instance.id"] for r in records} == {series["metric"]["service_instance_id"]}
     assert all(m.num_blocks == 63 and m.bin_size == 1 for m in maps)  # 64 blocks, minus the null block
