@@ -390,3 +390,233 @@ def test_timed_calls_are_a_random_sample_not_every_nth_call():
     assert 0.8 * variance < gaps.var() < 1.2 * variance  # a fixed gap has variance 0
     zeros = int((gaps == 0).sum())  # a call right after a timed one is timed with probability `rate`
     assert abs(zeros - rate * gaps.size) < 4 * (gaps.size * rate * (1 - rate)) ** 0.5, zeros
+
+
+# -- paths no earlier test reached or checked (found by `make mutate`, docs/mutation-results.md) --
+
+
+def _slots_by_counting(tables: list[dict], groups: list[GroupLayout], request_id: str, computed: int):
+    """(allocated, used) slots of one request, one slot at a time: slot k of table entry i
+    is token i * size + k, used when that token is computed; null entries and groups
+    without token slots hold none."""
+    allocated = used = 0
+    for layout, group_tables in zip(groups, tables):
+        if not layout.token_slots:
+            continue
+        for i, block in enumerate(group_tables.get(request_id, [])):
+            if block.block_id:
+                for token in range(i * layout.block_size, (i + 1) * layout.block_size):
+                    allocated += 1
+                    used += token < computed
+    return allocated, used
+
+
+_group_kinds = st.sampled_from([FULL4, GroupLayout("sliding_window", 8), GroupLayout("mamba", 16, token_slots=False)])
+
+
+@given(
+    st.lists(st.tuples(_group_kinds, st.none() | st.lists(st.integers(0, 8), max_size=6)), min_size=1, max_size=3),
+    st.none() | st.integers(-3, 60),
+)
+def test_request_slots_and_blocks_held_match_a_count_slot_by_slot(groups_and_tables, computed):
+    """Any order of groups (a stateful one first, or one where the request has no table),
+    null entries anywhere, a request vLLM no longer lists (None: no computed tokens)."""
+    groups = [layout for layout, _ in groups_and_tables]
+    tables = [{} if ids is None else {"r": _tables(*ids)} for _, ids in groups_and_tables]
+    s = KVCacheState(9, [g.block_size for g in groups])
+    s.attach_tables(groups, tables)
+    s.attach_requests({} if computed is None else {"r": Req(computed)})
+    assert s.request_slots("r") == _slots_by_counting(tables, groups, "r", computed or 0)
+    held = sum(1 for group in tables for b in group.get("r", []) if b.block_id)
+    assert s.request_blocks_held("r") == held
+
+
+def test_tracked_requests_follow_tables_taken_back_one_group_at_a_time():
+    """A request is tracked while any group's table names a block: with three groups
+    the ledger counts its tables, and it is forgotten with the last one only."""
+    groups = [FULL4, GroupLayout("sliding_window", 4), GroupLayout("mamba", 4, token_slots=False)]
+    tables = [{"r": _tables(1), "q": _tables(4)}, {"r": _tables(2)}, {"r": _tables(3)}]
+    s = _state(9, groups, tables, {"r": Req(4), "q": Req(4)})
+    for group in (1, 0, 2):
+        assert s.snapshot().tracked_requests == sum(1 for rid in "rq" if any(rid in t for t in tables))
+        del tables[group]["r"]
+    assert s.snapshot().tracked_requests == 1  # q alone
+
+
+def test_block_states_of_full_partial_empty_state_free_and_cached_blocks():
+    """Block 1 full for one holder only (the other computed part of it), 2 partly
+    computed, 3 allocated and not computed, 4 and 5 held by a group without token
+    slots, 6 free, 7 cached, 8 free; worked out by hand."""
+    from vllm_frag_otel.core.layout import EMPTY, FREE, FULL, PARTIAL
+
+    groups = [FULL4, GroupLayout("mamba", 16, token_slots=False)]
+    tables = [{"a": _tables(1, 2, 3), "b": _tables(1)}, {"a": _tables(0, 4, 5)}]
+    s = _state(9, groups, tables, {"a": Req(6), "b": Req(2)})
+    s.on_blocks_allocated([7], now=0.0)
+    s.on_block_hashed(7, now=0.0)
+    s.on_blocks_released([7], now=1.0)
+    expected = [FULL, PARTIAL, EMPTY, FULL, FULL, FREE, CACHED, FREE]  # blocks 1..8
+    assert s.block_states().tolist() == expected
+    snap, states = s.snapshot_with_states()
+    assert states.tolist() == expected
+    assert snap == s.snapshot()
+    assert (snap.used_blocks, snap.cached_blocks, snap.free_blocks) == (5, 1, 3)
+
+
+def test_numeric_fields_are_every_field_but_the_groups():
+    snap = KVCacheState(4, [4]).snapshot()
+    names = type(snap).numeric_fields()
+    assert len(names) == 28 and names[0] == "num_blocks" and names[-1] == "drift_repairs"
+    assert all(isinstance(getattr(snap, name), (int, float)) for name in names)
+
+
+def test_counters_add_up_over_repeated_events():
+    s = KVCacheState(4, [4])
+    for queried, hit in ((100, 32), (60, 16)):
+        s.on_prefix_lookup(queried, hit, resumed=False)
+        s.on_prefix_lookup(queried // 2, hit // 2, resumed=True)
+        s.on_allocation(False, 2e-3, tag=f"failed {queried}")
+        s.on_allocation(True, 1e-5, tag=f"ok {queried}")
+        s.on_preemption()
+    snap = s.snapshot()
+    assert (snap.prefix_queried_tokens, snap.prefix_hit_tokens) == (160, 48)
+    assert (snap.prefix_resumed_queried_tokens, snap.prefix_resumed_hit_tokens) == (80, 24)
+    assert (snap.allocation_attempts, snap.allocation_failures, snap.preemptions) == (4, 2, 2)
+    s.fold_histograms(time_ns=42)
+    failed, succeeded = s.allocation_duration["failure"], s.allocation_duration["success"]
+    # each outcome keeps its own durations, and the newest tag of each bucket with the fold's time
+    assert _values(failed) == (2, 4e-3, 2e-3, 2e-3) and _values(succeeded) == (2, 2e-5, 1e-5, 1e-5)
+    assert failed.exemplars == {10: (2e-3, "failed 60", 42)}  # (1e-3, 2.5e-3] is bucket 10
+    assert succeeded.exemplars == {3: (1e-5, "ok 60", 42)}  # (5e-6, 1e-5] is bucket 3
+    s.on_allocation(True, 3e-5)
+    s.fold_histograms(time_ns=43)
+    assert _values(succeeded) == (3, pytest.approx(5e-5), 1e-5, 3e-5)  # folds add up
+
+
+def test_a_sample_rate_outside_zero_to_one_is_refused():
+    s = KVCacheState(4, [4])
+    for rate in (0.0, -0.5, 1.5, 2.0):
+        with pytest.raises(ValueError, match=rf"^a sample rate is in \(0, 1\], not {rate}$"):
+            s.set_allocation_sample_rate(rate)
+    s.set_allocation_sample_rate(1.0)
+    assert s.allocation_sample_rate == 1.0
+
+
+def test_drift_names_a_block_whose_cached_flag_differs():
+    s = KVCacheState(4, [4])
+    s.on_blocks_allocated([1], now=0.0)
+    s.on_block_hashed(1, now=0.0)
+    assert s.drift(2, [(1, False, False), (2, True, True)]) == [
+        "block 1 free=False cached=True, the allocator has free=False cached=False",
+        "block 2 free=True cached=False, the allocator has free=True cached=True",
+    ]
+
+
+@dataclass
+class Allocating:
+    request_id: str
+
+
+def test_moves_of_an_allocation_are_kept_per_request_and_taken_once():
+    """While a request's allocate_slots runs, the cached blocks it takes over are
+    counted for its story (only when stories follow moves); its tables are read again."""
+    s = KVCacheState(9, [4])
+    s.on_blocks_allocated([1, 2, 3], now=0.0)
+    s.on_blocks_hashed([1, 2, 3], now=0.0)
+    s.on_blocks_released([1, 2, 3], now=1.0)
+    s.allocating = Allocating("quiet")
+    s.on_blocks_allocated([1], now=2.0)  # not followed: nothing kept
+    assert s.take_moves() == {}
+    s.follow_moves = True
+    s.allocating = Allocating("a")
+    s.on_blocks_allocated([2, 3, 4], now=2.0)  # two cached blocks taken over, one fresh
+    s.on_blocks_touched([5])
+    s.on_blocks_released([4], now=3.0)
+    s.on_blocks_allocated([4], now=3.0)  # released, never hashed: not a take-over
+    s.allocating = Allocating("b")
+    s.on_blocks_touched([6])
+    assert s.take_move("nobody") == {}
+    assert s.take_move("a") == {"a": 2}
+    assert s.take_move("a") == {}
+    assert s.take_moves() == {"b": 0}
+    assert s.take_moves() == {}
+    assert s._edited == {"quiet", "a", "b"}
+
+
+def test_the_self_check_runs_here_on_the_stepping_thread_or_is_waited_for():
+    import threading
+
+    s = KVCacheState(4, [4])
+    assert s.check_before_reading(0.0) and not s.check_due  # no self-check: nothing to wait for
+    assert not s.hold()
+    runs = []
+    s.self_check = lambda: runs.append(threading.get_ident())
+    s.stepping_thread = threading.get_ident()
+    assert s.check_before_reading(0.0) and runs == [s.stepping_thread] and not s.check_due
+    assert s.hold() and len(runs) == 2  # checked here: a collection on another thread now reads at once
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append((s.check_before_reading(5.0), s.check_due)))
+    reader.start()
+    reader.join()
+    assert answers == [(True, False)] and len(runs) == 2
+    s.release()
+    s.stepping_thread = -1  # the scheduler steps on another thread
+    assert not s.hold() and len(runs) == 2
+    assert not s.check_before_reading(0.01) and s.check_due  # no step came: asked for at the next one
+
+    def step() -> None:  # the scheduler's step boundary
+        while not s.check_due:
+            pass
+        s.check_done()
+
+    for _ in range(2):  # a second wait is not answered by the first check
+        stepper = threading.Thread(target=step)
+        s.check_due = False
+        stepper.start()
+        assert s.check_before_reading(5.0) and not s.check_due
+        stepper.join()
+    assert not s.check_before_reading(0.01)
+
+
+def test_groups_moved_asks_the_hook_layer_unless_a_collection_runs():
+    s = KVCacheState(4, [4])
+    assert s.groups_moved() is False  # no hook layer
+    answers = [True, False]
+    s.refresh_groups = lambda: answers.pop(0)
+    assert s.groups_moved() is True and s.groups_moved() is False
+    answers.append(True)
+    with s._collect_lock:
+        assert s.groups_moved() is False and answers == [True]
+    assert s.groups_moved() is True
+
+
+def test_table_drift_names_tables_edited_in_place_without_a_report():
+    """Compared: up to `sample` tables per group, chosen by the rng among the tables
+    last read; skipped: tables reported edited, replaced by another list or of another
+    length (all read again anyway), and everything while a collection runs."""
+    import random
+
+    long_table = _tables(*range(1, 11))
+    tables = {"long": long_table, "edited": _tables(11), "replaced": _tables(12), "grown": _tables(13), "same": _tables(14)}
+    s = _state(16, [FULL4], [tables], {r: Req(0) for r in tables})
+    s.snapshot()  # reads the tables
+    long_table[9] = Block(15)
+    tables["edited"][0] = Block(15)
+    s.on_table_edited("edited")
+    tables["replaced"] = _tables(15)
+    tables["grown"].append(Block(15))
+    assert s.table_drift(10, random.Random(0)) == [
+        "group 0 request long: table [1, 2, 3, 4, 5, 6, 7, 8] read as [1, 2, 3, 4, 5, 6, 7, 8]"
+    ]
+    assert "long" in s._edited
+    s.snapshot()  # read again: no drift left
+    assert s.table_drift(10, random.Random(0)) == []
+    tables["same"][0] = Block(15)
+    with s._collect_lock:
+        assert s.table_drift(10, random.Random(0)) == []
+    # one table compared per group: the one random.Random(seed).sample picks of the sorted ids
+    ids = sorted(tables)
+    for seed in range(20):
+        found = s.table_drift(1, random.Random(seed))
+        assert bool(found) == (random.Random(seed).sample(ids, 1) == ["same"]), seed
+        s._edited.clear()
