@@ -597,7 +597,8 @@ def test_table_drift_names_tables_edited_in_place_without_a_report():
     import random
 
     long_table = _tables(*range(1, 11))
-    tables = {"long": long_table, "edited": _tables(11), "replaced": _tables(12), "grown": _tables(13), "same": _tables(14)}
+    tables = {"long": long_table, "edited": _tables(11), "replaced": _tables(12), "grown": _tables(13),
+              "same": _tables(14)}
     s = _state(16, [FULL4], [tables], {r: Req(0) for r in tables})
     s.snapshot()  # reads the tables
     long_table[9] = Block(15)
@@ -620,3 +621,41 @@ def test_table_drift_names_tables_edited_in_place_without_a_report():
         found = s.table_drift(1, random.Random(seed))
         assert bool(found) == (random.Random(seed).sample(ids, 1) == ["same"]), seed
         s._edited.clear()
+
+
+def test_a_reset_counts_reused_blocks_apart_and_gives_a_used_block_no_idle_time():
+    s = KVCacheState(8, [4])
+    for reset_at in (10.0, 20.0):  # evictions add up over resets
+        s.on_blocks_allocated([1, 2, 3], now=reset_at - 10)
+        s.on_blocks_hashed([1, 2, 3], now=reset_at - 9)
+        s.on_blocks_released([1, 2], now=reset_at - 8)
+        s.on_blocks_touched([2])  # a prefix hit: block 2 reused and held again
+        s.on_cache_reset(now=reset_at)  # block 3 still held by its request
+        s.on_blocks_released([2, 3], now=reset_at)
+    assert (s.evictions[("reset", False)], s.evictions[("reset", True)]) == (4, 2)
+    s.fold_histograms(0)
+    assert _values(s.block_cache_duration) == (6, 54.0, 9.0, 9.0)
+    assert _values(s.block_idle_duration) == (6, 16.0, 0.0, 8.0)  # only block 1 sat free: 8 s each time
+
+
+def test_reset_measurements_beyond_the_buffer_are_dropped_and_counted(monkeypatch):
+    """Three resets into buffers of room 4: 3 measurements fit, then 1 of 3, then none of 2
+    (per histogram: cache and idle duration)."""
+    monkeypatch.setattr(state_module, "HISTOGRAM_BUFFER_LIMIT", 4)
+    s = KVCacheState(8, [4])
+    for blocks, at in (([1, 2, 3], 1.0), ([4, 5, 6], 2.0), ([1, 2], 3.0)):
+        s.on_blocks_hashed(blocks, now=0.0)
+        s.on_cache_reset(now=at)
+    assert s.dropped_measurements == 2 * (2 + 2)
+    s.fold_histograms(0)
+    assert _values(s.block_cache_duration) == (4, 5.0, 1.0, 2.0)  # 3 blocks at 1 s, then one at 2 s
+
+
+def test_a_resync_never_makes_the_null_block_cached():
+    """The allocator's flags for block 0 are ignored: a reset after the resync evicts the real
+    cached blocks only."""
+    s = KVCacheState(4, [4])
+    s.resync([True, True, False, True], [True, True, True, False])
+    assert (s.snapshot().free_blocks, s.snapshot().cached_blocks) == (2, 1)
+    s.on_cache_reset(now=1.0)
+    assert sum(s.evictions.values()) == 2  # blocks 1 (free) and 2 (used)
