@@ -659,3 +659,82 @@ def test_a_resync_never_makes_the_null_block_cached():
     assert (s.snapshot().free_blocks, s.snapshot().cached_blocks) == (2, 1)
     s.on_cache_reset(now=1.0)
     assert sum(s.evictions.values()) == 2  # blocks 1 (free) and 2 (used)
+
+
+@given(st.data())
+def test_counters_match_a_replay_of_the_events_over_plain_sets(data):
+    """Pool events as vLLM makes them (allocations of free blocks, prefix hits on cached
+    blocks, releases of used ones...), replayed by hand over sets: free and cached blocks,
+    runs, block sources and evictions by reason and reuse."""
+    n = 12
+    s = KVCacheState(n, [4])
+    warm = [1, 2, 3, 4, 5, 6]  # a warm cache: six cached blocks, free
+    s.on_blocks_allocated(warm, now=0.0)
+    s.on_blocks_hashed(warm, now=0.0)
+    s.on_blocks_released(warm, now=0.0)
+    free, hashed, reused = set(range(1, n)), set(warm), set()
+    sources = {"fresh": len(warm), "recycled": 0, "prefix_hit": 0}
+    evictions: dict = {}
+
+    def evict(b: int, reason: str) -> None:
+        hashed.discard(b)
+        evictions[(reason, b in reused)] = evictions.get((reason, b in reused), 0) + 1
+
+    def some(pool: set) -> list[int]:
+        return data.draw(st.lists(st.sampled_from(sorted(pool)), unique=True, max_size=4)) if pool else []
+
+    for _ in range(data.draw(st.integers(1, 25))):
+        event = data.draw(st.sampled_from(["allocate", "touch", "release", "hash", "unhash", "move", "reset"]))
+        if event == "allocate":
+            blocks = some(free)
+            s.on_blocks_allocated(blocks, now=1.0)
+            for b in blocks:
+                if b in hashed:
+                    evict(b, "capacity")
+                    sources["recycled"] += 1
+                else:
+                    sources["fresh"] += 1
+                free.discard(b)
+        elif event == "touch":
+            blocks = some(hashed)
+            s.on_blocks_touched(blocks)
+            sources["prefix_hit"] += len(blocks)
+            reused.update(blocks)
+            free.difference_update(blocks)
+        elif event == "release":
+            blocks = some(set(range(1, n)) - free)
+            s.on_blocks_released(blocks, now=1.0)
+            free.update(blocks)
+        elif event == "hash":
+            blocks = some(set(range(1, n)) - free)
+            s.on_blocks_hashed(blocks, now=1.0)
+            reused.difference_update(set(blocks) - hashed)
+            hashed.update(blocks)
+        elif event == "unhash":
+            for b in some(set(range(1, n))):
+                reason = data.draw(st.sampled_from(["explicit", "replaced"]))
+                s.on_block_unhashed(b, reason, now=1.0)
+                if b in hashed:
+                    evict(b, reason)
+        elif event == "move" and hashed and free != set(range(1, n)):
+            src = data.draw(st.sampled_from(sorted(hashed)))
+            dst = data.draw(st.sampled_from(sorted(set(range(1, n)) - free)))
+            s.on_block_hash_moved(src, dst)
+            was_reused = src in reused
+            hashed.discard(src)
+            hashed.add(dst)
+            (reused.add if was_reused else reused.discard)(dst)
+        elif event == "reset":
+            s.on_cache_reset(now=1.0)
+            for b in sorted(hashed):
+                evict(b, "reset")
+    snap = s.snapshot()
+    mask = [int(b in free) for b in range(1, n)]
+    assert (snap.free_blocks, snap.used_blocks) == (len(free), n - 1 - len(free))
+    assert snap.cached_blocks == len(free & hashed)
+    assert (snap.free_runs, snap.largest_free_run) == _runs_by_walking(mask)
+    assert (snap.blocks_allocated_fresh, snap.blocks_allocated_recycled, snap.blocks_prefix_hit) == (
+        sources["fresh"], sources["recycled"], sources["prefix_hit"])
+    assert {key: count for key, count in s.evictions.items() if count} == evictions
+    assert (snap.evictions, snap.evicted_never_reused) == (
+        sum(evictions.values()), sum(count for (_, was_reused), count in evictions.items() if not was_reused))
