@@ -738,3 +738,15 @@ def test_counters_match_a_replay_of_the_events_over_plain_sets(data):
     assert {key: count for key, count in s.evictions.items() if count} == evictions
     assert (snap.evictions, snap.evicted_never_reused) == (
         sum(evictions.values()), sum(count for (_, was_reused), count in evictions.items() if not was_reused))
+
+
+def test_eviction_measurements_beyond_the_buffer_are_dropped_two_at_a_time(monkeypatch):
+    """Each eviction measures its cache and idle duration: with room for 2, the third and
+    fourth evictions drop both of theirs."""
+    monkeypatch.setattr(state_module, "HISTOGRAM_BUFFER_LIMIT", 2)
+    s = KVCacheState(8, [4])
+    s.on_blocks_hashed([1, 2, 3, 4], now=0.0)
+    s.on_blocks_allocated([1, 2, 3, 4], now=5.0)  # cached blocks taken for new content
+    assert (sum(s.evictions.values()), s.dropped_measurements) == (4, 2 * 2)
+    s.fold_histograms(0)
+    assert (s.block_cache_duration.count, s.block_idle_duration.count) == (2, 2)
