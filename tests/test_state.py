@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import numpy as np
 
@@ -750,3 +750,86 @@ def test_eviction_measurements_beyond_the_buffer_are_dropped_two_at_a_time(monke
     assert (sum(s.evictions.values()), s.dropped_measurements) == (4, 2 * 2)
     s.fold_histograms(0)
     assert (s.block_cache_duration.count, s.block_idle_duration.count) == (2, 2)
+
+
+def _snapshot_by_recounting(groups: list[GroupLayout], tables: list[dict], requests: dict, usable: int) -> dict:
+    """Group and pool slot figures recounted from the tables as they are now: a block
+    holds, for each holder, the slots of its entry that holder computed, and counts once
+    with the most any holder has."""
+    per_group, utilised, tracked = [], 0.0, set()
+    for layout, group_tables in zip(groups, tables):
+        fill: dict[int, int] = {}
+        for request_id, table in group_tables.items():
+            request = requests.get(request_id)
+            computed = request.num_computed_tokens if request is not None else 0
+            for i, block in enumerate(table):
+                if block.block_id:
+                    tracked.add(request_id)
+                    mine = min(layout.block_size, max(0, computed - i * layout.block_size))
+                    fill[block.block_id] = max(fill.get(block.block_id, 0), mine)
+        if layout.token_slots:
+            allocated, used = len(fill) * layout.block_size, sum(fill.values())
+            partial = sum(1 for f in fill.values() if 0 < f < layout.block_size)
+            utilised += used / layout.block_size
+        else:
+            allocated = used = partial = 0
+            utilised += len(fill)
+        per_group.append((layout.kind, layout.block_size, len(fill), allocated, used, allocated - used, partial))
+    return {"groups": per_group, "tracked": len(tracked), "utilised": utilised / usable}
+
+
+_table_changes = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # group
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(["new", "grow", "retire", "drop", "compute"]),
+        st.integers(0, 8),  # a block id, or computed tokens / 2
+    ),
+    max_size=25,
+)
+
+
+_THREE_KINDS = [FULL4, GroupLayout("sliding_window", 8), GroupLayout("mamba", 4, token_slots=False)]
+
+
+@given(_table_changes, st.permutations(_THREE_KINDS))
+# computed tokens up a block, up another, then back to none: two full blocks stop being full
+@example([(0, "a", "new", 3), (0, "a", "compute", 2), (0, "a", "compute", 4), (0, "a", "compute", 0)], _THREE_KINDS)
+def test_snapshots_follow_any_table_changes_as_a_recount_from_scratch_does(changes, groups):
+    """Tables created, grown, edited in place (reported), dropped and re-created, and
+    computed tokens moving either way, with a snapshot after each change: every one
+    equals a recount of the tables as they are."""
+    tables: list[dict] = [{} for _ in groups]
+    requests = {"a": Req(0), "b": Req(0)}  # "c" is not listed: it counts as having computed nothing
+    s = KVCacheState(13, [g.block_size for g in groups])
+    s.attach_tables(groups, tables)
+    s.attach_requests(requests)
+    for g, request_id, change, value in changes:
+        table = tables[g].get(request_id)
+        first = 4 * g + 1  # each group its own blocks (vLLM's groups never share one): 1..12
+        if change == "new":
+            tables[g][request_id] = _tables(*range(first, first + value % 4 + 1))
+        elif change == "grow" and table is not None:
+            table.append(Block(first + value % 4))
+        elif change == "retire" and table:
+            table[value % len(table)] = Block(0)
+            s.on_table_edited(request_id)
+        elif change == "drop":
+            tables[g].pop(request_id, None)
+        elif change == "compute" and request_id in requests:
+            requests[request_id].num_computed_tokens = 2 * value
+        snap = s.snapshot()
+        expected = _snapshot_by_recounting(groups, tables, requests, 12)
+        assert [(gs.kind, gs.block_size, gs.used_blocks, gs.allocated_slots, gs.used_slots, gs.unused_slots,
+                 gs.partial_blocks) for gs in snap.groups] == expected["groups"]
+        assert [gs.group for gs in snap.groups] == [0, 1, 2]
+        assert snap.tracked_requests == expected["tracked"]
+        assert snap.slot_utilization == pytest.approx(min(1.0, expected["utilised"]))
+        allocated = sum(g[3] for g in expected["groups"])
+        used = sum(g[4] for g in expected["groups"])
+        assert (snap.allocated_slots, snap.used_slots, snap.unused_slots) == (allocated, used, allocated - used)
+        assert snap.partial_blocks == sum(g[6] for g in expected["groups"])
+        assert snap.internal_fragmentation == pytest.approx((allocated - used) / allocated if allocated else 0.0)
+        for gs in snap.groups:
+            assert gs.internal_fragmentation == pytest.approx(gs.unused_slots / gs.allocated_slots
+                                                              if gs.allocated_slots else 0.0)
