@@ -833,3 +833,87 @@ def test_snapshots_follow_any_table_changes_as_a_recount_from_scratch_does(chang
         for gs in snap.groups:
             assert gs.internal_fragmentation == pytest.approx(gs.unused_slots / gs.allocated_slots
                                                               if gs.allocated_slots else 0.0)
+
+
+def test_a_new_ledger_is_one_free_run_of_usable_blocks_and_nothing_counted():
+    with pytest.raises(ValueError, match="^a pool needs the null block and at least one usable block$"):
+        KVCacheState(1, [4])
+    n = 6400
+    s = KVCacheState(n, [16])
+    snap = s.snapshot()
+    assert (snap.num_blocks, snap.free_blocks, snap.free_runs, snap.largest_free_run) == (n - 1, n - 1, 1, n - 1)
+    assert (snap.drift_repairs, snap.evictions, snap.allocation_attempts, snap.tracked_requests) == (0, 0, 0, 0)
+    assert [(g.kind, g.block_size) for g in snap.groups] == [("full_attention", 16)]
+    assert (s.allocation_sample_rate, s.evictions_counted_by_caller) == (1.0, False)
+    # the memory budget per block (module docstring): 15 bytes, and one spare 64-block word of free flags
+    per_block = (len(s._free), len(s._hashed), len(s._reused), s._cached_at_view.nbytes, s._released_at_view.nbytes,
+                 s._in_tables_view.nbytes, s._full_holders_view.nbytes)
+    assert sum(per_block) == 15 * n + 64
+    s.drift_repairs = 3  # the hook layer's self-check counts its repairs here
+    assert s.snapshot().drift_repairs == 3
+    s.on_blocks_allocated(list(range(1, n)), now=0.0)
+    full = s.snapshot()
+    assert (full.free_runs, full.mean_free_run, full.external_fragmentation) == (0, 0.0, 0.0)
+    assert KVCacheState(2, [4]).snapshot().free_blocks == 1
+
+
+def test_block_tables_and_groups_must_pair_up():
+    with pytest.raises(ValueError, match=r"^2 groups but 1 block-table maps$"):
+        KVCacheState(4, [4]).attach_tables([FULL4, FULL4], [{}])
+
+
+def test_a_ledger_without_requests_counts_no_computed_token():
+    s = KVCacheState(4, [4])
+    s.attach_tables([FULL4], [{"r": _tables(1, 2)}])
+    assert s.request_slots("r") == (8, 0)
+    assert (s.snapshot().allocated_slots, s.snapshot().used_slots) == (8, 0)
+
+
+def test_the_sample_of_timed_calls_is_seeded_geometric_gaps():
+    """Gaps drawn from random.Random(0), as the documented formula gives them: a rerun
+    times the same calls."""
+    import math
+    import random
+
+    rate = 0.1
+    s = KVCacheState(4, [4])
+    s.set_allocation_sample_rate(rate)
+    draws = random.Random(0)
+    gaps = [int(math.log(1.0 - draws.random()) / math.log(1.0 - rate)) for _ in range(20)]
+    seen = [s.calls_until_timed]
+    for _ in range(19):
+        s.on_timed_call()
+        seen.append(s.calls_until_timed)
+    assert seen == gaps
+
+
+def test_a_ratio_stays_within_zero_and_one():
+    ratio = state_module._ratio
+    assert (ratio(3, 2), ratio(-1, 2), ratio(1, 4), ratio(1, 0)) == (1.0, 0.0, 0.25, 0.0)
+
+
+def test_a_new_ledger_waits_for_the_stepping_thread():
+    s = KVCacheState(4, [4])
+    s.self_check, s.stepping_thread = (lambda: None), -1
+    assert not s.check_before_reading(0.01) and s.check_due
+
+
+def test_tables_are_read_again_when_an_unpinned_block_is_handed_out():
+    """vLLM nulls the entry of a table still naming an unpinned block, in place and
+    unreported, when it hands the block out again: every table is read again."""
+    table = _tables(1, 2)
+    tables = {"a": table}
+    requests = {"a": Req(8), "b": Req(0)}
+    s = _state(6, [FULL4], [tables], requests)
+    assert s.snapshot().used_slots == 8
+    s.on_blocks_unpinned([2], now=1.0)
+    s.on_blocks_allocated([3], now=1.0)  # another block: nothing to read again
+    assert s.snapshot().used_slots == 8
+    s.on_blocks_allocated([2], now=2.0)
+    table[1] = Block(0)
+    tables["b"] = _tables(2, 3)
+    snap = s.snapshot()
+    assert (snap.used_slots, snap.groups[0].used_blocks) == (4, 3)
+    s.on_blocks_allocated([4], now=3.0)  # block 2 is no longer unpinned
+    table.append(Block(5))  # grows: read again for its length, not because of block 4
+    assert s.snapshot().groups[0].used_blocks == 4
