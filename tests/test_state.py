@@ -302,7 +302,8 @@ def test_histogram_buckets_follow_the_otel_rule_and_keep_the_newest_tagged_exemp
     h = BucketHistogram((1.0, 2.0, 4.0))
     h.fold(np.array([0.5, 1.0, 1.5, 2.0, 3.0, 9.0]), ["a", None, "b", "c", None, None], time_ns=7)
     # buckets: (-inf, 1], (1, 2], (2, 4], (4, inf)
-    assert h.counts.tolist() == [2, 2, 1, 1]
+    assert h.counts.tolist() == [2, 2, 1, 1] and h.bounds == (1.0, 2.0, 4.0)
+    assert all(type(count) is int for count in h.counts.tolist())  # OTLP bucket counts are integers
     assert _values(h) == (6, 17.0, 0.5, 9.0)
     assert h.exemplars == {0: (0.5, "a", 7), 1: (2.0, "c", 7)}  # newest tagged value per bucket
     h.fold(np.array([1.2]), ["d"], time_ns=8)
