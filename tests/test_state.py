@@ -546,6 +546,7 @@ def test_moves_of_an_allocation_are_kept_per_request_and_taken_once():
 
 def test_the_self_check_runs_here_on_the_stepping_thread_or_is_waited_for():
     import threading
+    import time
 
     s = KVCacheState(4, [4])
     assert s.check_before_reading(0.0) and not s.check_due  # no self-check: nothing to wait for
@@ -556,7 +557,7 @@ def test_the_self_check_runs_here_on_the_stepping_thread_or_is_waited_for():
     assert s.check_before_reading(0.0) and runs == [s.stepping_thread] and not s.check_due
     assert s.hold() and len(runs) == 2  # checked here: a collection on another thread now reads at once
     answers = []
-    reader = threading.Thread(target=lambda: answers.append((s.check_before_reading(5.0), s.check_due)))
+    reader = threading.Thread(target=lambda: answers.append((s.check_before_reading(5.0), s.check_due)), daemon=True)
     reader.start()
     reader.join()
     assert answers == [(True, False)] and len(runs) == 2
@@ -565,13 +566,14 @@ def test_the_self_check_runs_here_on_the_stepping_thread_or_is_waited_for():
     assert not s.hold() and len(runs) == 2
     assert not s.check_before_reading(0.01) and s.check_due  # no step came: asked for at the next one
 
-    def step() -> None:  # the scheduler's step boundary
-        while not s.check_due:
-            pass
+    def step() -> None:  # the scheduler's step boundary, once the check is asked for (or given up on)
+        while not s.check_due and time.monotonic() < deadline:
+            time.sleep(0.001)
         s.check_done()
 
+    deadline = time.monotonic() + 5.0
     for _ in range(2):  # a second wait is not answered by the first check
-        stepper = threading.Thread(target=step)
+        stepper = threading.Thread(target=step, daemon=True)
         s.check_due = False
         stepper.start()
         assert s.check_before_reading(5.0) and not s.check_due
