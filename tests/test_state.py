@@ -3,6 +3,7 @@ with numbers worked out on paper."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -544,8 +545,17 @@ def test_moves_of_an_allocation_are_kept_per_request_and_taken_once():
     assert s._edited == {"quiet", "a", "b"}
 
 
+def _answer_within(call, seconds: float = 5.0):
+    """call() on a thread of its own: a ledger that never answers fails the test instead of hanging it."""
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(call()), daemon=True)
+    caller.start()
+    caller.join(seconds)
+    assert answers, f"no answer in {seconds} s"
+    return answers[0]
+
+
 def test_the_self_check_runs_here_on_the_stepping_thread_or_is_waited_for():
-    import threading
     import time
 
     s = KVCacheState(4, [4])
@@ -556,15 +566,11 @@ def test_the_self_check_runs_here_on_the_stepping_thread_or_is_waited_for():
     s.stepping_thread = threading.get_ident()
     assert s.check_before_reading(0.0) and runs == [s.stepping_thread] and not s.check_due
     assert s.hold() and len(runs) == 2  # checked here: a collection on another thread now reads at once
-    answers = []
-    reader = threading.Thread(target=lambda: answers.append((s.check_before_reading(5.0), s.check_due)), daemon=True)
-    reader.start()
-    reader.join()
-    assert answers == [(True, False)] and len(runs) == 2
+    assert _answer_within(lambda: (s.check_before_reading(5.0), s.check_due)) == (True, False) and len(runs) == 2
     s.release()
     s.stepping_thread = -1  # the scheduler steps on another thread
     assert not s.hold() and len(runs) == 2
-    assert not s.check_before_reading(0.01) and s.check_due  # no step came: asked for at the next one
+    assert not _answer_within(lambda: s.check_before_reading(0.01)) and s.check_due  # asked for at the next step
 
     def step() -> None:  # the scheduler's step boundary, once the check is asked for (or given up on)
         while not s.check_due and time.monotonic() < deadline:
@@ -576,9 +582,9 @@ def test_the_self_check_runs_here_on_the_stepping_thread_or_is_waited_for():
         stepper = threading.Thread(target=step, daemon=True)
         s.check_due = False
         stepper.start()
-        assert s.check_before_reading(5.0) and not s.check_due
+        assert _answer_within(lambda: s.check_before_reading(5.0)) and not s.check_due
         stepper.join()
-    assert not s.check_before_reading(0.01)
+    assert not _answer_within(lambda: s.check_before_reading(0.01))
 
 
 def test_groups_moved_asks_the_hook_layer_unless_a_collection_runs():
@@ -898,7 +904,7 @@ def test_a_ratio_stays_within_zero_and_one():
 def test_a_new_ledger_waits_for_the_stepping_thread():
     s = KVCacheState(4, [4])
     s.self_check, s.stepping_thread = (lambda: None), -1
-    assert not s.check_before_reading(0.01) and s.check_due
+    assert not _answer_within(lambda: s.check_before_reading(0.01)) and s.check_due
 
 
 def test_tables_are_read_again_when_an_unpinned_block_is_handed_out():
