@@ -926,3 +926,18 @@ def test_tables_are_read_again_when_an_unpinned_block_is_handed_out():
     s.on_blocks_allocated([4], now=3.0)  # block 2 is no longer unpinned
     table.append(Block(5))  # grows: read again for its length, not because of block 4
     assert s.snapshot().groups[0].used_blocks == 4
+
+
+def test_a_partly_computed_block_shared_by_two_holders_counts_the_most_either_computed():
+    for computed in ((3, 1), (1, 3)):  # either holder first
+        requests = {"a": Req(computed[0]), "b": Req(computed[1])}
+        s = _state(4, [FULL4], [{"a": _tables(1), "b": _tables(1)}], requests)
+        assert (s.snapshot().used_slots, s.snapshot().partial_blocks) == (3, 1)
+
+
+def test_block_states_of_a_stateful_group_holding_nothing():
+    from vllm_frag_otel.core.layout import FREE
+
+    s = KVCacheState(4, [4, 16])
+    s.attach_tables([FULL4, GroupLayout("mamba", 16, token_slots=False)], [{}, {}])
+    assert s.block_states().tolist() == [FREE] * 3
