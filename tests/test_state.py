@@ -420,6 +420,7 @@ _group_kinds = st.sampled_from([FULL4, GroupLayout("sliding_window", 8), GroupLa
     st.lists(st.tuples(_group_kinds, st.none() | st.lists(st.integers(0, 8), max_size=6)), min_size=1, max_size=3),
     st.none() | st.integers(-3, 60),
 )
+@example([(FULL4, [0, 1, 2])], 8)  # a retired entry, then one computed block and one not
 def test_request_slots_and_blocks_held_match_a_count_slot_by_slot(groups_and_tables, computed):
     """Any order of groups (a stateful one first, or one where the request has no table),
     null entries anywhere, a request vLLM no longer lists (None: no computed tokens)."""
