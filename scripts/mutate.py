@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         write_config(copy, args.module or DEFAULT_MODULES, args.tests or ["tests/"])
         print(f"[mutate] {copy}: {changed} file(s) brought up to date; mutating {' '.join(args.module or DEFAULT_MODULES)}"
               f" for at most {args.budget:.0f} s", flush=True)
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        # the tests' Hypothesis profile without shrinking (tests/conftest.py): a mutant needs one failing example
+        env = {"HYPOTHESIS_PROFILE": "mutate", **os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         started = time.monotonic()
         again = [name for status in args.rerun for name in results(copy).get(status, [])] if args.rerun else []
         if args.rerun:

@@ -20,12 +20,14 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
 
 # CI: the same examples on every run. `HYPOTHESIS_PROFILE=explore pytest tests/test_oracle.py`
 # searches afresh, and longer.
 settings.register_profile("ci", derandomize=True, max_examples=100, print_blob=True)
 settings.register_profile("explore", max_examples=2000, print_blob=True)
+# scripts/mutate.py: a mutant is killed by any failing example; shrinking it costs seconds to tens of seconds
+settings.register_profile("mutate", derandomize=True, max_examples=100, phases=[Phase.explicit, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -682,15 +682,11 @@ class KVCacheState:
 
     # -- collection ----------------------------------------------------------------
 
-    def _buffer(self, buf: array, values: Sequence[float]) -> bool:
-        """Buffer values for the next collection; False if any had to be dropped."""
-        room = HISTOGRAM_BUFFER_LIMIT - len(buf)
-        if room >= len(values):
-            buf.extend(values)
-            return True
-        buf.extend(values[: max(room, 0)])
-        self.dropped_measurements += len(values) - max(room, 0)
-        return False
+    def _buffer(self, buf: array, values: Sequence[float]) -> None:
+        """Buffer values for the next collection, as many as the buffer has room for; count the others dropped."""
+        room = max(HISTOGRAM_BUFFER_LIMIT - len(buf), 0)
+        buf.extend(values[:room])
+        self.dropped_measurements += max(len(values) - room, 0)
 
     def fold_histograms(self, time_ns: int) -> None:
         """Fold the measurements buffered since the last call into the histograms.
