@@ -461,11 +461,11 @@ def test_tracked_requests_follow_tables_taken_back_one_group_at_a_time():
     assert s.snapshot().tracked_requests == 1  # q alone
 
 
-def test_block_states_of_full_partial_empty_state_free_and_cached_blocks():
+def test_block_states_of_full_partial_reserved_state_empty_and_cached_blocks():
     """Block 1 full for one holder only (the other computed part of it), 2 partly
-    computed, 3 allocated and not computed, 4 and 5 held by a group without token
-    slots, 6 free, 7 cached, 8 free; worked out by hand."""
-    from vllm_frag_otel.core.layout import EMPTY, FREE, FULL, PARTIAL
+    computed, 3 allocated and not computed (reserved), 4 and 5 held by a group without
+    token slots, 6 empty, 7 cached, 8 empty; worked out by hand."""
+    from vllm_frag_otel.core.layout import EMPTY, FULL, PARTIAL, RESERVED
 
     groups = [FULL4, GroupLayout("mamba", 16, token_slots=False)]
     tables = [{"a": _tables(1, 2, 3), "b": _tables(1)}, {"a": _tables(0, 4, 5)}]
@@ -473,7 +473,7 @@ def test_block_states_of_full_partial_empty_state_free_and_cached_blocks():
     s.on_blocks_allocated([7], now=0.0)
     s.on_block_hashed(7, now=0.0)
     s.on_blocks_released([7], now=1.0)
-    expected = [FULL, PARTIAL, EMPTY, FULL, FULL, FREE, CACHED, FREE]  # blocks 1..8
+    expected = [FULL, PARTIAL, RESERVED, FULL, FULL, EMPTY, CACHED, EMPTY]  # blocks 1..8
     assert s.block_states().tolist() == expected
     snap, states = s.snapshot_with_states()
     assert states.tolist() == expected
@@ -952,8 +952,8 @@ def test_a_partly_computed_block_shared_by_two_holders_counts_the_most_either_co
 
 
 def test_block_states_of_a_stateful_group_holding_nothing():
-    from vllm_frag_otel.core.layout import FREE
+    from vllm_frag_otel.core.layout import EMPTY
 
     s = KVCacheState(4, [4, 16])
     s.attach_tables([FULL4, GroupLayout("mamba", 16, token_slots=False)], [{}, {}])
-    assert s.block_states().tolist() == [FREE] * 3
+    assert s.block_states().tolist() == [EMPTY] * 3
