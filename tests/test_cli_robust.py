@@ -651,9 +651,12 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def _stopped_run(out: Path, trace: Path, step: int) -> subprocess.CompletedProcess:
+    # as in a terminal: a runner started in the background (`cmd &` in a script) ignores SIGINT,
+    # and a Python started with SIGINT ignored never turns it into KeyboardInterrupt
     return subprocess.run([sys.executable, "-c", CTRL_C_AT_STEP, "simulate", "--workload-file", str(trace),
                            "--num-blocks", "128", "--export-every", "1", "--output", str(out)],
-                          env=_env(STOP_AT_STEP=str(step)), capture_output=True, text=True, timeout=120, cwd=REPO)
+                          env=_env(STOP_AT_STEP=str(step)), capture_output=True, text=True, timeout=120, cwd=REPO,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.fixture(scope="module")
